@@ -1,0 +1,1 @@
+"""Export: PyTorch reference models, checkpoint loading, ONNX export and engine building."""

@@ -1,0 +1,1 @@
+"""Stable Diffusion runtime: torch-free denoising loop over engine folders."""

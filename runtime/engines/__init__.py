@@ -1,0 +1,1 @@
+"""Engines: one network each, behind the interface in `base.py`."""

@@ -1,0 +1,114 @@
+"""The one contract every network follows: input/output names, dtypes, symbolic shapes, and the
+concrete shapes for a (batch, height, width) request.
+
+Export (sample inputs, dynamic axes), engine building (TensorRT optimization profiles), buffer
+allocation and engine input validation all read this module, so a network's signature is declared
+exactly once. Torch-free: the runtime imports it.
+
+Symbolic axis names:
+  batch          images (the U-Net's batch is doubled under classifier-free guidance)
+  height, width  image size in pixels
+  latent_height, latent_width   height / vae_scale_factor, width / vae_scale_factor
+  tokens         text sequence length seen by the U-Net: 77 per prompt chunk (long prompts are
+                 encoded in 77-token chunks and concatenated)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+# CLIP's context length (openai/CLIP `model.py`, `context_length = 77`).
+TEXT_MAX_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes a runtime needs, all derived from the model's configs (recorded in the manifest)."""
+
+    latent_channels: int  # VAE latent_channels (4 for SD 1.x/2.x)
+    unet_in_channels: int  # 4, or 9 for the inpainting U-Net (latents + mask + masked-image latents)
+    vae_scale_factor: int  # 2 ** (len(vae.block_out_channels) - 1): 8 for SD
+    text_hidden_size: int  # CLIP hidden size: 768 (SD 1.x), 1024 (SD 2.x)
+    text_max_length: int = TEXT_MAX_LENGTH
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "float16", "int32"
+    shape: tuple[int | str, ...]  # ints are fixed, strings are symbolic axes (see module doc)
+
+
+def float_dtype(precision: str) -> str:
+    """Dtype of a graph's float inputs and outputs. bf16 is an engine-level inference precision
+    (OpenVINO, TensorRT) over an fp32 graph, so its I/O stays float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return "float16" if precision == "fp16" else "float32"
+
+
+def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(inputs, outputs) of `network`, in order."""
+    f = float_dtype(precision)
+    c, lat = dims.latent_channels, ("batch", dims.latent_channels, "latent_height", "latent_width")
+    if network == "text_encoder":
+        return (
+            (TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),),
+            (TensorSpec("last_hidden_state", f, ("batch", dims.text_max_length, dims.text_hidden_size)),),
+        )
+    if network == "unet":
+        return (
+            (
+                TensorSpec("sample", f, ("batch", dims.unet_in_channels, "latent_height", "latent_width")),
+                TensorSpec("timestep", f, ("batch",)),
+                TensorSpec("encoder_hidden_states", f, ("batch", "tokens", dims.text_hidden_size)),
+            ),
+            (TensorSpec("noise_pred", f, lat),),
+        )
+    if network == "vae_decoder":
+        # input: latents as the denoising loop holds them (scaled by scaling_factor);
+        # output: image in [-1, 1] (not clamped), NCHW
+        return (
+            (TensorSpec("latent", f, lat),),
+            (TensorSpec("image", f, ("batch", 3, "height", "width")),),
+        )
+    if network == "vae_encoder":
+        # input: image in [-1, 1], NCHW; outputs: the diagonal Gaussian's mean and std, unscaled.
+        # The runtime samples mean + std * noise with its own seeded RNG, then multiplies by
+        # scaling_factor.
+        return (
+            (TensorSpec("image", f, ("batch", 3, "height", "width")),),
+            (TensorSpec("latent_mean", f, ("batch", c, "latent_height", "latent_width")),
+             TensorSpec("latent_std", f, ("batch", c, "latent_height", "latent_width"))),
+        )
+    raise ValueError(f"unknown network {network!r}; expected one of {', '.join(NETWORKS)}")
+
+
+def axis_values(dims: ModelDims, batch: int, height: int, width: int, tokens: int | None = None) -> dict[str, int]:
+    """Values of the symbolic axes for a request of `batch` images of height x width pixels."""
+    s = dims.vae_scale_factor
+    if height % s or width % s:
+        raise ValueError(f"height and width must be multiples of the VAE scale factor {s}; got {height}x{width}")
+    return {
+        "batch": batch,
+        "height": height,
+        "width": width,
+        "latent_height": height // s,
+        "latent_width": width // s,
+        "tokens": dims.text_max_length if tokens is None else tokens,
+    }
+
+
+def concrete_shape(spec: TensorSpec, axes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else axes[d] for d in spec.shape)
+
+
+def concrete_shapes(network: str, dims: ModelDims, batch: int, height: int, width: int,
+                    precision: str = "fp32", tokens: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Concrete shape of every input and output of `network` for one request."""
+    axes = axis_values(dims, batch, height, width, tokens)
+    inputs, outputs = network_io(network, dims, precision)
+    return {t.name: concrete_shape(t, axes) for t in inputs + outputs}
