@@ -1,0 +1,344 @@
+"""Model configurations: frozen dataclasses for the U-Net and the VAE, the `ModelSpec` bundling a
+whole Stable Diffusion model, and named presets.
+
+`UNetConfig.from_dict` / `VAEConfig.from_dict` read a diffusers `config.json` dict and refuse, with a
+`ValueError` naming the key, any value that selects an architecture feature the reference models in
+`export/unet.py` / `export/vae.py` do not implement. `to_dict()` writes a dict diffusers 0.42 consumes.
+
+Sources for the full-size presets (pinned Hugging Face repositories):
+  sd15          runwayml/stable-diffusion-v1-5 (unet/, vae/, text_encoder/, scheduler/ config.json)
+  sd15-inpaint  runwayml/stable-diffusion-inpainting (same, U-Net in_channels 9)
+  sd21          stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from runtime.networks import ModelDims
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint")
+
+# diffusers UNet2DConditionModel.__init__ arguments we do not implement, with the only value(s)
+# accepted (the diffusers 0.42 defaults, or an equivalent spelling). `dropout` is inference-irrelevant.
+_UNET_FIXED: dict[str, tuple[Any, ...]] = {
+    "act_fn": ("silu",),
+    "center_input_sample": (False,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "num_attention_heads": (None,),
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "num_class_embeds": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "cross_attention_norm": (None,),
+}
+_UNET_IGNORED = ("dropout", "addition_embed_type_num_heads")
+
+_VAE_FIXED: dict[str, tuple[Any, ...]] = {
+    "act_fn": ("silu",),
+    "shift_factor": (None, 0, 0.0),
+    "latents_mean": (None,),
+    "latents_std": (None,),
+    "use_quant_conv": (True,),
+    "use_post_quant_conv": (True,),
+    "mid_block_add_attention": (True,),
+}
+_VAE_IGNORED = ("force_upcast",)  # a pipeline precision hint, not architecture
+
+
+def _uniform(key: str, value: Any, n: int) -> Any:
+    """A per-block list whose entries are all equal collapses to one value; anything else is refused."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n or len(set(value)) != 1:
+            raise ValueError(f"unsupported {key}={value!r}: expected one value shared by all {n} blocks")
+        return value[0]
+    return value
+
+
+def _check_fixed(kind: str, d: dict[str, Any], fixed: dict[str, tuple[Any, ...]], known: set[str]) -> None:
+    for key, value in d.items():
+        if key.startswith("_") or key in known:
+            continue
+        if key in fixed:
+            v = value
+            if isinstance(v, list) and v and all(x == v[0] for x in v):
+                v = v[0]  # e.g. only_cross_attention: [false, false, false, false]
+            if v not in fixed[key]:
+                raise ValueError(f"unsupported {kind} config {key}={value!r}; supported: "
+                                 f"{', '.join(repr(x) for x in fixed[key])}")
+        elif value not in (None, False):
+            raise ValueError(f"unknown {kind} config key {key!r} (value {value!r}); it may select an "
+                             "architecture this runtime does not implement")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Sizes of a Stable Diffusion 1.x/2.x U-Net, in diffusers' vocabulary.
+
+    Note diffusers' historical naming: `attention_head_dim` is the NUMBER of attention heads per
+    block (diffusers issue #2011); each head has `channels // attention_head_dim` dimensions.
+    """
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    attention_head_dim: int | tuple[int, ...] = 8
+    cross_attention_dim: int = 768
+    in_channels: int = 4
+    out_channels: int = 4
+    layers_per_block: int = 2
+    transformer_layers_per_block: int = 1
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    sample_size: int = 64
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(f"down_block_types and up_block_types need {n} entries (one per block_out_channels)")
+        for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+            for t in getattr(self, name):
+                if t not in allowed:
+                    raise ValueError(f"unsupported {name} entry {t!r}; supported: {', '.join(allowed)}")
+        heads = self.attention_head_dim
+        if not isinstance(heads, int) and len(heads) != n:
+            raise ValueError(f"attention_head_dim needs 1 or {n} entries; got {heads!r}")
+        for c, h in zip(self.block_out_channels, self.num_heads):
+            if c % h or c % self.norm_num_groups:
+                raise ValueError(f"block channels {c} must divide by the head count {h} and norm_num_groups "
+                                 f"{self.norm_num_groups}")
+
+    @property
+    def num_heads(self) -> tuple[int, ...]:
+        """Attention heads per down block (up blocks use them reversed, the mid block the last)."""
+        h = self.attention_head_dim
+        return (h,) * len(self.block_out_channels) if isinstance(h, int) else tuple(h)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        names = {f.name for f in fields(cls)}
+        _check_fixed("U-Net", d, _UNET_FIXED, names | set(_UNET_IGNORED))
+        n = len(d.get("block_out_channels", cls.block_out_channels))
+        kw: dict[str, Any] = {k: v for k, v in d.items() if k in names}
+        for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
+            if key in kw:
+                kw[key] = _uniform(key, kw[key], n)
+        for key in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim"):
+            if isinstance(kw.get(key), list):
+                kw[key] = tuple(kw[key])
+        if kw.get("sample_size") is None:
+            kw.pop("sample_size", None)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
+        for k, v in asdict(self).items():
+            d[k] = list(v) if isinstance(v, tuple) else v
+        d.update(act_fn="silu", center_input_sample=False, mid_block_type="UNetMidBlock2DCrossAttn")
+        return d
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Sizes of the Stable Diffusion KL autoencoder (diffusers AutoencoderKL)."""
+
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    # Latent scale: CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml
+    # `scale_factor: 0.18215` (also diffusers AutoencoderKL's default).
+    scaling_factor: float = 0.18215
+    sample_size: int = 512
+    force_upcast: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"VAE block channels {bad} must divide by norm_num_groups {self.norm_num_groups}")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+        names = {f.name for f in fields(cls)}
+        _check_fixed("VAE", d, _VAE_FIXED, names | {"down_block_types", "up_block_types"} | set(_VAE_IGNORED))
+        kw: dict[str, Any] = {k: v for k, v in d.items() if k in names}
+        n = len(kw.get("block_out_channels", cls.block_out_channels))
+        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            got = list(d.get(key, [want] * n))
+            if got != [want] * n:
+                raise ValueError(f"unsupported VAE {key}={got!r}; supported: {n} x {want!r}")
+        if isinstance(kw.get("block_out_channels"), list):
+            kw["block_out_channels"] = tuple(kw["block_out_channels"])
+        if kw.get("sample_size") is None:
+            kw.pop("sample_size", None)
+        if isinstance(kw.get("sample_size"), (list, tuple)):
+            kw["sample_size"] = kw["sample_size"][0]
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        n = len(self.block_out_channels)
+        d: dict[str, Any] = {"_class_name": "AutoencoderKL"}
+        for k, v in asdict(self).items():
+            d[k] = list(v) if isinstance(v, tuple) else v
+        d.update(act_fn="silu", down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
+        return d
+
+
+def scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
+    """diffusers scheduler_config.json of Stable Diffusion 1.x/2.x.
+
+    Betas: CompVis/stable-diffusion v1-inference.yaml `linear_start: 0.00085`, `linear_end: 0.0120`,
+    `timesteps: 1000`; the remaining keys as runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json.
+    """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected epsilon or v_prediction")
+    return {
+        "_class_name": "PNDMScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "steps_offset": 1,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "clip_sample": False,
+        "trained_betas": None,
+        "prediction_type": prediction_type,
+        "timestep_spacing": "leading",
+    }
+
+
+def infer_family(unet: UNetConfig) -> str:
+    """SD 2.x U-Nets use linear projections in their transformers (SD 1.x: 1x1 convolutions);
+    inpainting U-Nets take 9 input channels."""
+    base = "sd2" if unet.use_linear_projection else "sd1"
+    return f"{base}-inpaint" if unet.in_channels == 9 else base
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str  # one of FAMILIES
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoder: dict[str, Any]  # transformers CLIPTextConfig keyword arguments
+    scheduler: dict[str, Any] = field(default_factory=scheduler_config)  # diffusers scheduler config
+    pad_token: str = "<|endoftext|>"  # tokenizer padding: "<|endoftext|>" (SD 1.x), "!" (SD 2.x)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {', '.join(FAMILIES)}")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.get("prediction_type", "epsilon")
+
+    @property
+    def dims(self) -> ModelDims:
+        return ModelDims(
+            latent_channels=self.vae.latent_channels,
+            unet_in_channels=self.unet.in_channels,
+            vae_scale_factor=self.vae.vae_scale_factor,
+            text_hidden_size=self.text_encoder["hidden_size"],
+        )
+
+
+def _clip_text(hidden: int, layers: int, heads: int, intermediate: int, act: str, projection: int,
+               pad_id: int) -> dict[str, Any]:
+    # Token ids from the CLIP BPE vocabulary (export/assets/clip-bpe/vocab.json):
+    # 49406 <|startoftext|>, 49407 <|endoftext|>, 0 "!".
+    return {
+        "vocab_size": 49408,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": 77,
+        "hidden_act": act,
+        "layer_norm_eps": 1e-5,
+        "projection_dim": projection,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": pad_id,
+    }
+
+
+# openai/clip-vit-large-patch14 text tower (SD 1.x): quick_gelu, 12 layers of width 768.
+_CLIP_L = _clip_text(768, 12, 12, 3072, "quick_gelu", 768, 49407)
+# OpenCLIP ViT-H/14 text tower minus its last layer (SD 2.x, stabilityai/stable-diffusion-2-1 text_encoder).
+_OPENCLIP_H = _clip_text(1024, 23, 16, 4096, "gelu", 512, 0)
+
+_SD15_UNET = UNetConfig()
+_SD21_UNET = UNetConfig(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                        use_linear_projection=True, upcast_attention=True, sample_size=96)
+_TINY_UNET = UNetConfig(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
+                        cross_attention_dim=32, layers_per_block=1, sample_size=32)
+_TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=64)
+_TINY_TEXT_SD1 = _clip_text(32, 3, 4, 64, "quick_gelu", 32, 49407)
+_TINY_TEXT_SD2 = _clip_text(32, 3, 4, 64, "gelu", 32, 0)
+
+
+def _presets() -> dict[str, ModelSpec]:
+    return {
+        "sd15": ModelSpec("sd1", _SD15_UNET, VAEConfig(), dict(_CLIP_L)),
+        "sd15-inpaint": ModelSpec("sd1-inpaint", replace(_SD15_UNET, in_channels=9), VAEConfig(), dict(_CLIP_L)),
+        "sd21": ModelSpec("sd2", _SD21_UNET, VAEConfig(sample_size=768), dict(_OPENCLIP_H),
+                          scheduler_config("v_prediction"), pad_token="!"),
+        "tiny-sd1": ModelSpec("sd1", _TINY_UNET, _TINY_VAE, dict(_TINY_TEXT_SD1)),
+        "tiny-sd2": ModelSpec("sd2", replace(_TINY_UNET, attention_head_dim=(2, 4), use_linear_projection=True,
+                                             upcast_attention=True),
+                              _TINY_VAE, dict(_TINY_TEXT_SD2), scheduler_config("v_prediction"), pad_token="!"),
+        "tiny-inpaint": ModelSpec("sd1-inpaint", replace(_TINY_UNET, in_channels=9), _TINY_VAE, dict(_TINY_TEXT_SD1)),
+    }
+
+
+PRESETS: tuple[str, ...] = tuple(_presets())
+
+
+def preset(name: str) -> ModelSpec:
+    specs = _presets()
+    if name not in specs:
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(specs)}")
+    return specs[name]

@@ -1,0 +1,292 @@
+"""Reference Stable Diffusion 1.x/2.x U-Net (latent noise predictor) in plain PyTorch.
+
+Module attribute names equal diffusers 0.42 `UNet2DConditionModel` state-dict keys, so diffusers
+weights load with one strict `load_state_dict`. Architecture: Rombach et al. 2022 (arXiv:2112.10752),
+the U-Net of Ho et al. 2020 (arXiv:2006.11239) with spatial transformers for text cross-attention.
+
+Export-friendly: no Python branching on tensor values; every reshape reads sizes from the tensor,
+so batch, height, width and token count stay dynamic in ONNX.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.configs import UNetConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
+    """Sinusoidal embedding [batch] -> [batch, dim] in float32 (Ho et al. 2020, following Vaswani et
+    al. 2017 sec. 3.5; max period 10000, diffusers `get_timestep_embedding`)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None, :]
+    sin, cos = torch.sin(args), torch.cos(args)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, cin: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(cin, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, time embedding added in between (none in the VAE)."""
+
+    def __init__(self, cin: int, cout: int, temb: int | None, groups: int, eps: float, out_scale: float = 1.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb, cout) if temb is not None else None
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.out_scale = out_scale
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        return out if self.out_scale == 1.0 else out / self.out_scale
+
+
+class Attention(nn.Module):
+    """Multi-head attention [b, n, query_dim] x [b, m, context_dim] -> [b, n, query_dim]."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, upcast: bool):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.upcast = heads, upcast
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        # [b, n, heads * d] -> [b, heads, n, d]
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        if self.upcast:  # SD 2.x: softmax(QK^T) overflows float16 (diffusers `upcast_attention`)
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))  # [b, n, heads * d] -> [b, n, query_dim]
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020, arXiv:2002.05202)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # indices match diffusers' [GEGLU, Dropout, Linear]
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn1 = Attention(dim, dim, heads, dim // heads, upcast)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.attn2 = Attention(dim, context_dim, heads, dim // heads, upcast)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """Spatial transformer: [b, c, h, w] feature map attends to itself and to the text context."""
+
+    def __init__(self, c: int, heads: int, cfg: UNetConfig):
+        super().__init__()
+        self.linear = cfg.use_linear_projection
+        # GroupNorm eps 1e-6: diffusers Transformer2DModel._init_continuous_input
+        self.norm = nn.GroupNorm(cfg.norm_num_groups, c, eps=1e-6)
+        self.proj_in = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(c, heads, cfg.cross_attention_dim, cfg.upcast_attention, 1e-5)
+            for _ in range(cfg.transformer_layers_per_block))
+        self.proj_out = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # [b, c, h, w] -> [b, h*w, c]
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).reshape(x.shape)  # [b, h*w, c] -> [b, c, h, w]
+        if not self.linear:
+            h = self.proj_out(h)
+        return h + x
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, c: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:  # the VAE pads right/bottom only (diffusers Downsample2D)
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if like is not None:
+            # Odd-sized skip: nearest x2 then crop picks the same pixels as diffusers' resize to
+            # `upsample_size` (floor(i * n / (2n - 1)) == floor(i / 2) for i < 2n - 1).
+            x = x[:, :, : like.shape[2], : like.shape[3]]
+        return self.conv(x)
+
+
+class DownBlock(nn.Module):
+    """CrossAttnDownBlock2D (with `attentions`) or DownBlock2D: returns (x, skip tensors)."""
+
+    def __init__(self, cin: int, cout: int, heads: int, attn: bool, last: bool, cfg: UNetConfig):
+        super().__init__()
+        n, temb = cfg.layers_per_block, cfg.time_embed_dim
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(cin if i == 0 else cout, cout, temb, cfg.norm_num_groups, cfg.norm_eps) for i in range(n))
+        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg) for _ in range(n)) if attn else None
+        self.downsamplers = None if last else nn.ModuleList([Downsample2D(cout, cfg.downsample_padding)])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor,
+                context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """CrossAttnUpBlock2D (with `attentions`) or UpBlock2D; consumes layers_per_block + 1 skips."""
+
+    def __init__(self, cin: int, cprev: int, cout: int, heads: int, attn: bool, last: bool, cfg: UNetConfig):
+        super().__init__()
+        n, temb = cfg.layers_per_block + 1, cfg.time_embed_dim
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D((cprev if i == 0 else cout) + (cin if i == n - 1 else cout), cout, temb,
+                          cfg.norm_num_groups, cfg.norm_eps)
+            for i in range(n))
+        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg) for _ in range(n)) if attn else None
+        self.upsamplers = None if last else nn.ModuleList([Upsample2D(cout)])
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
+                next_skip: torch.Tensor | None) -> torch.Tensor:
+        """`skips`: this block's skip tensors, consumed last first; `next_skip`: the skip the next
+        block takes first, whose size the upsampled output must match."""
+        for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
+            x = resnet(torch.cat([x, skip], dim=1), temb)  # [b, c + c_skip, h, w] -> [b, cout, h, w]
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, next_skip)
+        return x
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    def __init__(self, c: int, heads: int, cfg: UNetConfig):
+        super().__init__()
+        args = (c, c, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor)
+        self.resnets = nn.ModuleList([ResnetBlock2D(*args), ResnetBlock2D(*args)])
+        self.attentions = nn.ModuleList([Transformer2DModel(c, heads, cfg)])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        return self.resnets[1](self.attentions[0](x, context), temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        ch, heads = config.block_out_channels, config.num_heads
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim)
+        last = len(ch) - 1
+        self.down_blocks = nn.ModuleList(
+            DownBlock(ch[max(i - 1, 0)], ch[i], heads[i], t == "CrossAttnDownBlock2D", i == last, config)
+            for i, t in enumerate(config.down_block_types))
+        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], heads[-1], config)
+        rch, rheads = ch[::-1], heads[::-1]
+        self.up_blocks = nn.ModuleList(
+            UpBlock(rch[min(i + 1, last)], rch[max(i - 1, 0)], rch[i], rheads[i], t == "CrossAttnUpBlock2D",
+                    i == last, config)
+            for i, t in enumerate(config.up_block_types))
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """sample [b, in_channels, lh, lw], timestep [] or [b] (or [1]), encoder_hidden_states
+        [b, tokens, cross_attention_dim] -> noise prediction [b, out_channels, lh, lw]."""
+        cfg = self.config
+        t = timestep.reshape(-1).expand(sample.shape[0])
+        temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = self.time_embedding(temb.to(sample.dtype))  # [b, time_embed_dim]
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, s = block(x, temb, encoder_hidden_states)
+            skips.extend(s)
+        x = self.mid_block(x, temb, encoder_hidden_states)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            own, skips = skips[-n:], skips[:-n]
+            x = block(x, own, temb, encoder_hidden_states, skips[-1] if skips else None)
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
