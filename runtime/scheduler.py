@@ -1,0 +1,471 @@
+"""NumPy noise schedules, samplers, classifier-free guidance and inpainting masks.
+
+NumPy and the standard library only. Public contract (docs/architecture.md, "Scheduler")::
+
+    schedule = make_schedule(config, "euler", 30, strength=1.0, karras=None, prediction_type=None)
+    latents = prepare_latents(schedule, noise, init_latents=None)
+    latents = sample(schedule, model, latents, rng=rng, eta=0.0, callback=None, known=None)
+
+Design (../shared/STYLE.md, "Schedulers"): ``make_schedule`` turns a diffusers ``scheduler_config.json``
+dict into an immutable :class:`Schedule` of float64 arrays; every sampler is a pure function
+``sample_<name>(denoise, x, <arrays>, *, after, ...) -> x`` (``runtime/samplers.py``) whose multistep
+history lives in local variables. The network is adapted once (:func:`make_denoiser`) into
+``denoise(x, sigma, t) -> x0``. Noise schedules and timestep grids are in ``runtime/schedules.py``.
+Each sampler reproduces the diffusers 0.42 scheduler class of the same method, including its timestep
+layout; ``tests/test_scheduler.py`` checks the final latents against diffusers.
+
+Latent spaces. Samplers of the Euler family (lms, euler, euler_a, heun) hold variance-exploding latents
+x = x0 + sigma * eps and feed the network x / sqrt(1 + sigma^2), as k-diffusion does; the others hold
+variance-preserving latents x = sqrt(ab) x0 + sqrt(1 - ab) eps and feed x unchanged. Throughout,
+sigma = sqrt((1 - ab) / ab) with ab = alpha_bar_t, so both spaces share one noise-level coordinate.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from runtime import schedules as S
+from runtime.samplers import (PREDICTION_TYPES, Model, ab_to_sigma, make_denoiser, no_after, sample_ddim,
+                              sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun,
+                              sample_lcm, sample_lms, sample_pndm, sample_unipc, sigma_alpha)
+from runtime.schedules import SchedulerError
+
+__all__ = ["SAMPLERS", "Schedule", "SchedulerError", "guidance", "inpaint_unet_input", "make_denoiser",
+           "make_schedule", "prepare_latents", "sample"]
+
+SAMPLERS: tuple[str, ...] = (
+    "ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm",
+)
+BETA_SCHEDULES = S.BETA_SCHEDULES
+SPACINGS = S.SPACINGS
+
+_VE_SAMPLERS = ("lms", "euler", "euler_a", "heun")  # variance-exploding latents, k-diffusion style
+_KARRAS_SAMPLERS = ("lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
+_STOCHASTIC = ("ddpm", "euler_a", "lcm")  # draw noise every step (ddim only when eta > 0)
+_LCM_SIGMA_DATA = 0.5  # arXiv:2310.04378 (LCM) boundary-condition scalings, sigma_data = 0.5
+
+# Defaults of the matching diffusers 0.42 scheduler class for keys a config may omit.
+_COMMON = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "prediction_type": "epsilon", "timestep_spacing": "linspace", "steps_offset": 0,
+    "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": False, "use_karras_sigmas": False,
+}
+_CLASS_DEFAULTS = {
+    "ddim": {"timestep_spacing": "leading", "clip_sample": True, "set_alpha_to_one": True},
+    "ddpm": {"timestep_spacing": "leading", "clip_sample": True, "variance_type": "fixed_small"},
+    "pndm": {"timestep_spacing": "leading"},
+    "heun": {"beta_start": 0.00085, "beta_end": 0.012},
+    "lcm": {"timestep_spacing": "leading", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "set_alpha_to_one": True, "original_inference_steps": 50, "timestep_scaling": 10.0},
+}
+_CLIPPING = ("ddim", "ddpm", "heun", "lcm")  # samplers whose diffusers class has clip_sample
+# Settings that change the result and are not implemented: refused rather than ignored. Other keys of
+# other scheduler classes (solver_order, algorithm_type, ...) are ignored: the sampler name fixes them.
+_UNSUPPORTED = ("rescale_betas_zero_snr", "thresholding", "use_exponential_sigmas", "use_beta_sigmas",
+                "use_lu_lambdas", "use_flow_sigmas")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What a sampler needs, fixed at construction. Arrays are float64.
+
+    ``timesteps``: the network timesteps evaluated, in order (one per network call; heun has two per
+    step but one on the final step). ``sigmas``: noise level sigma of the latents fed at each of those
+    calls. ``init_noise_sigma``: txt2img noise scale. ``start_sigma``: level img2img noises to.
+    ``vp``: whether latents are variance-preserving (see the module docstring).
+    """
+
+    sampler: str
+    prediction_type: str
+    num_inference_steps: int
+    timesteps: np.ndarray
+    sigmas: np.ndarray
+    init_noise_sigma: float
+    vp: bool
+    order: int
+    clip: float | None = None
+    plan: dict = field(default_factory=dict, repr=False)  # sampler-specific arrays, see make_schedule
+
+    @property
+    def start_sigma(self) -> float:
+        return float(self.sigmas[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule construction
+
+
+def _settings(config: dict | None, sampler: str, prediction_type: str | None) -> dict:
+    cfg = dict(_COMMON)
+    cfg.update(_CLASS_DEFAULTS.get(sampler, {}))
+    cfg.update({k: v for k, v in dict(config or {}).items() if v is not None})  # unknown keys are ignored
+    if prediction_type is not None:
+        cfg["prediction_type"] = prediction_type
+    if cfg["prediction_type"] not in PREDICTION_TYPES:
+        raise SchedulerError(f"unknown prediction_type {cfg['prediction_type']!r}; "
+                             f"accepted: {', '.join(PREDICTION_TYPES)}")
+    if cfg["beta_schedule"] not in BETA_SCHEDULES and cfg.get("trained_betas") is None:
+        raise SchedulerError(f"unknown beta_schedule {cfg['beta_schedule']!r}; accepted: {', '.join(BETA_SCHEDULES)}")
+    for key in _UNSUPPORTED:
+        if cfg.get(key):
+            raise SchedulerError(f"config setting {key}={cfg[key]!r} is not supported by the NumPy samplers")
+    if cfg["timestep_spacing"] not in SPACINGS:
+        raise SchedulerError(f"unknown timestep_spacing {cfg['timestep_spacing']!r}; accepted: {', '.join(SPACINGS)}")
+    return cfg
+
+
+def _alphas_cumprod(cfg: dict) -> np.ndarray:
+    if cfg.get("trained_betas") is not None:
+        if len(cfg["trained_betas"]) != int(cfg["num_train_timesteps"]):
+            raise SchedulerError(f"trained_betas has {len(cfg['trained_betas'])} values but num_train_timesteps is "
+                                 f"{cfg['num_train_timesteps']}")
+        ac = np.cumprod(1.0 - np.asarray(cfg["trained_betas"], dtype=np.float64))
+        return ac.astype(np.float32).astype(np.float64)  # float32 values, as S.alphas_cumprod
+    return S.alphas_cumprod(cfg["beta_schedule"], cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"])
+
+
+def make_schedule(config: dict | None, sampler: str, num_inference_steps: int, *, strength: float = 1.0,
+                  karras: bool | None = None, prediction_type: str | None = None) -> Schedule:
+    """Build the schedule of ``sampler`` from a diffusers scheduler config dict.
+
+    ``strength`` < 1 starts img2img part-way (diffusers ``StableDiffusionImg2ImgPipeline.get_timesteps``):
+    init = min(int(steps * strength), steps), the first ``steps - init`` steps are skipped (times the
+    sampler order: 2 for heun). ``karras`` (None: the config's ``use_karras_sigmas``) selects Karras
+    sigmas for the samplers in the sigma family. ``prediction_type`` overrides the config's.
+
+    Keys the config omits take the default of the matching diffusers class (DDIM: clip_sample and
+    set_alpha_to_one true, which Stable Diffusion's config turns off); unknown keys are ignored.
+    ``pndm`` is always PLMS without Runge-Kutta warm-up (``skip_prk_steps``, as SD configures it);
+    ``dpmpp_2m`` is diffusers' default DPM-Solver++ (order 2, midpoint, lower_order_final); ``unipc``
+    is bh2, order 2.
+    """
+    if sampler not in SAMPLERS:
+        raise SchedulerError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
+    if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer))
+            or num_inference_steps < 1):
+        raise SchedulerError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    n = int(num_inference_steps)
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 < strength <= 1.0:
+        raise SchedulerError(f"strength must be in (0, 1], got {strength!r}")
+    cfg = _settings(config, sampler, prediction_type)
+    T = int(cfg["num_train_timesteps"])
+    if n > T:
+        raise SchedulerError(f"num_inference_steps {n} exceeds num_train_timesteps {T}")
+    if karras is None:
+        karras = sampler == "dpmpp_2m_karras" or bool(cfg["use_karras_sigmas"])
+    if karras and sampler not in _KARRAS_SAMPLERS:
+        raise SchedulerError(f"karras sigmas do not apply to {sampler!r}; they apply to: {', '.join(_KARRAS_SAMPLERS)}")
+    if not karras and sampler == "dpmpp_2m_karras":
+        raise SchedulerError("sampler 'dpmpp_2m_karras' always uses Karras sigmas; use 'dpmpp_2m' for karras=False")
+    clip = float(cfg["clip_sample_range"]) if (sampler in _CLIPPING and cfg["clip_sample"]) else None
+
+    init = min(int(n * strength), n)
+    t_start = n - init
+    if init == 0:
+        raise SchedulerError(f"strength {strength} with {n} steps leaves no denoising step; raise strength or steps")
+
+    ac = _alphas_cumprod(cfg)
+    train_sigmas = ab_to_sigma(ac)
+    build = _BUILDERS["dpmpp_2m" if sampler == "dpmpp_2m_karras" else sampler]
+    ts, sig, plan, init_sigma, order = build(cfg, n, t_start, ac, train_sigmas, karras)
+    return Schedule(sampler=sampler, prediction_type=cfg["prediction_type"], num_inference_steps=n,
+                    timesteps=np.asarray(ts, dtype=np.float64), sigmas=np.asarray(sig, dtype=np.float64),
+                    init_noise_sigma=float(init_sigma), vp=sampler not in _VE_SAMPLERS, order=order,
+                    clip=clip, plan=plan)
+
+
+def _final_ab(cfg, ac) -> float:
+    return 1.0 if cfg["set_alpha_to_one"] else float(ac[0])
+
+
+def _ab_at(t: float, ac: np.ndarray, final: float) -> float:
+    return float(ac[int(t)]) if t >= 0 else final
+
+
+def _build_ddim(cfg, n, t_start, ac, train_sigmas, karras):
+    # Target of each step is t - T // n (also for trailing / linspace spacing), as diffusers' DDIMScheduler.
+    T = cfg["num_train_timesteps"]
+    ts = S.spaced_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"])[t_start:]
+    final = _final_ab(cfg, ac)
+    ab = np.array([_ab_at(t, ac, final) for t in ts])
+    ab_to = np.array([_ab_at(t - T // n, ac, final) for t in ts])
+    return ts, ab_to_sigma(ab), {"ab": ab, "ab_to": ab_to}, 1.0, 1
+
+
+def _build_ddpm(cfg, n, t_start, ac, train_sigmas, karras):
+    # Target of each step is the next evaluated timestep (alpha_bar = 1 after the last).
+    T = cfg["num_train_timesteps"]
+    ts = S.spaced_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"])[t_start:]
+    ab = ac[ts.astype(np.int64)]
+    ab_to = np.append(ab[1:], 1.0)
+    if cfg["variance_type"] not in ("fixed_small", "fixed_large"):
+        raise SchedulerError(f"unsupported variance_type {cfg['variance_type']!r}; accepted: fixed_small, fixed_large")
+    return ts, ab_to_sigma(ab), {"ab": ab, "ab_to": ab_to, "large": cfg["variance_type"] == "fixed_large"}, 1.0, 1
+
+
+def _build_pndm(cfg, n, t_start, ac, train_sigmas, karras):
+    # PLMS as Stable Diffusion runs it (skip_prk_steps): n + 1 calls, the second timestep repeated.
+    # Call c moves t -> t - T // n, except call 1 which redoes the first step t0 -> t1 (diffusers'
+    # PNDMScheduler.step_plms counter logic).
+    T = cfg["num_train_timesteps"]
+    grid = S.spaced_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"])  # descending
+    full = np.concatenate([grid[:1], grid[1:2], grid[1:]]) if n > 1 else grid
+    ts = full[t_start:]
+    ratio = T // n
+    final = _final_ab(cfg, ac)
+    ab = np.array([_ab_at(t, ac, final) for t in ts])
+    t_from = np.array([t + ratio if c == 1 else t for c, t in enumerate(ts)])
+    t_to = np.array([t if c == 1 else t - ratio for c, t in enumerate(ts)])
+    ab_from = np.array([_ab_at(t, ac, final) for t in t_from])
+    ab_to = np.array([_ab_at(t, ac, final) for t in t_to])
+    return ts, ab_to_sigma(ab), {"ab": ab, "ab_from": ab_from, "ab_to": ab_to}, 1.0, 1
+
+
+def _ve_grid(cfg, n, train_sigmas, karras, *, karras_bounds_from_grid: bool):
+    """Euler-family grid: fractional timesteps, sigmas interpolated linearly in t, optional Karras."""
+    ts = S.spaced_timesteps(cfg["timestep_spacing"], cfg["num_train_timesteps"], n, cfg["steps_offset"], integer=False)
+    sig = S.interp_sigmas(ts, train_sigmas)
+    if karras:
+        lo, hi = float(sig[-1]), float(sig[0])
+        if not karras_bounds_from_grid:
+            lo = float(cfg.get("sigma_min") or lo)
+            hi = float(cfg.get("sigma_max") or hi)
+        sig = S.sigmas_karras(n, lo, hi)
+        ts = S.sigma_to_t(sig, train_sigmas)
+    sig = np.append(sig, 0.0)
+    init = sig.max() if cfg["timestep_spacing"] in ("linspace", "trailing") else math.sqrt(sig.max() ** 2 + 1.0)
+    return ts, sig, init
+
+
+def _build_k(cfg, n, t_start, ac, train_sigmas, karras, *, lms=False):
+    ts, sig, init = _ve_grid(cfg, n, train_sigmas, karras, karras_bounds_from_grid=lms)
+    return ts[t_start:], sig[t_start:-1], {"grid_sigmas": sig, "grid_t": ts, "start": t_start}, init, 1
+
+
+def _build_heun(cfg, n, t_start, ac, train_sigmas, karras):
+    ts, sig, init = _ve_grid(cfg, n, train_sigmas, karras, karras_bounds_from_grid=False)
+    calls_t = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])  # t0, t1, t1, t2, t2, ...
+    calls_s = np.concatenate([sig[:1], np.repeat(sig[1:-1], 2)])
+    k = 2 * t_start
+    return calls_t[k:], calls_s[k:], {"grid_sigmas": sig[t_start:], "grid_t": ts[t_start:]}, init, 2
+
+
+def _build_multistep(cfg, n, t_start, ac, train_sigmas, karras, *, unipc=False):
+    # DPMSolverMultistepScheduler / UniPCMultistepScheduler: integer timesteps; Karras sigmas span the
+    # whole training range and their timesteps are whole numbers.
+    T = cfg["num_train_timesteps"]
+    if karras:
+        sig = S.sigmas_karras(n, float(train_sigmas[0]), float(train_sigmas[-1]))
+        ts = S.sigma_to_t(sig, train_sigmas)
+        # rounded; DPM-Solver skips the rounding for squaredcos_cap_v2, and its int64 cast then truncates
+        ts = ts.round() if unipc or cfg["beta_schedule"] != "squaredcos_cap_v2" else np.floor(ts)
+    else:
+        ts = S.spaced_timesteps_multistep(cfg["timestep_spacing"], T, n, cfg["steps_offset"])
+        sig = S.interp_sigmas(ts, train_sigmas)
+    sig = np.append(sig, 0.0)
+    return ts[t_start:], sig[t_start:-1], {"grid_sigmas": sig, "grid_t": ts, "start": t_start}, 1.0, 1
+
+
+def _build_lcm(cfg, n, t_start, ac, train_sigmas, karras):
+    # LCMScheduler.set_timesteps: n timesteps picked evenly from the original_inference_steps skeleton
+    # k * i - 1 (k = T // original_inference_steps); the target of each step is the next timestep.
+    T = cfg["num_train_timesteps"]
+    orig = int(cfg["original_inference_steps"])
+    if not 1 <= orig <= T:
+        raise SchedulerError(f"lcm original_inference_steps must be in [1, {T}], got {orig}")
+    k = T // orig
+    skeleton = (np.arange(1, orig + 1) * k - 1)[::-1]
+    if len(skeleton) // n < 1:
+        raise SchedulerError(f"lcm supports at most original_inference_steps={orig} steps, got {n}")
+    ts = skeleton[np.floor(np.linspace(0, len(skeleton), n, endpoint=False)).astype(np.int64)].astype(np.float64)
+    ab_full = ac[ts.astype(np.int64)]
+    ab_to = np.append(ab_full[1:], ab_full[-1])
+    scaled = ts * float(cfg["timestep_scaling"])
+    c_skip = _LCM_SIGMA_DATA**2 / (scaled**2 + _LCM_SIGMA_DATA**2)
+    c_out = scaled / np.sqrt(scaled**2 + _LCM_SIGMA_DATA**2)
+    last = np.arange(n) == n - 1
+    sl = slice(t_start, None)
+    plan = {"ab": ab_full[sl], "ab_to": ab_to[sl], "c_skip": c_skip[sl], "c_out": c_out[sl], "last": last[sl]}
+    return ts[sl], ab_to_sigma(ab_full[sl]), plan, 1.0, 1
+
+
+_BUILDERS = {
+    "ddim": _build_ddim, "ddpm": _build_ddpm, "pndm": _build_pndm,
+    "lms": lambda *a: _build_k(*a, lms=True), "euler": _build_k, "euler_a": _build_k, "heun": _build_heun,
+    "dpmpp_2m": _build_multistep, "unipc": lambda *a: _build_multistep(*a, unipc=True), "lcm": _build_lcm,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _add_noise(schedule: Schedule, x0: np.ndarray, noise: np.ndarray, sigma: float) -> np.ndarray:
+    """Latents at level sigma in the sampler's space (diffusers ``scheduler.add_noise``)."""
+    if not schedule.vp:
+        return x0 + sigma * noise
+    a, b = sigma_alpha(sigma)
+    return a * x0 + b * noise
+
+
+def prepare_latents(schedule: Schedule, noise: np.ndarray, init_latents: np.ndarray | None = None) -> np.ndarray:
+    """Starting latents (float32). txt2img: noise * init_noise_sigma. img2img: ``init_latents`` noised
+    to the first evaluated level (diffusers ``scheduler.add_noise(init, noise, timesteps[:1])``).
+    Inpainting at strength 1 passes ``init_latents=None`` (pure noise, as diffusers does)."""
+    noise64 = np.asarray(noise, dtype=np.float64)
+    if init_latents is None:
+        return (noise64 * schedule.init_noise_sigma).astype(np.float32)
+    init = np.asarray(init_latents, dtype=np.float64)
+    if init.shape != noise64.shape:
+        raise SchedulerError(f"init_latents shape {init.shape} differs from noise shape {noise64.shape}")
+    return _add_noise(schedule, init, noise64, schedule.start_sigma).astype(np.float32)
+
+
+def sample(schedule: Schedule, model: Model, latents: np.ndarray, *, rng: np.random.Generator | None = None,
+           eta: float = 0.0, callback: Callable[[int, float, np.ndarray], None] | None = None,
+           known: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Run the sampler; returns the final latents (float32). ``latents`` is not modified.
+
+    ``model(x_in, t)``: raw network output for input-scaled latents x_in (float32) at timestep t (float).
+    ``rng``: noise source of ddpm, euler_a, lcm and ddim with eta > 0 (``rng.standard_normal(shape,
+    dtype=np.float32)`` per step). ``known=(image_latents, mask, noise)``: after each network call,
+    x = (1 - mask) * image_latents noised to the next call's level + mask * x, and the clean image
+    latents after the last call (diffusers' inpainting pipeline for 4-channel U-Nets; mask 1 = repaint).
+    ``callback(i, t, latents)`` after network call i with a float32 copy.
+    """
+    x = np.array(latents, dtype=np.float64)
+    if x.ndim != 4:
+        raise SchedulerError(f"latents must be [batch, channels, height, width], got shape {x.shape}")
+    if eta < 0:
+        raise SchedulerError(f"eta must be >= 0, got {eta}")
+    if eta > 0 and schedule.sampler != "ddim":
+        raise SchedulerError(f"eta applies to 'ddim' only, got eta={eta} for {schedule.sampler!r}")
+    if rng is None and (schedule.sampler in _STOCHASTIC or eta > 0):
+        raise SchedulerError(f"sampler {schedule.sampler!r} draws noise: pass rng=np.random.Generator")
+    after = _make_after(schedule, x.shape, known, callback)
+    denoise = make_denoiser(model, schedule.prediction_type, vp=schedule.vp)
+    p, ts, clip = schedule.plan, schedule.timesteps, schedule.clip
+    name = schedule.sampler
+    if name == "ddim":
+        x = sample_ddim(denoise, x, ts, p["ab"], p["ab_to"], eta=eta, rng=rng, clip=clip, after=after)
+    elif name == "ddpm":
+        x = sample_ddpm(denoise, x, ts, p["ab"], p["ab_to"], rng=rng, clip=clip, large=p["large"], after=after)
+    elif name == "pndm":
+        x = sample_pndm(denoise, x, ts, p["ab"], p["ab_from"], p["ab_to"],
+                        v_space=schedule.prediction_type == "v_prediction", after=after)
+    elif name in ("euler", "euler_a"):
+        sig = p["grid_sigmas"][p["start"]:]
+        if name == "euler":
+            x = sample_euler(denoise, x, sig, ts, after=after)
+        else:
+            x = sample_euler_ancestral(denoise, x, sig, ts, rng=rng, after=after)
+    elif name == "heun":
+        x = sample_heun(denoise, x, p["grid_sigmas"], p["grid_t"], clip=clip, after=after)
+    elif name == "lms":
+        x = sample_lms(denoise, x, p["grid_sigmas"], ts, p["start"], after=after)
+    elif name in ("dpmpp_2m", "dpmpp_2m_karras"):
+        x = sample_dpmpp_2m(denoise, x, p["grid_sigmas"], ts, p["start"], after=after)
+    elif name == "unipc":
+        x = sample_unipc(denoise, x, p["grid_sigmas"], ts, p["start"], after=after)
+    else:
+        x = sample_lcm(denoise, x, ts, p["ab"], p["ab_to"], p["c_skip"], p["c_out"], p["last"],
+                       rng=rng, clip=clip, after=after)
+    return x.astype(np.float32)
+
+
+def _make_after(schedule, shape, known, callback):
+    if known is None and callback is None:
+        return no_after
+    if known is not None:
+        if len(known) != 3:
+            raise SchedulerError("known must be (image_latents, mask, noise)")
+        image = np.asarray(known[0], dtype=np.float64)
+        mask = np.asarray(known[1], dtype=np.float64)
+        noise = np.asarray(known[2], dtype=np.float64)
+        for what, arr in (("image_latents", image), ("noise", noise)):
+            if arr.shape != tuple(shape):
+                raise SchedulerError(f"known {what} shape {arr.shape} differs from latents shape {tuple(shape)}")
+        try:
+            fits = mask.ndim == 4 and np.broadcast_shapes(mask.shape, tuple(shape)) == tuple(shape)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise SchedulerError(f"mask shape {mask.shape} does not broadcast to latents shape {tuple(shape)}")
+        keep = 1.0 - mask
+    sigmas, ts = schedule.sigmas, schedule.timesteps
+
+    def after(i: int, x: np.ndarray) -> np.ndarray:
+        if known is not None:
+            # clean image latents after the last call, else noised to the next call's level
+            ref = _add_noise(schedule, image, noise, float(sigmas[i + 1]) if i + 1 < len(sigmas) else 0.0)
+            ref *= keep
+            ref += mask * x
+            x = ref
+        if callback is not None:
+            callback(i, float(ts[i]), x.astype(np.float32))
+        return x
+
+    return after
+
+
+def guidance(unet_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], cond: np.ndarray,
+             uncond: np.ndarray | None, guidance_scale: float, guidance_rescale: float = 0.0) -> Model:
+    """Classifier-free guidance (Ho & Salimans, arXiv:2207.12598) as a ``model(x, t)`` closure.
+
+    One U-Net call on the batch [uncond, cond]; out = u + s (c - u). With ``guidance_rescale`` = phi > 0,
+    the result is rescaled toward the conditional output's per-sample std (Lin et al.
+    arXiv:2305.08891 §3.4, as diffusers' ``rescale_noise_cfg``: unbiased std over all but the
+    batch axis): out = phi * out * std(c) / std(out) + (1 - phi) * out. When s <= 1 only the
+    conditional pass runs (``uncond`` may be None). Timesteps are passed as float32 [batch].
+    """
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise SchedulerError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    cond = np.asarray(cond)
+    if guidance_scale <= 1.0:
+
+        def model_cond(x, t):
+            return unet_fn(x, np.full((x.shape[0],), t, dtype=np.float32), cond)
+
+        return model_cond
+    if uncond is None or np.shape(uncond) != cond.shape:
+        raise SchedulerError(f"uncond shape {np.shape(uncond)} must equal cond shape {cond.shape} "
+                             "when guidance_scale > 1")
+    context = np.concatenate([np.asarray(uncond, dtype=cond.dtype), cond])
+    scale, phi = float(guidance_scale), float(guidance_rescale)
+
+    def model(x, t):
+        n = x.shape[0]
+        out = np.asarray(unet_fn(np.concatenate([x, x]), np.full((2 * n,), t, dtype=np.float32), context))
+        u, c = out[:n].astype(np.float64), out[n:].astype(np.float64)
+        g = u + scale * (c - u)
+        if phi > 0:
+            axes = tuple(range(1, g.ndim))
+            ratio = c.std(axis=axes, ddof=1, keepdims=True) / g.std(axis=axes, ddof=1, keepdims=True)
+            g = phi * (g * ratio) + (1.0 - phi) * g
+        return g.astype(out.dtype)
+
+    return model
+
+
+def inpaint_unet_input(x_in: np.ndarray, mask: np.ndarray, masked_image_latents: np.ndarray) -> np.ndarray:
+    """9-channel input of an inpainting U-Net: concat([x_in (4), mask (1), masked_image_latents (4)], axis 1)
+    (diffusers ``StableDiffusionInpaintPipeline``, ``num_channels_unet == 9``). mask and masked latents
+    of batch 1, or of a batch dividing x_in's (e.g. doubled by guidance), are tiled to x_in's batch."""
+    x_in, mask, masked = np.asarray(x_in), np.asarray(mask), np.asarray(masked_image_latents)
+    if x_in.ndim != 4 or mask.ndim != 4 or masked.ndim != 4:
+        raise SchedulerError("x_in, mask and masked_image_latents must be 4-D [batch, channels, height, width]")
+    if mask.shape[1] != 1 or masked.shape[1] != x_in.shape[1]:
+        raise SchedulerError(f"mask must have 1 channel and masked_image_latents {x_in.shape[1]}; "
+                             f"got {mask.shape}, {masked.shape}")
+    b = x_in.shape[0]
+    parts = [x_in]
+    for what, arr in (("mask", mask), ("masked_image_latents", masked)):
+        if arr.shape[2:] != x_in.shape[2:] or b % arr.shape[0] != 0:
+            raise SchedulerError(f"{what} shape {arr.shape} does not match x_in shape {x_in.shape}")
+        parts.append(np.tile(arr, (b // arr.shape[0], 1, 1, 1)).astype(x_in.dtype, copy=False))
+    return np.concatenate(parts, axis=1)
