@@ -1,0 +1,229 @@
+"""Build TensorRT 10 plans from an engine folder's ONNX graphs (`build-engine --backend tensorrt`).
+
+Per network: check the graph offline against TensorRT's documented operator support
+(`export/trt_compat.py`), parse it with `trt.OnnxParser.parse_from_file` (which reads external
+weight files beside the graph), add one optimization profile derived from the manifest's shape
+range (`runtime.engines.tensorrt.network_profile`), set the builder optimization level, the
+workspace limit and a persistent timing cache (`ENGINE_DIR/tensorrt/timing.cache`), and
+`build_serialized_network`.
+
+Precision, per the TensorRT 10 docs (weak typing is deprecated since 10.12 in favour of strongly
+typed networks, and removed in 11):
+  * the graph's own precision (fp16 graph -> "fp16", fp32 graph -> "fp32"): a strongly typed
+    network (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`), every type as the ONNX graph has it;
+  * "fp16" or "bf16" over an fp32 graph: a weakly typed network with `BuilderFlag.FP16` /
+    `BuilderFlag.BF16`, I/O staying float32 as the network contract says (bf16 is an engine
+    precision over an fp32 graph).
+An fp16 graph cannot give an fp32 or bf16 plan; export fp32 graphs for that.
+
+Plans are cached as `tensorrt/<network>.<hash>.plan` with the key (`.json`) beside; the key holds
+the graph's sha256, the TensorRT version, the GPU's compute capability, precision, typing mode,
+optimization level and profile. A plan whose key differs from the wanted one is rebuilt (and the
+stale one removed); `runtime/engines/tensorrt.py` refuses to load a plan whose TensorRT version or
+compute capability differ from the running ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from export.trt_compat import check_graph
+from runtime.engines.tensorrt import (
+    DEFAULT_PROMPT_CHUNKS,
+    INSTALL_HINT,
+    SUBDIR,
+    CudaEnvironment,
+    TensorRTUnavailable,
+    cuda_environment,
+    import_tensorrt,
+    key_hash,
+    network_profile,
+    plan_key,
+    plan_paths,
+    profile_to_json,
+    stale_reasons,
+)
+from runtime.manifest import Manifest
+from runtime.networks import PRECISIONS, float_dtype
+
+__all__ = ["TensorRTBuildError", "TensorRTUnavailable", "build_mode", "build_tensorrt_engines", "INSTALL_HINT"]
+
+TIMING_CACHE = f"{SUBDIR}/timing.cache"
+ENTRY_FORMAT = 1
+
+
+class TensorRTBuildError(RuntimeError):
+    """Parsing or building a plan failed; the message names the network and TensorRT's errors."""
+
+
+def build_mode(graph_precision: str, precision: str) -> tuple[bool, str | None]:
+    """(strongly_typed, builder flag name or None) for a plan of `precision` over a graph exported
+    at `graph_precision` (the manifest's; bf16 manifests hold fp32 graphs)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    graph = "fp16" if float_dtype(graph_precision) == "float16" else "fp32"
+    if graph == precision:
+        return True, None
+    if graph == "fp16":
+        raise ValueError(f"the graphs are fp16, so a {precision} TensorRT plan cannot be built from them; "
+                         f"export {precision} graphs (build-engine --precision {precision}) or build fp16 plans")
+    return False, precision.upper()
+
+
+def file_sha256(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def build_tensorrt_engines(engine_dir: str | os.PathLike, manifest: Manifest, *, precision: str = "fp16",
+                           optimization_level: int = 3, workspace_gib: float | None = None, guidance: bool = True,
+                           max_prompt_chunks: int = DEFAULT_PROMPT_CHUNKS, networks: Iterable[str] | None = None,
+                           device_id: int = 0, progress: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Build (or reuse) a TensorRT plan for every network of the engine folder; return the
+    manifest entry for `manifest.backends["tensorrt"]`.
+
+    `workspace_gib` caps the builder's scratch memory (None: TensorRT's default, the device's
+    memory). `optimization_level` is TensorRT's builder optimization level 0..5 (3 is its default).
+    Raises `TensorRTUnavailable` where tensorrt, cuda-python or a CUDA device is missing."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if not 0 <= optimization_level <= 5:
+        raise ValueError(f"optimization_level must be in 0..5; got {optimization_level}")
+    env = cuda_environment(device_id)  # raises TensorRTUnavailable naming what is missing
+    trt = import_tensorrt()
+    engine_dir = Path(engine_dir)
+    (engine_dir / SUBDIR).mkdir(exist_ok=True)
+    names = list(networks) if networks is not None else list(manifest.networks)
+    logger = trt.Logger(trt.Logger.WARNING)
+    timing_path = engine_dir / TIMING_CACHE
+    timing_bytes = timing_path.read_bytes() if timing_path.is_file() else b""
+    entry: dict[str, Any] = {
+        "format": ENTRY_FORMAT, "tensorrt_version": env.tensorrt_version, "compute_capability": env.compute_capability,
+        "device": env.device_name, "precision": precision, "optimization_level": optimization_level,
+        "workspace_gib": workspace_gib, "max_prompt_chunks": max_prompt_chunks, "guidance": guidance,
+        "timing_cache": TIMING_CACHE, "networks": {},
+    }
+    for name in names:
+        if name not in manifest.networks:
+            raise ValueError(f"network {name!r} is not in this engine folder (it has {', '.join(manifest.networks)})")
+        net = manifest.networks[name]
+        graph_precision = net.get("precision", manifest.precision)
+        strongly_typed, flag = build_mode(graph_precision, precision)
+        graph = engine_dir / net["file"]
+        files = [graph] + ([engine_dir / net["external_data"]] if net.get("external_data") else [])
+        profile = network_profile(name, manifest.dims, manifest.shapes, graph_precision,
+                                  guidance=guidance, max_prompt_chunks=max_prompt_chunks)
+        key = plan_key(name, onnx_sha256=file_sha256(files), tensorrt_version=env.tensorrt_version,
+                       compute_capability=env.compute_capability, precision=precision, profile=profile,
+                       strongly_typed=strongly_typed, optimization_level=optimization_level)
+        plan_rel, key_rel = plan_paths(name, key)
+        stored = _read_key(engine_dir / key_rel) if (engine_dir / plan_rel).is_file() else None
+        reasons = stale_reasons(stored, key)
+        if not reasons:
+            progress(f"tensorrt: {name}: reusing {plan_rel}")
+        else:
+            progress(f"tensorrt: {name}: building {precision} plan ({'; '.join(reasons)})")
+            start = time.perf_counter()
+            timing_bytes = _build_plan(trt, logger, graph, name, profile, strongly_typed, flag, optimization_level,
+                                       workspace_gib, timing_bytes, engine_dir / plan_rel, env)
+            _atomic_write(engine_dir / key_rel, (json.dumps(key, indent=2, sort_keys=True) + "\n").encode())
+            _atomic_write(timing_path, timing_bytes)
+            progress(f"tensorrt: {name}: built {plan_rel} in {time.perf_counter() - start:.1f} s")
+        _remove_stale(engine_dir, name, keep=key_hash(key))
+        entry["networks"][name] = {"plan": plan_rel, "key": key_rel, "key_hash": key_hash(key),
+                                   "strongly_typed": strongly_typed, "profile": profile_to_json(profile)}
+    return entry
+
+
+def _build_plan(trt: Any, logger: Any, graph: Path, name: str, profile: Mapping[str, Any], strongly_typed: bool,
+                flag: str | None, optimization_level: int, workspace_gib: float | None, timing_bytes: bytes,
+                dest: Path, env: CudaEnvironment) -> bytes:
+    """Parse `graph`, build and write its plan to `dest`; return the updated timing cache."""
+    errors = [p for p in check_graph(graph) if p.severity == "error"]
+    if errors:
+        raise TensorRTBuildError(f"{name}: {graph.name} uses what TensorRT cannot parse:\n  " +
+                                 "\n  ".join(str(p) for p in errors))
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(graph)):
+        raise TensorRTBuildError(f"{name}: TensorRT's ONNX parser rejected {graph}:\n  " +
+                                 "\n  ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors)))
+    config = builder.create_builder_config()
+    config.builder_optimization_level = optimization_level
+    if workspace_gib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if flag is not None:
+        builder_flag = getattr(trt.BuilderFlag, flag, None)
+        if builder_flag is None:
+            raise TensorRTBuildError(f"TensorRT {env.tensorrt_version} has no BuilderFlag.{flag} (weak typing was "
+                                     f"removed in TensorRT 11); build from {flag.lower()} graphs or use TensorRT 10")
+        config.set_flag(builder_flag)
+    opt_profile = builder.create_optimization_profile()
+    network_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    missing = sorted(set(network_inputs) - set(profile))
+    if missing:
+        raise TensorRTBuildError(f"{name}: graph inputs {missing} are not in the network contract "
+                                 f"(expected {sorted(profile)}); re-export the graph")
+    for input_name in network_inputs:
+        r = profile[input_name]
+        opt_profile.set_shape(input_name, r.min, r.opt, r.max)
+    config.add_optimization_profile(opt_profile)
+    cache = config.create_timing_cache(timing_bytes)
+    if timing_bytes and (cache is None or not config.set_timing_cache(cache, False)):
+        # a cache from another TensorRT version or GPU: start a fresh one rather than mix them
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    elif not timing_bytes:
+        config.set_timing_cache(cache, False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise TensorRTBuildError(f"{name}: TensorRT failed to build a plan from {graph} (see the TensorRT log above)")
+    _atomic_write(dest, memoryview(serialized))
+    return bytes(memoryview(config.get_timing_cache().serialize()))
+
+
+def _parser_error(err: Any) -> str:
+    parts = [err.desc()]
+    for label, getter in (("node", "node_name"), ("operator", "node_operator")):
+        value = getattr(err, getter, None)
+        if callable(value) and value():
+            parts.append(f"{label} {value()!r}")
+    return "; ".join(parts)
+
+
+def _read_key(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _remove_stale(engine_dir: Path, network: str, keep: str) -> None:
+    """Delete this network's plans and keys of other hashes (plans are large)."""
+    for path in (engine_dir / SUBDIR).glob(f"{network}.*"):
+        if path.suffix in (".plan", ".json") and path.stem.split(".")[-1] != keep:
+            path.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, data: bytes | memoryview) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,522 @@
+"""TensorRT 10 engine: runs the plans `build-engine --backend tensorrt` built (export/tensorrt.py).
+
+Written against the TensorRT 10 Python API (name-based I/O tensors): `Runtime.deserialize_cuda_engine`,
+`ICudaEngine.num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_dtype /
+get_tensor_profile_shape`, `IExecutionContext.set_input_shape / set_tensor_address /
+execute_async_v3`. CUDA memory, copies, streams and CUDA graphs go through cuda-python's runtime
+bindings (`cuda.bindings.runtime`, or `cuda.cudart` in cuda-python < 12.6), so the runtime stays
+torch-free.
+
+This module also holds the pure functions both sides share (the build imports them, the runtime
+must not import `export/`): the optimization profile derived from the manifest's shape range, and
+the plan cache key with the decision whether a stored plan may be used on this machine. A plan is
+tied to the exact TensorRT version and the GPU's compute capability that built it; a plan that
+does not match is rebuilt, never deserialized blindly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.engines.base import Engine, EngineInputError
+from runtime.manifest import Manifest
+from runtime.networks import ModelDims, TensorSpec, network_io
+
+BACKEND = "tensorrt"
+SUBDIR = "tensorrt"  # under the engine folder: plans, their keys, the timing cache, ORT's cache
+KEY_FORMAT = 1
+INSTALL_HINT = ("install TensorRT 10 and cuda-python on a machine with an NVIDIA GPU and driver: "
+                "pip install .[tensorrt]")
+# Long prompts are encoded in 77-token chunks and concatenated; plans accept up to this many
+# chunks (231 tokens) unless built with another `max_prompt_chunks`.
+DEFAULT_PROMPT_CHUNKS = 3
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT, cuda-python or a CUDA device is missing; the message says which and how to install."""
+
+
+class StalePlanError(RuntimeError):
+    """A stored plan was built for another TensorRT version, GPU or input; it must be rebuilt."""
+
+
+class ProfileRangeError(EngineInputError):
+    """An input shape is outside the plan's optimization profile."""
+
+
+# --- environment ------------------------------------------------------------------------------------
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise TensorRTUnavailable(f"the 'tensorrt' Python module is not installed ({e}); {INSTALL_HINT}") from None
+    return tensorrt
+
+
+def import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError as e:
+            raise TensorRTUnavailable(f"cuda-python (module 'cuda.bindings.runtime') is not installed ({e}); "
+                                      f"{INSTALL_HINT}") from None
+    return cudart
+
+
+@dataclass(frozen=True)
+class CudaEnvironment:
+    tensorrt_version: str
+    compute_capability: str  # "8.9"
+    device_name: str
+    device_id: int
+
+
+def cuda_environment(device_id: int = 0) -> CudaEnvironment:
+    """TensorRT's version and the CUDA device's compute capability; raises `TensorRTUnavailable`
+    naming what is missing (the tensorrt module, cuda-python, or a CUDA device)."""
+    trt = import_tensorrt()
+    cudart = import_cudart()
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or count == 0:
+        why = _cuda_error_text(cudart, err) if err != cudart.cudaError_t.cudaSuccess else "no devices"
+        raise TensorRTUnavailable(f"no CUDA device is available ({why}); TensorRT needs an NVIDIA GPU with its driver. "
+                                  f"{INSTALL_HINT}")
+    if not 0 <= device_id < count:
+        raise TensorRTUnavailable(f"CUDA device {device_id} does not exist; this machine has {count}")
+    cuda = _Cuda(cudart)
+    attr = cudart.cudaDeviceAttr
+    major = cuda.check(cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device_id))
+    minor = cuda.check(cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device_id))
+    props = cuda.check(cudart.cudaGetDeviceProperties(device_id))
+    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    return CudaEnvironment(trt.__version__, f"{major}.{minor}", name, device_id)
+
+
+def is_available(device_id: int = 0) -> tuple[bool, str]:
+    """(True, "") when tensorrt and cuda-python import and a CUDA device exists; else (False, why)."""
+    try:
+        cuda_environment(device_id)
+    except TensorRTUnavailable as e:
+        return False, str(e)
+    return True, ""
+
+
+# --- optimization profiles (pure) ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShapeRange:
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "ShapeRange":
+        return cls(tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]))
+
+    def contains(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.min) and all(lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max))
+
+
+def axis_ranges(network: str, dims: ModelDims, shapes: Mapping[str, int], *, guidance: bool = True,
+                max_prompt_chunks: int = DEFAULT_PROMPT_CHUNKS) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of every symbolic axis of `network` for the manifest's shape range.
+
+    `shapes` holds min/opt/max batch (images) and image size (pixels, bounding height and width).
+    Under classifier-free guidance the U-Net runs [uncond, cond] in one batch, so its batch spans
+    min_batch (guidance off) to 2 * max_batch, optimal 2 * opt_batch. The text encoder runs one
+    77-token chunk position of the prompts (or of the negative prompts) at a time
+    (runtime/text.py), so its batch is the image batch. The U-Net's `tokens` runs from one chunk
+    (77) to `max_prompt_chunks` chunks."""
+    s = dims.vae_scale_factor
+    lo_img, opt_img, hi_img = shapes["min_image"], shapes["opt_image"], shapes["max_image"]
+    lo_b, opt_b, hi_b = shapes["min_batch"], shapes["opt_batch"], shapes["max_batch"]
+    if not (1 <= lo_b <= opt_b <= hi_b):
+        raise ValueError(f"batch range must satisfy 1 <= min <= opt <= max; got {lo_b}, {opt_b}, {hi_b}")
+    if not (s <= lo_img <= opt_img <= hi_img):
+        raise ValueError(f"image range must satisfy {s} <= min <= opt <= max; got {lo_img}, {opt_img}, {hi_img}")
+    if max_prompt_chunks < 1:
+        raise ValueError(f"max_prompt_chunks must be >= 1; got {max_prompt_chunks}")
+    batch = (lo_b, 2 * opt_b, 2 * hi_b) if network == "unet" and guidance else (lo_b, opt_b, hi_b)
+    # latent sizes: round the lower bound up and the upper bound down to whole latents
+    latent = (-(-lo_img // s), max(opt_img // s, -(-lo_img // s)), hi_img // s)
+    image = tuple(v * s for v in latent)
+    tokens = dims.text_max_length
+    return {
+        "batch": batch,
+        "height": image, "width": image,
+        "latent_height": latent, "latent_width": latent,
+        "tokens": (tokens, tokens, tokens * max_prompt_chunks),
+    }
+
+
+def network_profile(network: str, dims: ModelDims, shapes: Mapping[str, int], precision: str = "fp32", *,
+                    guidance: bool = True, max_prompt_chunks: int = DEFAULT_PROMPT_CHUNKS) -> dict[str, ShapeRange]:
+    """The optimization profile of `network`: a (min, opt, max) shape per input, from the network
+    contract's symbolic axes and `axis_ranges`."""
+    ranges = axis_ranges(network, dims, shapes, guidance=guidance, max_prompt_chunks=max_prompt_chunks)
+    inputs, _ = network_io(network, dims, precision)
+    profile = {}
+    for spec in inputs:
+        pick = [tuple(d if isinstance(d, int) else ranges[d][i] for d in spec.shape) for i in range(3)]
+        profile[spec.name] = ShapeRange(*pick)
+    return profile
+
+
+def profile_to_json(profile: Mapping[str, ShapeRange]) -> dict[str, dict[str, list[int]]]:
+    return {name: r.to_json() for name, r in profile.items()}
+
+
+def check_profile(network: str, feeds_shapes: Mapping[str, tuple[int, ...]], profile: Mapping[str, ShapeRange]) -> None:
+    """Raise `ProfileRangeError` naming the input, its shape and the plan's range if any input
+    lies outside the optimization profile."""
+    for name, shape in feeds_shapes.items():
+        r = profile.get(name)
+        if r is not None and not r.contains(tuple(shape)):
+            raise ProfileRangeError(
+                f"{network} (tensorrt): input {name!r} has shape {tuple(shape)}, outside the plan's optimization "
+                f"profile min {r.min} .. max {r.max} (optimal {r.opt}); rebuild the plans with a wider shape range "
+                "(build-engine --backend tensorrt with larger --max-batch / --max-image) or use another backend")
+
+
+# --- plan cache keys (pure) ---------------------------------------------------------------------------
+
+def plan_key(network: str, *, onnx_sha256: str, tensorrt_version: str, compute_capability: str, precision: str,
+             profile: Mapping[str, ShapeRange], strongly_typed: bool, optimization_level: int) -> dict[str, Any]:
+    """Everything a plan depends on. Plans are cached under a hash of this dict."""
+    return {
+        "format": KEY_FORMAT,
+        "network": network,
+        "onnx_sha256": onnx_sha256,
+        "tensorrt_version": tensorrt_version,
+        "compute_capability": compute_capability,
+        "precision": precision,
+        "strongly_typed": strongly_typed,
+        "optimization_level": optimization_level,
+        "profile": profile_to_json(profile),
+    }
+
+
+def key_hash(key: Mapping[str, Any]) -> str:
+    """Short stable hash of a key (canonical JSON)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def plan_paths(network: str, key: Mapping[str, Any]) -> tuple[str, str]:
+    """(plan, key JSON) file paths relative to the engine folder."""
+    h = key_hash(key)
+    return f"{SUBDIR}/{network}.{h}.plan", f"{SUBDIR}/{network}.{h}.json"
+
+
+def stale_reasons(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> list[str]:
+    """Why a plan built under key `stored` may not stand in for one built under `wanted` (empty:
+    reuse it). The build decides on this; see `runtime_mismatch` for the load-time check."""
+    if stored is None:
+        return ["no plan has been built"]
+    labels = {
+        "format": "key format", "network": "network", "onnx_sha256": "ONNX graph (sha256)",
+        "tensorrt_version": "TensorRT version", "compute_capability": "GPU compute capability",
+        "precision": "precision", "strongly_typed": "typing mode", "optimization_level": "builder optimization level",
+        "profile": "optimization profile",
+    }
+    reasons = []
+    for field, label in labels.items():
+        if stored.get(field) != wanted.get(field):
+            reasons.append(f"{label}: plan has {_short(stored.get(field))}, wanted {_short(wanted.get(field))}")
+    return reasons
+
+
+def runtime_mismatch(stored: Mapping[str, Any], tensorrt_version: str, compute_capability: str) -> list[str]:
+    """Why a plan built under key `stored` cannot be deserialized here (empty: it can). Plans are
+    neither portable across TensorRT versions nor across GPU architectures."""
+    reasons = []
+    if stored.get("tensorrt_version") != tensorrt_version:
+        reasons.append(f"it was built with TensorRT {stored.get('tensorrt_version')}, "
+                       f"this machine runs {tensorrt_version}")
+    if stored.get("compute_capability") != compute_capability:
+        reasons.append(f"it was built for compute capability {stored.get('compute_capability')}, "
+                       f"this GPU has {compute_capability}")
+    return reasons
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --- CUDA -----------------------------------------------------------------------------------------------
+
+def _cuda_error_text(cudart: Any, err: Any) -> str:
+    name = getattr(err, "name", str(err))
+    try:
+        _, text = cudart.cudaGetErrorString(err)
+        return f"{name}: {text.decode() if isinstance(text, bytes) else text}"
+    except Exception:  # noqa: BLE001 - best effort message
+        return name
+
+
+class _Cuda:
+    """Thin error-checked wrapper over cuda-python's runtime API, which returns (error, *values)."""
+
+    def __init__(self, cudart: Any):
+        self.rt = cudart
+
+    def check(self, result: Any) -> Any:
+        err, *values = result if isinstance(result, tuple) else (result,)
+        if err != self.rt.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"CUDA call failed: {_cuda_error_text(self.rt, err)}")
+        return values[0] if len(values) == 1 else tuple(values) if values else None
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self.check(self.rt.cudaMalloc(max(nbytes, 1))))
+
+    def free(self, ptr: int) -> None:
+        self.check(self.rt.cudaFree(ptr))
+
+    def to_device(self, ptr: int, array: np.ndarray, stream: Any) -> None:
+        self.check(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
+                                           self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+
+    def to_host(self, array: np.ndarray, ptr: int, stream: Any) -> None:
+        self.check(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes,
+                                           self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+
+
+class _GrowingBuffer:
+    """A device allocation reused across calls and reallocated only when a larger one is needed."""
+
+    def __init__(self, cuda: _Cuda):
+        self.cuda, self.ptr, self.nbytes = cuda, 0, 0
+
+    def ensure(self, nbytes: int) -> bool:
+        """Make room for `nbytes`; True if the address changed."""
+        if nbytes <= self.nbytes:
+            return False
+        self.release()
+        self.ptr, self.nbytes = self.cuda.malloc(nbytes), nbytes
+        return True
+
+    def release(self) -> None:
+        if self.ptr:
+            self.cuda.free(self.ptr)
+        self.ptr, self.nbytes = 0, 0
+
+
+# --- engine ---------------------------------------------------------------------------------------------
+
+class TensorRTEngine(Engine):
+    """One TensorRT plan behind the `Engine` interface: NumPy in, NumPy out.
+
+    Per call: validate the feeds (names, dtypes, ranks, and the plan's profile range), set the input
+    shapes, copy inputs into device buffers that are kept and grown as needed, `execute_async_v3`
+    on the engine's stream, copy the outputs back. With `cuda_graph=True` a call whose shapes match
+    the previous one replays a captured CUDA graph of the execution instead (captured on the second
+    call at a shape, after TensorRT has applied the shape change once uncaptured)."""
+
+    backend = BACKEND
+
+    def __init__(self, plan_path: str | os.PathLike, name: str, inputs: tuple[TensorSpec, ...],
+                 outputs: tuple[TensorSpec, ...], *, key: Mapping[str, Any] | None = None, device_id: int = 0,
+                 cuda_graph: bool = False):
+        super().__init__(name, inputs, outputs)
+        env = cuda_environment(device_id)
+        if key is not None:
+            reasons = runtime_mismatch(key, env.tensorrt_version, env.compute_capability)
+            if reasons:
+                raise StalePlanError(f"{name}: the TensorRT plan {plan_path} cannot be used here: "
+                                     f"{'; '.join(reasons)}. Rebuild it with `build-engine ... --backend tensorrt` "
+                                     "on this machine.")
+        trt = import_tensorrt()
+        self._trt = trt
+        self._cuda = _Cuda(import_cudart())
+        self._cuda.check(self._cuda.rt.cudaSetDevice(device_id))
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self._engine is None:
+            raise StalePlanError(f"{name}: TensorRT {env.tensorrt_version} could not deserialize {plan_path}; "
+                                 "rebuild it with `build-engine ... --backend tensorrt`")
+        self._context = self._engine.create_execution_context()
+        self._stream = self._cuda.check(self._cuda.rt.cudaStreamCreate())
+        self._check_io()
+        self.profile = {t.name: ShapeRange(*(tuple(s) for s in self._engine.get_tensor_profile_shape(t.name, 0)))
+                        for t in inputs}
+        self._buffers = {t.name: _GrowingBuffer(self._cuda) for t in inputs + outputs}
+        self._cuda_graph = cuda_graph
+        self._graph_exec: Any = None
+        self._graph: Any = None
+        self._last_shapes: dict[str, tuple[int, ...]] | None = None
+        self._addresses_set = False
+
+    def _check_io(self) -> None:
+        trt, e = self._trt, self._engine
+        names = {e.get_tensor_name(i) for i in range(e.num_io_tensors)}
+        declared = {t.name for t in self.inputs + self.outputs}
+        if names != declared:
+            raise StalePlanError(f"{self.name}: the plan's tensors {sorted(names)} differ from the network contract's "
+                                 f"{sorted(declared)}; rebuild the plans")
+        for spec, mode in [(t, trt.TensorIOMode.INPUT) for t in self.inputs] + \
+                          [(t, trt.TensorIOMode.OUTPUT) for t in self.outputs]:
+            if e.get_tensor_mode(spec.name) != mode:
+                raise StalePlanError(f"{self.name}: plan tensor {spec.name!r} is not an {mode.name.lower()}; "
+                                     "rebuild the plans")
+            dtype = np.dtype(trt.nptype(e.get_tensor_dtype(spec.name)))
+            if dtype != np.dtype(spec.dtype):
+                raise StalePlanError(f"{self.name}: plan tensor {spec.name!r} is {dtype}, the contract says "
+                                     f"{spec.dtype}; rebuild the plans for this engine folder's precision")
+
+    def validate(self, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
+        axes = super().validate(feeds)
+        check_profile(self.name, {k: v.shape for k, v in feeds.items()}, self.profile)
+        return axes
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cuda, ctx = self._cuda, self._context
+        shapes = {t.name: tuple(feeds[t.name].shape) for t in self.inputs}
+        reshaped = shapes != self._last_shapes
+        if reshaped:
+            for name, shape in shapes.items():
+                if not ctx.set_input_shape(name, shape):
+                    raise ProfileRangeError(f"{self.name} (tensorrt): TensorRT rejected shape {shape} "
+                                            f"for input {name!r}")
+            unresolved = ctx.infer_shapes()
+            if unresolved:
+                raise RuntimeError(f"{self.name} (tensorrt): could not infer the shapes of {unresolved}")
+        out_shapes = {t.name: tuple(ctx.get_tensor_shape(t.name)) for t in self.outputs}
+        moved = False
+        for spec in self.inputs:
+            moved |= self._buffers[spec.name].ensure(feeds[spec.name].nbytes)
+        for spec in self.outputs:
+            nbytes = int(np.prod(out_shapes[spec.name])) * np.dtype(spec.dtype).itemsize
+            moved |= self._buffers[spec.name].ensure(nbytes)
+        if moved or not self._addresses_set:
+            for tname, buf in self._buffers.items():
+                ctx.set_tensor_address(tname, buf.ptr)
+            self._addresses_set = True
+        if reshaped or moved:
+            self._drop_graph()
+        for spec in self.inputs:
+            cuda.to_device(self._buffers[spec.name].ptr, np.ascontiguousarray(feeds[spec.name]), self._stream)
+        self._execute(first_at_shape=reshaped or moved)
+        self._last_shapes = shapes
+        results = {}
+        for spec in self.outputs:
+            arr = np.empty(out_shapes[spec.name], dtype=spec.dtype)
+            cuda.to_host(arr, self._buffers[spec.name].ptr, self._stream)
+            results[spec.name] = arr
+        cuda.check(cuda.rt.cudaStreamSynchronize(self._stream))
+        return results
+
+    def _execute(self, first_at_shape: bool) -> None:
+        rt = self._cuda.rt
+        if not self._cuda_graph or first_at_shape:
+            # An uncaptured run applies TensorRT's deferred shape-dependent setup, which must not
+            # happen inside a capture.
+            if not self._context.execute_async_v3(int(self._stream)):
+                raise RuntimeError(f"{self.name} (tensorrt): execute_async_v3 failed (see the TensorRT log above)")
+            return
+        if self._graph_exec is None:
+            mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+            self._cuda.check(rt.cudaStreamBeginCapture(self._stream, mode))
+            ok = self._context.execute_async_v3(int(self._stream))
+            graph = self._cuda.check(rt.cudaStreamEndCapture(self._stream))
+            if not ok:
+                self._cuda.check(rt.cudaGraphDestroy(graph))
+                raise RuntimeError(f"{self.name} (tensorrt): execute_async_v3 failed during CUDA graph capture")
+            self._graph = graph
+            self._graph_exec = self._cuda.check(rt.cudaGraphInstantiate(graph, 0))
+        self._cuda.check(rt.cudaGraphLaunch(self._graph_exec, self._stream))
+
+    def _drop_graph(self) -> None:
+        rt = self._cuda.rt
+        if self._graph_exec is not None:
+            self._cuda.check(rt.cudaGraphExecDestroy(self._graph_exec))
+            self._graph_exec = None
+        if self._graph is not None:
+            self._cuda.check(rt.cudaGraphDestroy(self._graph))
+            self._graph = None
+
+    def close(self) -> None:
+        """Release device memory, the CUDA graph, the stream and the TensorRT objects."""
+        if getattr(self, "_context", None) is None:
+            return
+        self._cuda.check(self._cuda.rt.cudaStreamSynchronize(self._stream))
+        self._drop_graph()
+        for buf in self._buffers.values():
+            buf.release()
+        self._context = None
+        self._engine = None
+        self._cuda.check(self._cuda.rt.cudaStreamDestroy(self._stream))
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn CUDA down already
+            pass
+
+
+# --- opening from an engine folder ------------------------------------------------------------------
+
+def backend_entry(manifest: Manifest) -> dict[str, Any]:
+    entry = manifest.backends.get(BACKEND)
+    if not entry:
+        raise StalePlanError("this engine folder has no TensorRT plans; build them with "
+                             "`build-engine SOURCE --out DIR --backend tensorrt` on a machine with TensorRT and a GPU")
+    return entry
+
+
+def _plan_and_key(engine_dir: Path, manifest: Manifest, network: str) -> tuple[Path, dict[str, Any]]:
+    entry = backend_entry(manifest)
+    net = entry.get("networks", {}).get(network)
+    if net is None:
+        have = ", ".join(entry.get("networks", {})) or "none"
+        raise StalePlanError(f"this engine folder has no TensorRT plan for {network!r} (it has {have}); "
+                             "rebuild with --backend tensorrt")
+    plan, key_file = engine_dir / net["plan"], engine_dir / net["key"]
+    if not plan.is_file() or not key_file.is_file():
+        raise StalePlanError(f"{network}: TensorRT plan {plan} or its key {key_file} is missing; "
+                             "rebuild with `build-engine ... --backend tensorrt`")
+    try:
+        key = json.loads(key_file.read_text())
+    except json.JSONDecodeError as e:
+        raise StalePlanError(f"{network}: the plan key {key_file} is not valid JSON ({e}); rebuild the plans") from None
+    return plan, key
+
+
+def plans_problem(engine_dir: str | os.PathLike, manifest: Manifest, networks: tuple[str, ...] | None = None, *,
+                  device_id: int = 0) -> str | None:
+    """Why this folder's TensorRT plans cannot run on this machine (None: they can), from the
+    manifest and the plans' keys alone (nothing is deserialized)."""
+    try:
+        env = cuda_environment(device_id)
+        for network in networks or tuple(manifest.networks):
+            _, key = _plan_and_key(Path(engine_dir), manifest, network)
+            reasons = runtime_mismatch(key, env.tensorrt_version, env.compute_capability)
+            if reasons:
+                return f"the {network} plan cannot be used here: {'; '.join(reasons)}; rebuild with --backend tensorrt"
+    except (TensorRTUnavailable, StalePlanError) as e:
+        return str(e)
+    return None
+
+
+def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str, *, device_id: int = 0,
+                cuda_graph: bool = False) -> TensorRTEngine:
+    """The TensorRT engine of `network` in `engine_dir`. Checks, before deserializing, that the
+    plan's key matches this machine's TensorRT version and GPU compute capability."""
+    plan, key = _plan_and_key(Path(engine_dir), manifest, network)
+    graph_precision = manifest.networks.get(network, {}).get("precision", manifest.precision)
+    inputs, outputs = network_io(network, manifest.dims, graph_precision)
+    return TensorRTEngine(plan, network, inputs, outputs, key=key, device_id=device_id, cuda_graph=cuda_graph)
