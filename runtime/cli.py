@@ -1,0 +1,192 @@
+"""`python -m runtime` / `sd-generate`: txt2img, img2img and inpaint from an engine folder to PNG files.
+
+    sd-generate txt2img ENGINE_DIR "a red barn" --steps 30 --seed 7 -o barn.png
+    sd-generate img2img ENGINE_DIR "a red barn, winter" --image barn.png --strength 0.6 -o winter.png
+    sd-generate inpaint ENGINE_DIR "a blue door" --image barn.png --mask door.png -o door.png
+
+Each PNG carries text chunks with what reproduces it (prompt, negative prompt, seed, steps, scheduler,
+guidance, size, strength, engine folder, backend) and the whole as JSON under the key `sd-runtime`;
+`read_metadata(path)` reads it back. Errors print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+METADATA_KEY = "sd-runtime"
+COMMANDS = ("txt2img", "img2img", "inpaint")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Generate images from a Stable Diffusion engine folder.")
+    p.add_argument("command", choices=COMMANDS, help="what to generate")
+    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine folder (built by build-engine)")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt (longer than 77 tokens is fine)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: none)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (default: 0)")
+    p.add_argument("--scheduler", default=None, help="sampler name (default: the engine's scheduler)")
+    karras = p.add_mutually_exclusive_group()
+    karras.add_argument("--karras", dest="karras", action="store_true", default=None, help="Karras sigmas")
+    karras.add_argument("--no-karras", dest="karras", action="store_false", help="no Karras sigmas")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed and stored)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels")
+    p.add_argument("--image", default=None, help="init image (img2img, inpaint)")
+    p.add_argument("--mask", default=None, help="mask image, white = repaint (inpaint)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="noise level for the init image, in (0, 1] (default: 0.75 img2img, 1.0 inpaint)")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate (default: 1)")
+    p.add_argument("--backend", default=None, help="engine backend (default: best available)")
+    p.add_argument("-o", "--output", default=None, help="output PNG (default: COMMAND.png); "
+                   "with several images, -0, -1, ... are added before the suffix")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    path = Path(output)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
+
+
+def metadata_for(params: dict[str, Any], seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The reproducing settings of one image: the result's parameters with its own seed."""
+    meta = {k: v for k, v in params.items() if k != "seeds"}
+    meta["seed"] = seed
+    meta["size"] = f"{params['width']}x{params['height']}"
+    if args.image:
+        meta["image"] = args.image
+    if args.mask:
+        meta["mask"] = args.mask
+    cmd = ["sd-generate", params["mode"], params["engine"], params["prompt"]]
+    if params["negative_prompt"]:
+        cmd += ["--negative-prompt", params["negative_prompt"]]
+    cmd += ["--steps", str(params["steps"]), "--guidance", repr(params["guidance_scale"]),
+            "--scheduler", params["scheduler"], "--seed", str(seed),
+            "--height", str(params["height"]), "--width", str(params["width"]), "--backend", params["backend"]]
+    if params["guidance_rescale"]:
+        cmd += ["--guidance-rescale", repr(params["guidance_rescale"])]
+    if params["karras"] is not None:
+        cmd += ["--karras" if params["karras"] else "--no-karras"]
+    if params["eta"]:
+        cmd += ["--eta", repr(params["eta"])]
+    if "strength" in params:
+        cmd += ["--strength", repr(params["strength"])]
+    if args.image:
+        cmd += ["--image", args.image]
+    if args.mask:
+        cmd += ["--mask", args.mask]
+    meta["command"] = shlex.join(cmd)
+    return meta
+
+
+def save_png(image, path: Path, meta: dict[str, Any]) -> None:
+    """Write a PIL image as PNG with one text chunk per setting plus all of them as JSON."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key in ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "size",
+                "strength", "engine", "backend", "command"):
+        if key in meta and meta[key] is not None:
+            info.add_text(key, str(meta[key]))
+    info.add_text(METADATA_KEY, json.dumps(meta, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", pnginfo=info)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The settings a PNG written by this CLI carries (the JSON chunk)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = getattr(im, "text", {}) or im.info
+        if METADATA_KEY not in text:
+            raise ValueError(f"{path} has no {METADATA_KEY} metadata")
+        return json.loads(text[METADATA_KEY])
+
+
+def _open_image(path: str, what: str):
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    with Image.open(path) as im:
+        im.load()
+        return im.copy()
+
+
+def run(args: argparse.Namespace) -> int:
+    from runtime.pipeline import load
+
+    if args.command == "txt2img" and (args.image or args.mask):
+        raise ValueError("txt2img takes no --image or --mask; use img2img or inpaint")
+    if args.command in ("img2img", "inpaint") and not args.image:
+        raise ValueError(f"{args.command} needs --image")
+    if args.command == "inpaint" and not args.mask:
+        raise ValueError("inpaint needs --mask")
+    if args.command == "img2img" and args.mask:
+        raise ValueError("img2img takes no --mask; use inpaint")
+    if args.command == "txt2img" and args.strength is not None:
+        raise ValueError("--strength applies to img2img and inpaint only")
+
+    pipe = load(args.engine_dir, backend=args.backend)
+    kwargs: dict[str, Any] = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                                  guidance_rescale=args.guidance_rescale, scheduler=args.scheduler,
+                                  karras=args.karras, seed=args.seed, num_images_per_prompt=args.num_images,
+                                  eta=args.eta, output_type="pil", progress=not args.no_progress)
+    if args.steps is not None:
+        kwargs["num_inference_steps"] = args.steps
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    if args.strength is not None:
+        kwargs["strength"] = args.strength
+    if args.command == "txt2img":
+        result = pipe.txt2img(args.prompt, **kwargs)
+    elif args.command == "img2img":
+        result = pipe.img2img(args.prompt, _open_image(args.image, "--image"), **kwargs)
+    else:
+        result = pipe.inpaint(args.prompt, _open_image(args.image, "--image"), _open_image(args.mask, "--mask"),
+                              **kwargs)
+
+    paths = output_paths(args.output or f"{args.command}.png", len(result.images))
+    for image, seed, path in zip(result.images, result.seeds, paths):
+        save_png(image, path, metadata_for(result.parameters, seed, args))
+        p = result.parameters
+        print(f"wrote {path} (seed {seed}, {p['width']}x{p['height']}, {p['scheduler']}, {p['steps']} steps, "
+              f"backend {result.backend})")
+    print("timings: " + ", ".join(f"{k} {v:.3f} s" for k, v in result.timings.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

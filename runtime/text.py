@@ -1,0 +1,83 @@
+"""Prompt tokenization and encoding, in 77-token chunks.
+
+CLIP sees at most 77 tokens (BOS + 75 + EOS). A longer prompt is split into chunks of 75 tokens;
+each chunk becomes its own 77-token sequence (BOS + up to 75 tokens + EOS, then padding), the text
+encoder runs on every chunk, and the hidden states are concatenated along the token axis, so the
+U-Net sees 77 * n_chunks tokens (the `tokens` axis of the network contract). The negative prompt is
+padded with empty chunks (BOS + EOS + padding) to the prompt's chunk count, and the other way round,
+so the conditional and unconditional batches have one shape. A prompt of at most 75 tokens gives
+exactly the ids diffusers' `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`
+gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from runtime.engines.base import Engine
+from runtime.networks import TEXT_MAX_LENGTH
+
+
+def load_tokenizer(tokenizer_dir: str | Path, pad_token: str | None = None):
+    """The CLIP BPE tokenizer of an engine folder (`tokenizer/`: vocab.json, merges.txt, ...).
+    transformers' CLIPTokenizer is pure Python here: no torch."""
+    from transformers import CLIPTokenizer
+
+    tokenizer_dir = Path(tokenizer_dir)
+    for name in ("vocab.json", "merges.txt"):
+        if not (tokenizer_dir / name).is_file():
+            raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} lacks {name}")
+    kwargs = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, **kwargs)
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """The prompt's BPE ids without BOS/EOS and without truncation."""
+    return list(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+
+def chunk_ids(tokenizer, ids: Sequence[int], n_chunks: int, max_length: int = TEXT_MAX_LENGTH) -> np.ndarray:
+    """[n_chunks, max_length] int32: each chunk BOS + up to (max_length - 2) ids + EOS, then padding.
+    Chunks past the end of `ids` are empty (BOS + EOS + padding)."""
+    body = max_length - 2
+    out = np.full((n_chunks, max_length), tokenizer.pad_token_id, dtype=np.int32)
+    for k in range(n_chunks):
+        part = list(ids[k * body:(k + 1) * body])
+        row = [tokenizer.bos_token_id, *part, tokenizer.eos_token_id]
+        out[k, :len(row)] = row
+    return out
+
+
+def n_chunks_for(n_ids: int, max_length: int = TEXT_MAX_LENGTH) -> int:
+    """Chunks needed for a prompt of n_ids BPE ids (at least one: the empty prompt is BOS + EOS)."""
+    body = max_length - 2
+    return max(1, -(-n_ids // body))
+
+
+def tokenize(tokenizer, prompts: Sequence[str], min_chunks: int = 1,
+             max_length: int = TEXT_MAX_LENGTH) -> np.ndarray:
+    """[len(prompts), n_chunks, max_length] int32, n_chunks = max(min_chunks, chunks of the longest prompt)."""
+    ids = [token_ids(tokenizer, p) for p in prompts]
+    n = max([min_chunks] + [n_chunks_for(len(i), max_length) for i in ids])
+    return np.stack([chunk_ids(tokenizer, i, n, max_length) for i in ids])
+
+
+def count_chunks(tokenizer, prompts: Sequence[str], max_length: int = TEXT_MAX_LENGTH) -> int:
+    return max(n_chunks_for(len(token_ids(tokenizer, p)), max_length) for p in prompts)
+
+
+def encode(engine: Engine, ids: np.ndarray) -> np.ndarray:
+    """Run the text encoder on [batch, n_chunks, 77] ids, one chunk position at a time (the
+    engine batch stays the prompt count), and concatenate: float32 [batch, n_chunks * 77, hidden]."""
+    if ids.ndim != 3:
+        raise ValueError(f"expected ids of shape [batch, chunks, tokens]; got {ids.shape}")
+    spec = {t.name: t for t in engine.inputs}["input_ids"]
+    hidden = []
+    for k in range(ids.shape[1]):
+        feeds = {"input_ids": np.ascontiguousarray(ids[:, k, :]).astype(spec.dtype, copy=False)}
+        out = engine.run(feeds)["last_hidden_state"]
+        hidden.append(np.asarray(out, dtype=np.float32))
+    return np.concatenate(hidden, axis=1)
