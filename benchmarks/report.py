@@ -1,0 +1,72 @@
+"""Markdown rendering of a suite report (the JSON written by `benchmarks/suite.py`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = (("text_encoder", "text encoder"), ("unet", "U-Net"), ("vae_decoder", "VAE decode"),
+           ("vae_encoder", "VAE encode"))
+
+
+def _cell(node: dict[str, Any] | None) -> str:
+    if not node or "median_s" not in node:
+        return "-"
+    if node.get("repeats", 1) > 1:
+        return f"{node['median_s']:.3g} ({node['min_s']:.3g}-{node['max_s']:.3g})"
+    return f"{node['median_s']:.3g}"
+
+
+def _ratio(x: float | None) -> str:
+    return f"{x:.2f}x" if x else "-"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    cpu = report["machine"]["cpu"]
+    flags = ", ".join(f for f, on in cpu.get("flags", {}).items() if on) or "unknown"
+    v = report["versions"]
+    lines = [
+        f"## {s['model']} at {s['resolution']}x{s['resolution']}, batch {s['batch']}, {s['steps']} steps, "
+        f"guidance {s['guidance_scale']}",
+        "",
+        f"- command: `{report.get('command')}`",
+        f"- machine: {cpu.get('model')}, {cpu.get('usable_cpus')} usable CPUs, {report['machine'].get('memory_gib')} GiB; "
+        f"bf16 hardware: {'yes' if cpu.get('bf16_hardware') else 'no'} (flags: {flags}); "
+        f"load average at start / end {report.get('load_average_start')} / {report.get('load_average_end')}",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        f"- timing: median of {s['repeats']} calls after {s['warmup']} warm-up (min-max in brackets), seconds; "
+        f"U-Net and text encoder at the guidance batch {2 * s['batch']}; end to end: median of "
+        f"{s['e2e_repeats']} txt2img after {s['e2e_warmup']} 2-step warm-up; peak RSS of the end-to-end process "
+        "(per-network process when there is no end to end); U-Net CPU s: process CPU seconds per call, all threads",
+        f"- default engine (backend preference order): **{report.get('default_engine')}**",
+        "",
+        "| target | " + " | ".join(title for _, title in COLUMNS) + " | txt2img end to end | peak RSS MiB | U-Net parity | U-Net CPU s |",
+        "| --- | " + " | ".join("---:" for _ in COLUMNS) + " | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in report["results"].items():
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | {r.get('status')}: {r.get('reason', '')[:160]} |" + " |" * (len(COLUMNS) + 3))
+            continue
+        nets = r.get("networks", {})
+        par = nets.get("unet", {}).get("parity", {}).get("max_rel_err")
+        lines.append(
+            f"| {name} | " + " | ".join(_cell(nets.get(k)) for k, _ in COLUMNS)
+            + f" | {_cell(r.get('e2e'))} | {r.get('peak_rss_mb', 0):.0f} | "
+            + (f"{par:.1e}" if par is not None else "-") + " | "
+            + (f"{nets['unet']['cpu_median_s']:.3g}" if "cpu_median_s" in nets.get("unet", {}) else "-") + " |")
+    summ = report.get("summary", {})
+    so = report.get("scheduler_overhead", {})
+    lines += [
+        "",
+        f"- default engine U-Net call: {_ratio(summ.get('unet_speedup_vs_diffusers-fp32'))} faster than PyTorch fp32 "
+        f"eager, {_ratio(summ.get('unet_speedup_vs_diffusers-bf16'))} than PyTorch bf16 eager; parity "
+        f"{summ.get('default_engine_unet_parity')}",
+        f"- default engine txt2img end to end: {_ratio(summ.get('e2e_speedup_vs_diffusers-fp32'))} faster than the "
+        f"diffusers fp32 pipeline, {_ratio(summ.get('e2e_speedup_vs_diffusers-bf16'))} than bf16",
+        "- scheduler overhead: " + (f"{so.get('per_step_ms'):.3f} ms per step ({so.get('sampler')}, shape {so.get('shape')})"
+                                    if so.get("status") == "ok" and so.get("per_step_ms") is not None
+                                    else f"{so.get('status')}: {so.get('reason', '')}"),
+        f"- fastest: U-Net {summ.get('fastest', {}).get('unet')}, end to end {summ.get('fastest', {}).get('e2e')}",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,437 @@
+"""The benchmark suite: every available engine and every peer, on the same random weights, in one run.
+
+    python -m benchmarks [--quick] [--model sd15|sd21|tiny-sd1] [--resolution 256] [--batch 1]
+                         [--steps 20] [--engines ...] [--peers ...] [--repeats N] [--warmup N]
+                         [--out benchmarks/results/NAME.json]
+
+Measured per target (docs/benchmarks.md has the details and the recorded results):
+  - per network: text encoder and U-Net at the guidance batch (2 x batch), VAE decode and encode at
+    the image batch: median of `repeats` timed calls after `warmup` untimed ones, with min and max;
+  - end to end: txt2img at `steps` steps, guidance 7.5 (our pipeline, or diffusers' for peers);
+  - peak memory: the RSS high-water mark of the target's end-to-end process (load + generate), and
+    of its per-network process;
+  - parity: each target's network outputs against the fp32 PyTorch reference (diffusers fp32 eager),
+    max|out - ref| / max|ref|, on the same seeded inputs;
+and once per run the NumPy scheduler's overhead per step.
+
+Targets run one after another, each in a fresh process (benchmarks/worker.py). Weights: the preset's
+random weights (seed 0) written once as a diffusers folder, from which the engine folder is built;
+both are cached under --cache-dir and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import machine as mach
+from benchmarks.report import render_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+DEFAULT_CACHE = Path(os.environ.get("SDRT_BENCH_CACHE", "~/.cache/sd-runtime/benchmarks")).expanduser()
+SCHEMA_VERSION = 1
+MODELS = ("sd15", "sd21", "tiny-sd1", "tiny-sd2")
+NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+GUIDANCE_SCALE = 7.5  # diffusers' default
+REFERENCE = "diffusers-fp32"  # parity reference: PyTorch fp32 eager
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    kind: str  # "engine" | "peer"
+    label: str
+    backend: str = ""  # engines: runtime.engines.<backend>
+    options: dict[str, Any] = field(default_factory=dict)  # engines: open_engine options
+    dtype: str = "float32"  # peers: torch dtype
+    compile: bool = False  # peers: torch.compile the U-Net (CUDA only)
+
+
+ENGINES = {
+    "openvino-bf16": Target("openvino-bf16", "engine", "OpenVINO bf16", "openvino", {"inference_precision": "bf16"}),
+    "openvino-f32": Target("openvino-f32", "engine", "OpenVINO fp32", "openvino", {"inference_precision": "f32"}),
+    "onnxruntime": Target("onnxruntime", "engine", "ONNX Runtime fp32", "onnxruntime"),
+    "torch": Target("torch", "engine", "our PyTorch reference engine", "torch"),
+    "tensorrt": Target("tensorrt", "engine", "TensorRT", "tensorrt"),
+}
+PEERS = {
+    "diffusers-fp32": Target("diffusers-fp32", "peer", "diffusers PyTorch fp32 eager", dtype="float32"),
+    "diffusers-bf16": Target("diffusers-bf16", "peer", "diffusers PyTorch bf16 eager", dtype="bfloat16"),
+    "diffusers-compile": Target("diffusers-compile", "peer", "diffusers PyTorch fp16 torch.compile (CUDA)",
+                                dtype="float16", compile=True),
+}
+
+
+@dataclass
+class Settings:
+    model: str = "sd15"
+    resolution: int = 256
+    batch: int = 1
+    steps: int = 20
+    guidance_scale: float = GUIDANCE_SCALE
+    engines: tuple[str, ...] = tuple(ENGINES)
+    peers: tuple[str, ...] = tuple(PEERS)
+    networks: tuple[str, ...] = NETWORKS
+    e2e: bool = True
+    repeats: int = 3
+    warmup: int = 1
+    e2e_repeats: int = 1
+    e2e_warmup: int = 1
+    seed: int = 0
+    weights_seed: int = 0
+    quick: bool = False
+    cache_dir: str = str(DEFAULT_CACHE)
+    timeout_s: float = 3600.0
+
+
+# --------------------------------------------------------------------------------- availability
+
+
+def target_availability(target: Target) -> tuple[bool, str]:
+    """(True, "") when `target` can run here; else (False, the reason it is skipped)."""
+    if target.kind == "engine":
+        try:
+            module = importlib.import_module(f"runtime.engines.{target.backend}")
+        except ImportError as e:
+            return False, f"runtime.engines.{target.backend} does not import: {e}"
+        if hasattr(module, "is_available"):
+            ok, why = module.is_available()
+            if not ok:
+                return False, why
+        if target.backend == "openvino" and target.options.get("inference_precision") == "bf16":
+            caps = module.cpu_capabilities()
+            if "BF16" not in caps:
+                return False, f"this CPU has no bf16 hardware (OpenVINO CPU capabilities: {', '.join(caps)})"
+        return True, ""
+    for package in ("torch", "diffusers"):
+        try:
+            importlib.import_module(package)
+        except ImportError as e:
+            return False, f"{package} is not installed ({e})"
+    if target.compile:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, ("torch.compile peer is GPU-only: on CPU, compiling the full U-Net takes minutes "
+                           "and is not how diffusers is run there")
+    return True, ""
+
+
+def default_engine_target(engine_dir: Path | None = None) -> tuple[str | None, str]:
+    """The target the runtime picks with no backend given: the registry's preference order
+    (runtime/engines/__init__.py BACKENDS), each backend's default options."""
+    try:
+        from runtime.engines import PREBUILT, available_backends
+    except ImportError as e:
+        return None, f"runtime.engines has no registry: {e}"
+    prebuilt: dict[str, Any] = {}
+    if engine_dir is not None and (engine_dir / "manifest.json").is_file():
+        from runtime.manifest import load_manifest
+
+        prebuilt = load_manifest(engine_dir).backends
+    usable = [b for b, why in available_backends().items()
+              if why is None and (b not in PREBUILT or b in prebuilt)]
+    if not usable:
+        return None, "no engine backend is available"
+    if usable[0] == "openvino":
+        from runtime.engines import openvino
+
+        return f"openvino-{openvino.default_precision()}", ""
+    return usable[0], ""
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+
+def _run_worker(task: dict[str, Any], workdir: Path, timeout_s: float) -> dict[str, Any]:
+    name = task.get("target") or task["kind"]
+    task_path, result_path = workdir / f"{name}.task.json", workdir / f"{name}.result.json"
+    task_path.write_text(json.dumps(task, indent=1))
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.worker", str(task_path), str(result_path)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"target": name, "status": "failed", "reason": f"timed out after {timeout_s:.0f} s"}
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+    else:
+        tail = (proc.stderr or proc.stdout or "")[-2000:]
+        result = {"target": name, "status": "failed",
+                  "reason": f"worker exited with code {proc.returncode} and no result (killed for memory?): {tail}"}
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def cache_paths(settings: Settings) -> tuple[Path, Path]:
+    """(diffusers folder, engine folder) for the model under the cache dir."""
+    base = Path(settings.cache_dir) / f"{settings.model}-seed{settings.weights_seed}"
+    return base / "diffusers", base / "engine-fp32"
+
+
+def build_options(settings: Settings) -> dict[str, Any]:
+    """build_engine keyword arguments: an fp32 graph with build_engine's default image bounds (half
+    to twice the native size) widened to cover the benchmarked resolution, which is also the
+    optimal size (the export's parity check runs there, cheaper than at the native size)."""
+    from export.configs import preset
+
+    spec = preset(settings.model)
+    native = spec.unet.sample_size * spec.vae_scale_factor
+    res = settings.resolution
+    return {"precision": "fp32", "min_image": min(res, native // 2), "opt_image": res,
+            "max_image": max(res, 2 * native), "max_batch": max(4, settings.batch), "seed": settings.weights_seed}
+
+
+def prepare_cache(settings: Settings, workdir: Path, log) -> dict[str, Any]:
+    diffusers_dir, engine_dir = cache_paths(settings)
+    diffusers_dir.parent.mkdir(parents=True, exist_ok=True)
+    if (diffusers_dir / "model_index.json").is_file() and (engine_dir / "manifest.json").is_file():
+        from runtime.manifest import load_manifest
+
+        shapes = load_manifest(engine_dir).shapes
+        if shapes["min_image"] <= settings.resolution <= shapes["max_image"] and settings.batch <= shapes["max_batch"]:
+            return {"status": "ok", "reused": True}
+    log(f"building the benchmark cache for {settings.model} under {diffusers_dir.parent} (once)")
+    task = {"kind": "prepare", "target": "prepare", "model": settings.model, "weights_seed": settings.weights_seed,
+            "diffusers_dir": str(diffusers_dir), "engine_dir": str(engine_dir), "build_options": build_options(settings)}
+    result = _run_worker(task, workdir, settings.timeout_s)
+    if result["status"] != "ok":
+        raise RuntimeError(f"could not build the benchmark cache: {result.get('reason')}\n{result.get('traceback', '')}")
+    result["reused"] = False
+    return result
+
+
+def run_target(target: Target, settings: Settings, workdir: Path) -> dict[str, Any]:
+    """Measure `target` in two fresh processes: the per-network calls, then end to end (so the
+    end-to-end peak RSS is that of loading the pipeline and generating, nothing else)."""
+    diffusers_dir, engine_dir = cache_paths(settings)
+    task = {
+        "kind": target.kind, "target": target.name, "backend": target.backend, "options": target.options,
+        "dtype": target.dtype, "compile": target.compile, "device": "cuda" if target.compile else "cpu",
+        "engine_dir": str(engine_dir), "diffusers_dir": str(diffusers_dir),
+        "networks": list(settings.networks), "e2e": False, "batch": settings.batch,
+        "resolution": settings.resolution, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
+        "repeats": settings.repeats, "warmup": settings.warmup, "e2e_repeats": settings.e2e_repeats,
+        "e2e_warmup": settings.e2e_warmup, "seed": settings.seed,
+        "outputs_path": str(workdir / f"{target.name}.outputs.npz"),
+    }
+    merged: dict[str, Any] = {"target": target.name, "status": "ok", "process_s": 0.0}
+    phases = []
+    if settings.networks:
+        phases.append(("networks", task))
+    if settings.e2e:
+        phases.append(("e2e", {**task, "target": f"{target.name}-e2e", "networks": [], "e2e": True,
+                               "outputs_path": None}))
+    for phase, phase_task in phases:
+        r = _run_worker(phase_task, workdir, settings.timeout_s)
+        merged["process_s"] += r.get("process_s", 0.0)
+        if r.get("status") != "ok":
+            merged["status"] = "failed"
+            merged["reason"] = f"{phase}: {r.get('reason')}"
+            merged["traceback"] = r.get("traceback")
+        if phase == "networks":
+            merged.update(networks=r.get("networks", {}), info=r.get("info", {}))
+        else:
+            merged["e2e"] = r.get("e2e")
+            merged.setdefault("info", r.get("info", {}))
+        if "peak_rss_mb" in r:
+            merged[f"peak_rss_mb_{phase}"] = r["peak_rss_mb"]
+    merged["peak_rss_mb"] = merged.get("peak_rss_mb_e2e", merged.get("peak_rss_mb_networks", 0.0))
+    return merged
+
+
+def parity(workdir: Path, results: dict[str, Any], reference: str) -> None:
+    """Add, per target and network, max|out - ref| / max|ref| against `reference`'s outputs."""
+    ref_path = workdir / f"{reference}.outputs.npz"
+    if not ref_path.is_file():
+        return
+    ref = dict(np.load(ref_path))
+    for name, result in results.items():
+        path = workdir / f"{name}.outputs.npz"
+        if result.get("status") != "ok" or not path.is_file():
+            continue
+        outs = dict(np.load(path))
+        for network, stats in result.get("networks", {}).items():
+            errs = {}
+            for key, value in outs.items():
+                if key.split("/")[0] == network and key in ref and ref[key].shape == value.shape:
+                    scale = float(np.abs(ref[key]).max()) or 1.0
+                    errs[key.split("/")[1]] = float(np.abs(value.astype(np.float64) - ref[key]).max() / scale)
+            if errs:
+                stats["parity"] = {"reference": reference, "max_rel_err": max(errs.values()), "per_output": errs}
+
+
+def scheduler_overhead(settings: Settings, sampler: str) -> dict[str, Any]:
+    try:
+        from benchmarks.scheduler_overhead import measure_scheduler_overhead
+    except ImportError as e:
+        return {"status": "skipped", "reason": f"benchmarks.scheduler_overhead is not available: {e}"}
+    from runtime.manifest import load_manifest
+
+    manifest = load_manifest(cache_paths(settings)[1])
+    lh = settings.resolution // manifest.dims.vae_scale_factor
+    shape = (settings.batch, manifest.dims.latent_channels, lh, lh)  # the latents the sampler steps
+    result = measure_scheduler_overhead(sampler, settings.steps, shape=shape, repeats=max(settings.repeats, 5),
+                                        config=manifest.scheduler)
+    return {"status": "ok", "sampler": sampler, **result, "shape": list(shape)}
+
+
+def summarize_run(report: dict[str, Any]) -> dict[str, Any]:
+    """Headline ratios: the default engine against the PyTorch peers."""
+    results = report["results"]
+    default = report.get("default_engine")
+
+    def median(target: str | None, what: str) -> float | None:
+        r = results.get(target or "", {})
+        if r.get("status") != "ok":
+            return None
+        node = r.get("e2e") if what == "e2e" else r.get("networks", {}).get(what)
+        return node["median_s"] if node else None
+
+    summary: dict[str, Any] = {"default_engine": default}
+    for what in ("unet", "e2e"):
+        ours = median(default, what)
+        summary[f"{what}_s"] = ours
+        for peer in ("diffusers-fp32", "diffusers-bf16"):
+            theirs = median(peer, what)
+            summary[f"{what}_speedup_vs_{peer}"] = theirs / ours if ours and theirs else None
+    best = {}
+    for what in ("unet", "e2e"):
+        timed = {n: median(n, what) for n in results}
+        timed = {n: t for n, t in timed.items() if t}
+        best[what] = min(timed, key=timed.get) if timed else None
+    summary["fastest"] = best
+    unet = results.get(default or "", {}).get("networks", {}).get("unet", {})
+    summary["default_engine_unet_parity"] = unet.get("parity", {}).get("max_rel_err")
+    so = report.get("scheduler_overhead", {})
+    summary["scheduler_overhead_ms_per_step"] = so.get("per_step_ms") if so.get("status") == "ok" else None
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="U-Net only (SD 1.5 at 256x256 unless --model/--resolution say otherwise), 1 timed call "
+                        "after 1 warm-up, no end to end, no torch engine (a few minutes once the cache is built)")
+    p.add_argument("--model", choices=MODELS, default="sd15")
+    p.add_argument("--resolution", type=int, default=256, help="image height and width in pixels")
+    p.add_argument("--batch", type=int, default=1, help="images per call (the U-Net sees 2x under guidance)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--engines", nargs="*", choices=tuple(ENGINES), default=None, help="default: all of them")
+    p.add_argument("--peers", nargs="*", choices=tuple(PEERS), default=None, help="default: all of them")
+    p.add_argument("--networks", nargs="*", choices=NETWORKS, default=None, help="default: all four")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end txt2img measurement")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per network (default 3, quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before them (default 1)")
+    p.add_argument("--e2e-repeats", type=int, default=1)
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="diffusers + engine folders, reused between runs")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per target process")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON result path (a .md table is written beside it); default benchmarks/results/<model>-<res>-<date>.json")
+    a = p.parse_args(argv)
+    s = Settings(model=a.model, resolution=a.resolution, batch=a.batch, steps=a.steps, cache_dir=a.cache_dir,
+                 timeout_s=a.timeout, e2e_repeats=a.e2e_repeats, quick=a.quick)
+    if a.quick:
+        # the headline only: one U-Net call per engine and PyTorch peer (our torch engine runs the
+        # same PyTorch fp32 eager as diffusers-fp32, so it is left to the full run)
+        s.networks, s.e2e, s.repeats, s.warmup = ("unet",), False, 1, 1
+        s.engines = tuple(e for e in ENGINES if e != "torch")
+    if a.networks is not None:
+        s.networks = tuple(a.networks)
+    if a.no_e2e:
+        s.e2e = False
+    if a.repeats is not None:
+        s.repeats = a.repeats
+    if a.warmup is not None:
+        s.warmup = a.warmup
+    if a.engines is not None:
+        s.engines = tuple(a.engines)
+    if a.peers is not None:
+        s.peers = tuple(a.peers)
+    if s.repeats < 1 or s.warmup < 0 or s.batch < 1 or s.steps < 1:
+        p.error("--repeats, --batch and --steps must be >= 1, --warmup >= 0")
+    return s, a.out
+
+
+def run(settings: Settings, out: Path | None = None, command: str | None = None, log=None) -> dict[str, Any]:
+    """Run the suite; write JSON to `out` and markdown beside it; return the report."""
+    log = log or (lambda msg: print(f"[benchmarks] {msg}", file=sys.stderr, flush=True))
+    started = datetime.now(timezone.utc)
+    if out is None:
+        out = RESULTS_DIR / f"{settings.model}-{settings.resolution}-{started:%Y%m%d-%H%M}.json"
+    report: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "command": command,
+        "created": started.isoformat(timespec="seconds"),
+        "machine": mach.machine(),
+        "versions": mach.versions(),
+        "git": mach.git_commit(ROOT),
+        "settings": asdict(settings),
+        "load_average_start": mach.load_average(),
+    }
+    with tempfile.TemporaryDirectory(prefix="sd-bench-") as tmp:
+        workdir = Path(tmp)
+        report["cache"] = prepare_cache(settings, workdir, log)
+        default, why = default_engine_target(cache_paths(settings)[1])
+        report["default_engine"] = default
+        if default is None:
+            report["default_engine_reason"] = why
+        results: dict[str, Any] = {}
+        for name in (*settings.engines, *settings.peers):
+            target = ENGINES.get(name) or PEERS[name]
+            ok, why = target_availability(target)
+            if not ok:
+                log(f"{name}: skipped ({why})")
+                results[name] = {"target": name, "status": "skipped", "reason": why}
+                continue
+            log(f"{name}: running")
+            results[name] = run_target(target, settings, workdir)
+            results[name].update(kind=target.kind, label=target.label)
+            r = results[name]
+            log(f"{name}: {r['status']}" + (f" ({r.get('reason')})" if r["status"] != "ok" else
+                                           f" in {r.get('process_s', 0):.0f} s, peak RSS {r.get('peak_rss_mb', 0):.0f} MiB"))
+        parity(workdir, results, REFERENCE if REFERENCE in results else next(iter(results), ""))
+    report["results"] = results
+    sampler = _default_sampler(settings)
+    report["scheduler_overhead"] = scheduler_overhead(settings, sampler)
+    report["load_average_end"] = mach.load_average()
+    report["summary"] = summarize_run(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(render_markdown(report))
+    log(f"wrote {out} and {out.with_suffix('.md')}")
+    return report
+
+
+def _default_sampler(settings: Settings) -> str:
+    from runtime.manifest import load_manifest
+    from runtime.pipeline import default_sampler
+
+    _, engine_dir = cache_paths(settings)
+    return default_sampler(load_manifest(engine_dir).scheduler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    settings, out = parse_args(argv)
+    report = run(settings, out, command=" ".join(["python -m benchmarks", *argv]))
+    print(render_markdown(report))
+    failed = [n for n, r in report["results"].items() if r["status"] == "failed"]
+    return 1 if failed else 0

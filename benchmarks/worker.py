@@ -1,0 +1,312 @@
+"""One benchmark target measured in its own process: `python -m benchmarks.worker TASK.json RESULT.json`.
+
+A fresh process per target keeps the peak-RSS figure that target's own (ru_maxrss is a per-process
+high-water mark) and stops thread pools, allocator caches and compiled kernels of one framework
+from slowing the next. The parent (`benchmarks/suite.py`) writes the task, reads the result.
+
+Targets:
+  engine  one of our backends over the engine folder: per-network calls through
+          `runtime.engines.<backend>.open_engine`, end to end through `runtime.load(...).txt2img`.
+  peer    diffusers' StableDiffusionPipeline over the diffusers folder holding the same weights,
+          in float32 or bfloat16 eager (torch.compile on CUDA only).
+  prepare build the benchmark cache (diffusers folder from the preset's random weights, engine
+          folder from that diffusers folder); run in a child so the parent stays small.
+
+Per-network feeds are the same seeded NumPy arrays for every target (`network_feeds`), and each
+target saves its outputs so the parent can report parity against the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.timing import measure, peak_rss_mb, summarize
+from runtime.networks import ModelDims, axis_values, concrete_shape, network_io
+
+PROMPT = "a photograph of an astronaut riding a horse"
+# CLIP BPE token ids (export/assets/clip-bpe/vocab.json): <|startoftext|>, <|endoftext|>.
+BOS, EOS = 49406, 49407
+
+
+def network_batch(network: str, batch: int, guidance: bool) -> int:
+    """Batch a network sees in one txt2img call of `batch` images: the text encoder and the U-Net
+    run the [negative, positive] pair together under classifier-free guidance."""
+    return 2 * batch if guidance and network in ("text_encoder", "unet") else batch
+
+
+def network_feeds(network: str, dims: ModelDims, batch: int, resolution: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded fp32/int32 inputs of `network` (shapes from runtime/networks.py), identical in every process."""
+    rng = np.random.default_rng([seed, ("text_encoder", "unet", "vae_decoder", "vae_encoder").index(network)])
+    axes = axis_values(dims, batch, resolution, resolution)
+    inputs, _ = network_io(network, dims, "fp32")
+    feeds = {}
+    for spec in inputs:
+        shape = concrete_shape(spec, axes)
+        if spec.name == "input_ids":
+            ids = np.full(shape, EOS, dtype=np.int32)
+            ids[:, 0] = BOS
+            ids[:, 1:12] = rng.integers(0, BOS, size=(shape[0], 11), dtype=np.int32)
+            feeds[spec.name] = ids
+        elif spec.name == "timestep":
+            feeds[spec.name] = np.full(shape, 500.0, dtype=np.float32)
+        elif spec.name == "image":
+            feeds[spec.name] = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+        else:
+            feeds[spec.name] = rng.standard_normal(size=shape, dtype=np.float32)
+    return feeds
+
+
+# -------------------------------------------------------------------------------------- engines
+
+
+def _engine_networks(task: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    from runtime.manifest import load_manifest
+
+    engine_dir = Path(task["engine_dir"])
+    manifest = load_manifest(engine_dir)
+    module = importlib.import_module(f"runtime.engines.{task['backend']}")
+    results: dict[str, Any] = {}
+    outputs: dict[str, np.ndarray] = {}
+    info: dict[str, Any] = {}
+    for network in task["networks"]:
+        b = network_batch(network, task["batch"], task["guidance_scale"] > 1)
+        feeds = network_feeds(network, manifest.dims, b, task["resolution"], task["seed"])
+        if manifest.precision == "fp16":
+            feeds = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feeds.items()}
+        t0 = time.perf_counter()
+        engine = module.open_engine(engine_dir, manifest, network, **task["options"])
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = engine.run(feeds)  # first call: compiles / allocates; timed separately from the warm calls
+        first_s = time.perf_counter() - t0
+        stats = measure(lambda: engine.run(feeds), repeats=task["repeats"], warmup=task["warmup"])
+        stats.update(load_s=load_s, first_call_s=first_s, batch=b,
+                     shapes={k: list(v.shape) for k, v in feeds.items()})
+        results[network] = stats
+        for name, value in out.items():
+            outputs[f"{network}/{name}"] = np.asarray(value, dtype=np.float32)
+        for attr in ("inference_precision", "threads", "providers"):
+            if hasattr(engine, attr):
+                info.setdefault(attr, getattr(engine, attr))
+        del engine
+        gc.collect()
+    return results, outputs, info
+
+
+def _engine_e2e(task: dict[str, Any]) -> dict[str, Any]:
+    import runtime
+
+    t0 = time.perf_counter()
+    pipe = runtime.load(task["engine_dir"], backend=task["backend"], **task["options"])
+    load_s = time.perf_counter() - t0
+    res, steps = task["resolution"], task["steps"]
+
+    def run(n: int):
+        return pipe.txt2img(PROMPT, negative_prompt="", height=res, width=res, num_inference_steps=n,
+                            guidance_scale=task["guidance_scale"], seed=task["seed"], output_type="np",
+                            progress=False)
+
+    # warm-up at 2 steps compiles every shape the timed runs use
+    for _ in range(task["e2e_warmup"]):
+        run(min(2, steps))
+    times, cpu, stages = [], [], []
+    for _ in range(task["e2e_repeats"]):
+        c0, t0 = time.process_time(), time.perf_counter()
+        result = run(steps)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        stages.append(dict(result.timings))
+    stats = summarize(times, warmup=task["e2e_warmup"], cpu_times=cpu)
+    stats.update(load_s=load_s, backend=pipe.backend, steps=steps, stage_timings=stages,
+                 sampler=result.parameters.get("scheduler", pipe.default_scheduler))
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- peers
+
+
+def _load_peer(task: dict[str, Any]):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[task["dtype"]]
+    pipe = StableDiffusionPipeline.from_pretrained(task["diffusers_dir"], torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    device = task.get("device", "cpu")
+    pipe.to(device)
+    if task.get("compile"):
+        pipe.unet = torch.compile(pipe.unet)
+    return pipe, dtype, device
+
+
+def _peer_networks(task: dict[str, Any], pipe, dtype, device) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    import torch
+
+    dims = ModelDims(latent_channels=pipe.vae.config.latent_channels, unet_in_channels=pipe.unet.config.in_channels,
+                     vae_scale_factor=pipe.vae_scale_factor, text_hidden_size=pipe.text_encoder.config.hidden_size)
+    sf = pipe.vae.config.scaling_factor
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def t(a: np.ndarray):
+        x = torch.from_numpy(a).to(device)
+        return x.to(dtype) if x.is_floating_point() else x.long()
+
+    calls = {
+        "text_encoder": lambda f: {"last_hidden_state": pipe.text_encoder(t(f["input_ids"]), return_dict=False)[0]},
+        "unet": lambda f: {"noise_pred": pipe.unet(t(f["sample"]), t(f["timestep"]), t(f["encoder_hidden_states"]),
+                                                   return_dict=False)[0]},
+        "vae_decoder": lambda f: {"image": pipe.vae.decode(t(f["latent"]) / sf, return_dict=False)[0]},
+        "vae_encoder": lambda f: (lambda d: {"latent_mean": d.mean, "latent_std": d.std})(
+            pipe.vae.encode(t(f["image"]), return_dict=False)[0]),
+    }
+    results: dict[str, Any] = {}
+    outputs: dict[str, np.ndarray] = {}
+    with torch.inference_mode():
+        for network in task["networks"]:
+            b = network_batch(network, task["batch"], task["guidance_scale"] > 1)
+            feeds = network_feeds(network, dims, b, task["resolution"], task["seed"])
+
+            def call():
+                out = calls[network](feeds)
+                sync()
+                return out
+
+            t0 = time.perf_counter()
+            out = call()
+            first_s = time.perf_counter() - t0
+            stats = measure(call, repeats=task["repeats"], warmup=task["warmup"])
+            stats.update(first_call_s=first_s, batch=b, shapes={k: list(v.shape) for k, v in feeds.items()})
+            results[network] = stats
+            for name, value in out.items():
+                outputs[f"{network}/{name}"] = value.float().cpu().numpy()
+    return results, outputs
+
+
+def _peer_e2e(task: dict[str, Any], pipe, device) -> dict[str, Any]:
+    import torch
+
+    res, steps = task["resolution"], task["steps"]
+
+    def run(n: int):
+        g = torch.Generator("cpu").manual_seed(task["seed"])
+        out = pipe(PROMPT, negative_prompt="", height=res, width=res, num_inference_steps=n,
+                   guidance_scale=task["guidance_scale"], generator=g, output_type="np")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    with torch.inference_mode():
+        for _ in range(task["e2e_warmup"]):
+            run(min(2, steps))
+        times, cpu = [], []
+        for _ in range(task["e2e_repeats"]):
+            c0, t0 = time.process_time(), time.perf_counter()
+            run(steps)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    stats = summarize(times, warmup=task["e2e_warmup"], cpu_times=cpu)
+    stats.update(steps=steps, sampler=type(pipe.scheduler).__name__)
+    return stats
+
+
+# -------------------------------------------------------------------------------------- prepare
+
+
+def prepare(task: dict[str, Any]) -> dict[str, Any]:
+    """Make the diffusers folder (random preset weights) and the engine folder built from it."""
+    from export.build import build_engine
+    from export.loading import random_model, save_diffusers
+
+    diffusers_dir, engine_dir = Path(task["diffusers_dir"]), Path(task["engine_dir"])
+    info: dict[str, Any] = {}
+    if not (diffusers_dir / "model_index.json").is_file():
+        t0 = time.perf_counter()
+        tmp = diffusers_dir.with_name(diffusers_dir.name + ".partial")
+        model = random_model(task["model"], seed=task["weights_seed"])
+        save_diffusers(model, tmp)
+        del model
+        gc.collect()
+        tmp.replace(diffusers_dir)
+        info["diffusers_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    build_engine(str(diffusers_dir), engine_dir, **task["build_options"])
+    info["engine_s"] = time.perf_counter() - t0
+    return info
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def run_task(task: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {"target": task.get("target"), "status": "ok"}
+    t0 = time.perf_counter()
+    if task["kind"] == "prepare":
+        result["prepare"] = prepare(task)
+    elif task["kind"] == "engine":
+        if task["networks"]:
+            networks, outputs, info = _engine_networks(task)
+            result.update(networks=networks, info=info)
+            _save_outputs(task, outputs)
+        if task["e2e"]:
+            result["e2e"] = _engine_e2e(task)
+    elif task["kind"] == "peer":
+        pipe, dtype, device = _load_peer(task)
+        result["load_s"] = time.perf_counter() - t0
+        result["info"] = {"dtype": task["dtype"], "device": device, "torch_threads": _torch_threads()}
+        if task["networks"]:
+            networks, outputs = _peer_networks(task, pipe, dtype, device)
+            result["networks"] = networks
+            _save_outputs(task, outputs)
+        if task["e2e"]:
+            result["e2e"] = _peer_e2e(task, pipe, device)
+    else:
+        raise ValueError(f"unknown task kind {task['kind']!r}")
+    result["wall_s"] = time.perf_counter() - t0
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _save_outputs(task: dict[str, Any], outputs: dict[str, np.ndarray]) -> None:
+    if task.get("outputs_path") and outputs:
+        np.savez(task["outputs_path"], **outputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m benchmarks.worker TASK.json RESULT.json", file=sys.stderr)
+        return 2
+    task = json.loads(Path(args[0]).read_text())
+    try:
+        result = run_task(task)
+    except Exception as e:  # reported to the parent, which records the target as failed
+        result = {"target": task.get("target"), "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc(limit=8), "peak_rss_mb": peak_rss_mb()}
+    Path(args[1]).write_text(json.dumps(result, indent=1, default=_jsonable))
+    return 0 if result["status"] == "ok" else 1
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

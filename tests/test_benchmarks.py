@@ -1,0 +1,86 @@
+"""Smoke tests of the benchmark suite's machinery on the tiny preset. No speed assertions: numbers
+are only checked to be present and positive."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import suite
+from benchmarks.report import render_markdown
+from benchmarks.timing import measure, peak_rss_mb
+
+
+def test_measure_reports_median_min_max():
+    calls = []
+    stats = measure(lambda: calls.append(1), repeats=5, warmup=2)
+    assert len(calls) == 7
+    assert stats["repeats"] == 5 and stats["warmup"] == 2 and len(stats["times_s"]) == 5
+    assert 0 <= stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+    with pytest.raises(ValueError):
+        measure(lambda: None, repeats=0, warmup=0)
+    assert peak_rss_mb() > 0
+
+
+def test_quick_settings():
+    settings, out = suite.parse_args(["--quick"])
+    assert settings.model == "sd15" and settings.resolution == 256
+    assert settings.networks == ("unet",) and not settings.e2e and settings.repeats == 1
+    settings, out = suite.parse_args(["--model", "tiny-sd1", "--engines", "onnxruntime", "--peers", "--repeats", "4",
+                                      "--out", "x.json"])
+    assert settings.engines == ("onnxruntime",) and settings.peers == () and settings.repeats == 4
+    assert str(out) == "x.json"
+
+
+def test_unavailable_targets_are_skipped_with_a_reason():
+    ok, why = suite.target_availability(suite.Target("nothing", "engine", "none", backend="no_such_backend"))
+    assert not ok and "no_such_backend" in why
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    pytest.importorskip("export.build", reason="export/build.py (build_engine) is not there yet")
+    pytest.importorskip("runtime.engines.onnxruntime", reason="the ONNX Runtime engine is not there yet")
+    pytest.importorskip("diffusers")
+    tmp = tmp_path_factory.mktemp("bench")
+    settings = suite.Settings(model="tiny-sd1", resolution=64, steps=2, repeats=2, warmup=1,
+                              engines=("onnxruntime", "openvino-f32"), peers=("diffusers-fp32", "diffusers-compile"),
+                              cache_dir=str(tmp / "cache"), timeout_s=600)
+    out = tmp / "tiny.json"
+    report = suite.run(settings, out, command="pytest", log=lambda msg: None)
+    return report, out
+
+
+def test_suite_writes_json_and_markdown(tiny_report):
+    report, out = tiny_report
+    on_disk = json.loads(out.read_text())
+    for key in ("schema", "command", "created", "machine", "versions", "settings", "results",
+                "scheduler_overhead", "summary", "default_engine"):
+        assert key in on_disk, key
+    assert on_disk["machine"]["cpu"]["logical_cpus"] > 0
+    assert on_disk["versions"]["numpy"]
+    results = on_disk["results"]
+    assert results["diffusers-compile"]["status"] in ("skipped", "ok")
+    for name in ("onnxruntime", "diffusers-fp32"):
+        r = results[name]
+        assert r["status"] == "ok", r.get("reason")
+        assert r["peak_rss_mb"] > 0
+        for network in suite.NETWORKS:
+            stats = r["networks"][network]
+            assert 0 < stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+            assert stats["repeats"] == 2
+        assert r["e2e"]["median_s"] > 0
+    # parity against the fp32 PyTorch reference: the reference is exact against itself, ORT close
+    assert results["diffusers-fp32"]["networks"]["unet"]["parity"]["max_rel_err"] == 0
+    assert results["onnxruntime"]["networks"]["unet"]["parity"]["max_rel_err"] < 1e-3
+    md = out.with_suffix(".md").read_text()
+    assert md == render_markdown(on_disk)
+    assert "| onnxruntime |" in md and "| diffusers-fp32 |" in md and "U-Net parity" in md
+
+
+def test_cache_is_reused(tiny_report, tmp_path):
+    report, _ = tiny_report
+    settings = suite.Settings(**{**report["settings"], "engines": (), "peers": (), "e2e": False})
+    again = suite.run(settings, tmp_path / "again.json", log=lambda msg: None)
+    assert again["cache"]["reused"] is True
