@@ -232,6 +232,12 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, backe
         raise BuildError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise BuildError(f"unknown prediction type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    if backend == "tensorrt":  # fail before minutes of export, not after
+        from runtime.engines.tensorrt import is_available
+
+        ok, why = is_available()
+        if not ok:
+            raise BuildError(f"backend tensorrt is not usable on this machine: {why}")
     out_dir = Path(out_dir).expanduser().absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out_dir, progress)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,12 +150,13 @@ def write_manifest(engine_dir: str | os.PathLike, manifest: Manifest) -> Path:
     """Write the manifest atomically (temporary file, then rename)."""
     engine_dir = Path(engine_dir)
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=engine_dir, prefix=".manifest.", suffix=".tmp")
+    # open(..., "x") honours the umask (mkstemp would make the manifest private, 0600)
+    tmp = engine_dir / f".manifest.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             f.write(text)
         os.replace(tmp, engine_dir / MANIFEST_NAME)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return engine_dir / MANIFEST_NAME

@@ -132,3 +132,16 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["tiny-sd1", "--out", str(tmp_path / "c"), "--min-batch", "3", "--max-batch", "2"]) == 1
     assert "batch range must satisfy" in capsys.readouterr().err
     assert _temp_siblings(tmp_path / "b") == [] and not (tmp_path / "b").exists()
+
+
+def test_tensorrt_backend_without_tensorrt_fails_before_exporting(tmp_path, capsys):
+    from runtime.engines.tensorrt import is_available
+
+    usable, _ = is_available()
+    if usable:
+        pytest.skip("TensorRT and a CUDA device are present: the refusal cannot be observed here")
+    assert main(["tiny-sd1", "--out", str(tmp_path / "trt"), "--backend", "tensorrt"]) == 1
+    err = capsys.readouterr().err
+    assert "backend tensorrt is not usable on this machine" in err
+    assert "tensorrt" in err.split("machine:", 1)[1]  # the reason names what is missing
+    assert "exporting" not in err and not (tmp_path / "trt").exists() and _temp_siblings(tmp_path / "trt") == []

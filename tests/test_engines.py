@@ -4,7 +4,9 @@ folders, files and feeds, and the session metadata check."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from runtime.engines import BACKENDS, BackendError, EngineLoadError, available_backends, open_engines
 from runtime.engines.base import EngineInputError
 from runtime.engines.onnxruntime import OrtEngine, open_engine
-from runtime.manifest import ManifestError, load_manifest
+from runtime.manifest import Manifest, ManifestError, load_manifest, write_manifest
 from runtime.networks import network_io
 
 
@@ -115,3 +117,15 @@ def test_optimized_model_cache(tiny_sd1_engine, tmp_path):
     feeds = _unet_feeds()
     feeds["sample"] = np.random.default_rng(0).standard_normal((2, 4, 16, 16), dtype=np.float32)
     np.testing.assert_allclose(first.run(feeds)["noise_pred"], second.run(feeds)["noise_pred"], rtol=1e-5, atol=1e-6)
+
+
+def test_manifest_round_trip_is_readable_by_others(tiny_sd1_engine, tmp_path):
+    manifest = load_manifest(tiny_sd1_engine)
+    old_umask = os.umask(0o022)
+    try:
+        path = write_manifest(tmp_path, manifest)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert Manifest.from_dict(json.loads(path.read_text())) == manifest
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temporary file left behind

@@ -47,9 +47,12 @@ def available_backends() -> dict[str, str | None]:
     return {backend: _unavailable(backend) for backend in BACKENDS}
 
 
-def _folder_problem(backend: str, manifest: Manifest) -> str | None:
+def _folder_problem(backend: str, manifest: Manifest, engine_dir: str | os.PathLike) -> str | None:
+    """None if `backend` can run this folder's files, else why not (checked only for available backends)."""
     if backend in PREBUILT and backend not in manifest.backends:
         return f"the engine folder has no {backend} files (build it with --backend {backend})"
+    if backend == "tensorrt":  # plans are keyed to a TensorRT version and GPU: never pick stale ones
+        return _module(backend).plans_problem(engine_dir, manifest)
     return None
 
 
@@ -64,7 +67,7 @@ def open_engines(engine_dir: str | os.PathLike, manifest: Manifest | None = None
     if missing:
         raise ManifestError(f"{engine_dir}: the manifest lacks networks {', '.join(missing)}")
     if backend is None:
-        reasons = {b: _unavailable(b) or _folder_problem(b, manifest) for b in BACKENDS}
+        reasons = {b: _unavailable(b) or _folder_problem(b, manifest, engine_dir) for b in BACKENDS}
         usable = [b for b in BACKENDS if reasons[b] is None]
         if not usable:
             raise BackendError("no backend can run this engine folder: "
@@ -75,9 +78,9 @@ def open_engines(engine_dir: str | os.PathLike, manifest: Manifest | None = None
         raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} "
                            f"(available here: {', '.join(usable) or 'none'})")
     else:
-        why = _unavailable(backend) or _folder_problem(backend, manifest)
+        why = _unavailable(backend) or _folder_problem(backend, manifest, engine_dir)
         if why:
-            usable = [b for b, w in available_backends().items() if w is None and _folder_problem(b, manifest) is None]
+            usable = [b for b, w in available_backends().items() if w is None and _folder_problem(b, manifest, engine_dir) is None]
             raise BackendError(f"backend {backend!r} cannot run {engine_dir}: {why}. "
                                f"Usable here: {', '.join(usable) or 'none'}")
     module = _module(backend)
