@@ -18,15 +18,9 @@ import pytest
 
 TINY_DIR = Path(__file__).resolve().parent.parent / "export" / "assets" / "tiny"
 
-# The palette the model was trained on (tools/train_demo.py COLOURS), RGB.
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (30, 60, 220),
-    "yellow": (240, 210, 30),
-    "white": (240, 240, 240),
-    "black": (20, 20, 20),
-}
+# The palette the model was trained on, as the training run recorded it (tools/train_demo.py COLOURS), RGB.
+COLOURS = {name: tuple(rgb) for name, rgb in
+           json.loads((TINY_DIR / "TRAINING.json").read_text())["data"]["colours"].items()}
 # (shape, shape colour, background colour, seed): each colour 4 times as shape and 4 times as
 # background, each shape 8 times.
 CASES = [
