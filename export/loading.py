@@ -12,6 +12,7 @@ unexpected keys. Weights are upcast to float32 and the networks are in eval mode
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import pickle
@@ -153,7 +154,10 @@ def _sha256(paths: list[Path], root: Path | None = None) -> str:
 
 
 def _tokenizer_dir(pad_token: str) -> Path:
-    return write_tokenizer_files(tempfile.mkdtemp(prefix="sdrt-tokenizer-"), pad_token)
+    """A temporary tokenizer folder, removed when the process exits (models may outlive any scope)."""
+    folder = tempfile.mkdtemp(prefix="sdrt-tokenizer-")
+    atexit.register(shutil.rmtree, folder, True)
+    return write_tokenizer_files(folder, pad_token)
 
 
 def _with_prediction_type(scheduler: dict[str, Any], prediction_type: str | None) -> dict[str, Any]:
