@@ -12,6 +12,7 @@ Tolerances (relative: max|ov - ort| / max|ort|):
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,20 @@ def test_default_cache_dir_is_inside_the_engine_folder(engine_dir):
     engine = ov_engine.open_engine(engine_dir, manifest, "text_encoder")
     engine.run(network_feeds("text_encoder", manifest.dims, 1, RESOLUTION))
     assert (engine_dir / ov_engine.CACHE_SUBDIR).is_dir()
+
+
+def test_unwritable_cache_dir_falls_back_to_no_cache(engine_dir, tmp_path):
+    """A folder whose cache cannot be created (here a file sits where the cache folder goes; as
+    root, permissions alone would not stop the write) still runs, without a cache, with a warning."""
+    folder = shutil.copytree(engine_dir, tmp_path / "engine", ignore=shutil.ignore_patterns(ov_engine.CACHE_SUBDIR))
+    (folder / ov_engine.CACHE_SUBDIR).write_text("not a folder")
+    manifest = load_manifest(folder)
+    with pytest.warns(RuntimeWarning, match="cannot use the compile cache"):
+        engine = ov_engine.open_engine(folder, manifest, "text_encoder", inference_precision="f32")
+    assert engine.cache_dir is None
+    feeds = network_feeds("text_encoder", manifest.dims, 1, RESOLUTION)
+    got = engine.run(feeds)["last_hidden_state"]
+    assert _rel(got, _ort_run(folder, manifest, "text_encoder", feeds)["last_hidden_state"]) <= F32_TOL
 
 
 def test_default_precision_follows_the_cpu():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -197,6 +198,24 @@ class OpenVinoEngine(Engine):
         return out
 
 
+def _default_cache_dir(engine_dir: Path) -> Path | None:
+    """ENGINE_DIR/openvino-cache, or None (no cache, with a warning) where it cannot be written,
+    e.g. a read-only engine folder: the engine still runs, compiling each shape in every process."""
+    cache = engine_dir / CACHE_SUBDIR
+    try:
+        cache.mkdir(exist_ok=True)
+    except OSError as e:
+        warnings.warn(f"openvino: cannot use the compile cache {cache} ({e}); running without it, so every "
+                      "process compiles its shapes again. Pass cache_dir=... to choose a writable folder.",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    if not os.access(cache, os.W_OK):
+        warnings.warn(f"openvino: the compile cache {cache} is not writable; running without it. "
+                      "Pass cache_dir=... to choose a writable folder.", RuntimeWarning, stacklevel=3)
+        return None
+    return cache
+
+
 def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str, **options: Any) -> OpenVinoEngine:
     """The OpenVINO engine for `network` of an engine folder.
 
@@ -214,7 +233,8 @@ def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str,
     options = dict(options)
     # An fp16 graph (float16 weights and I/O) runs at the CPU's default precision like an fp32 one:
     # the CPU plugin converts its weights on compile; f16 arithmetic is opt-in where the CPU has it.
-    options.setdefault("cache_dir", engine_dir / CACHE_SUBDIR)
+    if "cache_dir" not in options:
+        options["cache_dir"] = _default_cache_dir(engine_dir)
     unknown = set(options) - {"inference_precision", "threads", "cache_dir", "static_shapes"}
     if unknown:
         raise TypeError(f"openvino engine: unknown options {', '.join(sorted(unknown))}")
