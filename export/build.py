@@ -31,6 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from export.hashing import file_sha256, tree_sha256
 from runtime.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
 from runtime.networks import NETWORKS, PRECISIONS
 
@@ -43,27 +44,6 @@ class BuildError(RuntimeError):
 
 
 # --- hashing and source identity -------------------------------------------------------------------
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree_sha256(folder: str | os.PathLike) -> str:
-    """sha256 over every file of a folder: relative names and contents, in sorted order (the rule
-    export/loading.py uses for diffusers folders)."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for p in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
-        with p.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
-
 
 def source_identity(source: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
     """What the manifest records of a source, computed without loading it: kind, path, sha256 (of

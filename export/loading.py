@@ -13,7 +13,6 @@ unexpected keys. Weights are upcast to float32 and the networks are in eval mode
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import pickle
 import re
@@ -31,6 +30,7 @@ from torch import nn
 from export import convert_ldm
 from export.configs import PRESETS, ModelSpec, UNetConfig, VAEConfig, infer_family, preset, scheduler_config
 from export.convert_ldm import CheckpointError
+from export.hashing import file_sha256, tree_sha256
 from export.text_encoder import EOS_TOKEN, build_text_encoder, write_tokenizer_files
 from export.unet import UNet2DConditionModel
 from export.vae import AutoencoderKL
@@ -139,18 +139,6 @@ def _read_pickle(path: Path) -> StateDict:
 
 def _read_weights(path: Path) -> StateDict:
     return _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
-
-
-def _sha256(paths: list[Path], root: Path | None = None) -> str:
-    """sha256 of one file, or of several (relative names and contents, in sorted order)."""
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        if root is not None:
-            h.update(p.relative_to(root).as_posix().encode() + b"\0")
-        with p.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _tokenizer_dir(pad_token: str) -> Path:
@@ -330,8 +318,7 @@ def _load_diffusers(folder: Path, prediction_type: str | None) -> LoadedModel:
         _read_weights(files["vae"]),
         convert_ldm.clip_from_file(_read_weights(files["text_encoder"])),
     )
-    hashed = [p for p in folder.rglob("*") if p.is_file()]
-    source = {"kind": "diffusers", "path": str(folder), "sha256": _sha256(hashed, root=folder)}
+    source = {"kind": "diffusers", "path": str(folder), "sha256": tree_sha256(folder)}
     return _build(spec, weights, tokenizer_dir, source)
 
 
@@ -515,7 +502,7 @@ def infer_spec(unet_sd: StateDict, vae_sd: StateDict, text_sd: StateDict, text_k
 def _load_single_file(path: Path, prediction_type: str | None) -> LoadedModel:
     unet_sd, vae_sd, text_sd, kind = split_single_file(_read_weights(path), path)
     spec = infer_spec(unet_sd, vae_sd, text_sd, kind, prediction_type, path)
-    source = {"kind": "single_file", "path": str(path), "sha256": _sha256([path])}
+    source = {"kind": "single_file", "path": str(path), "sha256": file_sha256(path)}
     return _build(spec, (unet_sd, vae_sd, text_sd), _tokenizer_dir(spec.pad_token), source)
 
 

@@ -25,7 +25,6 @@ compute capability differ from the running ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from export.hashing import files_sha256
 from export.trt_compat import check_graph
 from runtime.engines.tensorrt import (
     DEFAULT_PROMPT_CHUNKS,
@@ -77,15 +77,6 @@ def build_mode(graph_precision: str, precision: str) -> tuple[bool, str | None]:
     return False, precision.upper()
 
 
-def file_sha256(paths: Iterable[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def build_tensorrt_engines(engine_dir: str | os.PathLike, manifest: Manifest, *, precision: str = "fp16",
                            optimization_level: int = 3, workspace_gib: float | None = None, guidance: bool = True,
                            max_prompt_chunks: int = DEFAULT_PROMPT_CHUNKS, networks: Iterable[str] | None = None,
@@ -124,7 +115,7 @@ def build_tensorrt_engines(engine_dir: str | os.PathLike, manifest: Manifest, *,
         files = [graph] + ([engine_dir / net["external_data"]] if net.get("external_data") else [])
         profile = network_profile(name, manifest.dims, manifest.shapes, graph_precision,
                                   guidance=guidance, max_prompt_chunks=max_prompt_chunks)
-        key = plan_key(name, onnx_sha256=file_sha256(files), tensorrt_version=env.tensorrt_version,
+        key = plan_key(name, onnx_sha256=files_sha256(files), tensorrt_version=env.tensorrt_version,
                        compute_capability=env.compute_capability, precision=precision, profile=profile,
                        strongly_typed=strongly_typed, optimization_level=optimization_level)
         plan_rel, key_rel = plan_paths(name, key)
