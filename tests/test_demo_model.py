@@ -10,17 +10,29 @@ engine folder built from the source "tiny".
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-TINY_DIR = Path(__file__).resolve().parent.parent / "export" / "assets" / "tiny"
+ROOT = Path(__file__).resolve().parent.parent
+TINY_DIR = ROOT / "export" / "assets" / "tiny"
 
-# The palette the model was trained on, as the training run recorded it (tools/train_demo.py COLOURS), RGB.
-COLOURS = {name: tuple(rgb) for name, rgb in
-           json.loads((TINY_DIR / "TRAINING.json").read_text())["data"]["colours"].items()}
+
+def _load_training_script():
+    """tools/train_demo.py (a script, not a package): its palette, captions and colour measurement
+    are the ones the model was trained and sanity-checked with."""
+    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "tools" / "train_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_demo = _load_training_script()
+COLOURS = train_demo.COLOURS  # RGB
+caption = train_demo.caption
 # (shape, shape colour, background colour, seed): each colour 4 times as shape and 4 times as
 # background, each shape 8 times.
 CASES = [
@@ -38,32 +50,11 @@ STEPS = 20
 GUIDANCE = 5.0
 SAMPLER = "ddim"
 THREADS = 1
-BORDER = 4  # pixels
-FAR_FROM_BACKGROUND = 80.0  # RGB distance (0-255 scale) that marks a pixel as part of the shape
-
-
-def caption(shape: str, fg: str, bg: str) -> str:
-    return f"a {fg} {shape} on a {bg} background"
-
-
-def nearest_colour(rgb: np.ndarray) -> str:
-    names = list(COLOURS)
-    d = ((np.asarray([COLOURS[n] for n in names], np.float64) - rgb) ** 2).sum(axis=1)
-    return names[int(d.argmin())]
 
 
 def measure_colours(image: np.ndarray) -> tuple[str, str]:
     """(shape colour, background colour) of a float [h, w, 3] image in [0, 1]."""
-    px = np.asarray(image, np.float64) * 255.0
-    h, w, _ = px.shape
-    b = BORDER
-    border = np.concatenate([px[:b].reshape(-1, 3), px[-b:].reshape(-1, 3),
-                             px[:, :b].reshape(-1, 3), px[:, -b:].reshape(-1, 3)])
-    bg = np.median(border, axis=0)
-    far = np.sqrt(((px - bg) ** 2).sum(axis=-1)) > FAR_FROM_BACKGROUND
-    centre = px[h // 4: 3 * h // 4, w // 4: 3 * w // 4].reshape(-1, 3)
-    fg = np.median(px[far], axis=0) if far.sum() >= 20 else np.median(centre, axis=0)
-    return nearest_colour(fg), nearest_colour(bg)
+    return train_demo.measure_colours(np.asarray(image, np.float64) * 255.0)
 
 
 def test_measure_colours_reads_a_drawn_image():
