@@ -63,6 +63,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{summ.get('default_engine_unet_parity')}",
         f"- default engine txt2img end to end: {_ratio(summ.get('e2e_speedup_vs_diffusers-fp32'))} faster than the "
         f"diffusers fp32 pipeline, {_ratio(summ.get('e2e_speedup_vs_diffusers-bf16'))} than bf16",
+    ]
+    int8 = summ.get("openvino-int8")
+    if int8:
+        lines.append(
+            f"- opt-in int8 U-Net (build-engine --quantize int8): U-Net call {_ratio(int8.get('unet_speedup_vs_diffusers-fp32'))} "
+            f"faster than PyTorch fp32 eager, {_ratio(int8.get('unet_speedup_vs_diffusers-bf16'))} than bf16; end to end "
+            f"{_ratio(int8.get('e2e_speedup_vs_diffusers-fp32'))} / {_ratio(int8.get('e2e_speedup_vs_diffusers-bf16'))}; "
+            f"parity {int8.get('unet_parity')}")
+    lines += [
         "- scheduler overhead: " + (f"{so.get('per_step_ms'):.3f} ms per step ({so.get('sampler')}, shape {so.get('shape')})"
                                     if so.get("status") == "ok" and so.get("per_step_ms") is not None
                                     else f"{so.get('status')}: {so.get('reason', '')}"),

@@ -61,8 +61,14 @@ class Target:
 
 
 ENGINES = {
-    "openvino-bf16": Target("openvino-bf16", "engine", "OpenVINO bf16", "openvino", {"inference_precision": "bf16"}),
-    "openvino-f32": Target("openvino-f32", "engine", "OpenVINO fp32", "openvino", {"inference_precision": "f32"}),
+    "openvino-bf16": Target("openvino-bf16", "engine", "OpenVINO bf16", "openvino",
+                            {"inference_precision": "bf16", "quantized": False}),
+    # opt-in: the engine folder built with `build-engine --quantize int8` (the rest of the graph bf16 where the
+    # CPU has it); the benchmark cache gets its int8 U-Net the first time this target is asked for
+    "openvino-int8": Target("openvino-int8", "engine", "OpenVINO int8 U-Net (build-engine --quantize int8)", "openvino",
+                            {"quantized": True}),
+    "openvino-f32": Target("openvino-f32", "engine", "OpenVINO fp32", "openvino",
+                           {"inference_precision": "f32", "quantized": False}),
     "onnxruntime": Target("onnxruntime", "engine", "ONNX Runtime fp32", "onnxruntime"),
     "torch": Target("torch", "engine", "our PyTorch reference engine", "torch"),
     "tensorrt": Target("tensorrt", "engine", "TensorRT", "tensorrt"),
@@ -111,6 +117,12 @@ def target_availability(target: Target) -> tuple[bool, str]:
             ok, why = module.is_available()
             if not ok:
                 return False, why
+        if target.options.get("quantized"):
+            from export.quantize import is_available as quantize_available
+
+            ok, why = quantize_available()
+            if not ok:
+                return False, f"the int8 U-Net is built with nncf: {why}"
         if target.backend == "openvino" and target.options.get("inference_precision") == "bf16":
             caps = module.cpu_capabilities()
             if "BF16" not in caps:
@@ -183,27 +195,40 @@ def cache_paths(settings: Settings) -> tuple[Path, Path]:
     return base / "diffusers", base / "engine-fp32"
 
 
+def wants_int8(settings: Settings) -> bool:
+    """Whether this run measures the int8 U-Net and can build it."""
+    return "openvino-int8" in settings.engines and target_availability(ENGINES["openvino-int8"])[0]
+
+
 def build_options(settings: Settings) -> dict[str, Any]:
     """build_engine keyword arguments: an fp32 graph with build_engine's default image bounds (half
     to twice the native size) widened to cover the benchmarked resolution, which is also the
-    optimal size (the export's parity check runs there, cheaper than at the native size)."""
+    optimal size (the export's parity check and the int8 calibration run there, cheaper than at the
+    native size); the int8 U-Net when the run measures it."""
     from export.configs import preset
 
     spec = preset(settings.model)
     native = spec.unet.sample_size * spec.vae_scale_factor
     res = settings.resolution
     return {"precision": "fp32", "min_image": min(res, native // 2), "opt_image": res,
-            "max_image": max(res, 2 * native), "max_batch": max(4, settings.batch), "seed": settings.weights_seed}
+            "max_image": max(res, 2 * native), "max_batch": max(4, settings.batch), "seed": settings.weights_seed,
+            "quantize": "int8" if wants_int8(settings) else None}
 
 
 def prepare_cache(settings: Settings, workdir: Path, log) -> dict[str, Any]:
+    """Build the cached diffusers and engine folders where they are missing, do not cover the run's
+    shapes, or lack the int8 U-Net the run measures (added in place). A folder that covers the run
+    is left as it is, int8 U-Net included, when the run does not measure int8."""
     diffusers_dir, engine_dir = cache_paths(settings)
     diffusers_dir.parent.mkdir(parents=True, exist_ok=True)
     if (diffusers_dir / "model_index.json").is_file() and (engine_dir / "manifest.json").is_file():
+        from runtime.engines.openvino import int8_unet
         from runtime.manifest import load_manifest
 
-        shapes = load_manifest(engine_dir).shapes
-        if shapes["min_image"] <= settings.resolution <= shapes["max_image"] and settings.batch <= shapes["max_batch"]:
+        manifest = load_manifest(engine_dir)
+        shapes = manifest.shapes
+        covered = shapes["min_image"] <= settings.resolution <= shapes["max_image"] and settings.batch <= shapes["max_batch"]
+        if covered and (int8_unet(manifest) is not None or not wants_int8(settings)):
             return {"status": "ok", "reused": True}
     log(f"building the benchmark cache for {settings.model} under {diffusers_dir.parent} (once)")
     task = {"kind": "prepare", "target": "prepare", "model": settings.model, "weights_seed": settings.weights_seed,
@@ -317,6 +342,12 @@ def summarize_run(report: dict[str, Any]) -> dict[str, Any]:
     summary["fastest"] = best
     unet = results.get(default or "", {}).get("networks", {}).get("unet", {})
     summary["default_engine_unet_parity"] = unet.get("parity", {}).get("max_rel_err")
+    int8 = "openvino-int8"  # opt-in at build time, so never the default engine; its own headline
+    if median(int8, "unet"):
+        summary[int8] = {f"{what}_speedup_vs_{peer}": (median(peer, what) / median(int8, what)
+                                                       if median(peer, what) and median(int8, what) else None)
+                         for what in ("unet", "e2e") for peer in ("diffusers-fp32", "diffusers-bf16")}
+        summary[int8]["unet_parity"] = results[int8]["networks"]["unet"].get("parity", {}).get("max_rel_err")
     so = report.get("scheduler_overhead", {})
     summary["scheduler_overhead_ms_per_step"] = so.get("per_step_ms") if so.get("status") == "ok" else None
     return summary

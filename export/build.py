@@ -3,12 +3,15 @@ folder: the four ONNX graphs, the tokenizer files and `manifest.json` (runtime/m
 the plans of a backend that needs its own (TensorRT).
 
     build-engine sd15.safetensors --out engines/sd15 --precision fp16 --backend tensorrt
+    build-engine sd15.safetensors --out engines/sd15-int8 --quantize int8   # + int8 U-Net for OpenVINO
 
 The build is atomic: everything is written into a temporary sibling folder `.DIR.tmp-PID-XXXX`,
 and renamed over DIR only once every graph has passed its parity check. A build killed midway
 leaves the old folder as it was; the next run removes the stale temporary folder. A folder whose
 manifest already matches the request (source sha256, precision, shape range, prediction type, tool
-versions, every file's sha256) is reused as is unless `force=True`.
+versions, every file's sha256) is reused as is unless `force=True`. `--quantize int8` adds an int8
+U-Net for the OpenVINO engine (export/quantize.py); asked of an up-to-date folder, it quantizes in
+place without exporting again, and a later build without `--quantize` removes it again.
 """
 
 from __future__ import annotations
@@ -107,6 +110,10 @@ def _folder_files(manifest: Manifest) -> dict[str, str]:
     tok_dir = manifest.tokenizer.get("dir", "tokenizer")
     for name, digest in manifest.tokenizer.get("files", {}).items():
         files[f"{tok_dir}/{name}"] = digest
+    int8 = manifest.backends.get("openvino", {}).get("unet_int8")
+    if int8:
+        files[int8["file"]] = int8["sha256"]
+        files[int8["weights"]] = int8["weights_sha256"]
     return files
 
 
@@ -199,19 +206,30 @@ def _check_shapes(spec: Any, shapes: dict[str, int]) -> None:
 def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, backend: str = "onnxruntime",
                  precision: str = "fp32", min_image: int | None = None, opt_image: int | None = None,
                  max_image: int | None = None, min_batch: int = 1, opt_batch: int = 1, max_batch: int = 4,
-                 prediction_type: str | None = None, seed: int = 0, force: bool = False,
-                 progress: Progress = print) -> Path:
+                 prediction_type: str | None = None, seed: int = 0, quantize: str | None = None,
+                 force: bool = False, progress: Progress = print) -> Path:
     """Build (or reuse) the engine folder `out_dir` for `source`; return its path.
 
     Image sizes default to half, once and twice the model's native size. `seed` seeds the random
-    weights of presets. Raises `BuildError`, `CheckpointError` (source), `ParityError` (a graph
-    differs from PyTorch) or the TensorRT builder's error; `out_dir` is then left as it was."""
+    weights of presets. `quantize="int8"` adds the OpenVINO int8 U-Net (fp32 graphs only). Raises
+    `BuildError`, `CheckpointError` (source), `ParityError` (a graph differs from PyTorch),
+    `QuantizeError` or the TensorRT builder's error; `out_dir` is then left as it was."""
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise BuildError(f"unknown prediction type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    if quantize is not None:
+        from export.quantize import SCHEMES, is_available as quantize_available
+
+        if quantize not in SCHEMES:
+            raise BuildError(f"unknown quantization {quantize!r}; expected one of {', '.join(SCHEMES)}")
+        if precision != "fp32":
+            raise BuildError(f"--quantize {quantize} starts from the fp32 graphs; got --precision {precision}")
+        ok, why = quantize_available()
+        if not ok:
+            raise BuildError(f"--quantize {quantize} is not usable on this machine: {why}")
     if backend == "tensorrt":  # fail before minutes of export, not after
         from runtime.engines.tensorrt import is_available
 
@@ -259,8 +277,11 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, backe
     if existing is not None or (out_dir / MANIFEST_NAME).is_file():
         problem = "--force given" if force else _reuse_problem(out_dir, identity, precision, shapes, tools, backend)
         if problem is None:
-            progress(f"up to date: {out_dir} matches the request (source, precision, shapes, tools and every "
-                     "file's sha256); nothing to do")
+            if _update_quantization(out_dir, quantize, progress):
+                progress(f"updated {out_dir} in {time.perf_counter() - start:.1f} s")
+                return out_dir
+            progress(f"up to date: {out_dir} matches the request (source, precision, shapes, quantization, tools "
+                     "and every file's sha256); nothing to do")
             return out_dir
         progress(f"rebuilding {out_dir}: {problem}")
 
@@ -274,6 +295,8 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, backe
         manifest = _export_all(model, identity, tmp, precision, shapes, tools, progress)
         del model
         gc.collect()
+        if quantize is not None:
+            manifest = _quantize(tmp, manifest, quantize, progress)
         if backend == "tensorrt":
             _carry_plans(out_dir, tmp)
             manifest = _build_tensorrt(tmp, manifest, precision, progress)
@@ -289,7 +312,8 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, backe
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    progress(f"built {out_dir} ({backend}, {precision}) in {time.perf_counter() - start:.1f} s")
+    progress(f"built {out_dir} ({backend}, {precision}{', ' + quantize + ' U-Net' if quantize else ''}) "
+             f"in {time.perf_counter() - start:.1f} s")
     return out_dir
 
 
@@ -329,6 +353,42 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         default_size=(size, size), shapes=dict(shapes), precision=precision, networks=networks, backends={},
         source=identity, tools=tools, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _quantize(folder: Path, manifest: Manifest, scheme: str, progress: Progress) -> Manifest:
+    from export.quantize import quantize_unet
+
+    write_manifest(folder, manifest)  # calibration runs the folder through the runtime
+    with _stage(progress, f"quantizing the U-Net ({scheme}, OpenVINO)"):
+        entry = quantize_unet(folder, manifest, scheme=scheme, progress=progress)
+    backends = dict(manifest.backends)
+    backends["openvino"] = {**backends.get("openvino", {}), **entry}
+    return replace(manifest, backends=backends)
+
+
+def _update_quantization(out_dir: Path, scheme: str | None, progress: Progress) -> bool:
+    """Bring an otherwise up-to-date folder's int8 U-Net in line with the request, in place: add it
+    (files first, then the manifest, each replaced atomically) or remove it (manifest first).
+    Returns whether anything changed."""
+    manifest = load_manifest(out_dir)
+    have = manifest.backends.get("openvino", {}).get("unet_int8")
+    if (have["scheme"] if have else None) == scheme:
+        return False
+    if scheme is not None:
+        progress(f"adding the {scheme} U-Net to {out_dir} (the graphs are up to date; no export needed)")
+        write_manifest(out_dir, _quantize(out_dir, manifest, scheme, progress))
+        return True
+    progress(f"removing the int8 U-Net from {out_dir} (not requested; pass --quantize int8 to keep it)")
+    backends = dict(manifest.backends)
+    rest = {k: v for k, v in backends.pop("openvino").items() if k != "unet_int8"}
+    if rest:
+        backends["openvino"] = rest
+    write_manifest(out_dir, replace(manifest, backends=backends))
+    for rel in (have["file"], have["weights"]):
+        (out_dir / rel).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (out_dir / Path(have["file"]).parent).rmdir()  # only if empty
+    return True
 
 
 def _carry_plans(old: Path, new: Path) -> None:
@@ -372,11 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="also build an int8 U-Net for the OpenVINO CPU engine, calibrated on denoising runs "
+                             "(needs sd-runtime[quantize]; fp32 only; faster, less exact: see docs/benchmarks.md)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
     args = parser.parse_args(argv)
 
     from export.loading import CheckpointError
     from export.onnx_export import ParityError
+    from export.quantize import QuantizeError
 
     def progress(line: str) -> None:
         print(line, flush=True)
@@ -385,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         build_engine(args.source, args.out, backend=args.backend, precision=args.precision, min_image=args.min_image,
                      opt_image=args.opt_image, max_image=args.max_image, min_batch=args.min_batch,
                      opt_batch=args.opt_batch, max_batch=args.max_batch, prediction_type=args.prediction_type,
-                     seed=args.seed, force=args.force, progress=progress)
-    except (BuildError, CheckpointError, ParityError, ManifestError, OSError, ValueError, RuntimeError) as e:
+                     seed=args.seed, quantize=args.quantize, force=args.force, progress=progress)
+    except (BuildError, CheckpointError, ParityError, QuantizeError, ManifestError, OSError, ValueError,
+            RuntimeError) as e:
         print(f"build-engine: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -15,7 +15,9 @@ Schema (format version 1):
   "precision": "fp32" | "fp16" | "bf16",
   "networks": {name: {"file": "unet.onnx", "external_data": "unet.onnx.data" | null,
                       "precision": "fp32", "sha256": "...", "parity": {...}}},
-  "backends": {"tensorrt": {...}, ...},   # engine files of other backends, per backend
+  "backends": {"tensorrt": {...},         # engine files of other backends, per backend
+               "openvino": {"unet_int8": {"file", "weights", "sha256", "weights_sha256", "calibration",
+                                          "parity", ...}}},   # build-engine --quantize int8
   "source": {"kind": "preset" | "diffusers" | "single_file", "path": "...", "sha256": "..."},
   "tools": {"torch": "...", "onnx": "...", ...},
   "created": "ISO 8601 time"

@@ -467,6 +467,8 @@ class Pipeline:
             "eta": float(eta), "height": height, "width": width, "seeds": seeds,
             "engine": str(self.engine_dir), "backend": self.backend, "precision": m.precision,
         }
+        if getattr(unet, "quantized", False):  # build-engine --quantize int8, run by OpenVINO
+            params["unet"] = "int8"
         if mode != "txt2img":
             params["strength"] = float(strength)
         return GenerationResult(images=images, seeds=seeds, timings=timings, backend=self.backend, parameters=params)
@@ -496,5 +498,6 @@ def load(engine_dir: str | Path, backend: str | None = None, **engine_options) -
     name, engines = open_engines(engine_dir, manifest=manifest, backend=backend, **engine_options)
     tok = manifest.tokenizer
     tokenizer = text.load_tokenizer(Path(engine_dir) / tok.get("dir", "tokenizer"), tok.get("pad_token"))
-    log.info("engine folder %s: %s %s on backend %s", engine_dir, manifest.family, manifest.precision, name)
+    int8 = " (int8 U-Net)" if getattr(engines.get("unet"), "quantized", False) else ""
+    log.info("engine folder %s: %s %s on backend %s%s", engine_dir, manifest.family, manifest.precision, name, int8)
     return Pipeline(engine_dir, manifest, name, engines, tokenizer)

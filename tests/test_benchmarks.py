@@ -45,7 +45,7 @@ def tiny_report(tmp_path_factory):
     pytest.importorskip("diffusers")
     tmp = tmp_path_factory.mktemp("bench")
     settings = suite.Settings(model="tiny-sd1", resolution=64, steps=2, repeats=2, warmup=1,
-                              engines=("onnxruntime", "openvino-f32"), peers=("diffusers-fp32", "diffusers-compile"),
+                              engines=("onnxruntime", "openvino-f32", "openvino-int8"), peers=("diffusers-fp32", "diffusers-compile"),
                               cache_dir=str(tmp / "cache"), timeout_s=600)
     out = tmp / "tiny.json"
     report = suite.run(settings, out, command="pytest", log=lambda msg: None)
@@ -74,6 +74,16 @@ def test_suite_writes_json_and_markdown(tiny_report):
     # parity against the fp32 PyTorch reference: the reference is exact against itself, ORT close
     assert results["diffusers-fp32"]["networks"]["unet"]["parity"]["max_rel_err"] == 0
     assert results["onnxruntime"]["networks"]["unet"]["parity"]["max_rel_err"] < 1e-3
+    # the opt-in int8 U-Net: built into the cache for this run, measured, with its own headline
+    # (not the default engine: a default build has no int8 U-Net)
+    if results["openvino-int8"]["status"] != "skipped":  # skipped only without nncf, with the reason
+        r = results["openvino-int8"]
+        assert r["status"] == "ok", r.get("reason")
+        assert 0 < r["networks"]["unet"]["parity"]["max_rel_err"] < 0.5
+        summary = on_disk["summary"]["openvino-int8"]
+        assert summary["unet_speedup_vs_diffusers-fp32"] > 0
+        assert summary["unet_parity"] == r["networks"]["unet"]["parity"]["max_rel_err"]
+    assert on_disk["default_engine"] != "openvino-int8"
     md = out.with_suffix(".md").read_text()
     assert md == render_markdown(on_disk)
     assert "| onnxruntime |" in md and "| diffusers-fp32 |" in md and "U-Net parity" in md
@@ -84,3 +94,24 @@ def test_cache_is_reused(tiny_report, tmp_path):
     settings = suite.Settings(**{**report["settings"], "engines": (), "peers": (), "e2e": False})
     again = suite.run(settings, tmp_path / "again.json", log=lambda msg: None)
     assert again["cache"]["reused"] is True
+    # a run that does not measure int8 leaves the cached int8 U-Net in place for the next one that does
+    from runtime.engines.openvino import int8_unet
+    from runtime.manifest import load_manifest
+
+    had_int8 = report["results"]["openvino-int8"]["status"] == "ok"
+    assert (int8_unet(load_manifest(suite.cache_paths(settings)[1])) is not None) == had_int8
+
+
+def test_ceiling_counts_the_unet_arithmetic():
+    pytest.importorskip("torch")
+    from benchmarks.ceiling import gemm_tflops, unet_gflop
+
+    flops = unet_gflop("sd15", 256, 1)  # meta device: no weights allocated
+    # SD 1.5 U-Net, 256x256, guidance batch 2: the convolutions are 221.97 GFLOP (2 per multiply-add:
+    # 3x3 and 1x1 convs of the resnets, down/upsamplers, conv_in/out and the transformers' projections)
+    assert flops["convolution"] == pytest.approx(221.97305344, rel=1e-9)
+    assert flops["total"] == pytest.approx(sum(v for k, v in flops.items() if k != "total"))
+    assert 330 < flops["total"] < 400
+    # batch and resolution scale it: twice the batch, twice the work
+    assert unet_gflop("sd15", 256, 2)["convolution"] == pytest.approx(2 * flops["convolution"])
+    assert gemm_tflops("f32", size=256, repeats=2) > 0

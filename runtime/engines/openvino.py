@@ -93,13 +93,14 @@ class OpenVinoEngine(Engine):
     def __init__(self, path: str | os.PathLike, name: str, inputs: tuple[TensorSpec, ...],
                  outputs: tuple[TensorSpec, ...], *, inference_precision: str | None = None,
                  threads: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 static_shapes: bool = True):
+                 static_shapes: bool = True, quantized: bool = False):
         super().__init__(name, inputs, outputs)
         import openvino as ov
 
         self.path = Path(path)
+        self.quantized = quantized  # an int8 IR from `build-engine --quantize int8` (export/quantize.py)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{name}: ONNX graph {self.path} does not exist")
+            raise FileNotFoundError(f"{name}: graph {self.path} does not exist")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         self._core = ov.Core()
@@ -127,6 +128,10 @@ class OpenVinoEngine(Engine):
                              f"{sorted(declared_in)} and outputs {sorted(declared_out)}")
         # key: tuple of input shapes in declared order (or None for the one dynamic model)
         self._compiled: OrderedDict[Any, Any] = OrderedDict()
+
+    def __repr__(self) -> str:
+        int8 = ", int8 weights and activations" if self.quantized else ""
+        return f"<OpenVinoEngine {self.name} on openvino ({self.inference_precision}{int8}) from {self.path.name}>"
 
     def _request(self, feeds: Mapping[str, np.ndarray]):
         key = tuple(feeds[t.name].shape for t in self.inputs) if self.static_shapes else None
@@ -216,12 +221,19 @@ def _default_cache_dir(engine_dir: Path) -> Path | None:
     return cache
 
 
+def int8_unet(manifest: Manifest) -> dict[str, Any] | None:
+    """The manifest entry of the folder's int8 U-Net (`build-engine --quantize int8`), or None."""
+    return manifest.backends.get(BACKEND, {}).get("unet_int8")
+
+
 def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str, **options: Any) -> OpenVinoEngine:
     """The OpenVINO engine for `network` of an engine folder.
 
     Options: inference_precision ("bf16" | "f32" | "f16"; default bf16 where the CPU has it, else
     f32, whatever the graph's precision), threads, static_shapes (default True), cache_dir (default
-    ENGINE_DIR/openvino-cache; None turns caching off).
+    ENGINE_DIR/openvino-cache; None turns caching off), quantized (U-Net only: None (default) runs
+    the folder's int8 U-Net where it has one, True requires it, False runs the fp32/fp16 graph; the
+    other networks ignore it).
     """
     engine_dir = Path(engine_dir)
     if network not in manifest.networks:
@@ -235,7 +247,21 @@ def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str,
     # the CPU plugin converts its weights on compile; f16 arithmetic is opt-in where the CPU has it.
     if "cache_dir" not in options:
         options["cache_dir"] = _default_cache_dir(engine_dir)
-    unknown = set(options) - {"inference_precision", "threads", "cache_dir", "static_shapes"}
+    unknown = set(options) - {"inference_precision", "threads", "cache_dir", "static_shapes", "quantized"}
     if unknown:
         raise TypeError(f"openvino engine: unknown options {', '.join(sorted(unknown))}")
-    return OpenVinoEngine(engine_dir / entry["file"], network, inputs, outputs, **options)
+    quantized = options.pop("quantized", None)
+    if quantized not in (None, True, False):
+        raise ValueError(f"quantized must be None, True or False, got {quantized!r}")
+    path = engine_dir / entry["file"]
+    if network == "unet":
+        int8 = int8_unet(manifest)
+        if quantized and int8 is None:
+            raise ValueError(f"{engine_dir}: quantized=True, but the folder has no int8 U-Net "
+                             "(build it with build-engine --quantize int8)")
+        if int8 is not None and quantized is not False:
+            path = engine_dir / int8["file"]
+            # the int8 IR takes fp32 inputs whatever the folder's graph precision
+            inputs, outputs = network_io(network, manifest.dims, "fp32")
+            return OpenVinoEngine(path, network, inputs, outputs, quantized=True, **options)
+    return OpenVinoEngine(path, network, inputs, outputs, **options)

@@ -1,0 +1,154 @@
+"""`build-engine --quantize int8`: the OpenVINO int8 U-Net (export/quantize.py) is calibrated on
+real denoising runs, checked against the fp32 graph, recorded in the manifest, used by the OpenVINO
+engine by default, and added to or removed from an up-to-date folder in place."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nncf", reason="int8 quantization needs sd-runtime[quantize] (nncf)")
+
+import runtime  # noqa: E402
+from export.build import BuildError, build_engine, main  # noqa: E402
+from export.hashing import file_sha256  # noqa: E402
+from export.quantize import CALIBRATION_PROMPTS, DEFAULT_STEPS, QuantizeError, psnr, quantize_unet  # noqa: E402
+from runtime.manifest import load_manifest  # noqa: E402
+
+QUIET = {"progress": lambda line: None}
+
+
+def _onnx_mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx*")}
+
+
+@pytest.fixture(scope="module")
+def demo_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded demo model built with the int8 U-Net (a fresh build, not in place)."""
+    return build_engine("tiny", tmp_path_factory.mktemp("engines") / "tiny-int8", quantize="int8", **QUIET)
+
+
+def test_manifest_records_the_int8_unet(demo_int8):
+    manifest = load_manifest(demo_int8)
+    entry = manifest.backends["openvino"]["unet_int8"]
+    assert entry["file"] == "openvino/unet-int8.xml" and entry["weights"] == "openvino/unet-int8.bin"
+    assert file_sha256(demo_int8 / entry["file"]) == entry["sha256"]
+    assert file_sha256(demo_int8 / entry["weights"]) == entry["weights_sha256"]
+    cal = entry["calibration"]
+    assert cal["calls"] == len(CALIBRATION_PROMPTS) * DEFAULT_STEPS  # guidance on: one batch-2 call per step
+    assert cal["size"] == manifest.shapes["opt_image"]
+    par = entry["parity"]
+    assert par["calls"] == DEFAULT_STEPS
+    # measured 2.8e-2 rms and 39.1 dB on the demo model; the build's own threshold is 0.1 rms
+    assert 0 < par["rms_rel"] < 0.06
+    assert 33 < par["image_psnr_db"] < 80
+    # the graphs the other backends run are the fp32 ones, untouched
+    assert manifest.networks["unet"]["precision"] == "fp32"
+    assert not list(demo_int8.glob("openvino/.*tmp*"))
+
+
+def test_openvino_runs_the_int8_unet_by_default(demo_int8):
+    pipe = runtime.load(demo_int8, backend="openvino")
+    unet = pipe.engines["unet"]
+    assert unet.quantized and unet.path.name == "unet-int8.xml"
+    assert "int8" in repr(unet)
+    opted_out = runtime.load(demo_int8, backend="openvino", quantized=False).engines["unet"]
+    assert not opted_out.quantized and opted_out.path.name == "unet.onnx"
+    # the other backends do not know the IR and run the ONNX graphs
+    ort = runtime.load(demo_int8, backend="onnxruntime")
+    assert ort.backend == "onnxruntime"
+
+
+def test_int8_images_stay_close_to_fp32(demo_int8):
+    prompts = ["a red circle on a blue background", "a white square on a black background"]
+    kwargs = dict(seed=[3, 4], num_inference_steps=10, guidance_scale=5.0, output_type="np", progress=False)
+    int8_result = runtime.load(demo_int8, backend="openvino", inference_precision="f32").txt2img(prompts, **kwargs)
+    fp32_result = runtime.load(demo_int8, backend="openvino", inference_precision="f32",
+                               quantized=False).txt2img(prompts, **kwargs)
+    # the parameters (and so the PNG metadata) say which U-Net made the image
+    assert int8_result.parameters["unet"] == "int8" and "unet" not in fp32_result.parameters
+    value = psnr(int8_result.images, fp32_result.images)
+    # measured 25.4 dB (per image 22-44 dB on this tiny model; bf16 alone: 46-56 dB): int8 moves
+    # edges and flat colours a little, never to noise; below 100 dB, the int8 U-Net really ran
+    assert 20 < value < 100, value
+
+
+def test_int8_demo_model_follows_colour_prompts(demo_int8):
+    from test_demo_model import CASES, MIN_ACCURACY, caption, generate_all
+
+    pipe = runtime.load(demo_int8, backend="openvino", threads=1)
+    assert pipe.engines["unet"].quantized
+    measured = generate_all(pipe)
+    misses = [f"{caption(s, fg, bg)!r} seed {seed}: got {got}" for (s, fg, bg, seed), got in zip(CASES, measured)
+              if got != (fg, bg)]
+    assert 1 - len(misses) / len(CASES) >= MIN_ACCURACY, "\n".join(misses)
+
+
+def test_quantized_true_needs_an_int8_unet(tiny_sd1_engine):
+    with pytest.raises(ValueError, match="no int8 U-Net.*--quantize int8"):
+        runtime.load(tiny_sd1_engine, backend="openvino", quantized=True)
+    with pytest.raises(ValueError, match="quantized must be"):
+        runtime.load(tiny_sd1_engine, backend="openvino", quantized="yes")
+
+
+def test_added_and_removed_in_place_without_exporting_again(tiny_sd1_engine, tmp_path):
+    folder = shutil.copytree(tiny_sd1_engine, tmp_path / "engine", copy_function=shutil.copy2)
+    before = _onnx_mtimes(folder)
+    lines: list[str] = []
+    build_engine("tiny-sd1", folder, seed=0, quantize="int8", progress=lines.append)
+    assert any(line.startswith("adding the int8 U-Net") for line in lines)
+    assert not any(line.startswith("exporting") for line in lines)
+    assert _onnx_mtimes(folder) == before
+    entry = load_manifest(folder).backends["openvino"]["unet_int8"]
+    assert (folder / entry["weights"]).stat().st_size > 0
+
+    lines.clear()  # asked again: nothing to do
+    build_engine("tiny-sd1", folder, seed=0, quantize="int8", progress=lines.append)
+    assert any(line.startswith("up to date") for line in lines)
+
+    lines.clear()  # asked without --quantize: removed, graphs untouched
+    build_engine("tiny-sd1", folder, seed=0, progress=lines.append)
+    assert any(line.startswith("removing the int8 U-Net") for line in lines)
+    assert "openvino" not in load_manifest(folder).backends
+    assert not (folder / "openvino").exists()
+    assert _onnx_mtimes(folder) == before
+
+
+def test_parity_failure_leaves_the_folder_as_it_was(tiny_sd1_engine, tmp_path):
+    folder = shutil.copytree(tiny_sd1_engine, tmp_path / "engine", copy_function=shutil.copy2)
+    manifest_text = (folder / "manifest.json").read_text()
+    with pytest.raises(QuantizeError, match="above the threshold 1e-09"):
+        quantize_unet(folder, load_manifest(folder), prompts=CALIBRATION_PROMPTS[:1], steps=2,
+                      max_rms_error=1e-9, **QUIET)
+    assert not (folder / "openvino").exists()  # no IR, no temporary files, no empty folder
+    assert (folder / "manifest.json").read_text() == manifest_text
+
+
+def test_bad_requests(tmp_path, capsys):
+    with pytest.raises(BuildError, match="starts from the fp32 graphs"):
+        build_engine("tiny-sd1", tmp_path / "e", precision="fp16", quantize="int8", **QUIET)
+    with pytest.raises(BuildError, match="unknown quantization 'int4'"):
+        build_engine("tiny-sd1", tmp_path / "e", quantize="int4", **QUIET)
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(SystemExit):
+        main(["tiny-sd1", "--out", str(tmp_path / "e"), "--quantize", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_calibration_needs_prompts_and_steps(tiny_sd1_engine):
+    manifest = load_manifest(tiny_sd1_engine)
+    with pytest.raises(QuantizeError, match="at least one prompt and one step"):
+        quantize_unet(tiny_sd1_engine, manifest, prompts=(), **QUIET)
+    with pytest.raises(QuantizeError, match="unknown quantization scheme"):
+        quantize_unet(tiny_sd1_engine, manifest, scheme="int4", **QUIET)
+
+
+def test_psnr():
+    a = np.zeros((2, 4, 4, 3))
+    assert psnr(a, a) == float("inf")
+    assert psnr(a + 0.1, a) == pytest.approx(20.0)
+    assert json.dumps({"psnr": psnr(a + 0.01, a)})  # a plain float, storable in the manifest
