@@ -52,6 +52,28 @@ def test_unknown_and_unusable_backends(tiny_sd1_engine):
         open_engines(tiny_sd1_engine, backend="tensorrt")
 
 
+def test_options_of_another_backend_are_refused_before_opening(tiny_sd1_engine):
+    import importlib
+
+    # picked automatically: the message says so and lists what the picked backend takes
+    picked, _ = open_engines(tiny_sd1_engine)
+    taken = importlib.import_module(f"runtime.engines.{picked}").OPTIONS
+    with pytest.raises(BackendError, match=rf"backend '{picked}' \(picked as the first usable of tensorrt, "
+                                           rf"openvino, onnxruntime, torch\) does not take the option\(s\) "
+                                           rf"bogus_option; it takes {', '.join(taken)}\. Pass backend="):
+        open_engines(tiny_sd1_engine, bogus_option=1)
+    # named: ONNX Runtime's providers are not the torch engine's
+    with pytest.raises(BackendError, match=r"backend 'torch' \(requested\) does not take the option\(s\) "
+                                           r"providers; it takes device, threads"):
+        open_engines(tiny_sd1_engine, backend="torch", providers=["CPUExecutionProvider"])
+    # every backend declares its options, and the ones it declares are accepted
+    for backend in BACKENDS:
+        module = importlib.import_module(f"runtime.engines.{backend}")
+        assert module.OPTIONS and all(isinstance(o, str) for o in module.OPTIONS)
+    name, engines = open_engines(tiny_sd1_engine, backend="onnxruntime", threads=1, optimization_level="basic")
+    assert name == "onnxruntime" and set(engines) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+
+
 def test_corrupt_onnx_file_names_the_file(engine_copy):
     (engine_copy / "unet.onnx").write_bytes(b"\x08\x07garbage, not a protobuf" * 10)
     manifest = load_manifest(engine_copy)

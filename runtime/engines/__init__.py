@@ -1,8 +1,9 @@
 """Engines: one network each, behind the interface in `base.py`.
 
 Each backend module `runtime.engines.<module>` exposes `is_available() -> (bool, why)` and
-`open_engine(engine_dir, manifest, network, **options) -> Engine`, and is imported only when asked
-for, so a missing optional package (tensorrt, openvino, torch) costs nothing until used.
+`open_engine(engine_dir, manifest, network, **options) -> Engine` and `OPTIONS` (the option names
+open_engine takes), and is imported only when asked for, so a missing optional package (tensorrt,
+openvino, torch) costs nothing until used.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def open_engines(engine_dir: str | os.PathLike, manifest: Manifest | None = None
     missing = [n for n in NETWORKS if n not in manifest.networks]
     if missing:
         raise ManifestError(f"{engine_dir}: the manifest lacks networks {', '.join(missing)}")
+    chosen = backend is None
     if backend is None:
         reasons = {b: _unavailable(b) or _folder_problem(b, manifest, engine_dir) for b in BACKENDS}
         usable = [b for b in BACKENDS if reasons[b] is None]
@@ -84,4 +86,9 @@ def open_engines(engine_dir: str | os.PathLike, manifest: Manifest | None = None
             raise BackendError(f"backend {backend!r} cannot run {engine_dir}: {why}. "
                                f"Usable here: {', '.join(usable) or 'none'}")
     module = _module(backend)
+    unknown = sorted(set(options) - set(module.OPTIONS))
+    if unknown:
+        how = f"picked as the first usable of {', '.join(BACKENDS)}" if chosen else "requested"
+        raise BackendError(f"backend {backend!r} ({how}) does not take the option(s) {', '.join(unknown)}; it takes "
+                           f"{', '.join(module.OPTIONS)}. Pass backend=... to name the backend those options are for.")
     return backend, {n: module.open_engine(engine_dir, manifest, n, **options) for n in NETWORKS}

@@ -154,6 +154,10 @@ class OrtEngine(Engine):
         return dict(zip(names, binding.copy_outputs_to_cpu()))
 
 
+# keyword options open_engine takes (checked by runtime.engines.open_engines before opening anything)
+OPTIONS = ("providers", "threads", "optimization_level", "cache_dir", "device_id")
+
+
 def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str, **options: Any) -> OrtEngine:
     """The ONNX Runtime engine of `network` in an engine folder. Options: providers, threads,
     optimization_level ("disable" | "basic" | "extended" | "all"), cache_dir, device_id."""

@@ -221,6 +221,10 @@ def _default_cache_dir(engine_dir: Path) -> Path | None:
     return cache
 
 
+# keyword options open_engine takes (checked by runtime.engines.open_engines before opening anything)
+OPTIONS = ("inference_precision", "threads", "cache_dir", "static_shapes", "quantized")
+
+
 def int8_unet(manifest: Manifest) -> dict[str, Any] | None:
     """The manifest entry of the folder's int8 U-Net (`build-engine --quantize int8`), or None."""
     return manifest.backends.get(BACKEND, {}).get("unet_int8")
@@ -247,7 +251,7 @@ def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str,
     # the CPU plugin converts its weights on compile; f16 arithmetic is opt-in where the CPU has it.
     if "cache_dir" not in options:
         options["cache_dir"] = _default_cache_dir(engine_dir)
-    unknown = set(options) - {"inference_precision", "threads", "cache_dir", "static_shapes", "quantized"}
+    unknown = set(options) - set(OPTIONS)
     if unknown:
         raise TypeError(f"openvino engine: unknown options {', '.join(sorted(unknown))}")
     quantized = options.pop("quantized", None)

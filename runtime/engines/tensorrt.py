@@ -512,6 +512,10 @@ def plans_problem(engine_dir: str | os.PathLike, manifest: Manifest, networks: t
     return None
 
 
+# keyword options open_engine takes (checked by runtime.engines.open_engines before opening anything)
+OPTIONS = ("device_id", "cuda_graph")
+
+
 def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str, *, device_id: int = 0,
                 cuda_graph: bool = False) -> TensorRTEngine:
     """The TensorRT engine of `network` in `engine_dir`. Checks, before deserializing, that the

@@ -79,6 +79,10 @@ class TorchEngine(Engine):
         return {spec.name: t.float().cpu().numpy().astype(spec.dtype, copy=False) for spec, t in zip(self.outputs, out)}
 
 
+# keyword options open_engine takes (checked by runtime.engines.open_engines before opening anything)
+OPTIONS = ("device", "threads")
+
+
 def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str, **options: Any) -> TorchEngine:
     """The reference `network` for an engine folder. Options: device ("cpu", "cuda", ...), threads."""
     from export.onnx_export import wrap
