@@ -34,7 +34,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"bf16 hardware: {'yes' if cpu.get('bf16_hardware') else 'no'} (flags: {flags}); "
         f"load average at start / end {report.get('load_average_start')} / {report.get('load_average_end')}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
-        f"- timing: median of {s['repeats']} calls after {s['warmup']} warm-up (min-max in brackets), seconds; "
+        f"- timing: median of {s['repeats']} calls after {s['warmup']} warm-up (min-max in brackets), seconds"
+        + (f", per process; per network the median of {s['process_repeats']} fresh processes' medians (min-max over "
+           "all their calls)" if s.get("process_repeats", 1) > 1 else "") + "; "
         f"U-Net and text encoder at the guidance batch {2 * s['batch']}; end to end: median of "
         f"{s['e2e_repeats']} txt2img after {s['e2e_warmup']} 2-step warm-up; peak RSS of the end-to-end process "
         "(per-network process when there is no end to end); U-Net CPU s: process CPU seconds per call, all threads",
@@ -54,6 +56,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             + f" | {_cell(r.get('e2e'))} | {r.get('peak_rss_mb', 0):.0f} | "
             + (f"{par:.1e}" if par is not None else "-") + " | "
             + (f"{nets['unet']['cpu_median_s']:.3g}" if "cpu_median_s" in nets.get("unet", {}) else "-") + " |")
+    spread = {name: r["networks"]["unet"]["process_medians_s"] for name, r in report["results"].items()
+              if r.get("status") == "ok" and "process_medians_s" in r.get("networks", {}).get("unet", {})}
+    if spread:
+        lines += ["", "U-Net median per fresh process, s: " + "; ".join(
+            f"{name} {', '.join(f'{t:.3g}' for t in times)}" for name, times in spread.items())]
     summ = report.get("summary", {})
     so = report.get("scheduler_overhead", {})
     lines += [

@@ -102,6 +102,23 @@ def test_cache_is_reused(tiny_report, tmp_path):
     assert (int8_unet(load_manifest(suite.cache_paths(settings)[1])) is not None) == had_int8
 
 
+def test_networks_in_several_processes_take_the_median_of_medians(tiny_report, tmp_path):
+    import statistics
+
+    report, _ = tiny_report
+    settings = suite.Settings(**{**report["settings"], "engines": ("onnxruntime",), "peers": (), "e2e": False,
+                                 "networks": ("unet",), "repeats": 2, "process_repeats": 3})
+    again = suite.run(settings, tmp_path / "procs.json", log=lambda msg: None)
+    unet = again["results"]["onnxruntime"]["networks"]["unet"]
+    assert unet["processes"] == 3 and len(unet["process_medians_s"]) == 3 and len(unet["times_s"]) == 6
+    assert unet["median_s"] == statistics.median(unet["process_medians_s"])
+    assert unet["min_s"] == min(unet["times_s"]) <= unet["median_s"] <= unet["max_s"] == max(unet["times_s"])
+    md = (tmp_path / "procs.md").read_text()
+    assert "median of 3 fresh processes' medians" in md and "U-Net median per fresh process, s: onnxruntime" in md
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--process-repeats", "0"])
+
+
 def test_ceiling_counts_the_unet_arithmetic():
     pytest.importorskip("torch")
     from benchmarks.ceiling import gemm_tflops, unet_gflop
