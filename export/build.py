@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from export.hashing import file_sha256, tree_sha256
+from runtime.engines.openvino import int8_unet
 from runtime.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
 from runtime.networks import NETWORKS, PRECISIONS
 
@@ -110,7 +111,7 @@ def _folder_files(manifest: Manifest) -> dict[str, str]:
     tok_dir = manifest.tokenizer.get("dir", "tokenizer")
     for name, digest in manifest.tokenizer.get("files", {}).items():
         files[f"{tok_dir}/{name}"] = digest
-    int8 = manifest.backends.get("openvino", {}).get("unet_int8")
+    int8 = int8_unet(manifest)
     if int8:
         files[int8["file"]] = int8["sha256"]
         files[int8["weights"]] = int8["weights_sha256"]
@@ -371,7 +372,7 @@ def _update_quantization(out_dir: Path, scheme: str | None, progress: Progress) 
     (files first, then the manifest, each replaced atomically) or remove it (manifest first).
     Returns whether anything changed."""
     manifest = load_manifest(out_dir)
-    have = manifest.backends.get("openvino", {}).get("unet_int8")
+    have = int8_unet(manifest)
     if (have["scheme"] if have else None) == scheme:
         return False
     if scheme is not None:

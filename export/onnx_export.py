@@ -279,6 +279,14 @@ def _finalize(raw: Path, dest: Path, external_data: str | None) -> None:
 
 # --- parity ----------------------------------------------------------------------------------------
 
+def max_errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max|out - ref|, that divided by max|ref|): the parity measure of every check in export/.
+    A non-finite difference gives an infinite relative error."""
+    err = float(np.max(np.abs(np.asarray(out, np.float64) - ref)))
+    rel = err / max(float(np.max(np.abs(ref))), 1e-12) if np.isfinite(err) else float("inf")
+    return err, rel
+
+
 def default_parity_shapes(spec: Any, min_image: int, opt_image: int, max_image: int, max_batch: int) -> list[Shape]:
     """Two request shapes: one image at the optimal size, then a batch of two (if allowed) of a
     non-square size with two prompt chunks of text, both within the build's shape range."""
@@ -321,8 +329,7 @@ def check_parity(network: str, reference: nn.Module, onnx_path: str | Path, dims
                 if g.shape != r.shape:
                     raise ParityError(f"{network}: output {spec.name!r} has shape {g.shape} in ONNX Runtime, "
                                       f"{r.shape} in PyTorch, at shape {shape.as_list()}")
-                err = float(np.max(np.abs(g.astype(np.float64) - r)))
-                rel = err / max(float(np.max(np.abs(r))), 1e-12) if np.isfinite(err) else float("inf")
+                err, rel = max_errors(g, r)
                 case["max_abs"], case["rel"] = max(case["max_abs"], err), max(case["rel"], rel)
             cases.append(case)
     finally:

@@ -108,11 +108,6 @@ def record_unet_feeds(pipe: Any, prompts: tuple[str, ...], steps: int, size: int
     return recorder.feeds, outputs
 
 
-def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """max|out - ref| / max|ref|, the export parity measure (export/onnx_export.py)."""
-    return float(np.abs(out.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
-
-
 def quantize_unet(engine_dir: str | os.PathLike, manifest: Manifest, *, scheme: str = "int8",
                   prompts: tuple[str, ...] = CALIBRATION_PROMPTS, steps: int = DEFAULT_STEPS, size: int | None = None,
                   seed: int = 0, max_rms_error: float = MAX_RMS_ERROR, progress: Progress = print) -> dict[str, Any]:
@@ -138,6 +133,7 @@ def quantize_unet(engine_dir: str | os.PathLike, manifest: Manifest, *, scheme: 
     from runtime.engines.openvino import OpenVinoEngine
 
     engine_dir = Path(engine_dir)
+    fp32_graph = engine_dir / manifest.networks["unet"]["file"]
     size = size or manifest.shapes["opt_image"]
     start = time.perf_counter()
     progress(f"calibrating: {len(prompts)} prompts x {steps} steps at {size}x{size} (fp32 graphs, OpenVINO f32)")
@@ -155,7 +151,7 @@ def quantize_unet(engine_dir: str | os.PathLike, manifest: Manifest, *, scheme: 
     t_quant = time.perf_counter()
     progress(f"quantizing the U-Net with nncf {nncf.__version__} on {len(feeds)} calibration calls")
     core = ov.Core()
-    model = core.read_model(str(engine_dir / manifest.networks["unet"]["file"]))
+    model = core.read_model(str(fp32_graph))
     quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds),
                               model_type=nncf.ModelType.TRANSFORMER)
     quant_s = time.perf_counter() - t_quant
@@ -167,7 +163,7 @@ def quantize_unet(engine_dir: str | os.PathLike, manifest: Manifest, *, scheme: 
     try:
         ov.save_model(quantized, str(tmp), compress_to_fp16=False)
         del quantized, model
-        parity = _parity(core, tmp, engine_dir / manifest.networks["unet"]["file"], held_out)
+        parity = _parity(core, tmp, fp32_graph, held_out)
         # end to end: the held-out run again with the int8 U-Net at the runtime's default precision (the
         # other networks stay f32, so the difference is the U-Net's)
         pipe = fp32_pipeline()
@@ -215,6 +211,7 @@ def psnr(image: np.ndarray, reference: np.ndarray) -> float:
 def _parity(core: Any, int8_xml: Path, fp32_graph: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """The int8 model at the CPU's default inference precision (what the runtime runs) against
     the fp32 graph at f32, on every feed: worst max-relative error and the overall rms ratio."""
+    from export.onnx_export import max_errors
     from runtime.engines.openvino import DEVICE, PRECISIONS, default_precision
 
     precision = default_precision()
@@ -225,7 +222,7 @@ def _parity(core: Any, int8_xml: Path, fp32_graph: Path, feeds: list[dict[str, n
     for f in feeds:
         a = np.asarray(test(f)[0], dtype=np.float64)
         b = np.asarray(ref(f)[0], dtype=np.float64)
-        worst = max(worst, relative_error(a, b))
+        worst = max(worst, max_errors(a, b)[1])
         sq_err += float(((a - b) ** 2).sum())
         sq_ref += float((b ** 2).sum())
     return {"rel": worst, "rms_rel": (sq_err / max(sq_ref, 1e-30)) ** 0.5, "calls": len(feeds),
