@@ -2,7 +2,7 @@
 
     python -m benchmarks [--quick] [--model sd15|sd21|tiny-sd1] [--resolution 256] [--batch 1]
                          [--steps 20] [--engines ...] [--peers ...] [--repeats N] [--warmup N]
-                         [--out benchmarks/results/NAME.json]
+                         [--optimum-python PATH] [--sdcpp-python PATH] [--out benchmarks/results/NAME.json]
 
 Measured per target (docs/benchmarks.md has the details and the recorded results):
   - per network: text encoder and U-Net at the guidance batch (2 x batch), VAE decode and encode at
@@ -14,7 +14,8 @@ Measured per target (docs/benchmarks.md has the details and the recorded results
     max|out - ref| / max|ref|, on the same seeded inputs;
 and once per run the NumPy scheduler's overhead per step.
 
-Targets run one after another, each in a fresh process (benchmarks/worker.py). Weights: the preset's
+Targets run one after another, each in a fresh process (benchmarks/worker.py; the optimum-intel and
+stable-diffusion.cpp peers with their own venv's Python, benchmarks/peers/). Weights: the preset's
 random weights (seed 0) written once as a diffusers folder, from which the engine folder is built;
 both are cached under --cache-dir and reused.
 """
@@ -25,6 +26,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import machine as mach
+from benchmarks import peers
 from benchmarks.report import render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +62,10 @@ class Target:
     options: dict[str, Any] = field(default_factory=dict)  # engines: open_engine options
     dtype: str = "float32"  # peers: torch dtype
     compile: bool = False  # peers: torch.compile the U-Net (CUDA only)
+    # peers outside the project env (benchmarks/peers RUNNERS: "optimum", "sdcpp"), run with their
+    # venv's Python; `dtype` is then the runner's precision ("default" / "f32") or weight type
+    runner: str = ""
+    e2e_only: bool = False  # no per-network call to time (stable-diffusion.cpp)
 
 
 ENGINES = {
@@ -79,6 +86,13 @@ PEERS = {
     "diffusers-bf16": Target("diffusers-bf16", "peer", "diffusers PyTorch bf16 eager", dtype="bfloat16"),
     "diffusers-compile": Target("diffusers-compile", "peer", "diffusers PyTorch fp16 torch.compile (CUDA)",
                                 dtype="float16", compile=True),
+    # benchmarks/peers: each in its own venv (benchmarks/peers/setup-*.sh), skipped with the reason without it
+    "optimum": Target("optimum", "peer", "optimum-intel OVStableDiffusionPipeline, static shapes, OpenVINO's "
+                      "default precision", dtype="default", runner="optimum"),
+    "optimum-f32": Target("optimum-f32", "peer", "optimum-intel OVStableDiffusionPipeline, static shapes, f32",
+                          dtype="f32", runner="optimum"),
+    "sdcpp": Target("sdcpp", "peer", "stable-diffusion.cpp (stable-diffusion-cpp-python), f32 weights",
+                    dtype="f32", runner="sdcpp", e2e_only=True),
 }
 
 
@@ -103,13 +117,17 @@ class Settings:
     quick: bool = False
     cache_dir: str = str(DEFAULT_CACHE)
     timeout_s: float = 3600.0
+    peer_python: dict[str, str] = field(default_factory=dict)  # runner -> interpreter (--optimum-python ...)
 
 
 # --------------------------------------------------------------------------------- availability
 
 
-def target_availability(target: Target) -> tuple[bool, str]:
-    """(True, "") when `target` can run here; else (False, the reason it is skipped)."""
+def target_availability(target: Target, settings: Settings | None = None) -> tuple[bool, str]:
+    """(True, "") when `target` can run here (with `settings`: and has something to measure in
+    this run); else (False, the reason it is skipped)."""
+    if target.runner:
+        return _external_peer_availability(target, settings)
     if target.kind == "engine":
         try:
             module = importlib.import_module(f"runtime.engines.{target.backend}")
@@ -144,6 +162,13 @@ def target_availability(target: Target) -> tuple[bool, str]:
     return True, ""
 
 
+def _external_peer_availability(target: Target, settings: Settings | None) -> tuple[bool, str]:
+    if target.e2e_only and settings is not None and not settings.e2e:
+        return False, f"{target.name} is measured end to end only, and this run has no end to end (--quick / --no-e2e)"
+    override = settings.peer_python.get(target.runner) if settings is not None else None
+    return peers.availability(target.runner, override)
+
+
 def default_engine_target(engine_dir: Path | None = None) -> tuple[str | None, str]:
     """The target the runtime picks with no backend given: the registry's preference order
     (runtime/engines/__init__.py BACKENDS), each backend's default options."""
@@ -175,7 +200,9 @@ def _run_worker(task: dict[str, Any], workdir: Path, timeout_s: float) -> dict[s
     task_path, result_path = workdir / f"{name}.task.json", workdir / f"{name}.result.json"
     task_path.write_text(json.dumps(task, indent=1))
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "benchmarks.worker", str(task_path), str(result_path)]
+    # a peer outside the project env names its own interpreter and worker module (benchmarks/peers)
+    cmd = [task.get("worker_python", sys.executable), "-m", task.get("worker_module", "benchmarks.worker"),
+           str(task_path), str(result_path)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
@@ -185,8 +212,10 @@ def _run_worker(task: dict[str, Any], workdir: Path, timeout_s: float) -> dict[s
         result = json.loads(result_path.read_text())
     else:
         tail = (proc.stderr or proc.stdout or "")[-2000:]
+        how = (f"was killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exited with code {proc.returncode}")
         result = {"target": name, "status": "failed",
-                  "reason": f"worker exited with code {proc.returncode} and no result (killed for memory?): {tail}"}
+                  "reason": f"worker {how} and no result (killed for memory?): {tail}"}
     result["process_s"] = time.perf_counter() - t0
     return result
 
@@ -224,13 +253,12 @@ def prepare_cache(settings: Settings, workdir: Path, log) -> dict[str, Any]:
     diffusers_dir, engine_dir = cache_paths(settings)
     diffusers_dir.parent.mkdir(parents=True, exist_ok=True)
     if (diffusers_dir / "model_index.json").is_file() and (engine_dir / "manifest.json").is_file():
-        from runtime.engines.openvino import int8_unet
         from runtime.manifest import load_manifest
 
         manifest = load_manifest(engine_dir)
         shapes = manifest.shapes
         covered = shapes["min_image"] <= settings.resolution <= shapes["max_image"] and settings.batch <= shapes["max_batch"]
-        if covered and (int8_unet(manifest) is not None or not wants_int8(settings)):
+        if covered and (manifest.int8_unet is not None or not wants_int8(settings)):
             return {"status": "ok", "reused": True}
     log(f"building the benchmark cache for {settings.model} under {diffusers_dir.parent} (once)")
     task = {"kind": "prepare", "target": "prepare", "model": settings.model, "weights_seed": settings.weights_seed,
@@ -256,13 +284,19 @@ def run_target(target: Target, settings: Settings, workdir: Path) -> dict[str, A
         "e2e_warmup": settings.e2e_warmup, "seed": settings.seed,
         "outputs_path": str(workdir / f"{target.name}.outputs.npz"),
     }
+    e2e_extra: dict[str, Any] = {}
+    if target.kind == "peer":  # peers start from the suite's latents and save their image (image_psnr)
+        inputs = peer_inputs(settings, workdir)
+        e2e_extra = {"latents_path": inputs["latents_path"], "image_path": str(workdir / f"{target.name}.image.npy")}
+        if target.runner:
+            task.update(external_peer_fields(target, settings), feeds_path=inputs["feeds_path"])
     merged: dict[str, Any] = {"target": target.name, "status": "ok", "process_s": 0.0}
     phases = []
-    if settings.networks:
+    if settings.networks and not target.e2e_only:
         phases.append(("networks", task))
     if settings.e2e:
         phases.append(("e2e", {**task, "target": f"{target.name}-e2e", "networks": [], "e2e": True,
-                               "outputs_path": None}))
+                               "outputs_path": None, **e2e_extra}))
     for phase, phase_task in phases:
         if phase == "networks" and settings.process_repeats > 1:
             r = _networks_in_processes(phase_task, workdir, settings)
@@ -282,6 +316,106 @@ def run_target(target: Target, settings: Settings, workdir: Path) -> dict[str, A
             merged[f"peak_rss_mb_{phase}"] = r["peak_rss_mb"]
     merged["peak_rss_mb"] = merged.get("peak_rss_mb_e2e", merged.get("peak_rss_mb_networks", 0.0))
     return merged
+
+
+# ------------------------------------------------------------------------- peers outside the env
+
+
+def peer_paths(settings: Settings) -> dict[str, Path]:
+    """Cached inputs of the benchmarks/peers runners, beside the diffusers folder they come from:
+    optimum's OpenVINO IR export and the single-file checkpoint stable-diffusion.cpp loads."""
+    base = cache_paths(settings)[0].parent
+    return {"ov_dir": base / "optimum-openvino", "single_file": base / "single-file" / f"{settings.model}.safetensors"}
+
+
+def external_peer_fields(target: Target, settings: Settings) -> dict[str, Any]:
+    """Task fields of a benchmarks/peers target: its interpreter and worker module, prompt, precision
+    or weight type, and the cached inputs it reads."""
+    from benchmarks.worker import PROMPT
+
+    runner = peers.runner(target.runner)
+    paths = peer_paths(settings)
+    fields = {"worker_python": str(peers.interpreter(target.runner, settings.peer_python.get(target.runner))),
+              "worker_module": runner.module, "prompt": PROMPT}
+    if target.runner == "optimum":
+        fields.update(precision=target.dtype, ov_dir=str(paths["ov_dir"]))
+    else:
+        fields.update(wtype=target.dtype, single_file=str(paths["single_file"]))
+    return fields
+
+
+def peer_inputs(settings: Settings, workdir: Path) -> dict[str, str]:
+    """Write once per run, and return the paths of, the peers' shared inputs: `latents.npy`, the
+    initial noise [batch, latent channels, res / 8, res / 8] drawn as the runtime draws a seed's
+    (image i from np.random.Generator(PCG64(seed + i)), runtime/stages.py), so peers that accept
+    latents start from the same noise; `feeds.npz`, every network's seeded feeds
+    (benchmarks.worker.network_feeds, keys NETWORK/INPUT) for peers that cannot import runtime/."""
+    from benchmarks.worker import network_batch, network_feeds
+    from runtime.manifest import load_manifest
+
+    latents_path, feeds_path = workdir / "latents.npy", workdir / "feeds.npz"
+    if not (latents_path.is_file() and feeds_path.is_file()):
+        dims = load_manifest(cache_paths(settings)[1]).dims
+        lh = settings.resolution // dims.vae_scale_factor
+        latents = np.stack([np.random.Generator(np.random.PCG64(settings.seed + i)).standard_normal(
+            (dims.latent_channels, lh, lh), dtype=np.float32) for i in range(settings.batch)])
+        np.save(latents_path, latents)
+        feeds = {}
+        for network in NETWORKS:
+            b = network_batch(network, settings.batch, settings.guidance_scale > 1)
+            feeds.update({f"{network}/{k}": v for k, v in
+                          network_feeds(network, dims, b, settings.resolution, settings.seed).items()})
+        np.savez(feeds_path, **feeds)
+    return {"latents_path": str(latents_path), "feeds_path": str(feeds_path)}
+
+
+def prepare_peer(target: Target, settings: Settings, workdir: Path, log) -> dict[str, Any]:
+    """Make a benchmarks/peers target's cached input where it is missing: optimum's OpenVINO export
+    of the diffusers folder (in the optimum venv), or the single-file checkpoint (in this env,
+    export.loading.save_single_file). {"status": "ok", "reused": bool, ...} or a failed result."""
+    diffusers_dir = cache_paths(settings)[0]
+    paths = peer_paths(settings)
+    if target.runner == "optimum":
+        if (paths["ov_dir"] / "model_index.json").is_file():
+            return {"status": "ok", "reused": True}
+        log(f"{target.name}: exporting the diffusers folder to OpenVINO IR with optimum into {paths['ov_dir']} (once)")
+        task = {"kind": "prepare", "target": f"{target.runner}-prepare", "diffusers_dir": str(diffusers_dir),
+                "ov_dir": str(paths["ov_dir"]), **{k: v for k, v in external_peer_fields(target, settings).items()
+                                                   if k.startswith("worker_")}}
+    elif target.runner == "sdcpp":
+        if paths["single_file"].is_file():
+            return {"status": "ok", "reused": True}
+        log(f"{target.name}: saving the weights as a single-file checkpoint {paths['single_file']} (once)")
+        task = {"kind": "single_file", "target": f"{target.runner}-prepare", "diffusers_dir": str(diffusers_dir),
+                "single_file": str(paths["single_file"])}
+    else:
+        raise ValueError(f"{target.name}: unknown peer runner {target.runner!r}")
+    result = _run_worker(task, workdir, settings.timeout_s)
+    result["reused"] = False
+    return result
+
+
+def image_psnr(workdir: Path, results: dict[str, Any], reference: str) -> None:
+    """Add to each peer's end-to-end result the PSNR (runtime.metrics.psnr, dB) of its image against
+    `reference`'s, where both started from the suite's latents (peer_inputs)."""
+    from runtime.metrics import psnr
+
+    ref_path = workdir / f"{reference}.image.npy"
+    if not ref_path.is_file():
+        return
+    ref = np.load(ref_path)
+    for name, result in results.items():
+        path = workdir / f"{name}.image.npy"
+        e2e = result.get("e2e") or {}
+        if name == reference or result.get("status") != "ok" or not e2e or not path.is_file():
+            continue
+        if name in PEERS and PEERS[name].runner == "sdcpp":
+            e2e["image_psnr"] = {"reference": reference, "db": None,
+                                 "reason": "stable-diffusion.cpp draws its own initial noise (no latents input)"}
+            continue
+        image = np.load(path)
+        e2e["image_psnr"] = {"reference": reference,
+                             "db": psnr(image, ref) if image.shape == ref.shape else None}
 
 
 def _networks_in_processes(task: dict[str, Any], workdir: Path, settings: Settings) -> dict[str, Any]:
@@ -313,7 +447,10 @@ def _networks_in_processes(task: dict[str, Any], workdir: Path, settings: Settin
 
 
 def parity(workdir: Path, results: dict[str, Any], reference: str) -> None:
-    """Add, per target and network, max|out - ref| / max|ref| against `reference`'s outputs."""
+    """Add, per target and network, max|out - ref| / max|ref| (runtime.metrics.max_errors) against
+    `reference`'s outputs."""
+    from runtime.metrics import max_errors
+
     ref_path = workdir / f"{reference}.outputs.npz"
     if not ref_path.is_file():
         return
@@ -327,8 +464,7 @@ def parity(workdir: Path, results: dict[str, Any], reference: str) -> None:
             errs = {}
             for key, value in outs.items():
                 if key.split("/")[0] == network and key in ref and ref[key].shape == value.shape:
-                    scale = float(np.abs(ref[key]).max()) or 1.0
-                    errs[key.split("/")[1]] = float(np.abs(value.astype(np.float64) - ref[key]).max() / scale)
+                    errs[key.split("/")[1]] = max_errors(value, ref[key])[1]
             if errs:
                 stats["parity"] = {"reference": reference, "max_rel_err": max(errs.values()), "per_output": errs}
 
@@ -364,7 +500,7 @@ def summarize_run(report: dict[str, Any]) -> dict[str, Any]:
     for what in ("unet", "e2e"):
         ours = median(default, what)
         summary[f"{what}_s"] = ours
-        for peer in ("diffusers-fp32", "diffusers-bf16"):
+        for peer in ("diffusers-fp32", "diffusers-bf16", "optimum"):
             theirs = median(peer, what)
             summary[f"{what}_speedup_vs_{peer}"] = theirs / ours if ours and theirs else None
     best = {}
@@ -410,11 +546,17 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     p.add_argument("--e2e-repeats", type=int, default=1)
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="diffusers + engine folders, reused between runs")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per target process")
+    for name, runner in peers.RUNNERS.items():
+        p.add_argument(f"--{name}-python", metavar="PATH", default=None,
+                       help=f"Python of the {name} peer's venv (default {runner.venv}/bin/python, made by "
+                            f"`bash {runner.setup}`; its targets are skipped when it is absent)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON result path (a .md table is written beside it); default benchmarks/results/<model>-<res>-<date>.json")
     a = p.parse_args(argv)
     s = Settings(model=a.model, resolution=a.resolution, batch=a.batch, steps=a.steps, cache_dir=a.cache_dir,
                  timeout_s=a.timeout, e2e_repeats=a.e2e_repeats, quick=a.quick, process_repeats=a.process_repeats)
+    s.peer_python = {name: path for name in peers.RUNNERS
+                     if (path := getattr(a, f"{name}_python")) is not None}
     if a.process_repeats < 1:
         p.error(f"--process-repeats must be >= 1, got {a.process_repeats}")
     if a.quick:
@@ -465,18 +607,28 @@ def run(settings: Settings, out: Path | None = None, command: str | None = None,
         results: dict[str, Any] = {}
         for name in (*settings.engines, *settings.peers):
             target = ENGINES.get(name) or PEERS[name]
-            ok, why = target_availability(target)
+            ok, why = target_availability(target, settings)
             if not ok:
                 log(f"{name}: skipped ({why})")
                 results[name] = {"target": name, "status": "skipped", "reason": why}
                 continue
+            prepared = prepare_peer(target, settings, workdir, log) if target.runner else None
+            if prepared is not None and prepared["status"] != "ok":
+                log(f"{name}: failed preparing its input ({prepared.get('reason')})")
+                results[name] = {"target": name, "status": "failed", "reason": f"prepare: {prepared.get('reason')}",
+                                 "traceback": prepared.get("traceback"), "prepare": prepared,
+                                 "kind": target.kind, "label": target.label}
+                continue
             log(f"{name}: running")
             results[name] = run_target(target, settings, workdir)
+            if prepared is not None:
+                results[name]["prepare"] = prepared
             results[name].update(kind=target.kind, label=target.label)
             r = results[name]
             log(f"{name}: {r['status']}" + (f" ({r.get('reason')})" if r["status"] != "ok" else
                                            f" in {r.get('process_s', 0):.0f} s, peak RSS {r.get('peak_rss_mb', 0):.0f} MiB"))
         parity(workdir, results, REFERENCE if REFERENCE in results else next(iter(results), ""))
+        image_psnr(workdir, results, REFERENCE)
     report["results"] = results
     sampler = _default_sampler(settings)
     report["scheduler_overhead"] = scheduler_overhead(settings, sampler)

@@ -11,6 +11,9 @@ Targets:
           in float32 or bfloat16 eager (torch.compile on CUDA only).
   prepare build the benchmark cache (diffusers folder from the preset's random weights, engine
           folder from that diffusers folder); run in a child so the parent stays small.
+  single_file  save that diffusers folder as a single-file checkpoint for the sdcpp peer.
+The peers outside this env (optimum-intel, stable-diffusion.cpp) have their own workers under
+benchmarks/peers/, run with their venv's Python.
 
 Per-network feeds are the same seeded NumPy arrays for every target (`network_feeds`), and each
 target saves its outputs so the parent can report parity against the fp32 reference.
@@ -197,10 +200,14 @@ def _peer_e2e(task: dict[str, Any], pipe, device) -> dict[str, Any]:
 
     res, steps = task["resolution"], task["steps"]
 
+    # the suite's initial noise, shared with the benchmarks/peers targets (image PSNR between them)
+    latents = torch.from_numpy(np.load(task["latents_path"])) if task.get("latents_path") else None
+
     def run(n: int):
         g = torch.Generator("cpu").manual_seed(task["seed"])
         out = pipe(PROMPT, negative_prompt="", height=res, width=res, num_inference_steps=n,
-                   guidance_scale=task["guidance_scale"], generator=g, output_type="np")
+                   guidance_scale=task["guidance_scale"], generator=g, output_type="np",
+                   latents=None if latents is None else latents.to(device, pipe.unet.dtype))
         if device == "cuda":
             torch.cuda.synchronize()
         return out
@@ -211,9 +218,11 @@ def _peer_e2e(task: dict[str, Any], pipe, device) -> dict[str, Any]:
         times, cpu = [], []
         for _ in range(task["e2e_repeats"]):
             c0, t0 = time.process_time(), time.perf_counter()
-            run(steps)
+            out = run(steps)
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
+    if task.get("image_path"):
+        np.save(task["image_path"], np.asarray(out.images, np.float32))
     stats = summarize(times, warmup=task["e2e_warmup"], cpu_times=cpu)
     stats.update(steps=steps, sampler=type(pipe.scheduler).__name__)
     return stats
@@ -244,6 +253,16 @@ def prepare(task: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def single_file(task: dict[str, Any]) -> dict[str, Any]:
+    """Save the diffusers folder's weights as one original-layout `.safetensors` checkpoint (the
+    sdcpp peer's input, benchmarks/peers/sdcpp_worker.py), atomically."""
+    from export.loading import load_model, save_single_file
+
+    t0 = time.perf_counter()
+    path = save_single_file(load_model(task["diffusers_dir"]), task["single_file"])
+    return {"single_file_s": time.perf_counter() - t0, "bytes": path.stat().st_size}
+
+
 # ----------------------------------------------------------------------------------------- main
 
 
@@ -252,6 +271,8 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     if task["kind"] == "prepare":
         result["prepare"] = prepare(task)
+    elif task["kind"] == "single_file":
+        result["prepare"] = single_file(task)
     elif task["kind"] == "engine":
         if task["networks"]:
             networks, outputs, info = _engine_networks(task)

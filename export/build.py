@@ -2,7 +2,7 @@
 folder: the four ONNX graphs, the tokenizer files and `manifest.json` (runtime/manifest.py), plus
 the plans of a backend that needs its own (TensorRT).
 
-    build-engine sd15.safetensors --out engines/sd15 --precision fp16 --backend tensorrt
+    build-engine sd15.safetensors --out engines/sd15 --precision fp16 --tensorrt
     build-engine sd15.safetensors --out engines/sd15-int8 --quantize int8   # + int8 U-Net for OpenVINO
 
 The build is atomic: everything is written into a temporary sibling folder `.DIR.tmp-PID-XXXX`,
@@ -27,20 +27,21 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from export.adapters import Adapters, adapters as parse_adapters, comparable
 from export.hashing import file_sha256, tree_sha256
-from runtime.engines.openvino import int8_unet
 from runtime.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
 from runtime.networks import NETWORKS, PRECISIONS
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
 Progress = Callable[[str], Any]
+# Whether folders get the step-cache U-Nets (unet_deep, unet_shallow) unless told (--step-cache).
+STEP_CACHE_DEFAULT = False
 
 
 class BuildError(RuntimeError):
@@ -111,36 +112,47 @@ def _folder_files(manifest: Manifest) -> dict[str, str]:
     tok_dir = manifest.tokenizer.get("dir", "tokenizer")
     for name, digest in manifest.tokenizer.get("files", {}).items():
         files[f"{tok_dir}/{name}"] = digest
-    int8 = int8_unet(manifest)
-    if int8:
-        files[int8["file"]] = int8["sha256"]
-        files[int8["weights"]] = int8["weights_sha256"]
+    for entry in _quantized_entries(manifest):
+        files[entry["file"]] = entry["sha256"]
+        files[entry["weights"]] = entry["weights_sha256"]
     return files
 
 
+def _quantized_entries(manifest: Manifest) -> list[dict[str, Any]]:
+    """The OpenVINO IR entries of `--quantize` (the int8 U-Net, or the int8-weight networks)."""
+    entries = [manifest.int8_unet] if manifest.int8_unet else []
+    return entries + list((manifest.weights_int8 or {}).get("networks", {}).values())
+
+
 def _same_source(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
-    """Same weights and options; the path may have moved."""
-    return all(recorded.get(k) == v for k, v in identity.items() if k != "path")
+    """Same weights and options, LoRAs and embeddings included (export/adapters.py); paths may have moved."""
+    have, want = comparable(recorded), comparable(identity)
+    return all(have.get(k) == want.get(k) for k in have.keys() | want.keys())
 
 
 def _reuse_problem(out_dir: Path, identity: dict[str, Any], precision: str, shapes: dict[str, int],
-                   tools: dict[str, str], backend: str) -> str | None:
+                   tools: dict[str, str], tensorrt: bool, cache_branch: int | None = None) -> str | None:
     """Why the folder at `out_dir` cannot serve this request, or None if it can as it is."""
     try:
         manifest = load_manifest(out_dir)
     except ManifestError as e:
         return str(e)
     if not _same_source(manifest.source, identity):
-        keys = [k for k, v in identity.items() if k != "path" and manifest.source.get(k) != v]
-        return f"the source differs ({', '.join(keys)}: folder {[manifest.source.get(k) for k in keys]}, " \
-               f"request {[identity[k] for k in keys]})"
+        have, want = comparable(manifest.source), comparable(identity)
+        keys = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+        return f"the source differs ({', '.join(keys)}: folder {[have.get(k) for k in keys]}, " \
+               f"request {[want.get(k) for k in keys]})"
     for key, have, want in (("precision", manifest.precision, precision), ("shapes", manifest.shapes, shapes),
                             ("tools", manifest.tools, tools)):
         if have != want:
             return f"{key}: the folder has {have!r}, the request {want!r}"
-    if set(manifest.networks) != set(NETWORKS):
+    if not set(NETWORKS) <= set(manifest.networks):
         return f"it lacks networks {sorted(set(NETWORKS) - set(manifest.networks))}"
-    if backend == "tensorrt" and "tensorrt" not in manifest.backends:
+    have_branch = manifest.networks.get("unet_deep", {}).get("branch")
+    if have_branch != cache_branch:
+        return (f"step cache: the folder has {'none' if have_branch is None else f'branch {have_branch}'}, "
+                f"the request {'none' if cache_branch is None else f'branch {cache_branch}'}")
+    if tensorrt and "tensorrt" not in manifest.backends:
         return "it has no TensorRT plans"
     try:
         for rel, digest in _folder_files(manifest).items():
@@ -204,19 +216,88 @@ def _check_shapes(spec: Any, shapes: dict[str, int]) -> None:
                          f"multiples of {m} (VAE scale factor x U-Net downsampling)")
 
 
-def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, backend: str = "onnxruntime",
+@dataclass
+class _Plan:
+    """What a build request resolves to before any export: the source's identity, the folder's
+    existing manifest (if any), the loaded model where it had to be loaded already, and the shapes."""
+
+    identity: dict[str, Any]
+    existing: Manifest | None
+    model: Any
+    shapes: dict[str, int]
+    tools: dict[str, str]
+    adapters: Adapters = Adapters()  # LoRAs and embeddings to apply before export
+
+
+def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tensorrt: bool = False,
                  precision: str = "fp32", min_image: int | None = None, opt_image: int | None = None,
                  max_image: int | None = None, min_batch: int = 1, opt_batch: int = 1, max_batch: int = 4,
                  prediction_type: str | None = None, seed: int = 0, quantize: str | None = None,
-                 force: bool = False, progress: Progress = print) -> Path:
+                 force: bool = False, progress: Progress = print, backend: str | None = None,
+                 loras: Sequence[Any] = (), embeddings: Sequence[Any] = (), step_cache: bool = STEP_CACHE_DEFAULT,
+                 cache_branch: int = 0) -> Path:
     """Build (or reuse) the engine folder `out_dir` for `source`; return its path.
 
+    Every folder runs on every CPU backend (OpenVINO, ONNX Runtime, the PyTorch reference): the
+    backend is chosen at run time. `tensorrt=True` also builds TensorRT plans (NVIDIA GPU).
+    `backend=` is the deprecated spelling ("tensorrt" = tensorrt=True; the others change nothing).
     Image sizes default to half, once and twice the model's native size. `seed` seeds the random
-    weights of presets. `quantize="int8"` adds the OpenVINO int8 U-Net (fp32 graphs only). Raises
+    weights of presets. `quantize="int8"` adds the OpenVINO int8 U-Net (fp32 graphs only). `loras`
+    ("FILE[:SCALE]" or (path, scale)) are merged and `embeddings` ("FILE[:TOKEN]" or (path, token))
+    added before export (export/adapters.py); their files' sha256 join the reuse key. `step_cache`
+    adds the DeepCache U-Nets unet_deep and unet_shallow for skip `cache_branch` (0: the shallowest;
+    export/unet.py `cache_split`), sharing the unet's weights file (runtime/caching.py runs them). Raises
     `BuildError`, `CheckpointError` (source), `ParityError` (a graph differs from PyTorch),
     `QuantizeError` or the TensorRT builder's error; `out_dir` is then left as it was."""
+    tensorrt = _deprecated_backend(backend, tensorrt, progress)
+    _check_request(precision, prediction_type, quantize, tensorrt)
+    if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) or cache_branch < 0:
+        raise BuildError(f"cache_branch must be an integer >= 0; got {cache_branch!r}")
+    if cache_branch and not step_cache:
+        raise BuildError(f"--cache-branch {cache_branch} needs --step-cache (it picks the step-cache graphs' branch)")
+    branch = cache_branch if step_cache else None
+    out_dir = _output_folder(out_dir, progress)
+    start = time.perf_counter()
+    sizes = {"min_image": min_image, "opt_image": opt_image, "max_image": max_image, "min_batch": min_batch,
+             "opt_batch": opt_batch, "max_batch": max_batch}
+    plan = _plan(source, out_dir, seed, prediction_type, sizes, progress, parse_adapters(loras, embeddings))
+    if plan.existing is not None or (out_dir / MANIFEST_NAME).is_file():
+        problem = "--force given" if force else _reuse_problem(out_dir, plan.identity, precision, plan.shapes,
+                                                               plan.tools, tensorrt, branch)
+        if problem is None:
+            if _update_quantization(out_dir, quantize, progress):
+                progress(f"updated {out_dir} in {time.perf_counter() - start:.1f} s")
+            else:
+                progress(f"up to date: {out_dir} matches the request (source, precision, shapes, quantization, "
+                         "tools and every file's sha256); nothing to do")
+            return out_dir
+        progress(f"rebuilding {out_dir}: {problem}")
+    _build_into(out_dir, plan, precision, quantize, tensorrt, prediction_type, progress, branch)
+    what = f"{precision}{', ' + quantize + ' U-Net' if quantize else ''}{', TensorRT plans' if tensorrt else ''}"
+    progress(f"built {out_dir} ({what}) in {time.perf_counter() - start:.1f} s")
+    return out_dir
+
+
+def _deprecated_backend(backend: str | None, tensorrt: bool, progress: Progress) -> bool:
+    """Map the old `--backend` spelling onto what it does: only "tensorrt" ever changed the folder."""
+    if backend is None:
+        return tensorrt
+    from runtime.engines import BACKENDS
+
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        progress("build-engine: --backend tensorrt is deprecated; use --tensorrt (same effect: also build "
+                 "TensorRT plans)")
+        return True
+    progress(f"build-engine: --backend {backend} is deprecated and has no effect: every engine folder runs on "
+             "every CPU backend; choose the backend at run time (runtime.load(dir, backend=...), "
+             "sd-generate --backend). Use --tensorrt to also build TensorRT plans.")
+    return tensorrt
+
+
+def _check_request(precision: str, prediction_type: str | None, quantize: str | None, tensorrt: bool) -> None:
+    """Refuse a bad request before any work (and TensorRT before minutes of export)."""
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
@@ -231,12 +312,15 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, backe
         ok, why = quantize_available()
         if not ok:
             raise BuildError(f"--quantize {quantize} is not usable on this machine: {why}")
-    if backend == "tensorrt":  # fail before minutes of export, not after
+    if tensorrt:
         from runtime.engines.tensorrt import is_available
 
         ok, why = is_available()
         if not ok:
-            raise BuildError(f"backend tensorrt is not usable on this machine: {why}")
+            raise BuildError(f"--tensorrt is not usable on this machine: {why}")
+
+
+def _output_folder(out_dir: str | os.PathLike, progress: Progress) -> Path:
     out_dir = Path(out_dir).expanduser().absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out_dir, progress)
@@ -245,63 +329,64 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, backe
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise BuildError(f"{out_dir} is not empty and is not an engine folder (no {MANIFEST_NAME}); "
                          "refusing to replace it")
+    return out_dir
 
+
+def _plan(source: str | os.PathLike, out_dir: Path, seed: int, prediction_type: str | None,
+          sizes: dict[str, int | None], progress: Progress, adapters: Adapters = Adapters()) -> _Plan:
+    """Hash the source, read the folder's manifest, and settle the shape range (loading the model
+    only where its configs are needed for the default sizes)."""
     from export.configs import preset
 
-    start = time.perf_counter()
     with _stage(progress, f"hashing source {source}"):
-        identity = {**source_identity(source, seed), "prediction_type": prediction_type}
+        identity = {**source_identity(source, seed), "prediction_type": prediction_type, **adapters.identity()}
     try:
         existing = load_manifest(out_dir) if (out_dir / MANIFEST_NAME).is_file() else None
     except ManifestError:
         existing = None
-    same_source = existing is not None and _same_source(existing.source, identity)
     model = spec = None
     if identity["kind"] == "preset" and identity["preset"] != "tiny":
         spec = preset(identity["preset"])
         default = spec.unet.sample_size * spec.vae_scale_factor
-    elif same_source:
+    elif existing is not None and _same_source(existing.source, identity):
         default = existing.default_size[0]
     else:  # sizes depend on the checkpoint's configs: load it first
         with _stage(progress, "loading model"):
             model = load_source(identity, prediction_type)
         spec = model.spec
         default = spec.unet.sample_size * spec.vae_scale_factor
-    opt_image = opt_image or default
-    shapes = {"min_batch": min_batch, "opt_batch": opt_batch, "max_batch": max_batch,
-              "min_image": min_image or min(opt_image, default // 2), "opt_image": opt_image,
-              "max_image": max_image or max(opt_image, default * 2)}
+    opt = sizes["opt_image"] or default
+    shapes = {"min_batch": sizes["min_batch"], "opt_batch": sizes["opt_batch"], "max_batch": sizes["max_batch"],
+              "min_image": sizes["min_image"] or min(opt, default // 2), "opt_image": opt,
+              "max_image": sizes["max_image"] or max(opt, default * 2)}
     if spec is not None:
         _check_shapes(spec, shapes)
-    tools = tool_versions()
+    return _Plan(identity, existing, model, shapes, tool_versions(), adapters)
 
-    if existing is not None or (out_dir / MANIFEST_NAME).is_file():
-        problem = "--force given" if force else _reuse_problem(out_dir, identity, precision, shapes, tools, backend)
-        if problem is None:
-            if _update_quantization(out_dir, quantize, progress):
-                progress(f"updated {out_dir} in {time.perf_counter() - start:.1f} s")
-                return out_dir
-            progress(f"up to date: {out_dir} matches the request (source, precision, shapes, quantization, tools "
-                     "and every file's sha256); nothing to do")
-            return out_dir
-        progress(f"rebuilding {out_dir}: {problem}")
 
+def _build_into(out_dir: Path, plan: _Plan, precision: str, quantize: str | None, tensorrt: bool,
+                prediction_type: str | None, progress: Progress, cache_branch: int | None = None) -> None:
+    """Export everything into a temporary sibling folder, then swap it in atomically."""
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
+        model = plan.model
         if model is None:
             with _stage(progress, "loading model"):
-                model = load_source(identity, prediction_type)
-        _check_shapes(model.spec, shapes)
-        manifest = _export_all(model, identity, tmp, precision, shapes, tools, progress)
+                model = load_source(plan.identity, prediction_type)
+        plan.model = None
+        model = plan.adapters.apply(model, progress)
+        _check_shapes(model.spec, plan.shapes)
+        manifest = plan.adapters.annotate(_export_all(model, plan.identity, tmp, precision, plan.shapes, plan.tools,
+                                                      progress, cache_branch))
         del model
         gc.collect()
         if quantize is not None:
             manifest = _quantize(tmp, manifest, quantize, progress)
-        if backend == "tensorrt":
+        if tensorrt:
             _carry_plans(out_dir, tmp)
             manifest = _build_tensorrt(tmp, manifest, precision, progress)
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, record_files=True)
         load_manifest(tmp)  # what the runtime will read
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
@@ -313,21 +398,31 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, backe
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    progress(f"built {out_dir} ({backend}, {precision}{', ' + quantize + ' U-Net' if quantize else ''}) "
-             f"in {time.perf_counter() - start:.1f} s")
-    return out_dir
+
+
+def network_precision(spec: Any, network: str, precision: str) -> str:
+    """The precision of one network's graph in a folder of `precision`: fp16 graphs for fp16 folders,
+    except the VAE where its config sets `force_upcast` (diffusers' AutoencoderKL config: SD 1.x's VAE
+    overflows to NaN, black images, in fp16), which stays fp32; fp32 graphs otherwise (bf16 runs an
+    fp32 graph)."""
+    if precision != "fp16":
+        return "fp32"
+    if network.startswith("vae_") and spec.vae.force_upcast:
+        return "fp32"
+    return "fp16"
 
 
 def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: str, shapes: dict[str, int],
-                tools: dict[str, str], progress: Progress) -> Manifest:
-    from export.onnx_export import default_parity_shapes, export_network
+                tools: dict[str, str], progress: Progress, cache_branch: int | None = None) -> Manifest:
+    from export.onnx_export import default_parity_shapes, export_network, step_cache_dims
 
     spec = model.spec
-    graph_precision = "fp16" if precision == "fp16" else "fp32"
+    dims = spec.dims if cache_branch is None else step_cache_dims(spec, cache_branch)  # refuse a bad branch first
     parity_shapes = default_parity_shapes(spec, shapes["min_image"], shapes["opt_image"], shapes["max_image"],
                                           shapes["max_batch"])
     networks = {}
     for network in NETWORKS:
+        graph_precision = network_precision(spec, network, precision)
         with _stage(progress, f"exporting {network} ({graph_precision})"):
             result = export_network(network, model, folder, precision=graph_precision, parity_shapes=parity_shapes)
         p = result.parity
@@ -339,6 +434,9 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         if result.external_data:
             entry["external_data_sha256"] = file_sha256(folder / result.external_data)
         networks[network] = entry
+    if cache_branch is not None:
+        networks.update(_export_step_cache(model, folder, networks["unet"], precision, parity_shapes, cache_branch,
+                                           progress))
     tok_dir = folder / "tokenizer"
     tok_dir.mkdir()
     tok_files = {}
@@ -348,7 +446,7 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
             tok_files[f.name] = file_sha256(f)
     size = spec.unet.sample_size * spec.vae_scale_factor
     return Manifest(
-        family=spec.family, dims=spec.dims, scaling_factor=spec.vae.scaling_factor,
+        family=spec.family, dims=dims, scaling_factor=spec.vae.scaling_factor,
         prediction_type=spec.prediction_type, scheduler=dict(spec.scheduler),
         tokenizer={"dir": "tokenizer", "pad_token": spec.pad_token, "files": tok_files},
         default_size=(size, size), shapes=dict(shapes), precision=precision, networks=networks, backends={},
@@ -356,12 +454,41 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
     )
 
 
+def _export_step_cache(model: Any, folder: Path, unet_entry: dict[str, Any], precision: str, parity_shapes: Any,
+                       branch: int, progress: Progress) -> dict[str, dict[str, Any]]:
+    """unet_deep and unet_shallow for cache `branch`, all three U-Net graphs pointed at one weights
+    file (export/onnx_export.py `export_step_cache`); returns their manifest entries, the unet's
+    updated, each with its graph and weights sizes in bytes."""
+    from export.onnx_export import export_step_cache
+
+    graph_precision = network_precision(model.spec, "unet", precision)
+    with _stage(progress, f"exporting unet_deep, unet_shallow (step cache, branch {branch}, {graph_precision})"):
+        result = export_step_cache(model, folder, branch=branch, precision=graph_precision,
+                                   parity_shapes=parity_shapes)
+    check = result.consistency
+    progress(f"  unet_deep vs unet: relative {check['deep_vs_unet']:.3g}; unet_shallow on unet_deep's feature vs "
+             f"unet_deep: relative {check['shallow_vs_deep']:.3g} (threshold {check['threshold']:g})")
+    shared = {"external_data": result.data_file, "external_data_sha256": file_sha256(folder / result.data_file)}
+    entries = {"unet": {**unet_entry, "sha256": file_sha256(folder / "unet.onnx"), **shared, **result.sizes["unet"]}}
+    for name, r in result.results.items():
+        progress(f"  {name}: parity vs the PyTorch reference split: relative {r.parity['rel']:.3g}")
+        entries[name] = {"file": r.file, "precision": graph_precision, "sha256": file_sha256(folder / r.file),
+                         "parity": {**r.parity, "step_cache": check}, "export_seconds": round(r.seconds, 2),
+                         "branch": branch, **shared, **result.sizes[name]}
+    return entries
+
+
 def _quantize(folder: Path, manifest: Manifest, scheme: str, progress: Progress) -> Manifest:
+    from export.compress import SCHEME as WEIGHTS_ONLY, compress_weights
     from export.quantize import quantize_unet
 
-    write_manifest(folder, manifest)  # calibration runs the folder through the runtime
-    with _stage(progress, f"quantizing the U-Net ({scheme}, OpenVINO)"):
-        entry = quantize_unet(folder, manifest, scheme=scheme, progress=progress)
+    write_manifest(folder, manifest, record_files=True)  # calibration runs the folder through the runtime
+    if scheme == WEIGHTS_ONLY:
+        with _stage(progress, "compressing the U-Net's and text encoder's weights to int8 (OpenVINO)"):
+            entry = compress_weights(folder, manifest, progress=progress)
+    else:
+        with _stage(progress, f"quantizing the U-Net ({scheme}, OpenVINO)"):
+            entry = quantize_unet(folder, manifest, scheme=scheme, progress=progress)
     backends = dict(manifest.backends)
     backends["openvino"] = {**backends.get("openvino", {}), **entry}
     return replace(manifest, backends=backends)
@@ -372,23 +499,26 @@ def _update_quantization(out_dir: Path, scheme: str | None, progress: Progress) 
     (files first, then the manifest, each replaced atomically) or remove it (manifest first).
     Returns whether anything changed."""
     manifest = load_manifest(out_dir)
-    have = int8_unet(manifest)
-    if (have["scheme"] if have else None) == scheme:
+    if manifest.quantization == scheme:
         return False
+    if manifest.quantization is not None:
+        progress(f"removing the {manifest.quantization} networks from {out_dir} (not requested"
+                 f"{'' if scheme else '; pass --quantize ' + manifest.quantization + ' to keep them'})")
+        old = _quantized_entries(manifest)
+        backends = dict(manifest.backends)
+        rest = {k: v for k, v in backends.pop("openvino").items() if k not in ("unet_int8", "weights_int8")}
+        if rest:
+            backends["openvino"] = rest
+        manifest = replace(manifest, backends=backends)
+        write_manifest(out_dir, manifest, record_files=True)
+        for entry in old:
+            for rel in (entry["file"], entry["weights"]):
+                (out_dir / rel).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (out_dir / Path(old[0]["file"]).parent).rmdir()  # only if empty
     if scheme is not None:
-        progress(f"adding the {scheme} U-Net to {out_dir} (the graphs are up to date; no export needed)")
-        write_manifest(out_dir, _quantize(out_dir, manifest, scheme, progress))
-        return True
-    progress(f"removing the int8 U-Net from {out_dir} (not requested; pass --quantize int8 to keep it)")
-    backends = dict(manifest.backends)
-    rest = {k: v for k, v in backends.pop("openvino").items() if k != "unet_int8"}
-    if rest:
-        backends["openvino"] = rest
-    write_manifest(out_dir, replace(manifest, backends=backends))
-    for rel in (have["file"], have["weights"]):
-        (out_dir / rel).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        (out_dir / Path(have["file"]).parent).rmdir()  # only if empty
+        progress(f"adding the {scheme} networks to {out_dir} (the graphs are up to date; no export needed)")
+        write_manifest(out_dir, _quantize(out_dir, manifest, scheme, progress), record_files=True)
     return True
 
 
@@ -411,20 +541,47 @@ def _build_tensorrt(folder: Path, manifest: Manifest, precision: str, progress: 
         from export.tensorrt import build_tensorrt_engines
     except ImportError as e:
         raise BuildError(f"backend tensorrt: cannot import export.tensorrt: {e}") from e
-    write_manifest(folder, manifest)  # the TensorRT builder may read the folder's manifest
+    write_manifest(folder, manifest, record_files=True)  # the TensorRT builder may read the folder's manifest
     with _stage(progress, f"building TensorRT plans ({precision})"):
         entry = build_tensorrt_engines(folder, manifest, precision=precision, progress=progress)
     return replace(manifest, backends={**manifest.backends, "tensorrt": entry})
 
 
+def verify_folder(folder: str | os.PathLike, progress: Progress = print) -> Any:
+    """`build-engine --verify DIR`: check every file of an engine folder against the full sha256 its
+    manifest records (and every path's containment; runtime/folder.py `check_folder` with verify=True).
+    A folder built before file fingerprints gets its files table recorded once every sha256 matched, so
+    later loads check sizes and fingerprints. Returns the `FolderCheck`; raises ManifestError or
+    IntegrityError naming the first file that does not match."""
+    from runtime.folder import check_folder
+
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    check = check_folder(folder, manifest, verify=True)
+    progress(f"verified {folder}: {check.files} files, {check.bytes_read / 1e9:.2f} GB hashed in {check.seconds:.1f} s; "
+             "every file matches its sha256 in the manifest")
+    if check.mode == "legacy":
+        write_manifest(folder, manifest, record_files=True)
+        progress(f"recorded the size and fingerprint of every file in {folder / MANIFEST_NAME} (it predated them), "
+                 "so each load now checks them")
+    return check
+
+
 # --- CLI -------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # long: one argparse declaration per build option
     parser = argparse.ArgumentParser(prog="build-engine", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="diffusers folder, single-file checkpoint (.safetensors/.ckpt) or preset name "
-                                       "(`tiny` = embedded demo model; other presets get random weights)")
-    parser.add_argument("--out", required=True, type=Path, help="engine folder to write")
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    parser.add_argument("source", nargs="?", help="diffusers folder, single-file checkpoint (.safetensors/.ckpt) or "
+                                                  "preset name (`tiny` = embedded demo model; other presets get "
+                                                  "random weights)")
+    parser.add_argument("--out", type=Path, help="engine folder to write")
+    parser.add_argument("--verify", type=Path, metavar="DIR",
+                        help="instead of building, check every file of the engine folder DIR against its sha256 in "
+                             "the manifest (see docs/security.md); exit status 1 names the first mismatch")
+    parser.add_argument("--tensorrt", action="store_true",
+                        help="also build TensorRT plans for this machine's NVIDIA GPU (needs sd-runtime[tensorrt]); "
+                             "the folder runs on every CPU backend either way")
+    parser.add_argument("--backend", default=None, help=argparse.SUPPRESS)  # deprecated: see _deprecated_backend
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     for key in ("min-image", "opt-image", "max-image"):
         parser.add_argument(f"--{key}", type=int, default=None, help="pixels (default: from the model's size)")
@@ -433,11 +590,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
-    parser.add_argument("--quantize", choices=("int8",), default=None,
-                        help="also build an int8 U-Net for the OpenVINO CPU engine, calibrated on denoising runs "
-                             "(needs sd-runtime[quantize]; fp32 only; faster, less exact: see docs/benchmarks.md)")
+    parser.add_argument("--quantize", choices=("int8", "int8-weights"), default=None,
+                        help="int8: also build an int8 U-Net for the OpenVINO CPU engine, calibrated on denoising "
+                             "runs (faster, less exact); int8-weights: int8 weights for the U-Net and text encoder "
+                             "(about 4x less weight memory). Needs sd-runtime[quantize]; fp32 only; see "
+                             "docs/benchmarks.md")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA (.safetensors, kohya or diffusers layout) into the weights, scaled by "
+                             "SCALE (default 1); repeatable")
+    parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                        help="add a textual-inversion embedding (.pt or .safetensors) as TOKEN (default: the file's "
+                             "stem); repeatable")
+    parser.add_argument("--step-cache", action=argparse.BooleanOptionalAction, default=STEP_CACHE_DEFAULT,
+                        help="also export the DeepCache U-Nets (unet_deep, unet_shallow) that runs with a cache "
+                             "interval > 1 need; they share the unet's weights file")
+    parser.add_argument("--cache-branch", type=int, default=0, metavar="N",
+                        help="skip branch the step cache keeps (0, the default: the shallowest, DeepCache's "
+                             "cache_branch_id)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
     args = parser.parse_args(argv)
+    if args.verify is None and (args.source is None or args.out is None):
+        parser.error("SOURCE and --out are required (or --verify DIR)")
 
     from export.loading import CheckpointError
     from export.onnx_export import ParityError
@@ -447,10 +620,16 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
 
     try:
-        build_engine(args.source, args.out, backend=args.backend, precision=args.precision, min_image=args.min_image,
+        if args.verify is not None:
+            verify_folder(args.verify, progress)
+            return 0
+        build_engine(args.source, args.out, tensorrt=args.tensorrt, backend=args.backend, precision=args.precision,
+                     min_image=args.min_image,
                      opt_image=args.opt_image, max_image=args.max_image, min_batch=args.min_batch,
                      opt_batch=args.opt_batch, max_batch=args.max_batch, prediction_type=args.prediction_type,
-                     seed=args.seed, quantize=args.quantize, force=args.force, progress=progress)
+                     seed=args.seed, quantize=args.quantize, force=args.force, progress=progress,
+                     loras=args.lora, embeddings=args.embedding, step_cache=args.step_cache,
+                     cache_branch=args.cache_branch)
     except (BuildError, CheckpointError, ParityError, QuantizeError, ManifestError, OSError, ValueError,
             RuntimeError) as e:
         print(f"build-engine: error: {e}", file=sys.stderr)

@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from runtime.manifest import FAMILIES
 from runtime.networks import ModelDims
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint")
 
 # diffusers UNet2DConditionModel.__init__ arguments we do not implement, with the only value(s)
 # accepted (the diffusers 0.42 defaults, or an equivalent spelling). `dropout` is inference-irrelevant.

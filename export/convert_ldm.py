@@ -210,7 +210,8 @@ def vae_from_ldm(state_dict: StateDict) -> StateDict:
     """LDM VAE keys (prefix stripped) -> ours; 1x1 conv attention weights [out, in, 1, 1] -> [out, in]."""
     n_blocks = len(block_indices(state_dict, r"encoder\.down\.(\d+)\."))
     out = _apply_rules(state_dict, _vae_rules(n_blocks), to_ldm=False)
-    return {k: v.reshape(v.shape[:2]) if _is_vae_attn_weight(k) and v.ndim > 2 else v for k, v in out.items()}
+    return {k: v.reshape(v.shape[:2]) if _is_vae_attn_weight(k) and v.ndim > 2 and v.shape[2:].numel() == 1 else v
+            for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------- text encoders

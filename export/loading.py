@@ -105,6 +105,11 @@ def _load_strict(module: nn.Module, state_dict: StateDict, what: str) -> None:
              for k, v in expected.items() if state_dict[k].shape != v.shape]
     if wrong:
         raise CheckpointError(f"{what} weights have the wrong shape: {_key_list('mismatched', wrong)}")
+    # load_state_dict would cast integer or boolean tensors into float parameters without a word
+    not_float = [f"{k} is {str(state_dict[k].dtype).removeprefix('torch.')}, not a floating-point weight"
+                 for k, v in expected.items() if v.is_floating_point() and not state_dict[k].is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{what} weights have the wrong dtype: {_key_list('mistyped', not_float)}")
     module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}, strict=True)
 
 
@@ -128,8 +133,10 @@ def _read_pickle(path: Path) -> StateDict:
                 "trusted environment, or re-save only its tensors."
             ) from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere in torch's zip reader and weights-only
+        # unpickler: RuntimeError, EOFError, IndexError (an empty stack), KeyError, struct.error, MemoryError...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
@@ -383,11 +390,14 @@ def split_single_file(state_dict: StateDict,
         raise CheckpointError(
             f"{path}: the checkpoint has no text encoder ({convert_ldm.CLIP_PREFIX}* or {convert_ldm.OPENCLIP_PREFIX}*)"
         )
-    if kind == "clip":
-        text = convert_ldm.clip_from_file(parts["clip"])
-    else:
-        text = convert_ldm.openclip_from_ldm(parts["openclip"])
-    return convert_ldm.unet_from_ldm(parts["unet"]), convert_ldm.vae_from_ldm(parts["vae"]), text, kind
+    try:  # the layout rules reshape, split and join tensors: shapes a checkpoint lies about fail here
+        if kind == "clip":
+            text = convert_ldm.clip_from_file(parts["clip"])
+        else:
+            text = convert_ldm.openclip_from_ldm(parts["openclip"])
+        return convert_ldm.unet_from_ldm(parts["unet"]), convert_ldm.vae_from_ldm(parts["vae"]), text, kind
+    except (RuntimeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{path}: tensors of unexpected shapes for the Stable Diffusion layout: {e}") from e
 
 
 def _count(keys, pattern: str) -> int | None:

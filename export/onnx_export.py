@@ -1,6 +1,7 @@
-"""ONNX export of the four networks, one function each, with a parity check against PyTorch.
+"""ONNX export of the networks, with a parity check against PyTorch.
 
-Each `export_<network>` wraps the reference module in a tiny `nn.Module` that fixes the signature
+`export_network(network, model, out_dir, ...)` exports one network: its signature wrapper (`wrap`:
+one small `nn.Module` per network) fixes the signature
 declared in `runtime/networks.py` (names, dtypes, symbolic axes), exports it with the TorchScript
 exporter of `torch.onnx` (`dynamo=False`: it exports these graphs in about a second with every
 symbolic axis dynamic, where the dynamo exporter takes ten times longer and renames output axes),
@@ -10,10 +11,17 @@ shapes and compares with the PyTorch fp32 reference. An error over `PARITY_THRES
 
 fp16 graphs are exported from a float16 copy of the module (float16 I/O), so the operations the
 reference itself keeps in float32 (diffusers-style `.float()` upcasts, e.g. the sinusoidal
-timestep embedding and `upcast_attention`) stay in float32 in the graph. Measured against the
-fp32 reference (relative error): tiny presets at most 2.3e-3; full-size SD 1.5 (random weights,
+timestep embedding and `upcast_attention`) stay in float32 in the graph, and so do the GroupNorm
+and LayerNorm computations (export/fp16.py): the graphs are strongly typed as TensorRT runs them.
+Measured against the fp32 reference (relative error; full-size figures from before the
+normalizations were kept in float32): tiny presets at most 2.3e-3; full-size SD 1.5 (random weights,
 256 px) 1.0e-3 text encoder, 8.9e-4 U-Net, 9.6e-4 VAE decoder, 1.3e-3 VAE encoder. fp32 graphs:
 1e-6 to 5e-6 (tiny and full size).
+
+Step cache (DeepCache, arXiv:2312.00858): `unet_deep` and `unet_shallow` (runtime/networks.py) wrap
+the reference U-Net's `forward_deep` / `forward_shallow` for one cache branch; `export_step_cache`
+exports both beside `unet`, checks each against the PyTorch split, points the three U-Net graphs
+at one weights file (export/external_data.py) and checks them against each other on the final files.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +42,20 @@ import onnx
 import torch
 from torch import nn
 
-from runtime.networks import NETWORKS, ModelDims, TensorSpec, axis_values, concrete_shape, network_io
+from export.external_data import share_weights
+from export.fp16 import reduced_precision
+from export.unet import cache_split
+from runtime.metrics import max_errors
+from runtime.networks import (
+    NETWORKS,
+    STEP_CACHE_NETWORKS,
+    UNET_NETWORKS,
+    ModelDims,
+    TensorSpec,
+    axis_values,
+    concrete_shape,
+    network_io,
+)
 
 OPSET = 17
 # Relative error max|ort - torch| / max|torch| allowed per precision of the graph's weights.
@@ -73,6 +94,32 @@ class UNetWrapper(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states)
 
 
+class UNetDeepWrapper(nn.Module):
+    """sample, timestep [batch], encoder_hidden_states -> (noise_pred, cache_feature): the full U-Net
+    that also returns the feature cached for `branch` (export/unet.py `cache_split`)."""
+
+    def __init__(self, unet: nn.Module, branch: int):
+        super().__init__()
+        self.unet, self.branch = unet, branch
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.unet.forward_deep(sample, timestep, encoder_hidden_states, self.branch)
+
+
+class UNetShallowWrapper(nn.Module):
+    """sample, timestep [batch], encoder_hidden_states, cache_feature -> noise_pred: the retrieval
+    step of `branch`, from the feature of the last full step."""
+
+    def __init__(self, unet: nn.Module, branch: int):
+        super().__init__()
+        self.unet, self.branch = unet, branch
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                cache_feature: torch.Tensor) -> torch.Tensor:
+        return self.unet.forward_shallow(sample, timestep, encoder_hidden_states, cache_feature, self.branch)
+
+
 class VAEDecoderWrapper(nn.Module):
     """latent (scaled, as the denoising loop holds it) -> image in [-1, 1], unclamped."""
 
@@ -97,19 +144,34 @@ class VAEEncoderWrapper(nn.Module):
         return mean, std
 
 
-def wrap(network: str, model: Any) -> nn.Module:
-    """The signature wrapper of `network` around a `LoadedModel`'s module, in eval mode."""
+def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
+    """The signature wrapper of `network` around a `LoadedModel`'s module, in eval mode. The
+    step-cache networks need the cache `branch` (an engine folder records it in their manifest
+    entries)."""
+    if network in STEP_CACHE_NETWORKS and branch is None:
+        raise ValueError(f"{network} needs the step-cache branch (its manifest entry's 'branch'); got none")
     if network == "text_encoder":
         module = TextEncoderWrapper(model.text_encoder)
     elif network == "unet":
         module = UNetWrapper(model.unet)
+    elif network == "unet_deep":
+        module = UNetDeepWrapper(model.unet, branch)
+    elif network == "unet_shallow":
+        module = UNetShallowWrapper(model.unet, branch)
     elif network == "vae_decoder":
         module = VAEDecoderWrapper(model.vae, model.spec.vae.scaling_factor)
     elif network == "vae_encoder":
         module = VAEEncoderWrapper(model.vae)
     else:
-        raise ValueError(f"unknown network {network!r}; expected one of {', '.join(NETWORKS)}")
+        raise ValueError(f"unknown network {network!r}; expected one of {', '.join(NETWORKS + STEP_CACHE_NETWORKS)}")
     return module.eval()
+
+
+def step_cache_dims(spec: Any, branch: int) -> ModelDims:
+    """The model dims of a folder with step-cache graphs for `branch`: the spec's, plus the cached
+    feature's channels and level (runtime/networks.py `cache_feature_spec`)."""
+    split = cache_split(spec.unet, branch)
+    return replace(spec.dims, cache_channels=split.channels, cache_level=split.level)
 
 
 def size_multiple(spec: Any) -> int:
@@ -143,7 +205,9 @@ def sample_inputs(network: str, dims: ModelDims, shape: Shape, *, vocab_size: in
         if spec.name == "input_ids":
             feeds[spec.name] = rng.integers(0, vocab_size, size=size, dtype=np.int32)
         elif spec.name == "timestep":
-            feeds[spec.name] = rng.integers(0, 1000, size=size).astype(np.float32)
+            # fractional, as the Euler-family samplers feed them (e.g. 946.42): checks that the graph
+            # does not round the timestep
+            feeds[spec.name] = (rng.integers(0, 999, size=size) + rng.uniform(0.05, 0.95, size=size)).astype(np.float32)
         elif spec.name == "image":
             feeds[spec.name] = rng.uniform(-1.0, 1.0, size=size).astype(np.float32)
         else:
@@ -169,23 +233,25 @@ class ExportResult:
 
 def export_network(network: str, model: Any, out_dir: str | Path, *, precision: str = "fp32",
                    parity_shapes: Sequence[Shape], threshold: float | None = None,
-                   external_data: bool | None = None, threads: int | None = None) -> ExportResult:
+                   external_data: bool | None = None, threads: int | None = None,
+                   branch: int | None = None) -> ExportResult:
     """Export `network` of a `LoadedModel` to `out_dir/<network>.onnx` (+ `.onnx.data` past 2 GB),
     check it, and compare it with the PyTorch fp32 reference at `parity_shapes`.
 
     `precision` is the graph's: "fp32" or "fp16" (bf16 engines run an fp32 graph). `threshold`
     overrides `PARITY_THRESHOLDS[precision]`; `external_data` forces the weights into (True) or
-    out of (False) a `.onnx.data` file, by default only past 2 GB. Raises `ParityError` over the
-    threshold; the destination files exist only if everything passed."""
+    out of (False) a `.onnx.data` file, by default only past 2 GB. `branch`: the cache branch of
+    the step-cache networks (unet_deep, unet_shallow). Raises `ParityError` over the threshold; the
+    destination files exist only if everything passed."""
     if precision not in PARITY_THRESHOLDS:
         raise ValueError(f"ONNX graphs are fp32 or fp16, not {precision!r} (bf16 runs an fp32 graph)")
     start = time.perf_counter()
     out_dir = Path(out_dir)
     final = out_dir / f"{network}.onnx"
     data_name = f"{network}.onnx.data"
-    dims = model.spec.dims
+    reference = wrap(network, model, branch=branch)
+    dims = step_cache_dims(model.spec, branch) if network in STEP_CACHE_NETWORKS else model.spec.dims
     inputs, outputs = network_io(network, dims, precision)
-    reference = wrap(network, model)
     # Tracing runs one forward pass. float16 convolutions on a CPU without native fp16 arithmetic
     # take ~400x their float32 time (measured: 19 s vs 0.04 s for one 128-channel 3x3 conv at
     # 64x96), so fp16 graphs are traced on a CUDA device where there is one.
@@ -196,12 +262,12 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
         rng = np.random.default_rng(0)
         # Trace at a small shape with no size-1 or equal axes to specialize on (a float16 forward
         # pass on the CPU is slow: tracing the full-size VAE decoder at 256 px takes minutes).
-        m = size_multiple(model.spec) if network == "unet" else model.spec.vae_scale_factor
+        m = size_multiple(model.spec) if network in UNET_NETWORKS else model.spec.vae_scale_factor
         trace_shape = Shape(2, 2 * m, 3 * m, 2 * dims.text_max_length)
         example = _cast_feeds(sample_inputs(network, dims, trace_shape, vocab_size=vocab, rng=rng), inputs)
         module = copy.deepcopy(reference) if precision == "fp16" or network == "text_encoder" else reference
         if precision == "fp16":
-            module.half().to(device)
+            reduced_precision(module, torch.float16).to(device)  # normalizations stay fp32 (export/fp16.py)
         if network == "text_encoder":
             # The exporter's SDPA-with-mask symbolic upcasts to float32 and leaves float16 graphs
             # invalid (LayerNormalization with mixed types); eager attention exports cleanly.
@@ -227,20 +293,77 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
                         time.perf_counter() - start)
 
 
-def export_text_encoder(model: Any, out_dir: str | Path, **kwargs: Any) -> ExportResult:
-    return export_network("text_encoder", model, out_dir, **kwargs)
+# --- step cache (DeepCache) ------------------------------------------------------------------------
+
+# The weights file unet, unet_deep and unet_shallow share (export/external_data.py).
+STEP_CACHE_DATA = "unet.onnx.data"
 
 
-def export_unet(model: Any, out_dir: str | Path, **kwargs: Any) -> ExportResult:
-    return export_network("unet", model, out_dir, **kwargs)
+@dataclass(frozen=True)
+class StepCacheExport:
+    results: dict[str, ExportResult]  # unet_deep, unet_shallow (external_data: the shared file)
+    sizes: dict[str, dict[str, int]]  # unet, unet_deep, unet_shallow: graph_bytes, weights_bytes
+    data_file: str  # the weights file the three U-Net graphs share
+    consistency: dict[str, Any]  # `check_step_cache` on the final files
 
 
-def export_vae_decoder(model: Any, out_dir: str | Path, **kwargs: Any) -> ExportResult:
-    return export_network("vae_decoder", model, out_dir, **kwargs)
+def export_step_cache(model: Any, out_dir: str | Path, *, branch: int, precision: str = "fp32",
+                      parity_shapes: Sequence[Shape], threads: int | None = None) -> StepCacheExport:
+    """Export unet_deep and unet_shallow for cache `branch` beside `out_dir/unet.onnx` (exported
+    first, by export_network("unet", ...)), each checked against the PyTorch reference split; then
+    point the three U-Net graphs at one weights file, `STEP_CACHE_DATA` (the step-cache graphs add
+    almost nothing to the folder), and check the final files against each other
+    (`check_step_cache`). On a failure `out_dir` is left half-rewritten: build into a scratch folder
+    (build-engine does)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "unet.onnx").is_file():
+        raise FileNotFoundError(f"{out_dir} has no unet.onnx: export the unet before its step-cache graphs")
+    results = {network: export_network(network, model, out_dir, precision=precision, parity_shapes=parity_shapes,
+                                       threads=threads, branch=branch)
+               for network in STEP_CACHE_NETWORKS}
+    files = {network: f"{network}.onnx" for network in UNET_NETWORKS}
+    by_file = share_weights(out_dir, list(files.values()), STEP_CACHE_DATA)
+    # one shape: each graph met the PyTorch split at all of them already; this checks the final files
+    consistency = check_step_cache(out_dir, step_cache_dims(model.spec, branch), precision, parity_shapes[:1],
+                                   vocab_size=model.text_encoder.config.vocab_size, threads=threads)
+    return StepCacheExport({n: replace(r, external_data=STEP_CACHE_DATA) for n, r in results.items()},
+                           {n: by_file[f] for n, f in files.items()}, STEP_CACHE_DATA, consistency)
 
 
-def export_vae_encoder(model: Any, out_dir: str | Path, **kwargs: Any) -> ExportResult:
-    return export_network("vae_encoder", model, out_dir, **kwargs)
+def check_step_cache(folder: str | Path, dims: ModelDims, precision: str, shapes: Sequence[Shape], *,
+                     vocab_size: int, threshold: float | None = None, threads: int | None = None) -> dict[str, Any]:
+    """The three U-Net graphs in `folder` against each other in ONNX Runtime (CPU), on the same
+    random sample, timestep and text at each shape: unet_deep's noise against unet's, and
+    unet_shallow fed unet_deep's cache_feature against unet_deep's noise (with the feature of the
+    same inputs the shallow path recomputes exactly what the deep one did around it). Raises
+    `ParityError` over the threshold of `precision`; returns the worst relative errors. One session
+    at a time, so a full-size check holds one copy of the weights."""
+    import onnxruntime as ort
+
+    threshold = PARITY_THRESHOLDS[precision] if threshold is None else threshold
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3
+    inputs, _ = network_io("unet", dims, precision)
+    rng = np.random.default_rng(2)
+    cases = [_cast_feeds(sample_inputs("unet", dims, s, vocab_size=vocab_size, rng=rng), inputs) for s in shapes]
+    out: dict[str, list[list[np.ndarray]]] = {}
+    for network in UNET_NETWORKS:  # unet, unet_deep, then unet_shallow on unet_deep's features
+        session = ort.InferenceSession(str(Path(folder) / f"{network}.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
+        names = [t.name for t in network_io(network, dims, precision)[1]]  # noise_pred (, cache_feature)
+        out[network] = [session.run(names, feeds if network != "unet_shallow" else
+                                    {**feeds, "cache_feature": out["unet_deep"][i][1]})
+                        for i, feeds in enumerate(cases)]
+        del session
+    worst = {"deep_vs_unet": max(max_errors(d[0], u[0])[1] for d, u in zip(out["unet_deep"], out["unet"])),
+             "shallow_vs_deep": max(max_errors(s[0], d[0])[1] for s, d in zip(out["unet_shallow"], out["unet_deep"]))}
+    bad = {k: v for k, v in worst.items() if not v <= threshold}
+    if bad:
+        raise ParityError(f"step-cache graphs in {folder} ({precision}) disagree: "
+                          + ", ".join(f"{k} relative error {v:.3g}" for k, v in bad.items())
+                          + f"; threshold {threshold:g}")
+    return {"runtime": "onnxruntime CPU", "threshold": threshold, **worst}
 
 
 def _torch_export(module: nn.Module, example: dict[str, np.ndarray], inputs: Sequence[TensorSpec],
@@ -279,19 +402,13 @@ def _finalize(raw: Path, dest: Path, external_data: str | None) -> None:
 
 # --- parity ----------------------------------------------------------------------------------------
 
-def max_errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """(max|out - ref|, that divided by max|ref|): the parity measure of every check in export/.
-    A non-finite difference gives an infinite relative error."""
-    err = float(np.max(np.abs(np.asarray(out, np.float64) - ref)))
-    rel = err / max(float(np.max(np.abs(ref))), 1e-12) if np.isfinite(err) else float("inf")
-    return err, rel
-
-
 def default_parity_shapes(spec: Any, min_image: int, opt_image: int, max_image: int, max_batch: int) -> list[Shape]:
     """Two request shapes: one image at the optimal size, then a batch of two (if allowed) of a
-    non-square size with two prompt chunks of text, both within the build's shape range."""
-    m = size_multiple(spec)
-    width = opt_image - m if opt_image - m >= min_image else opt_image + m
+    non-square size with two prompt chunks of text, both within the build's shape range. The second
+    width is a multiple of the VAE scale factor but not of `size_multiple`, so the U-Net's odd-sized
+    skips take the crop path of its upsamplers (as a 264-pixel SD 1.5 image does)."""
+    s = spec.vae_scale_factor
+    width = opt_image + s if opt_image + s <= max_image else opt_image - s
     if not min_image <= width <= max_image:
         width = opt_image
     tokens = 2 * spec.dims.text_max_length

@@ -1,4 +1,4 @@
-"""Build TensorRT 10 plans from an engine folder's ONNX graphs (`build-engine --backend tensorrt`).
+"""Build TensorRT plans (TensorRT 10 or 11) from an engine folder's ONNX graphs (`build-engine --tensorrt`).
 
 Per network: check the graph offline against TensorRT's documented operator support
 (`export/trt_compat.py`), parse it with `trt.OnnxParser.parse_from_file` (which reads external
@@ -7,14 +7,20 @@ range (`runtime.engines.tensorrt.network_profile`), set the builder optimization
 workspace limit and a persistent timing cache (`ENGINE_DIR/tensorrt/timing.cache`), and
 `build_serialized_network`.
 
-Precision, per the TensorRT 10 docs (weak typing is deprecated since 10.12 in favour of strongly
-typed networks, and removed in 11):
-  * the graph's own precision (fp16 graph -> "fp16", fp32 graph -> "fp32"): a strongly typed
-    network (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`), every type as the ONNX graph has it;
-  * "fp16" or "bf16" over an fp32 graph: a weakly typed network with `BuilderFlag.FP16` /
-    `BuilderFlag.BF16`, I/O staying float32 as the network contract says (bf16 is an engine
-    precision over an fp32 graph).
-An fp16 graph cannot give an fp32 or bf16 plan; export fp32 graphs for that.
+Precision (weak typing is deprecated since TensorRT 10.12 and removed in 11.0, where every network
+is strongly typed and `BuilderFlag.FP16/BF16` no longer exist; NVIDIA/TensorRT 11.1
+python/src/infer/pyCore.cpp and .agents/skills/trt-strong-typing-migration):
+  * plans are built at their graph's own precision from a strongly typed network
+    (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`), every type as the ONNX graph has it: fp16
+    plans from fp16 graphs, whose normalizations the export keeps in float32 (export/fp16.py), as
+    NVIDIA's demo/Diffusion builds every engine `--strongly-typed`;
+  * an fp16 folder's fp32 graphs (the VAE kept fp32 by `force_upcast`) give fp32 plans;
+  * fp16 plans over an fp32 folder are refused (no weakly typed fp16 over fp32 graphs): export
+    fp16 graphs (build-engine --precision fp16);
+  * "bf16" over fp32 graphs (bf16 folders hold fp32 graphs) is the one weakly typed mode left,
+    `BuilderFlag.BF16`, on TensorRT 10 only; TensorRT 11 refuses it before parsing.
+Before parsing, each graph is checked: its I/O types against the manifest's precision, its
+operators, and, for fp16 graphs, that the normalizations compute in float32 (export/trt_compat.py).
 
 Plans are cached as `tensorrt/<network>.<hash>.plan` with the key (`.json`) beside; the key holds
 the graph's sha256, the TensorRT version, the GPU's compute capability, precision, typing mode,
@@ -33,14 +39,15 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from export.hashing import files_sha256
-from export.trt_compat import check_graph
+from export.trt_compat import check_graph, is_fp16_graph
 from runtime.engines.tensorrt import (
     DEFAULT_PROMPT_CHUNKS,
     INSTALL_HINT,
     SUBDIR,
-    CudaEnvironment,
-    TensorRTUnavailable,
+        TensorRTUnavailable,
     cuda_environment,
     import_tensorrt,
     key_hash,
@@ -49,6 +56,7 @@ from runtime.engines.tensorrt import (
     plan_paths,
     profile_to_json,
     stale_reasons,
+    trt_logger,
 )
 from runtime.manifest import Manifest
 from runtime.networks import PRECISIONS, float_dtype
@@ -63,18 +71,46 @@ class TensorRTBuildError(RuntimeError):
     """Parsing or building a plan failed; the message names the network and TensorRT's errors."""
 
 
-def build_mode(graph_precision: str, precision: str) -> tuple[bool, str | None]:
-    """(strongly_typed, builder flag name or None) for a plan of `precision` over a graph exported
-    at `graph_precision` (the manifest's; bf16 manifests hold fp32 graphs)."""
+def build_mode(graph_precision: str, precision: str,
+               folder_precision: str | None = None) -> tuple[str, bool, str | None]:
+    """(plan precision, strongly_typed, builder flag name or None) for plans of `precision` over a
+    graph exported at `graph_precision`, in a folder of `folder_precision` (the manifest's; bf16
+    folders hold fp32 graphs). See the module docstring for the rules."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     graph = "fp16" if float_dtype(graph_precision) == "float16" else "fp32"
     if graph == precision:
-        return True, None
+        return precision, True, None
     if graph == "fp16":
         raise ValueError(f"the graphs are fp16, so a {precision} TensorRT plan cannot be built from them; "
                          f"export {precision} graphs (build-engine --precision {precision}) or build fp16 plans")
-    return False, precision.upper()
+    if precision == "fp16":
+        if folder_precision == "fp16":  # a network the fp16 export keeps in fp32 (the force_upcast VAE)
+            return "fp32", True, None
+        raise ValueError("fp16 TensorRT plans are built from fp16 graphs, strongly typed (weak typing over fp32 "
+                         "graphs is deprecated since TensorRT 10.12 and gone in 11); this folder's graphs are fp32: "
+                         "build the folder with --precision fp16 --tensorrt")
+    return precision, False, precision.upper()
+
+
+def check_before_parsing(trt: Any, graph: Path, name: str, graph_precision: str, flag: str | None,
+                         tensorrt_version: str) -> None:
+    """Refuse, before TensorRT parses anything, a graph whose I/O types are not the manifest's
+    precision, a weakly typed mode this TensorRT no longer has, and what export/trt_compat.py
+    finds (unsupported operators; fp16 normalizations)."""
+    model = onnx.load(str(graph), load_external_data=False)
+    fp16 = is_fp16_graph(model)
+    if fp16 != (float_dtype(graph_precision) == "float16"):
+        raise TensorRTBuildError(f"{name}: the manifest says the graph is {graph_precision}, but {graph.name} has "
+                                 f"{'float16' if fp16 else 'float32'} inputs/outputs; rebuild the engine folder")
+    if flag is not None and getattr(trt.BuilderFlag, flag, None) is None:
+        raise TensorRTBuildError(f"TensorRT {tensorrt_version} has no BuilderFlag.{flag}: weakly typed "
+                                 f"{flag.lower()} plans were removed in TensorRT 11; build fp16 plans from an fp16 "
+                                 "folder, fp32 plans, or use TensorRT 10")
+    errors = [p for p in check_graph(model) if p.severity == "error"]
+    if errors:
+        raise TensorRTBuildError(f"{name}: {graph.name} has what a TensorRT build cannot take:\n  " +
+                                 "\n  ".join(str(p) for p in errors))
 
 
 def build_tensorrt_engines(engine_dir: str | os.PathLike, manifest: Manifest, *, precision: str = "fp16",
@@ -91,12 +127,12 @@ def build_tensorrt_engines(engine_dir: str | os.PathLike, manifest: Manifest, *,
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if not 0 <= optimization_level <= 5:
         raise ValueError(f"optimization_level must be in 0..5; got {optimization_level}")
+    names = list(networks) if networks is not None else list(manifest.networks)
+    modes = _modes(manifest, names, precision)  # refuse a precision the graphs cannot give, before any GPU work
     env = cuda_environment(device_id)  # raises TensorRTUnavailable naming what is missing
     trt = import_tensorrt()
     engine_dir = Path(engine_dir)
     (engine_dir / SUBDIR).mkdir(exist_ok=True)
-    names = list(networks) if networks is not None else list(manifest.networks)
-    logger = trt.Logger(trt.Logger.WARNING)
     timing_path = engine_dir / TIMING_CACHE
     timing_bytes = timing_path.read_bytes() if timing_path.is_file() else b""
     entry: dict[str, Any] = {
@@ -106,17 +142,15 @@ def build_tensorrt_engines(engine_dir: str | os.PathLike, manifest: Manifest, *,
         "timing_cache": TIMING_CACHE, "networks": {},
     }
     for name in names:
-        if name not in manifest.networks:
-            raise ValueError(f"network {name!r} is not in this engine folder (it has {', '.join(manifest.networks)})")
         net = manifest.networks[name]
         graph_precision = net.get("precision", manifest.precision)
-        strongly_typed, flag = build_mode(graph_precision, precision)
+        plan_precision, strongly_typed, flag = modes[name]
         graph = engine_dir / net["file"]
         files = [graph] + ([engine_dir / net["external_data"]] if net.get("external_data") else [])
         profile = network_profile(name, manifest.dims, manifest.shapes, graph_precision,
                                   guidance=guidance, max_prompt_chunks=max_prompt_chunks)
         key = plan_key(name, onnx_sha256=files_sha256(files), tensorrt_version=env.tensorrt_version,
-                       compute_capability=env.compute_capability, precision=precision, profile=profile,
+                       compute_capability=env.compute_capability, precision=plan_precision, profile=profile,
                        strongly_typed=strongly_typed, optimization_level=optimization_level)
         plan_rel, key_rel = plan_paths(name, key)
         stored = _read_key(engine_dir / key_rel) if (engine_dir / plan_rel).is_file() else None
@@ -124,27 +158,37 @@ def build_tensorrt_engines(engine_dir: str | os.PathLike, manifest: Manifest, *,
         if not reasons:
             progress(f"tensorrt: {name}: reusing {plan_rel}")
         else:
-            progress(f"tensorrt: {name}: building {precision} plan ({'; '.join(reasons)})")
+            progress(f"tensorrt: {name}: building {plan_precision} plan ({'; '.join(reasons)})")
+            check_before_parsing(trt, graph, name, graph_precision, flag, env.tensorrt_version)
             start = time.perf_counter()
-            timing_bytes = _build_plan(trt, logger, graph, name, profile, strongly_typed, flag, optimization_level,
-                                       workspace_gib, timing_bytes, engine_dir / plan_rel, env)
+            timing_bytes = _build_plan(trt, graph, name, profile, strongly_typed, flag, optimization_level,
+                                       workspace_gib, timing_bytes, engine_dir / plan_rel)
             _atomic_write(engine_dir / key_rel, (json.dumps(key, indent=2, sort_keys=True) + "\n").encode())
             _atomic_write(timing_path, timing_bytes)
             progress(f"tensorrt: {name}: built {plan_rel} in {time.perf_counter() - start:.1f} s")
         _remove_stale(engine_dir, name, keep=key_hash(key))
         entry["networks"][name] = {"plan": plan_rel, "key": key_rel, "key_hash": key_hash(key),
-                                   "strongly_typed": strongly_typed, "profile": profile_to_json(profile)}
+                                   "precision": plan_precision, "strongly_typed": strongly_typed,
+                                   "profile": profile_to_json(profile)}
     return entry
 
 
-def _build_plan(trt: Any, logger: Any, graph: Path, name: str, profile: Mapping[str, Any], strongly_typed: bool,
+def _modes(manifest: Manifest, names: list[str], precision: str) -> dict[str, tuple[str, bool, str | None]]:
+    """`build_mode` of every network asked for (ValueError for an unknown network or precision)."""
+    modes = {}
+    for name in names:
+        if name not in manifest.networks:
+            raise ValueError(f"network {name!r} is not in this engine folder (it has {', '.join(manifest.networks)})")
+        graph_precision = manifest.networks[name].get("precision", manifest.precision)
+        modes[name] = build_mode(graph_precision, precision, manifest.precision)
+    return modes
+
+
+def _build_plan(trt: Any, graph: Path, name: str, profile: Mapping[str, Any], strongly_typed: bool,
                 flag: str | None, optimization_level: int, workspace_gib: float | None, timing_bytes: bytes,
-                dest: Path, env: CudaEnvironment) -> bytes:
+                dest: Path) -> bytes:
     """Parse `graph`, build and write its plan to `dest`; return the updated timing cache."""
-    errors = [p for p in check_graph(graph) if p.severity == "error"]
-    if errors:
-        raise TensorRTBuildError(f"{name}: {graph.name} uses what TensorRT cannot parse:\n  " +
-                                 "\n  ".join(str(p) for p in errors))
+    logger = trt_logger()  # TensorRT keeps the first logger it sees: one for the whole process
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
@@ -156,12 +200,8 @@ def _build_plan(trt: Any, logger: Any, graph: Path, name: str, profile: Mapping[
     config.builder_optimization_level = optimization_level
     if workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if flag is not None:
-        builder_flag = getattr(trt.BuilderFlag, flag, None)
-        if builder_flag is None:
-            raise TensorRTBuildError(f"TensorRT {env.tensorrt_version} has no BuilderFlag.{flag} (weak typing was "
-                                     f"removed in TensorRT 11); build from {flag.lower()} graphs or use TensorRT 10")
-        config.set_flag(builder_flag)
+    if flag is not None:  # present: check_before_parsing refused its absence
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     opt_profile = builder.create_optimization_profile()
     network_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     missing = sorted(set(network_inputs) - set(profile))
@@ -210,10 +250,14 @@ def _remove_stale(engine_dir: Path, network: str, keep: str) -> None:
 
 
 def _atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Write under a temporary name, make it durable, then rename: a crash mid-write leaves the old
+    file (or none) under `path`, never a partial plan the next load would deserialize."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,6 +11,13 @@ of opset 9 to opset 24"); the file records its source. Passing this check does n
 plan builds (shape-dependent limits only show up in the builder), but failing it names the
 operator and node that will stop the parser.
 
+Graphs with float16 inputs or outputs are also checked as the strongly typed networks TensorRT
+builds from them (export/fp16.py): every normalization (InstanceNormalization, LayerNormalization,
+GroupNormalization) must compute in float32, since a strongly typed network runs each operation in
+the type the graph gives it and fp16 normalizations overflow. `require_fp32` adds operators (e.g.
+Softmax for SD 2.x, whose attention must be upcast); `precision_summary` counts each operator's
+float32 and float16 instances.
+
     python -m export.trt_compat text_encoder.onnx unet.onnx ...   # exit 1 on any error
 """
 
@@ -41,6 +48,8 @@ _TYPE_NAMES = {
 _DOC_TYPE_ALIASES = {"FLOAT32": "FP32", "FLOAT16": "FP16", "BFLOAT16": "BF16"}
 _QUANTIZED = {"INT8", "INT4", "FP8", "FP4"}
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+# Operators that must compute in float32 inside an fp16 graph (see the module docstring).
+NORMALIZATION_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
 
 # Inputs that the matrix says must be build-time constants: op -> (input index, input name). Before
 # opset 13 (ReduceSum, Squeeze, Unsqueeze) or 18 (the other reductions) axes were attributes, and a
@@ -100,8 +109,9 @@ def support_matrix(path: str | None = None) -> SupportMatrix:
 
 
 def check_graph(graph: str | Path | onnx.ModelProto, opset: int | None = None,
-                matrix: SupportMatrix | None = None) -> list[Problem]:
-    """Problems TensorRT's ONNX parser would have with `graph` (a path or a loaded model).
+                matrix: SupportMatrix | None = None, require_fp32: tuple[str, ...] = ()) -> list[Problem]:
+    """Problems TensorRT's ONNX parser would have with `graph` (a path or a loaded model), and, for
+    a graph with float16 I/O, normalizations (and the `require_fp32` operators) computed in float16.
 
     `opset` overrides the model's default-domain opset import. Weights in external data files
     are not read (only names, types and shapes are needed)."""
@@ -127,7 +137,50 @@ def check_graph(graph: str | Path | onnx.ModelProto, opset: int | None = None,
     constants = _constant_names(model.graph)
     _check_nodes(model.graph.node, m, types, constants, functions, problems, set())
     _check_types(types, io_names, _qdq_tensors(model.graph), m, problems)
+    if is_fp16_graph(model):
+        problems += _check_fp32_islands(model.graph.node, types, NORMALIZATION_OPS + tuple(require_fp32))
     return problems
+
+
+def is_fp16_graph(model: onnx.ModelProto) -> bool:
+    """Whether the graph's float inputs or outputs are float16 (the project's fp16 graphs)."""
+    return any(v.type.tensor_type.elem_type == TensorProto.FLOAT16
+               for v in list(model.graph.input) + list(model.graph.output))
+
+
+def _check_fp32_islands(nodes, types: dict, ops: tuple[str, ...]) -> list[Problem]:
+    problems = []
+    for node in nodes:
+        if node.op_type not in ops or not node.input:
+            continue
+        elem = types.get(node.input[0])
+        if elem != TensorProto.FLOAT:
+            name = node.name or f"<unnamed {node.op_type} -> {', '.join(node.output)}>"
+            problems.append(Problem(
+                "error", node.op_type, name,
+                f"computes in {_type_str(elem) if elem else 'an unknown type'} inside an fp16 graph; a strongly typed "
+                f"TensorRT network runs it as written, and {node.op_type} overflows in float16. Re-export: the "
+                "project's fp16 export keeps it in float32 (export/fp16.py)"))
+    return problems
+
+
+def precision_summary(graph: str | Path | onnx.ModelProto,
+                      ops: tuple[str, ...] = NORMALIZATION_OPS + ("Softmax",)) -> dict[str, dict[str, int]]:
+    """For each operator of `ops` in the graph: how many instances compute in each float type
+    (the type of their first input), e.g. {"Softmax": {"FLOAT16": 16}}."""
+    model = graph if isinstance(graph, onnx.ModelProto) else onnx.load(str(graph), load_external_data=False)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        pass
+    types = _tensor_types(model.graph)
+    summary: dict[str, dict[str, int]] = {}
+    for node in model.graph.node:
+        if node.op_type in ops and node.input:
+            kind = _type_str(types[node.input[0]]) if node.input[0] in types else "unknown"
+            counts = summary.setdefault(node.op_type, {})
+            counts[kind] = counts.get(kind, 0) + 1
+    return summary
 
 
 def _check_nodes(nodes, m: SupportMatrix, types: dict, constants: set, functions: dict,
@@ -267,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("graphs", nargs="+", type=Path, help="ONNX files")
     parser.add_argument("--opset", type=int, default=None, help="check as this opset instead of the model's")
     parser.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    parser.add_argument("--require-fp32", action="append", default=[], metavar="OP",
+                        help="in fp16 graphs, also require OP (e.g. Softmax) to compute in float32 (repeatable)")
     args = parser.parse_args(argv)
     failed = False
     for path in args.graphs:
@@ -274,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: no such file", file=sys.stderr)
             failed = True
             continue
-        problems = check_graph(path, opset=args.opset)
+        problems = check_graph(path, opset=args.opset, require_fp32=tuple(args.require_fp32))
         bad = [p for p in problems if p.severity == "error" or args.strict]
         for p in problems:
             print(f"{path}: {p}")

@@ -6,11 +6,16 @@ the U-Net of Ho et al. 2020 (arXiv:2006.11239) with spatial transformers for tex
 
 Export-friendly: no Python branching on tensor values; every reshape reads sizes from the tensor,
 so batch, height, width and token count stay dynamic in ONNX.
+
+Step caching (DeepCache, arXiv:2312.00858): `forward_deep` is `forward` that also returns the
+feature cached for a skip branch, `forward_shallow` the retrieval step that starts from it
+(`cache_split` says where the U-Net is cut). All three share the same modules and weights.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -197,16 +202,19 @@ class DownBlock(nn.Module):
         self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg) for _ in range(n)) if attn else None
         self.downsamplers = None if last else nn.ModuleList([Downsample2D(cout, cfg.downsample_padding)])
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor,
-                context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+                limit: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each sub-layer (resnet + attention, then the downsampler) yields one skip tensor; `limit`
+        stops after that many (the shallow path of a step-cache split)."""
         skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-            skips.append(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
+        n = len(self.resnets) + (self.downsamplers is not None)
+        for i in range(n if limit is None else min(limit, n)):
+            if i < len(self.resnets):
+                x = self.resnets[i](x, temb)
+                if self.attentions is not None:
+                    x = self.attentions[i](x, context)
+            else:
+                x = self.downsamplers[0](x)
             skips.append(x)
         return x, skips
 
@@ -225,16 +233,22 @@ class UpBlock(nn.Module):
         self.upsamplers = None if last else nn.ModuleList([Upsample2D(cout)])
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
-                next_skip: torch.Tensor | None) -> torch.Tensor:
-        """`skips`: this block's skip tensors, consumed last first; `next_skip`: the skip the next
-        block takes first, whose size the upsampled output must match."""
-        for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
-            x = resnet(torch.cat([x, skip], dim=1), temb)  # [b, c + c_skip, h, w] -> [b, cout, h, w]
+                next_skip: torch.Tensor | None, start: int = 0,
+                capture: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`skips`: the skip tensors of resnets `start`.. (all of this block's by default), consumed
+        last first; `next_skip`: the skip the next block takes first, whose size the upsampled
+        output must match. Returns (output, the input of resnet `capture` before its concatenation,
+        or None): a step-cache split caches that input and a shallow path enters at `start` with it."""
+        feature = None
+        for i, skip in zip(range(start, len(self.resnets)), reversed(skips)):
+            if i == capture:
+                feature = x
+            x = self.resnets[i](torch.cat([x, skip], dim=1), temb)  # [b, c + c_skip, h, w] -> [b, cout, h, w]
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, next_skip)
-        return x
+        return x, feature
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
@@ -247,6 +261,46 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, temb)
         return self.resnets[1](self.attentions[0](x, context), temb)
+
+
+@dataclass(frozen=True)
+class CacheSplit:
+    """Where DeepCache (Ma et al., CVPR 2024, arXiv:2312.00858) splits the U-Net for one skip branch.
+
+    The skip tensors, in the order the down path makes them: 0 = conv_in's output, then one per
+    down sub-layer (each resnet + attention, then the downsampler). On a retrieval (shallow) step
+    only conv_in, the down sub-layers up to skip `branch`, the up resnets that consume skips
+    `branch`..0 and conv_out run; the up path enters with the feature cached at the last full step:
+    the input of resnet `resnet` of `up_blocks[up_block]` (before its concatenation with skip
+    `branch`). This is what horseee/DeepCache's `DeepCacheSDHelper` (DeepCache/extension/
+    deepcache.py, set_params(cache_branch_id=branch)) caches on diffusers' UNet2DConditionModel:
+    its (block, layer) = divmod(branch, 3) for SD's three skips per level, divmod(branch,
+    layers_per_block + 1) here. (Its older SD pipeline, DeepCache/sd/, caches one sub-layer deeper
+    for the same ids.)"""
+
+    branch: int
+    up_block: int  # index into UNet2DConditionModel.up_blocks
+    resnet: int  # index into that block's resnets
+    channels: int  # the cached feature's channels
+    level: int  # its resolution: the latent size halved `level` times (rounded up, as the downsamplers do)
+
+
+def cache_split(config: UNetConfig, branch: int) -> CacheSplit:
+    """The split of `config`'s U-Net for skip `branch` (0 = the shallowest: conv_in's skip)."""
+    per_level = config.layers_per_block + 1  # skips consumed per up block
+    levels = len(config.block_out_channels)
+    count = levels * per_level  # conv_in + layers_per_block per level + a downsampler per level but the last
+    if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < count:
+        raise ValueError(f"cache branch must be an integer in 0..{count - 1} for this U-Net "
+                         f"({levels} levels of {config.layers_per_block} layers); got {branch!r}")
+    level, position = divmod(branch, per_level)
+    if level > 0 and config.downsample_padding != 1:
+        raise ValueError(f"cache branch {branch} lies below the first downsampler, whose output size this runtime "
+                         f"derives for downsample_padding=1 only (this U-Net has {config.downsample_padding})")
+    resnet = config.layers_per_block - position
+    # the first resnet of an up block takes the block below's output (the middle block's at the bottom)
+    channels = config.block_out_channels[min(level + 1, levels - 1) if resnet == 0 else level]
+    return CacheSplit(branch, levels - 1 - level, resnet, channels, level)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -274,19 +328,66 @@ class UNet2DConditionModel(nn.Module):
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """sample [b, in_channels, lh, lw], timestep [] or [b] (or [1]), encoder_hidden_states
         [b, tokens, cross_attention_dim] -> noise prediction [b, out_channels, lh, lw]."""
+        return self._full(sample, timestep, encoder_hidden_states, None)[0]
+
+    def forward_deep(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                     branch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full U-Net (the same operations as `forward`, so the same noise prediction) that also
+        returns the feature DeepCache caches for `branch` (see `cache_split`):
+        (noise [b, out_channels, lh, lw], feature [b, channels, lh / 2**level, lw / 2**level])."""
+        return self._full(sample, timestep, encoder_hidden_states, cache_split(self.config, branch))
+
+    def forward_shallow(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                        feature: torch.Tensor, branch: int) -> torch.Tensor:
+        """DeepCache's retrieval step: conv_in, the down path up to skip `branch`, then the up path
+        from the resnet that consumes it (entered with the cached `feature` of `forward_deep`), and
+        conv_out. The middle of the U-Net does not run."""
+        split = cache_split(self.config, branch)
+        temb = self._time_embedding(sample, timestep)
+        skips = self._down(self.conv_in(sample), temb, encoder_hidden_states, limit=split.branch + 1)
+        return self._up(feature, skips, temb, encoder_hidden_states, start=split)[0]
+
+    def _time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         t = timestep.reshape(-1).expand(sample.shape[0])
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = self.time_embedding(temb.to(sample.dtype))  # [b, time_embed_dim]
+        return self.time_embedding(temb.to(sample.dtype))  # [b, time_embed_dim]
 
-        x = self.conv_in(sample)
+    def _full(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+              capture: CacheSplit | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        temb = self._time_embedding(sample, timestep)
+        skips = self._down(self.conv_in(sample), temb, context)
+        x = self.mid_block(skips[-1], temb, context)  # the last skip is the down path's output
+        return self._up(x, skips, temb, context, capture=capture)
+
+    def _down(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+              limit: int | None = None) -> list[torch.Tensor]:
+        """Skip tensors in order: conv_in's output `x`, then one per down sub-layer; `limit` stops
+        after that many."""
         skips = [x]
         for block in self.down_blocks:
-            x, s = block(x, temb, encoder_hidden_states)
+            if limit is not None and len(skips) >= limit:
+                break
+            x, s = block(x, temb, context, None if limit is None else limit - len(skips))
             skips.extend(s)
-        x = self.mid_block(x, temb, encoder_hidden_states)
-        for block in self.up_blocks:
-            n = len(block.resnets)
+        return skips
+
+    def _up(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor, *,
+            start: CacheSplit | None = None,
+            capture: CacheSplit | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The up path over `skips` (consumed last first) and conv_out: whole (x = the middle block's
+        output), or from `start`'s resnet on (x = the cached feature). Returns (noise, the feature
+        at `capture`, or None)."""
+        feature = None
+        for i, block in enumerate(self.up_blocks):
+            first = 0
+            if start is not None and i <= start.up_block:
+                if i < start.up_block:
+                    continue
+                first = start.resnet
+            n = len(block.resnets) - first
             own, skips = skips[-n:], skips[:-n]
-            x = block(x, own, temb, encoder_hidden_states, skips[-1] if skips else None)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+            at = capture.resnet if capture is not None and i == capture.up_block else None
+            x, f = block(x, own, temb, context, skips[-1] if skips else None, first, at)
+            feature = f if f is not None else feature
+        return self.conv_out(self.conv_act(self.conv_norm_out(x))), feature

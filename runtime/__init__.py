@@ -1,22 +1,29 @@
 """Stable Diffusion runtime: torch-free denoising loop over engine folders.
 
     import runtime
-    pipe = runtime.load("engines/sd15")            # best available backend; pipe.backend says which
-    result = pipe.txt2img("a watercolor fox", seed=1)
-    result.images[0].save("fox.png")
+    with runtime.load("engines/sd15") as pipe:     # best available backend; pipe.backend says which
+        result = pipe.txt2img("a watercolor fox", seed=1)
+        result.images[0].save("fox.png")
 
-`load`, `Pipeline` and `GenerationResult` are imported on first use, so `import runtime.networks`
-(as export/ does) stays light.
+`load`, `Pipeline`, `GenerationResult`, `Request` and the errors are imported on first use, so
+`import runtime.networks` (as export/ does) stays light.
 """
 
-_LAZY = ("load", "Pipeline", "GenerationResult", "PipelineError")
+_LAZY = {
+    "load": "runtime.pipeline", "Pipeline": "runtime.pipeline", "GenerationResult": "runtime.pipeline",
+    "GenerationCancelled": "runtime.pipeline", "Request": "runtime.request",
+    "SDRuntimeError": "runtime.errors", "PipelineError": "runtime.errors", "ManifestError": "runtime.errors",
+    "BackendError": "runtime.errors", "EngineLoadError": "runtime.errors", "EngineInputError": "runtime.errors",
+    "EngineRunError": "runtime.errors", "EngineClosedError": "runtime.errors", "ImageInputError": "runtime.errors",
+    "IntegrityError": "runtime.errors",
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from runtime import pipeline
+        import importlib
 
-        return getattr(pipeline, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'runtime' has no attribute {name!r}")
 
 

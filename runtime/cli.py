@@ -5,8 +5,18 @@
     sd-generate inpaint ENGINE_DIR "a blue door" --image barn.png --mask door.png -o door.png
 
 Each PNG carries text chunks with what reproduces it (prompt, negative prompt, seed, steps, scheduler,
-guidance, size, strength, engine folder, backend) and the whole as JSON under the key `sd-runtime`;
-`read_metadata(path)` reads it back. Errors print one line on stderr and exit with status 2.
+guidance, size, strength, engine folder, backend), the whole as JSON under the key `sd-runtime`
+(`read_metadata(path)` reads it back), and AUTOMATIC1111's `parameters` chunk (runtime/png_info.py),
+which A1111's "PNG Info" and other tools read.
+
+    sd-generate --from-png barn.png -o again.png               # reproduce an image we made
+    sd-generate --from-png barn.png --steps 40 -o more.png     # flags given override the PNG
+    sd-generate txt2img ENGINE_DIR --from-png a1111.png        # an A1111 PNG: name the engine folder
+
+`--from-png` reads our `sd-runtime` JSON where the PNG has it (bit-identical reproduction: same
+engine folder, backend, settings and seed), else the A1111 `parameters` chunk (A1111's settings;
+the image differs from A1111's, whose sampler steps and random numbers are not ours). COMMAND,
+ENGINE_DIR and PROMPT may then be left out. Errors print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -18,8 +28,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runtime import png_info
+
 METADATA_KEY = "sd-runtime"
 COMMANDS = ("txt2img", "img2img", "inpaint")
+# argument -> the metadata key it sets (what --from-png reads, and flags given override)
+_ARG_KEYS = {"command": "mode", "engine_dir": "engine", "prompt": "prompt", "negative_prompt": "negative_prompt",
+             "steps": "steps", "guidance": "guidance_scale", "guidance_rescale": "guidance_rescale",
+             "scheduler": "scheduler", "karras": "karras", "eta": "eta", "seed": "seed", "height": "height",
+             "width": "width", "image": "image", "mask": "mask", "strength": "strength", "backend": "backend"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,18 +48,20 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Generate images from a Stable Diffusion engine folder.")
-    p.add_argument("command", choices=COMMANDS, help="what to generate")
-    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine folder (built by build-engine)")
-    p.add_argument("prompt", metavar="PROMPT", help="the prompt (longer than 77 tokens is fine)")
+    p.add_argument("command", choices=COMMANDS, nargs="?", help="what to generate")
+    p.add_argument("engine_dir", metavar="ENGINE_DIR", nargs="?", help="engine folder (built by build-engine)")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (longer than 77 tokens is fine)")
+    p.add_argument("--from-png", metavar="FILE", default=None,
+                   help="take the settings of a PNG written by sd-generate or AUTOMATIC1111; flags given override them")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: none)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: 50)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (default: 0)")
+    p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi (default: 0)")
     p.add_argument("--scheduler", default=None, help="sampler name (default: the engine's scheduler)")
     karras = p.add_mutually_exclusive_group()
     karras.add_argument("--karras", dest="karras", action="store_true", default=None, help="Karras sigmas")
     karras.add_argument("--no-karras", dest="karras", action="store_false", help="no Karras sigmas")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: 0)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed and stored)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels")
     p.add_argument("--width", type=int, default=None, help="image width in pixels")
@@ -50,7 +69,7 @@ def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, help="mask image, white = repaint (inpaint)")
     p.add_argument("--strength", type=float, default=None,
                    help="noise level for the init image, in (0, 1] (default: 0.75 img2img, 1.0 inpaint)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate (default: 1)")
+    p.add_argument("--num-images", type=int, default=None, help="images to generate (default: 1)")
     p.add_argument("--backend", default=None, help="engine backend (default: best available)")
     p.add_argument("-o", "--output", default=None, help="output PNG (default: COMMAND.png); "
                    "with several images, -0, -1, ... are added before the suffix")
@@ -96,11 +115,14 @@ def metadata_for(params: dict[str, Any], seed: int, args: argparse.Namespace) ->
     return meta
 
 
-def save_png(image, path: Path, meta: dict[str, Any]) -> None:
-    """Write a PIL image as PNG with one text chunk per setting plus all of them as JSON."""
+def save_png(image, path: Path, meta: dict[str, Any], infotext: str | None = None) -> None:
+    """Write a PIL image as PNG with one text chunk per setting, all of them as JSON, and the A1111
+    `parameters` chunk when `infotext` is given."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
+    if infotext is not None:
+        info.add_text(png_info.PARAMETERS_KEY, infotext)  # tEXt, or iTXt (UTF-8) beyond Latin-1, as A1111
     for key in ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "size",
                 "strength", "engine", "backend", "command"):
         if key in meta and meta[key] is not None:
@@ -131,9 +153,63 @@ def _open_image(path: str, what: str):
         return im.copy()
 
 
+def read_png_settings(path: str | Path) -> tuple[dict[str, Any], str, list[str]]:
+    """(settings keyed as our metadata, the chunk they came from, A1111 fields that cannot be
+    honoured) of a PNG: our `sd-runtime` JSON where present, else A1111's `parameters`."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--from-png {path} does not exist")
+    with Image.open(path) as im:
+        text = dict(getattr(im, "text", {}) or im.info)
+    if METADATA_KEY in text:
+        return json.loads(text[METADATA_KEY]), METADATA_KEY, []
+    if png_info.PARAMETERS_KEY in text:
+        settings, ignored = png_info.settings_from_fields(png_info.parse_infotext(text[png_info.PARAMETERS_KEY]))
+        return settings, f"A1111 {png_info.PARAMETERS_KEY}", ignored
+    raise ValueError(f"--from-png {path} has neither {METADATA_KEY} nor A1111 {png_info.PARAMETERS_KEY} metadata")
+
+
+def apply_png(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with what the --from-png file says, wherever no flag or positional was given."""
+    settings, kind, ignored = read_png_settings(args.from_png)
+    merged = vars(args).copy()
+    for arg, key in _ARG_KEYS.items():
+        if merged[arg] is None and settings.get(key) is not None:
+            merged[arg] = settings[key]
+    merged["command"] = merged["command"] or "txt2img"
+    if merged["command"] == "txt2img":  # an init image's settings do not carry over to txt2img
+        for arg in ("strength", "image", "mask"):
+            if getattr(args, arg) is None:
+                merged[arg] = None
+    if merged["engine_dir"] is None:
+        raise ValueError(f"--from-png {args.from_png}: its {kind} metadata names no engine folder (model "
+                         f"{settings.get('model', '?')}); give COMMAND and ENGINE_DIR before --from-png")
+    print(f"settings from {args.from_png} ({kind} metadata)")
+    if ignored:
+        print(f"sd-generate: note: not applied from {args.from_png}: {'; '.join(ignored)}", file=sys.stderr)
+    return argparse.Namespace(**merged)
+
+
+def _infotext(params: dict[str, Any], seed: int, engine_dir: str, manifest: Any) -> str:
+    """The A1111 `parameters` text of one image, with the engine folder's model identity."""
+    karras = params["karras"]
+    if karras is None:  # the engine's scheduler config decides (runtime/scheduler.py make_schedule)
+        karras = params["scheduler"] == "dpmpp_2m_karras" or bool(manifest.scheduler.get("use_karras_sigmas"))
+    source = manifest.source or {}
+    name = Path(source["path"]).stem if source.get("path") else source.get("preset") or Path(engine_dir).name
+    return png_info.infotext_from_parameters(params, seed=seed, karras=karras, model_hash=source.get("sha256"),
+                                             model_name=name)
+
+
 def run(args: argparse.Namespace) -> int:
+    from runtime.manifest import load_manifest
     from runtime.pipeline import load
 
+    if args.from_png:
+        args = apply_png(args)
+    if args.command is None or args.engine_dir is None or args.prompt is None:
+        raise ValueError("COMMAND, ENGINE_DIR and PROMPT are required unless --from-png FILE gives them")
     if args.command == "txt2img" and (args.image or args.mask):
         raise ValueError("txt2img takes no --image or --mask; use img2img or inpaint")
     if args.command in ("img2img", "inpaint") and not args.image:
@@ -147,15 +223,13 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load(args.engine_dir, backend=args.backend)
     kwargs: dict[str, Any] = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                                  guidance_rescale=args.guidance_rescale, scheduler=args.scheduler,
-                                  karras=args.karras, seed=args.seed, num_images_per_prompt=args.num_images,
-                                  eta=args.eta, output_type="pil", progress=not args.no_progress)
-    if args.steps is not None:
-        kwargs["num_inference_steps"] = args.steps
-    if args.guidance is not None:
-        kwargs["guidance_scale"] = args.guidance
-    if args.strength is not None:
-        kwargs["strength"] = args.strength
+                                  scheduler=args.scheduler, karras=args.karras, seed=args.seed, output_type="pil",
+                                  progress=not args.no_progress)
+    for arg, name in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("strength", "strength"),
+                      ("guidance_rescale", "guidance_rescale"), ("eta", "eta"),
+                      ("num_images", "num_images_per_prompt")):
+        if getattr(args, arg) is not None:  # otherwise the pipeline's default
+            kwargs[name] = getattr(args, arg)
     if args.command == "txt2img":
         result = pipe.txt2img(args.prompt, **kwargs)
     elif args.command == "img2img":
@@ -165,8 +239,10 @@ def run(args: argparse.Namespace) -> int:
                               **kwargs)
 
     paths = output_paths(args.output or f"{args.command}.png", len(result.images))
+    manifest = load_manifest(args.engine_dir)
     for image, seed, path in zip(result.images, result.seeds, paths):
-        save_png(image, path, metadata_for(result.parameters, seed, args))
+        meta = metadata_for(result.parameters, seed, args)
+        save_png(image, path, meta, _infotext(meta, seed, args.engine_dir, manifest))
         p = result.parameters
         print(f"wrote {path} (seed {seed}, {p['width']}x{p['height']}, {p['scheduler']}, {p['steps']} steps, "
               f"backend {result.backend})")

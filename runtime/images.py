@@ -20,12 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from runtime.errors import ImageInputError
+
+__all__ = ["ImageInputError", "from_network", "image_size", "latent_mask", "load_image", "load_mask", "to_network",
+           "to_pil"]
+
 # PIL's "L" conversion weights (ITU-R 601-2 luma), so an RGB array mask gives what a PIL mask would.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-class ImageInputError(ValueError):
-    """An image or mask argument has an unsupported type, layout, range or size."""
 
 
 def image_size(image) -> tuple[int, int]:

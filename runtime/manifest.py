@@ -17,11 +17,15 @@ Schema (format version 1):
                       "precision": "fp32", "sha256": "...", "parity": {...}}},
   "backends": {"tensorrt": {...},         # engine files of other backends, per backend
                "openvino": {"unet_int8": {"file", "weights", "sha256", "weights_sha256", "calibration",
-                                          "parity", ...}}},   # build-engine --quantize int8
+                                          "parity", ...},      # build-engine --quantize int8
+                            "weights_int8": {"scheme", "networks": {network: {"file", "weights", ...}},
+                                             "parity", ...}}},    # build-engine --quantize int8-weights
   "source": {"kind": "preset" | "diffusers" | "single_file", "path": "...", "sha256": "..."},
   "tools": {"torch": "...", "onnx": "...", ...},
-  "created": "ISO 8601 time"
-}
+  "created": "ISO 8601 time",
+  "files": {"unet.onnx": {"size": 1794141, "sha256": "...", "fingerprint": "..."}, ...}
+}                                      # every file the runtime opens (runtime/folder.py); absent in
+                                       # folders built before it, which load as "legacy" folders
 Image sizes in "shapes" bound both height and width, in pixels; batch counts images (the U-Net's
 engine batch is doubled under classifier-free guidance).
 """
@@ -31,21 +35,31 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from runtime.networks import NETWORKS, PRECISIONS, ModelDims
+from runtime.errors import ManifestError
+from runtime.folder import file_records, inside, opened_files
+from runtime.networks import NETWORKS, PRECISIONS, STEP_CACHE_NETWORKS, ModelDims
+from runtime.samplers import PREDICTION_TYPES
+
+__all__ = ["FAMILIES", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ManifestError", "PREDICTION_TYPES",
+           "load_manifest", "write_manifest"]
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Model families an engine folder can hold (export/configs.py builds them; the runtime reads them)
 FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SHAPE_KEYS = ("min_batch", "opt_batch", "max_batch", "min_image", "opt_image", "max_image")
-
-
-class ManifestError(ValueError):
-    """An engine folder or its manifest is missing, malformed or of an unknown version."""
+# Sanity bounds on a manifest's numbers, far above any real folder (SD: 512-1024 px images, batches of a
+# few images, 4-9 channels, hidden sizes 768/1024): a stranger's huge value is refused at load instead
+# of becoming a terabyte allocation later.
+MAX_IMAGE = 16384
+MAX_BATCH = 1024
+MAX_DIM = 65536
+# manifest.json of an SD 1.5 folder is about 6 KB; a larger file than this is not a manifest
+MANIFEST_MAX_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,24 @@ class Manifest:
     tools: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # runtime/folder.py `file_records`
+
+    @property
+    def int8_unet(self) -> dict[str, Any] | None:
+        """The entry of the folder's int8 U-Net for OpenVINO (`build-engine --quantize int8`), or None."""
+        return self.backends.get("openvino", {}).get("unet_int8")
+
+    @property
+    def weights_int8(self) -> dict[str, Any] | None:
+        """The entry of the folder's int8-weight networks for OpenVINO (`build-engine --quantize
+        int8-weights`: {"scheme", "networks": {network: {file, weights, ...}}, ...}), or None."""
+        return self.backends.get("openvino", {}).get("weights_int8")
+
+    @property
+    def quantization(self) -> str | None:
+        """The folder's OpenVINO quantization scheme ("int8", "int8-weights"), or None."""
+        entry = self.int8_unet or self.weights_int8
+        return entry.get("scheme") if entry else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,16 +115,19 @@ class Manifest:
             "source": self.source,
             "tools": self.tools,
             "created": self.created,
+            "files": self.files,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "Manifest":
+        """Validate every field the runtime reads (types, known names, sane bounds); ManifestError
+        names the first problem. Unknown extra keys are ignored."""
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if not _is_int(version) or version != FORMAT_VERSION:
             raise ManifestError(
-                f"{where}: unknown format_version {version!r}; this runtime reads version {FORMAT_VERSION}. "
+                f"{where}: unknown format_version {_short(version)}; this runtime reads version {FORMAT_VERSION}. "
                 "Rebuild the engine folder with this version's build-engine."
             )
         required = ("family", "dims", "scaling_factor", "prediction_type", "scheduler", "tokenizer",
@@ -100,57 +135,171 @@ class Manifest:
         missing = [k for k in required if k not in d]
         if missing:
             raise ManifestError(f"{where}: missing keys {', '.join(missing)}")
-        if d["family"] not in FAMILIES:
-            raise ManifestError(f"{where}: unknown family {d['family']!r}; expected one of {', '.join(FAMILIES)}")
-        if d["prediction_type"] not in PREDICTION_TYPES:
-            raise ManifestError(f"{where}: unknown prediction_type {d['prediction_type']!r}; "
-                                f"expected one of {', '.join(PREDICTION_TYPES)}")
-        if d["precision"] not in PRECISIONS:
-            raise ManifestError(f"{where}: unknown precision {d['precision']!r}; expected one of {', '.join(PRECISIONS)}")
-        try:
-            dims = ModelDims(**d["dims"])
-        except TypeError as e:
-            raise ManifestError(f"{where}: bad 'dims' {d['dims']!r}: {e}") from None
-        missing_shapes = [k for k in SHAPE_KEYS if k not in d["shapes"]]
-        if missing_shapes:
-            raise ManifestError(f"{where}: 'shapes' lacks {', '.join(missing_shapes)}")
-        unknown = [n for n in d["networks"] if n not in NETWORKS]
-        if unknown:
-            raise ManifestError(f"{where}: unknown networks {', '.join(unknown)}; expected {', '.join(NETWORKS)}")
-        return cls(
-            family=d["family"], dims=dims, scaling_factor=float(d["scaling_factor"]),
-            prediction_type=d["prediction_type"], scheduler=dict(d["scheduler"]), tokenizer=dict(d["tokenizer"]),
-            default_size=tuple(d["default_size"]), shapes={k: int(d["shapes"][k]) for k in SHAPE_KEYS},
-            precision=d["precision"], networks=dict(d["networks"]), backends=dict(d.get("backends", {})),
-            source=dict(d.get("source", {})), tools=dict(d.get("tools", {})), created=d.get("created", ""),
+        for key, allowed in (("family", FAMILIES), ("prediction_type", PREDICTION_TYPES), ("precision", PRECISIONS)):
+            if not isinstance(d[key], str) or d[key] not in allowed:
+                raise ManifestError(f"{where}: unknown {key} {_short(d[key])}; expected one of {', '.join(allowed)}")
+        extras = {k: _object(d.get(k, {}), k, where) for k in ("backends", "source", "tools", "files")}
+        if not isinstance(d.get("created", ""), str):
+            raise ManifestError(f"{where}: 'created' must be a string; got {_short(d['created'])}")
+        manifest = cls(
+            family=d["family"], dims=_dims(d["dims"], where),
+            scaling_factor=_number(d["scaling_factor"], "scaling_factor", where),
+            prediction_type=d["prediction_type"], scheduler=_scheduler(d["scheduler"], where),
+            tokenizer=_tokenizer(d["tokenizer"], where), default_size=_default_size(d["default_size"], where),
+            shapes=_shapes(d["shapes"], where), precision=d["precision"], networks=_networks(d["networks"], where),
+            created=d.get("created", ""), **extras,
         )
+        opened_files(manifest)  # the entries that name files (backends' included) have the right types
+        return manifest
+
+
+# --- field validation (Manifest.from_dict) -----------------------------------------------------------------
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_in(value: Any, lo: int, hi: int, what: str, where: str) -> int:
+    if not _is_int(value) or not lo <= value <= hi:
+        raise ManifestError(f"{where}: {what} must be an integer in [{lo}, {hi}]; got {_short(value)}")
+    return value
+
+
+def _number(value: Any, what: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ManifestError(f"{where}: {what} must be a positive finite number; got {_short(value)}")
+    return float(value)
+
+
+def _path_string(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _object(value: Any, what: str, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where}: '{what}' must be a JSON object; got {_short(value)}")
+    return dict(value)
+
+
+def _dims(value: Any, where: str) -> ModelDims:
+    try:
+        dims = ModelDims(**_object(value, "dims", where))
+    except TypeError as e:
+        raise ManifestError(f"{where}: bad 'dims' {_short(value)}: {e}") from None
+    lows = {"cache_channels": 0, "cache_level": 0, "text_max_length": 3}  # 3: BOS + one token + EOS
+    for name, v in vars(dims).items():
+        _int_in(v, lows.get(name, 1), MAX_DIM, f"dims.{name}", where)
+    # the U-Net takes the latents, or latents + mask + masked-image latents (the inpainting U-Net)
+    if dims.unet_in_channels not in (dims.latent_channels, 2 * dims.latent_channels + 1):
+        raise ManifestError(f"{where}: dims.unet_in_channels {dims.unet_in_channels} fits neither a plain U-Net "
+                            f"({dims.latent_channels}, the latent channels) nor an inpainting one "
+                            f"({2 * dims.latent_channels + 1})")
+    return dims
+
+
+def _shapes(value: Any, where: str) -> dict[str, int]:
+    shapes = _object(value, "shapes", where)
+    missing = [k for k in SHAPE_KEYS if k not in shapes]
+    if missing:
+        raise ManifestError(f"{where}: 'shapes' lacks {', '.join(missing)}")
+    out = {k: _int_in(shapes[k], 1, MAX_BATCH if "batch" in k else MAX_IMAGE, f"shapes.{k}", where)
+           for k in SHAPE_KEYS}
+    for kind in ("batch", "image"):
+        lo, opt, hi = (out[f"{b}_{kind}"] for b in ("min", "opt", "max"))
+        if not lo <= opt <= hi:
+            raise ManifestError(f"{where}: shapes must satisfy min_{kind} <= opt_{kind} <= max_{kind}; "
+                                f"got {lo}, {opt}, {hi}")
+    return out
+
+
+def _default_size(value: Any, where: str) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ManifestError(f"{where}: default_size must be [height, width]; got {_short(value)}")
+    return tuple(_int_in(v, 1, MAX_IMAGE, "default_size", where) for v in value)
+
+
+def _scheduler(value: Any, where: str) -> dict[str, Any]:
+    from runtime.scheduler import SchedulerError, check_config
+
+    config = _object(value, "scheduler", where)
+    try:
+        check_config(config)
+    except SchedulerError as e:
+        raise ManifestError(f"{where}: scheduler: {e}") from None
+    return config
+
+
+def _tokenizer(value: Any, where: str) -> dict[str, Any]:
+    tok = _object(value, "tokenizer", where)
+    if not _path_string(tok.get("dir", "tokenizer")) or not (tok.get("pad_token") is None or
+                                                             isinstance(tok["pad_token"], str)):
+        raise ManifestError(f"{where}: the tokenizer's dir must be a path string and pad_token a string or null; "
+                            f"got {_short(tok)}")
+    files = _object(tok.get("files", {}), "tokenizer.files", where)
+    embeddings = _object(tok.get("embeddings", {}), "tokenizer.embeddings", where)
+    if not all(isinstance(v, str) for v in files.values()) or not all(
+            isinstance(v, list) and all(isinstance(t, str) for t in v) for v in embeddings.values()):
+        raise ManifestError(f"{where}: tokenizer files must map names to sha256 strings and embeddings names to "
+                            "lists of token strings")
+    return tok
+
+
+def _networks(value: Any, where: str) -> dict[str, dict[str, Any]]:
+    networks = _object(value, "networks", where)
+    unknown = [n for n in networks if n not in NETWORKS + STEP_CACHE_NETWORKS]
+    if unknown:
+        raise ManifestError(f"{where}: unknown networks {', '.join(map(_short, unknown))}; expected "
+                            f"{', '.join(NETWORKS)} (optional: {', '.join(STEP_CACHE_NETWORKS)})")
+    for name, entry in networks.items():
+        entry = _object(entry, f"networks.{name}", where)
+        if not _path_string(entry.get("file")) or not (entry.get("external_data") is None or
+                                                       _path_string(entry["external_data"])):
+            raise ManifestError(f"{where}: networks.{name} needs a 'file' path string (and 'external_data' a path "
+                                f"string or null); got {_short(entry)}")
+        if entry.get("precision", "fp32") not in PRECISIONS:
+            raise ManifestError(f"{where}: networks.{name}.precision {_short(entry['precision'])} is not one of "
+                                f"{', '.join(PRECISIONS)}")
+    return networks
 
 
 def load_manifest(engine_dir: str | os.PathLike) -> Manifest:
-    """Read and validate `engine_dir/manifest.json`, and check that every network file it names exists."""
+    """Read and validate `engine_dir/manifest.json`, and check that every network file it names is a
+    regular file inside the folder (runtime/folder.py `inside`: no absolute paths, `..` or symlinks out).
+    The files' contents are checked by `runtime.folder.check_folder`, which `open_engines` runs."""
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise ManifestError(f"engine folder {engine_dir} does not exist")
-    path = engine_dir / MANIFEST_NAME
-    if not path.is_file():
+    if not os.path.lexists(engine_dir / MANIFEST_NAME):
         raise ManifestError(f"{engine_dir} is not an engine folder: it has no {MANIFEST_NAME}. "
                             "Build one with `build-engine SOURCE --out DIR`.")
+    path = inside(engine_dir, MANIFEST_NAME, "the folder's manifest")
+    if path.stat().st_size > MANIFEST_MAX_BYTES:
+        raise ManifestError(f"{path} has {path.stat().st_size} bytes; a manifest has a few KB (at most "
+                            f"{MANIFEST_MAX_BYTES})")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path} is not valid JSON: {e}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints; deep nesting
+        raise ManifestError(f"{path} is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     manifest = Manifest.from_dict(data, where=str(path))
     for name, entry in manifest.networks.items():
         for key in ("file", "external_data"):
-            rel = entry.get(key)
-            if rel and not (engine_dir / rel).is_file():
-                raise ManifestError(f"{engine_dir}: network {name!r} names {key} {rel!r}, which is missing")
+            if entry.get(key):
+                inside(engine_dir, entry[key], f"network {name!r} names {key}")
     return manifest
 
 
-def write_manifest(engine_dir: str | os.PathLike, manifest: Manifest) -> Path:
-    """Write the manifest atomically (temporary file, then rename)."""
+def write_manifest(engine_dir: str | os.PathLike, manifest: Manifest, *, record_files: bool = False) -> Path:
+    """Write the manifest atomically (temporary file, then rename). `record_files=True` (what
+    build-engine does) first records the `files` table, the size, sha256 and fingerprint of every file
+    the runtime opens, from the folder as it is now (runtime/folder.py `file_records`)."""
     engine_dir = Path(engine_dir)
+    if record_files:
+        manifest = replace(manifest, files=file_records(engine_dir, manifest))
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
     # open(..., "x") honours the umask (mkstemp would make the manifest private, 0600)
     tmp = engine_dir / f".manifest.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"

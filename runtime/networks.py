@@ -11,6 +11,13 @@ Symbolic axis names:
   latent_height, latent_width   height / vae_scale_factor, width / vae_scale_factor
   tokens         text sequence length seen by the U-Net: 77 per prompt chunk (long prompts are
                  encoded in 77-token chunks and concatenated)
+  cache_height, cache_width   the step-cache feature's size when it lies below the first
+                 downsampler (ModelDims.cache_level > 0): the latent size halved cache_level times,
+                 rounded up; at level 0 the feature uses latent_height, latent_width
+
+Optional networks (STEP_CACHE_NETWORKS) exist only in folders built with them: `unet_deep` (the
+U-Net that also outputs the feature DeepCache caches) and `unet_shallow` (the retrieval step that
+takes it); runtime/caching.py routes U-Net calls between them.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# Optional: the step-cache split of the U-Net (DeepCache, arXiv:2312.00858), same weights as `unet`
+STEP_CACHE_NETWORKS = ("unet_deep", "unet_shallow")
+# The networks a U-Net call may run; each takes the guidance batch ([uncond, cond] stacked)
+UNET_NETWORKS = ("unet",) + STEP_CACHE_NETWORKS
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 # CLIP's context length (openai/CLIP `model.py`, `context_length = 77`).
@@ -33,6 +44,12 @@ class ModelDims:
     vae_scale_factor: int  # 2 ** (len(vae.block_out_channels) - 1): 8 for SD
     text_hidden_size: int  # CLIP hidden size: 768 (SD 1.x), 1024 (SD 2.x)
     text_max_length: int = TEXT_MAX_LENGTH
+    # The step-cache feature of unet_deep / unet_shallow (export/unet.py `cache_split` for the
+    # folder's branch): its channels (0: the folder has no step-cache graphs) and resolution level
+    # (its size is the latent size halved `cache_level` times, rounded up). SD 1.x/2.x, branch 0:
+    # 320 channels at level 0.
+    cache_channels: int = 0
+    cache_level: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,15 +76,21 @@ def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[
             (TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),),
             (TensorSpec("last_hidden_state", f, ("batch", dims.text_max_length, dims.text_hidden_size)),),
         )
-    if network == "unet":
-        return (
-            (
-                TensorSpec("sample", f, ("batch", dims.unet_in_channels, "latent_height", "latent_width")),
-                TensorSpec("timestep", f, ("batch",)),
-                TensorSpec("encoder_hidden_states", f, ("batch", "tokens", dims.text_hidden_size)),
-            ),
-            (TensorSpec("noise_pred", f, lat),),
+    if network in UNET_NETWORKS:
+        unet_inputs = (
+            TensorSpec("sample", f, ("batch", dims.unet_in_channels, "latent_height", "latent_width")),
+            # float32 in every graph, fp16 ones included: the Euler-family samplers feed fractional
+            # timesteps (946.42...), which float16 would round to 946.5
+            TensorSpec("timestep", "float32", ("batch",)),
+            TensorSpec("encoder_hidden_states", f, ("batch", "tokens", dims.text_hidden_size)),
         )
+        noise = TensorSpec("noise_pred", f, lat)
+        if network == "unet":
+            return unet_inputs, (noise,)
+        feature = cache_feature_spec(dims, precision)
+        if network == "unet_deep":  # the full U-Net; noise_pred equals unet's
+            return unet_inputs, (noise, feature)
+        return unet_inputs + (feature,), (noise,)  # unet_shallow: the feature of the last unet_deep call
     if network == "vae_decoder":
         # input: latents as the denoising loop holds them (scaled by scaling_factor);
         # output: image in [-1, 1] (not clamped), NCHW
@@ -84,7 +107,22 @@ def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[
             (TensorSpec("latent_mean", f, ("batch", c, "latent_height", "latent_width")),
              TensorSpec("latent_std", f, ("batch", c, "latent_height", "latent_width"))),
         )
-    raise ValueError(f"unknown network {network!r}; expected one of {', '.join(NETWORKS)}")
+    raise ValueError(f"unknown network {network!r}; expected one of {', '.join(NETWORKS + STEP_CACHE_NETWORKS)}")
+
+
+def cache_feature_spec(dims: ModelDims, precision: str = "fp32") -> TensorSpec:
+    """The step-cache feature: unet_deep's second output, unet_shallow's fourth input."""
+    if dims.cache_channels <= 0:
+        raise ValueError("these model dims declare no step-cache feature (cache_channels is 0): the engine folder "
+                         "has no unet_deep / unet_shallow graphs; rebuild it with build-engine --step-cache")
+    axes = ("latent_height", "latent_width") if dims.cache_level == 0 else ("cache_height", "cache_width")
+    return TensorSpec("cache_feature", float_dtype(precision), ("batch", dims.cache_channels) + axes)
+
+
+def float_precision(specs: tuple[TensorSpec, ...]) -> str:
+    """"fp16" when any float tensor of `specs` is float16, else "fp32" (the graph precision the
+    declared I/O implies)."""
+    return "fp16" if any(t.dtype == "float16" for t in specs) else "fp32"
 
 
 def axis_values(dims: ModelDims, batch: int, height: int, width: int, tokens: int | None = None) -> dict[str, int]:
@@ -92,6 +130,7 @@ def axis_values(dims: ModelDims, batch: int, height: int, width: int, tokens: in
     s = dims.vae_scale_factor
     if height % s or width % s:
         raise ValueError(f"height and width must be multiples of the VAE scale factor {s}; got {height}x{width}")
+    down = 2 ** dims.cache_level  # stride-2 downsamplers with padding 1 round up: ceil(ceil(n / 2) / 2) = ceil(n / 4)
     return {
         "batch": batch,
         "height": height,
@@ -99,16 +138,10 @@ def axis_values(dims: ModelDims, batch: int, height: int, width: int, tokens: in
         "latent_height": height // s,
         "latent_width": width // s,
         "tokens": dims.text_max_length if tokens is None else tokens,
+        "cache_height": -(-(height // s) // down),
+        "cache_width": -(-(width // s) // down),
     }
 
 
 def concrete_shape(spec: TensorSpec, axes: dict[str, int]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else axes[d] for d in spec.shape)
-
-
-def concrete_shapes(network: str, dims: ModelDims, batch: int, height: int, width: int,
-                    precision: str = "fp32", tokens: int | None = None) -> dict[str, tuple[int, ...]]:
-    """Concrete shape of every input and output of `network` for one request."""
-    axes = axis_values(dims, batch, height, width, tokens)
-    inputs, outputs = network_io(network, dims, precision)
-    return {t.name: concrete_shape(t, axes) for t in inputs + outputs}

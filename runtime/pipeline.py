@@ -1,28 +1,29 @@
 """txt2img, img2img and inpainting over an engine folder: `runtime.load(engine_dir)` returns a
 `Pipeline`. Torch-free: NumPy, the engines, the NumPy schedulers, PIL and the CLIP tokenizer.
 
-Randomness. `seed` (an int, a list of one int per image, or None for a random one) seeds one
-`np.random.Generator(np.random.PCG64(seed_i))` per image, image i of a batch taking `seed + i`.
-Each image's generator draws, in this fixed order, float32 standard normals of shape
-[latent_channels, lh, lw]: (1) the initial noise, (2) for img2img / inpaint the VAE-encode noise of
-the init image, (3) for the 9-channel inpainting U-Net the VAE-encode noise of the masked image.
-A draw is made even where an explicit array (`latents`, `noise`, `encode_noise`, ...) replaces it,
-so the later draws do not move. Stochastic samplers (ancestral, DDIM with eta > 0) then draw their
-step noise from the same generators, image by image. The draws are NumPy's, never a backend's, so
-one seed gives the same image on every backend, and an image reproduces alone from its own seed.
+    with runtime.load("engines/sd15") as pipe:
+        result = pipe.txt2img("a watercolor fox", seed=1)
 
-Shapes and casts. Everything between engines is float32; each engine call casts its feeds to the
-dtypes the engine declares (float16 for fp16 graphs, int32 ids) and its outputs back to float32.
+A call builds a `Request` (runtime/request.py: validated once, frozen) and runs the stage chain
+of runtime/stages.py. `generate(requests)` runs several compatible requests as one engine batch
+(same `Request.batch_key()` and prompt chunk count); each image is the one its request gives alone,
+bit for bit, because every image has its own seeded generator and the engines compute batch rows
+independently (tests/test_architecture.py checks both CPU backends).
+
+Threads: one Pipeline may be called from many threads at once. Its own state is read-only after
+`load`, except the tokenizer (guarded by a lock) and the optional networks opened on first use
+(guarded by a lock); the engines are thread-safe (runtime/engines/base.py says which run calls
+in parallel and which serialize). `close()` waits for calls in flight and releases the engines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import secrets
+import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,43 +31,35 @@ import numpy as np
 
 from runtime import images as imgs
 from runtime import scheduler as sch
-from runtime import text
+from runtime import caching, stages, text
+from runtime.engines import backend_module, close_all, network_options, open_engines_why, open_network
 from runtime.engines.base import Engine
+from runtime.errors import EngineClosedError, ManifestError, PipelineError, SDRuntimeError
+from runtime.folder import inside
 from runtime.manifest import Manifest, load_manifest
+from runtime.memory import MemoryModel, memory_limit
+from runtime.request import (DEFAULT_GUIDANCE, DEFAULT_STEPS, OUTPUT_TYPES, Limits, Request, check_memory,
+                             make_request)
+
+__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "GenerationCancelled", "GenerationResult", "OUTPUT_TYPES",
+           "Pipeline", "PipelineError", "default_sampler", "load"]
 
 log = logging.getLogger(__name__)
-
-OUTPUT_TYPES = ("pil", "np", "latent")
-DEFAULT_STEPS = 50  # diffusers' StableDiffusionPipeline default
-DEFAULT_GUIDANCE = 7.5  # diffusers' default
-
-# diffusers scheduler `_class_name` (the manifest's scheduler config) -> our sampler name.
-SCHEDULER_CLASSES = {
-    "PNDMScheduler": "pndm",
-    "DDIMScheduler": "ddim",
-    "DDPMScheduler": "ddpm",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "LMSDiscreteScheduler": "lms",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "DPMSolverSinglestepScheduler": "dpmpp_2s",
-    "KDPM2DiscreteScheduler": "dpm2",
-    "KDPM2AncestralDiscreteScheduler": "dpm2_a",
-    "UniPCMultistepScheduler": "unipc",
-    "DEISMultistepScheduler": "deis",
-}
+default_sampler = sch.default_sampler  # the sampler a manifest's scheduler config names
+EAGER_NETWORKS = ("text_encoder", "unet", "vae_decoder")  # opened by load(); the others on first use
+Callback = Callable[[int, float, np.ndarray], None]
 
 
-class PipelineError(ValueError):
-    """A generation request the engine folder cannot serve (size, batch, strength, inputs...)."""
+class GenerationCancelled(SDRuntimeError):
+    """Every request of a batch asked to stop (its `should_stop` returned True) before the last step."""
 
 
 @dataclass
 class GenerationResult:
     """images: a list of PIL images ("pil"), float32 NHWC in [0, 1] ("np") or the final latents
     [batch, 4, lh, lw] ("latent"). seeds: one per image. timings: seconds per stage that ran
-    (text_encoder, vae_encode, denoise, vae_decode) and total. parameters: what reproduces the run."""
+    (text_encoder, vae_encode, denoise, vae_decode) and total; requests run as one batch share them.
+    parameters: what reproduces the run."""
 
     images: Any
     seeds: list[int]
@@ -79,86 +72,40 @@ class GenerationResult:
         return self.seeds[0]
 
 
-def default_sampler(config: dict[str, Any]) -> str:
-    """Our sampler name for a diffusers scheduler config (its `_class_name`)."""
-    cls = config.get("_class_name", "")
-    name = SCHEDULER_CLASSES.get(cls)
-    if cls == "DPMSolverMultistepScheduler" and str(config.get("algorithm_type", "")).startswith("sde-"):
-        name = "dpmpp_2m_sde"
-    if name in sch.SAMPLERS:
-        return name
-    fallback = "pndm" if "pndm" in sch.SAMPLERS else sch.SAMPLERS[0]
-    warnings.warn(f"the engine's scheduler {cls or '(unnamed)'} has no NumPy sampler here; using {fallback!r}",
-                  RuntimeWarning, stacklevel=3)
-    return fallback
+@dataclass
+class _Prepared:
+    """One request after its own stages (text, draws, image latents), before the shared batch."""
 
-
-def _cast_feeds(engine: Engine, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Cast feeds to the dtypes the engine declares (the fp16/fp32 boundary)."""
-    dtypes = {t.name: t.dtype for t in engine.inputs}
-    return {k: np.ascontiguousarray(v, dtype=dtypes.get(k, v.dtype)) for k, v in arrays.items()}
-
-
-def _infer(engine: Engine, **arrays: np.ndarray) -> dict[str, np.ndarray]:
-    out = engine.run(_cast_feeds(engine, arrays))
-    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
-
-
-def _warn_nonfinite(arr: np.ndarray, what: str, stage: str) -> bool:
-    if np.isfinite(arr).all():
-        return False
-    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-    warnings.warn(
-        f"stage {stage!r}: {what} hold {bad} NaN/infinite values of {np.size(arr)}; the images will not be "
-        "valid (an fp16 engine overflowing? try an fp32 engine folder)", RuntimeWarning, stacklevel=4)
-    return True
-
-
-def _as_list(value, n: int, what: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise PipelineError(f"{what}: got a list of {len(value)}, expected one per prompt ({n})")
-        return list(value)
-    return [value] * n
-
-
-class _BatchRNG:
-    """The per-image generators seen by a sampler as one generator: a draw of shape [batch, ...]
-    takes row i from image i's generator, so an image's stochastic steps do not depend on its batch."""
-
-    def __init__(self, rngs: Sequence[np.random.Generator]):
-        self._rngs = list(rngs)
-
-    def standard_normal(self, size=None, dtype=np.float64, out=None):
-        if size is None or np.ndim(size) == 0 or tuple(np.atleast_1d(size))[0] != len(self._rngs):
-            raise ValueError(f"a batched draw must have the batch ({len(self._rngs)}) as its first axis; got {size}")
-        size = tuple(np.atleast_1d(size))
-        res = np.stack([g.standard_normal(size[1:], dtype=dtype) for g in self._rngs])
-        if out is not None:
-            out[...] = res
-            return out
-        return res
-
-    def normal(self, loc=0.0, scale=1.0, size=None):
-        return loc + scale * self.standard_normal(size)
+    request: Request
+    text: stages.Conditioning
+    draws: stages.Draws
+    latents: stages.ImageLatents
 
 
 class Pipeline:
     """A loaded engine folder. Use `runtime.load(engine_dir, backend=None)`."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, backend: str, engines: dict[str, Engine],
-                 tokenizer):
+                 tokenizer: Any, *, options: dict[str, Any] | None = None, backend_reason: str = "",
+                 max_memory_gb: float | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
+        self.backend_reason = backend_reason  # why this backend: "requested", or how it was chosen
         self.engines = engines
         self.tokenizer = tokenizer
+        self.limits = replace(Limits.from_manifest(manifest, default_sampler(manifest.scheduler), sch.SAMPLERS),
+                              memory=MemoryModel.from_folder(engine_dir, manifest, backend),
+                              max_memory=memory_limit(max_memory_gb))
+        self._options = dict(options or {})  # per-network options, for networks opened later
+        self._tokenizer_lock = threading.Lock()
+        self._engines_lock = threading.Lock()
 
     # -- properties ------------------------------------------------------------------------------
 
     @property
     def default_size(self) -> tuple[int, int]:
-        return tuple(self.manifest.default_size)
+        return self.limits.default_size
 
     @property
     def vae_scale_factor(self) -> int:
@@ -166,11 +113,11 @@ class Pipeline:
 
     @property
     def is_inpainting_unet(self) -> bool:
-        return self.manifest.dims.unet_in_channels == 9
+        return self.limits.inpainting_unet
 
     @property
     def default_scheduler(self) -> str:
-        return default_sampler(self.manifest.scheduler)
+        return self.limits.default_sampler
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.manifest.family} {self.manifest.precision} on {self.backend} from {self.engine_dir}>"
@@ -181,305 +128,274 @@ class Pipeline:
                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                 guidance_rescale: float = 0.0, scheduler: str | None = None, karras: bool | None = None,
                 seed=None, latents: np.ndarray | None = None, num_images_per_prompt: int = 1,
-                eta: float = 0.0, output_type: str = "pil", callback: Callable | None = None,
-                progress: bool = True) -> GenerationResult:
+                eta: float = 0.0, output_type: str = "pil", callback: Callback | None = None,
+                progress: bool = True, cache_interval: int = 1, cache_schedule: str = "uniform") -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
-        `latents`) replaces the seeded initial noise."""
-        if self.is_inpainting_unet:
-            raise PipelineError(f"{self.engine_dir} holds an inpainting U-Net (9 input channels): use inpaint()")
-        return self._generate("txt2img", prompt, negative_prompt, height, width, num_inference_steps,
-                              guidance_scale, guidance_rescale, scheduler, karras, seed, num_images_per_prompt,
-                              eta, output_type, callback, progress, noise=latents)
+        `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
+        whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
+        feature (DeepCache; the folder needs `build-engine --step-cache`); `cache_schedule` is
+        "uniform" or DeepCache's "nonuniform" (runtime/caching.py)."""
+        request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
+                               num_images_per_prompt=num_images_per_prompt, eta=eta, output_type=output_type,
+                               noise=latents, cache_interval=cache_interval, cache_schedule=cache_schedule)
+        return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
                 width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
                 scheduler: str | None = None, karras: bool | None = None, seed=None,
                 num_images_per_prompt: int = 1, eta: float = 0.0, output_type: str = "pil",
-                callback: Callable | None = None, progress: bool = True, noise: np.ndarray | None = None,
-                encode_noise: np.ndarray | None = None) -> GenerationResult:
+                callback: Callback | None = None, progress: bool = True, noise: np.ndarray | None = None,
+                encode_noise: np.ndarray | None = None, cache_interval: int = 1,
+                cache_schedule: str = "uniform") -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
         VAE-encode sample noise (each [batch, 4, lh, lw])."""
-        if self.is_inpainting_unet:
-            raise PipelineError(f"{self.engine_dir} holds an inpainting U-Net (9 input channels): use inpaint()")
-        return self._generate("img2img", prompt, negative_prompt, height, width, num_inference_steps,
-                              guidance_scale, guidance_rescale, scheduler, karras, seed, num_images_per_prompt,
-                              eta, output_type, callback, progress, image=image, strength=strength, noise=noise,
-                              encode_noise=encode_noise)
+        request = self.request("img2img", prompt, image=image, strength=strength, negative_prompt=negative_prompt,
+                               height=height, width=width, num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, scheduler=scheduler,
+                               karras=karras, seed=seed, num_images_per_prompt=num_images_per_prompt, eta=eta,
+                               output_type=output_type, noise=noise, encode_noise=encode_noise,
+                               cache_interval=cache_interval, cache_schedule=cache_schedule)
+        return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
                 height: int | None = None, width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
                 scheduler: str | None = None, karras: bool | None = None, seed=None,
                 num_images_per_prompt: int = 1, eta: float = 0.0, output_type: str = "pil",
-                callback: Callable | None = None, progress: bool = True, noise: np.ndarray | None = None,
-                encode_noise: np.ndarray | None = None,
-                masked_encode_noise: np.ndarray | None = None) -> GenerationResult:
+                callback: Callback | None = None, progress: bool = True, noise: np.ndarray | None = None,
+                encode_noise: np.ndarray | None = None, masked_encode_noise: np.ndarray | None = None,
+                cache_interval: int = 1, cache_schedule: str = "uniform") -> GenerationResult:
         """Repaint where `mask_image` is white (>= 0.5). With the 9-channel inpainting U-Net the
         mask and the masked image's latents go into the U-Net (diffusers'
         StableDiffusionInpaintPipeline); with a plain 4-channel U-Net the known region is blended back
         after every step. `encode_noise` / `masked_encode_noise` replace the seeded VAE-encode noise
         of the image / of the masked image (the latter only used by the 9-channel U-Net)."""
-        return self._generate("inpaint", prompt, negative_prompt, height, width, num_inference_steps,
-                              guidance_scale, guidance_rescale, scheduler, karras, seed, num_images_per_prompt,
-                              eta, output_type, callback, progress, image=image, mask_image=mask_image,
-                              strength=strength, noise=noise, encode_noise=encode_noise,
-                              masked_encode_noise=masked_encode_noise)
+        request = self.request("inpaint", prompt, image=image, mask_image=mask_image, strength=strength,
+                               negative_prompt=negative_prompt, height=height, width=width,
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
+                               num_images_per_prompt=num_images_per_prompt, eta=eta, output_type=output_type,
+                               noise=noise, encode_noise=encode_noise, masked_encode_noise=masked_encode_noise,
+                               cache_interval=cache_interval, cache_schedule=cache_schedule)
+        return self.generate([request], callbacks=[callback], progress=progress)[0]
 
-    # -- validation ------------------------------------------------------------------------------
-
-    def _check_size(self, height: int, width: int) -> None:
-        s = self.vae_scale_factor
-        if int(height) != height or int(width) != width or height <= 0 or width <= 0:
-            raise PipelineError(f"height and width must be positive integers; got {height}x{width}")
-        if height % s or width % s:
-            raise PipelineError(f"height and width must be multiples of the VAE scale factor {s}; got {height}x{width}")
-        lo, hi = self.manifest.shapes["min_image"], self.manifest.shapes["max_image"]
-        if not (lo <= height <= hi and lo <= width <= hi):
-            raise PipelineError(f"height and width must be within the engine's image range [{lo}, {hi}] pixels; "
-                                f"got {height}x{width} (rebuild the engine folder with a wider shape range)")
-
-    def _engine(self, name: str, what: str) -> Engine:
-        if name not in self.engines:
-            raise PipelineError(f"{what} needs the {name} network, which engine folder {self.engine_dir} lacks")
-        return self.engines[name]
-
-    def _resolve_sampler(self, scheduler: str | None) -> str:
-        name = self.default_scheduler if scheduler is None else scheduler
-        if name not in sch.SAMPLERS:
-            raise PipelineError(f"unknown scheduler {name!r}; expected one of {', '.join(sch.SAMPLERS)}")
-        return name
-
-    def _seeds(self, seed, batch: int) -> list[int]:
-        if seed is None:
-            seed = secrets.randbits(32)
-        if isinstance(seed, (list, tuple)):
-            if len(seed) != batch:
-                raise PipelineError(f"seed: got a list of {len(seed)} seeds for {batch} images")
-            seeds = [int(s) for s in seed]
-        else:
-            seeds = [int(seed) + i for i in range(batch)]
-        if any(s < 0 for s in seeds):
-            raise PipelineError(f"seeds must be non-negative integers; got {seeds}")
-        return seeds
-
-    @staticmethod
-    def _explicit(arr, shape: tuple[int, ...], what: str) -> np.ndarray | None:
-        if arr is None:
-            return None
-        a = np.asarray(arr, dtype=np.float32)
-        if a.ndim == len(shape) - 1 and shape[0] == 1:
-            a = a[None]
-        if a.shape != shape:
-            raise PipelineError(f"{what} must have shape {list(shape)} (batch, channels, latent height, "
-                                f"latent width); got {list(a.shape)}")
-        _warn_nonfinite(a, what, "input")
-        return a
-
-    # -- the loop --------------------------------------------------------------------------------
-
-    def _generate(self, mode: str, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                  guidance_rescale, scheduler, karras, seed, num_images_per_prompt, eta, output_type, callback,
-                  progress, *, image=None, mask_image=None, strength: float = 1.0, noise=None, encode_noise=None,
-                  masked_encode_noise=None) -> GenerationResult:
-        t_start = time.perf_counter()
-        timings: dict[str, float] = {}
-        m = self.manifest
-
-        # ---- requests -> validated settings
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise PipelineError("prompt must be a string or a non-empty list of strings")
-        negatives = _as_list("" if negative_prompt is None else negative_prompt, len(prompts), "negative_prompt")
-        if not all(isinstance(p, str) for p in negatives):
-            raise PipelineError("negative_prompt must be a string or a list of strings")
-        if int(num_images_per_prompt) != num_images_per_prompt or num_images_per_prompt < 1:
-            raise PipelineError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt}")
-        n_per = int(num_images_per_prompt)
-        batch = len(prompts) * n_per
-        max_batch = m.shapes["max_batch"]
-        if batch > max_batch:
-            raise PipelineError(f"{batch} images in one call exceed the engine's max batch {max_batch}")
-        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-            raise PipelineError(f"num_inference_steps must be a positive integer; got {num_inference_steps}")
-        if not np.isfinite(guidance_scale) or not np.isfinite(guidance_rescale):
-            raise PipelineError(f"guidance_scale and guidance_rescale must be finite; got {guidance_scale}, {guidance_rescale}")
-        if output_type not in OUTPUT_TYPES:
-            raise PipelineError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
-        if mode != "txt2img" and not (0.0 < float(strength) <= 1.0):
-            raise PipelineError(f"strength must be in (0, 1]; got {strength}")
-        sampler = self._resolve_sampler(scheduler)
-        if not np.isfinite(eta) or eta < 0 or (eta > 0 and sampler != "ddim"):
-            raise PipelineError(f"eta must be >= 0 and applies to the ddim sampler only; got eta={eta} for {sampler!r}")
-
-        init_images = masks = None
-        if mode != "txt2img":
-            if image is None:
-                raise PipelineError(f"{mode} needs an image")
-            init_images = _as_list(image, len(prompts), "image")
-            sizes = {imgs.image_size(im) for im in init_images}
-            if len(sizes) > 1:
-                raise PipelineError(f"the images of one call must share one size; got {sorted(sizes)}")
-            img_size = sizes.pop()
-            if mode == "inpaint":
-                if mask_image is None:
-                    raise PipelineError("inpaint needs a mask_image")
-                masks = _as_list(mask_image, len(prompts), "mask_image")
-                for mk in masks:
-                    if imgs.image_size(mk) != img_size:
-                        h0, w0 = img_size
-                        h1, w1 = imgs.image_size(mk)
-                        raise PipelineError(f"the mask is {w1}x{h1} (width x height) but the image is {w0}x{h0}; "
-                                            "they must have the same size")
-            s = self.vae_scale_factor
-            dh, dw = (d - d % s for d in img_size)  # diffusers' get_default_height_width
-        else:
-            dh, dw = self.default_size
-        height = dh if height is None else height
-        width = dw if width is None else width
-        self._check_size(height, width)
-        height, width = int(height), int(width)
-
+    def request(self, mode: str, prompt: Any, **settings: Any) -> Request:
+        """A validated `Request` for this folder (the keyword arguments of txt2img/img2img/inpaint;
+        `noise` is txt2img's `latents`): checked against the folder's limits, its sampler schedule
+        built once (so steps x strength leaving no step, or Karras sigmas for a sampler without them,
+        fail here), and its prompt chunk count recorded (part of `batch_key()`)."""
+        r = make_request(self.limits, mode, prompt, **settings)
         try:
-            schedule = sch.make_schedule(m.scheduler, sampler, int(num_inference_steps),
-                                         strength=float(strength) if mode != "txt2img" else 1.0,
-                                         karras=karras, prediction_type=m.prediction_type)
+            sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength, karras=r.karras,
+                              prediction_type=self.manifest.prediction_type)
         except sch.SchedulerError as e:
-            raise PipelineError(f"scheduler {sampler!r}: {e}") from None
-        if len(schedule.timesteps) == 0:
-            raise PipelineError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step; "
-                                "raise strength or num_inference_steps")
+            raise PipelineError(f"scheduler {r.sampler!r}: {e}") from e
+        prompts = list(r.prompts) + (list(r.negative_prompts) if r.guided else [])
+        with self._tokenizer_lock:
+            chunks = text.count_chunks(self.tokenizer, prompts, self.manifest.dims.text_max_length)
+        return dataclasses.replace(r, prompt_chunks=chunks)
 
-        # ---- randomness: one generator per image, fixed draw order (module doc)
-        seeds = self._seeds(seed, batch)
-        rngs = [np.random.Generator(np.random.PCG64(s)) for s in seeds]
-        lc, s = m.dims.latent_channels, self.vae_scale_factor
-        lshape = (lc, height // s, width // s)
-        bshape = (batch, *lshape)
+    def generate(self, requests: Sequence[Request], *, callbacks: Sequence[Callback | None] | None = None,
+                 should_stop: Sequence[Callable[[], bool] | None] | None = None,
+                 progress: bool = True) -> list[GenerationResult]:
+        """Run compatible requests as one engine batch; one result per request, each identical to what
+        the request gives alone. `callbacks[i](step, t, latents_i)` follows request i's progress;
+        `should_stop[i]()` is asked before each network call, and once every request of the batch
+        asks to stop, the run ends with GenerationCancelled."""
+        requests = list(requests)
+        callbacks = list(callbacks) if callbacks is not None else [None] * len(requests)
+        should_stop = list(should_stop) if should_stop is not None else [None] * len(requests)
+        if not requests or len(callbacks) != len(requests) or len(should_stop) != len(requests):
+            raise PipelineError("generate needs at least one request, and one callback / should_stop entry "
+                                "per request when given")
+        self._check_batch(requests)
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        prepared = self._prepare(requests, timings)
+        latents = self._denoise(prepared, callbacks, should_stop, progress, timings)
+        images = self._decode(latents, requests[0].output_type, timings)
+        timings["total"] = time.perf_counter() - t_start
+        return self._results(requests, images, timings)
 
-        def draw() -> np.ndarray:
-            return np.stack([g.standard_normal(lshape, dtype=np.float32) for g in rngs])
+    # -- lifecycle -------------------------------------------------------------------------------
 
-        seeded_noise = draw()
-        noise = self._explicit(noise, bshape, "latents" if mode == "txt2img" else "noise")
-        noise = seeded_noise if noise is None else noise
-        use_masked_latents = mode == "inpaint" and self.is_inpainting_unet
-        if mode != "txt2img":
-            seeded_enc = draw()
-            encode_noise = self._explicit(encode_noise, bshape, "encode_noise")
-            encode_noise = seeded_enc if encode_noise is None else encode_noise
-        if use_masked_latents:
-            seeded_masked = draw()
-            masked_encode_noise = self._explicit(masked_encode_noise, bshape, "masked_encode_noise")
-            masked_encode_noise = seeded_masked if masked_encode_noise is None else masked_encode_noise
-        sampler_rng = rngs[0] if batch == 1 else _BatchRNG(rngs)
+    def engine(self, network: str) -> Engine:
+        """The engine of `network`, opening an optional network of the folder on first use."""
+        engine = self.engines.get(network)
+        if engine is not None:
+            return engine
+        if network not in self.manifest.networks:
+            raise PipelineError(f"this needs the {network} network, which engine folder {self.engine_dir} lacks")
+        with self._engines_lock:
+            if network not in self.engines:
+                module = backend_module(self.backend)
+                self.engines[network] = open_network(module, self.backend, self.engine_dir, self.manifest, network,
+                                                     network_options(self._options, {}, network))
+            return self.engines[network]
 
-        # ---- text
-        t0 = time.perf_counter()
-        do_cfg = guidance_scale > 1.0
-        te = self._engine("text_encoder", mode)
-        n_chunks = text.count_chunks(self.tokenizer, prompts + (negatives if do_cfg else []),
-                                     m.dims.text_max_length)
-        cond = text.encode(te, text.tokenize(self.tokenizer, prompts, n_chunks, m.dims.text_max_length))
-        cond = np.repeat(cond, n_per, axis=0)
-        uncond = None
-        if do_cfg:
-            uncond = text.encode(te, text.tokenize(self.tokenizer, negatives, n_chunks, m.dims.text_max_length))
-            uncond = np.repeat(uncond, n_per, axis=0)
-        _warn_nonfinite(cond if uncond is None else np.concatenate([cond, uncond]), "text embeddings", "text_encoder")
-        timings["text_encoder"] = time.perf_counter() - t0
+    def close(self) -> None:
+        """Close every engine (waiting for calls in flight). Idempotent."""
+        with self._engines_lock:
+            close_all(self.engines)
 
-        # ---- images -> latents
-        src = [i // n_per for i in range(batch)]  # expanded batch index -> prompt index
-        image_latents = mask_lat = masked_latents = None
-        if mode != "txt2img":
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the chain -------------------------------------------------------------------------------
+
+    def _check_batch(self, requests: list[Request]) -> None:
+        keys = {r.batch_key() for r in requests}
+        if len(keys) > 1:
+            chunks = sorted({r.prompt_chunks for r in requests if r.prompt_chunks is not None})
+            detail = f" (their prompts encode to {chunks} 77-token chunks)" if len(chunks) > 1 else ""
+            raise PipelineError("requests of one batch must share mode, size, steps, sampler, guidance, eta, strength, "
+                                f"output type, step caching and prompt chunk count; got {len(keys)} different "
+                                f"settings{detail}")
+        total = sum(r.batch for r in requests)
+        if total > self.limits.max_batch:
+            raise PipelineError(f"{total} images in one batch exceed the engine's max batch {self.limits.max_batch}")
+        r = requests[0]  # the batch as a whole must fit in memory too
+        check_memory(self.limits, total, r.height, r.width, guided=r.guided, encodes=r.mode != "txt2img")
+        if any(self.engines.get(n) is not None and self.engines[n].closed for n in self.engines):
+            raise EngineClosedError(f"the pipeline over {self.engine_dir} is closed")
+
+    def _prepare(self, requests: list[Request], timings: dict[str, float]) -> list[_Prepared]:
+        m, s = self.manifest, self.vae_scale_factor
+        out = []
+        for r in requests:
             t0 = time.perf_counter()
-            vae_enc = self._engine("vae_encoder", mode)
-            pixels = imgs.to_network([imgs.load_image(im, height, width) for im in init_images])
-            # the 9-channel U-Net at strength 1 starts from pure noise and never needs the image's
-            # own latents (as diffusers, which skips that encode too)
-            if not (use_masked_latents and float(strength) == 1.0):
-                image_latents = self._encode(vae_enc, pixels, src, encode_noise)
-            if mode == "inpaint":
-                mask_hw = np.stack([imgs.load_mask(mk, height, width) for mk in masks])  # [P, H, W]
-                mask_lat = np.concatenate([imgs.latent_mask(mk, height // s, width // s) for mk in mask_hw])[src]
-                if use_masked_latents:
-                    # diffusers: masked_image = init_image * (mask < 0.5), in [-1, 1] (masked pixels -> 0)
-                    masked = pixels * (mask_hw < 0.5)[:, None].astype(np.float32)
-                    masked_latents = self._encode(vae_enc, masked, src, masked_encode_noise)
-            timings["vae_encode"] = time.perf_counter() - t0
+            with self._tokenizer_lock:
+                cond = stages.encode_prompt(self.engine("text_encoder"), self.tokenizer, r.prompts, r.negative_prompts,
+                                            images_per_prompt=r.images_per_prompt, guided=r.guided,
+                                            max_length=m.dims.text_max_length)
+            _add(timings, "text_encoder", time.perf_counter() - t0)
+            draws = stages.initial_noise(r, (m.dims.latent_channels, r.height // s, r.width // s),
+                                         self.is_inpainting_unet)
+            t0 = time.perf_counter()
+            encoder = self.engine("vae_encoder") if r.mode != "txt2img" else None
+            latents = stages.encode_images(encoder, r, draws, scaling_factor=m.scaling_factor, vae_scale_factor=s,
+                                           inpainting_unet=self.is_inpainting_unet)
+            if r.mode != "txt2img":
+                _add(timings, "vae_encode", time.perf_counter() - t0)
+            out.append(_Prepared(r, cond, draws, latents))
+        tokens = {p.text.cond.shape[1] for p in out}
+        if len(tokens) > 1:
+            raise PipelineError(f"requests of one batch must encode to the same number of 77-token prompt chunks; "
+                                f"got {sorted(t // m.dims.text_max_length for t in tokens)}")
+        return out
 
-        # ---- denoise
-        t0 = time.perf_counter()
-        unet = self._engine("unet", mode)
-
-        def unet_fn(x, t, context):
-            x = np.asarray(x)
-            t = np.asarray(t, dtype=np.float32).reshape(-1)
-            if t.size == 1:
-                t = np.full((x.shape[0],), t[0], dtype=np.float32)
-            return _infer(unet, sample=x, timestep=t, encoder_hidden_states=context)["noise_pred"]
-
-        guided = sch.guidance(unet_fn, cond, uncond, float(guidance_scale), float(guidance_rescale))
-        bar = _progress(len(schedule.timesteps), progress, f"{mode} ({sampler}, {self.backend})")
-
-        def model(x_in, t):
-            if masked_latents is not None:
-                x_in = sch.inpaint_unet_input(x_in, mask_lat, masked_latents)
-            out = guided(x_in, t)
-            bar.update(1)
-            return out
-
-        init = image_latents
-        if mode == "inpaint" and float(strength) == 1.0:
-            init = None  # diffusers: at strength 1 inpainting starts from pure noise
-        latents = sch.prepare_latents(schedule, noise, init)
-        known = (image_latents, mask_lat, noise) if mode == "inpaint" and not use_masked_latents else None
+    def _denoise(self, prepared: list[_Prepared], callbacks: list[Callback | None],
+                 should_stop: list[Callable[[], bool] | None], progress: bool, timings: dict[str, float]) -> np.ndarray:
+        r = prepared[0].request
         try:
-            latents = sch.sample(schedule, model, latents, rng=sampler_rng, eta=float(eta), callback=callback,
-                                 known=known)
+            schedule = sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength,
+                                         karras=r.karras, prediction_type=self.manifest.prediction_type)
+        except sch.SchedulerError as e:
+            raise PipelineError(f"scheduler {r.sampler!r}: {e}") from e
+        cond = _concat([p.text for p in prepared], stages.Conditioning)
+        latents = _concat([p.latents for p in prepared], stages.ImageLatents)
+        noise = np.concatenate([p.draws.noise for p in prepared])
+        rngs = [g for p in prepared for g in p.draws.rngs]
+        rng = rngs[0] if len(rngs) == 1 else stages.BatchRNG(rngs)
+        bar = _progress(len(schedule.timesteps), progress, f"{r.mode} ({r.sampler}, {self.backend})")
+        t0 = time.perf_counter()
+        try:
+            out = stages.denoise(self._unet_fn(r, len(schedule.timesteps)), schedule, cond, noise, latents,
+                                 guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, eta=r.eta,
+                                 rng=rng, callback=_split_callback(prepared, callbacks),
+                                 on_call=_on_call(bar, should_stop))
         finally:
             bar.close()
-        latents = np.asarray(latents, dtype=np.float32)
         timings["denoise"] = time.perf_counter() - t0
-        _warn_nonfinite(latents, "latents", "denoise")
+        return out
 
-        # ---- latents -> images
+    def _unet_fn(self, request: Request, n_calls: int) -> stages.UnetFn:
+        """The U-Net callable of one run: the unet engine, or with step caching the unet_deep /
+        unet_shallow pair routed by the request's plan (runtime/caching.py)."""
+        if request.cache_interval == 1:
+            return stages.engine_unet(self.engine("unet"))
+        deep, shallow = caching.engine_calls(self.engine("unet_deep"), self.engine("unet_shallow"))
+        return caching.cached_unet(deep, shallow, caching.plan(n_calls, request.cache_interval,
+                                                               request.cache_schedule))
+
+    def _decode(self, latents: np.ndarray, output_type: str, timings: dict[str, float]) -> Any:
         if output_type == "latent":
-            images = latents
-        else:
-            t0 = time.perf_counter()
-            decoded = _infer(self._engine("vae_decoder", mode), latent=latents)["image"]
-            timings["vae_decode"] = time.perf_counter() - t0
-            _warn_nonfinite(decoded, "decoded images", "vae_decode")
-            images = imgs.from_network(decoded)
-            if output_type == "pil":
-                images = imgs.to_pil(images)
-        timings["total"] = time.perf_counter() - t_start
+            return latents
+        t0 = time.perf_counter()
+        images = stages.decode(self.engine("vae_decoder"), latents)
+        timings["vae_decode"] = time.perf_counter() - t0
+        want = tuple(d * self.vae_scale_factor for d in latents.shape[-2:])
+        if tuple(images.shape[1:3]) != want:  # the graph's axes are symbolic: only its output can tell
+            raise ManifestError(f"{self.engine_dir}: the VAE decoder made {tuple(images.shape[1:3])} images of "
+                                f"{tuple(latents.shape[-2:])} latents, not the {want} the manifest's vae_scale_factor "
+                                f"{self.vae_scale_factor} implies: the manifest does not describe its graphs")
+        return images
 
-        params = {
-            "mode": mode, "prompt": prompts if len(prompts) > 1 else prompts[0],
-            "negative_prompt": negatives if len(negatives) > 1 else negatives[0],
-            "steps": int(num_inference_steps), "scheduler": sampler, "karras": karras,
-            "guidance_scale": float(guidance_scale), "guidance_rescale": float(guidance_rescale),
-            "eta": float(eta), "height": height, "width": width, "seeds": seeds,
-            "engine": str(self.engine_dir), "backend": self.backend, "precision": m.precision,
-        }
-        if getattr(unet, "quantized", False):  # build-engine --quantize int8, run by OpenVINO
-            params["unet"] = "int8"
-        if mode != "txt2img":
-            params["strength"] = float(strength)
-        return GenerationResult(images=images, seeds=seeds, timings=timings, backend=self.backend, parameters=params)
+    def _results(self, requests: list[Request], images: Any, timings: dict[str, float]) -> list[GenerationResult]:
+        unet = self.engine("unet").info
+        results, start = [], 0
+        for r in requests:
+            own = images[start:start + r.batch]
+            start += r.batch
+            if r.output_type == "pil":
+                own = imgs.to_pil(own)
+            params = {**r.parameters(), "engine": str(self.engine_dir), "backend": self.backend,
+                      "precision": self.manifest.precision}
+            if unet.weights == "int8":  # build-engine --quantize int8 | int8-weights, run by OpenVINO
+                params["unet"] = "int8"
+                params["quantization"] = self.manifest.quantization
+            results.append(GenerationResult(images=own, seeds=list(r.seeds), timings=dict(timings),
+                                            backend=self.backend, parameters=params))
+        return results
 
-    def _encode(self, vae_enc: Engine, pixels: np.ndarray, src: list[int], eps: np.ndarray) -> np.ndarray:
-        """VAE-encode [P, 3, H, W] pixels and sample one latent per expanded image:
-        (mean + std * eps) * scaling_factor, as diffusers' `latent_dist.sample(generator)`."""
-        out = _infer(vae_enc, image=pixels)
-        mean, std = out["latent_mean"][src], out["latent_std"][src]
-        _warn_nonfinite(np.concatenate([mean, std]), "encoded latents", "vae_encode")
-        return (mean + std * eps) * np.float32(self.manifest.scaling_factor)
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+def _add(timings: dict[str, float], key: str, seconds: float) -> None:
+    timings[key] = timings.get(key, 0.0) + seconds
+
+
+def _concat(parts: list[Any], cls: type) -> Any:
+    """Concatenate the array fields of per-request stage outputs along the batch axis."""
+    fields = {}
+    for name in cls.__dataclass_fields__:
+        values = [getattr(p, name) for p in parts]
+        fields[name] = None if values[0] is None else np.concatenate(values)
+    return cls(**fields)
+
+
+def _split_callback(prepared: list[_Prepared], callbacks: list[Callback | None]) -> Callback | None:
+    """One sampler callback that hands each request its own rows of the batch latents."""
+    if not any(callbacks):
+        return None
+    bounds, start = [], 0
+    for p in prepared:
+        bounds.append((start, start + p.request.batch))
+        start += p.request.batch
+
+    def callback(i: int, t: float, latents: np.ndarray) -> None:
+        for cb, (a, b) in zip(callbacks, bounds):
+            if cb is not None:
+                cb(i, t, latents[a:b])
+
+    return callback
+
+
+def _on_call(bar: Any, should_stop: list[Callable[[], bool] | None]) -> Callable[[int], None]:
+    def on_call(i: int) -> None:
+        if all(stop is not None and stop() for stop in should_stop):
+            raise GenerationCancelled(f"cancelled before network call {i + 1}")
+        bar.update(1)
+
+    return on_call
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -488,16 +404,43 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, unit="step", leave=False)
 
 
-def load(engine_dir: str | Path, backend: str | None = None, **engine_options) -> Pipeline:
-    """Open an engine folder. `backend` names the engine backend ("onnxruntime", "torch", ...);
-    None takes the best available. `engine_options` go to the backend (providers, threads, ...).
-    `pipe.backend` says which backend was taken."""
-    manifest = load_manifest(engine_dir)
-    from runtime.engines import open_engines
+def load(engine_dir: str | Path, backend: str | None = None, options: dict[str, dict[str, Any]] | None = None, *,
+         calibrate: bool = True, verify: bool = False, max_memory_gb: float | None = None,
+         **engine_options: Any) -> Pipeline:
+    """Open an engine folder. `backend` names the engine backend ("openvino", "onnxruntime",
+    "tensorrt", "torch"); None takes the best here: TensorRT where its plans match the GPU, else the
+    CPU backend measured fastest for this folder on this machine (measured once and remembered,
+    runtime/engines/calibration.py; `calibrate=False` takes the first usable instead).
+    `pipe.backend` says which, `pipe.backend_reason` why; both are logged.
+    `options` maps a network ("text_encoder", "unet", "vae_decoder", "vae_encoder", or "*" for all)
+    to its backend options; plain keyword options are shorthand for "*". If anything fails, what was
+    opened is closed again.
 
-    name, engines = open_engines(engine_dir, manifest=manifest, backend=backend, **engine_options)
-    tok = manifest.tokenizer
-    tokenizer = text.load_tokenizer(Path(engine_dir) / tok.get("dir", "tokenizer"), tok.get("pad_token"))
-    int8 = " (int8 U-Net)" if getattr(engines.get("unet"), "quantized", False) else ""
-    log.info("engine folder %s: %s %s on backend %s%s", engine_dir, manifest.family, manifest.precision, name, int8)
-    return Pipeline(engine_dir, manifest, name, engines, tokenizer)
+    Before anything opens, every path of the folder must stay inside it and every file must match the
+    manifest's size and fingerprint (first and last MiB); `verify=True` checks every file's full
+    sha256 instead (docs/security.md says what each guarantees and costs). `max_memory_gb` (GiB)
+    bounds a request's estimated memory (runtime/memory.py): larger requests raise PipelineError
+    before they run; None (default) is this machine's memory, float("inf") no limit."""
+    memory_limit(max_memory_gb)  # a bad value fails before anything opens
+    manifest = load_manifest(engine_dir)
+    # the VAE encoder opens on first use (img2img, inpainting): a txt2img process never holds it
+    name, why, engines = open_engines_why(engine_dir, manifest, backend, options, calibrate=calibrate, verify=verify,
+                                          networks=EAGER_NETWORKS, **engine_options)
+    try:
+        tok = manifest.tokenizer
+        tokenizer = text.load_tokenizer(inside(engine_dir, tok.get("dir", "tokenizer"), "the tokenizer names folder",
+                                               kind="dir"), tok.get("pad_token"))
+    except (OSError, ValueError) as e:
+        close_all(engines)
+        raise ManifestError(f"{engine_dir}: cannot load the tokenizer: {e}") from e
+    except BaseException:
+        close_all(engines)
+        raise
+    per_network = {**{k: dict(v) for k, v in (options or {}).items()}}
+    if engine_options:
+        per_network["*"] = {**per_network.get("*", {}), **engine_options}
+    unet = engines["unet"].info
+    log.info("engine folder %s: %s %s on backend %s (%s; U-Net %s weights, %s compute)", engine_dir, manifest.family,
+             manifest.precision, name, why, unet.weights, unet.compute)
+    return Pipeline(engine_dir, manifest, name, engines, tokenizer, options=per_network, backend_reason=why,
+                    max_memory_gb=max_memory_gb)

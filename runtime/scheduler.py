@@ -35,8 +35,8 @@ from runtime.samplers import (PREDICTION_TYPES, Model, ab_to_sigma, make_denoise
                               sample_lcm, sample_lms, sample_pndm, sample_unipc, sigma_alpha)
 from runtime.schedules import SchedulerError
 
-__all__ = ["SAMPLERS", "Schedule", "SchedulerError", "guidance", "inpaint_unet_input", "make_denoiser",
-           "make_schedule", "prepare_latents", "sample"]
+__all__ = ["SAMPLERS", "SCHEDULER_CLASSES", "Schedule", "SchedulerError", "default_sampler", "guidance",
+           "inpaint_unet_input", "make_denoiser", "make_schedule", "prepare_latents", "sample"]
 
 SAMPLERS: tuple[str, ...] = (
     "ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm",
@@ -64,10 +64,40 @@ _CLASS_DEFAULTS = {
             "set_alpha_to_one": True, "original_inference_steps": 50, "timestep_scaling": 10.0},
 }
 _CLIPPING = ("ddim", "ddpm", "heun", "lcm")  # samplers whose diffusers class has clip_sample
-# Settings that change the result and are not implemented: refused rather than ignored. Other keys of
-# other scheduler classes (solver_order, algorithm_type, ...) are ignored: the sampler name fixes them.
+# Settings that change the result and are not implemented: refused rather than ignored.
 _UNSUPPORTED = ("rescale_betas_zero_snr", "thresholding", "use_exponential_sigmas", "use_beta_sigmas",
                 "use_lu_lambdas", "use_flow_sigmas")
+# Per sampler, the values it implements of its diffusers class's solver settings. A config that sets
+# another value (e.g. a DPMSolverMultistepScheduler config with solver_order 3, or algorithm_type
+# "dpmsolver") is refused with a clear error instead of being run as something else. Keys a config
+# omits take these values.
+_IMPLEMENTED = {
+    "dpmpp_2m": {"solver_order": (2,), "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint",),
+                 "lower_order_final": (True,), "euler_at_final": (False,), "final_sigmas_type": ("zero",),
+                 "variance_type": (None,), "use_karras_sigmas": (False, True)},
+    "unipc": {"solver_order": (2,), "solver_type": ("bh2",), "predict_x0": (True,), "lower_order_final": (True,),
+              "disable_corrector": ((), []), "solver_p": (None,), "final_sigmas_type": ("zero",)},
+    "pndm": {"skip_prk_steps": (True,)},
+    "euler": {"interpolation_type": ("linear",), "final_sigmas_type": ("zero",)},
+    "euler_a": {"final_sigmas_type": ("zero",)},
+}
+_IMPLEMENTED["dpmpp_2m_karras"] = _IMPLEMENTED["dpmpp_2m"]
+
+# diffusers scheduler `_class_name` (the manifest's scheduler config) -> our sampler name.
+SCHEDULER_CLASSES = {
+    "PNDMScheduler": "pndm",
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "LMSDiscreteScheduler": "lms",
+    "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
+}
+# What a config naming a scheduler class we have no sampler for runs instead (Stable Diffusion's own).
+FALLBACK_SAMPLER = "pndm"
 
 
 @dataclass(frozen=True)
@@ -100,7 +130,96 @@ class Schedule:
 # Schedule construction
 
 
+def default_sampler(config: dict | None) -> str:
+    """Our sampler for a diffusers scheduler config (its `_class_name`); for a class we have no
+    sampler for, FALLBACK_SAMPLER with a RuntimeWarning naming the class."""
+    import warnings
+
+    cls = str((config or {}).get("_class_name", ""))
+    name = SCHEDULER_CLASSES.get(cls)
+    if name is None:
+        warnings.warn(f"the engine's scheduler {cls or '(unnamed)'} has no NumPy sampler here; using "
+                      f"{FALLBACK_SAMPLER!r}", RuntimeWarning, stacklevel=2)
+        return FALLBACK_SAMPLER
+    return name
+
+
+def _check_implemented(cfg: dict, sampler: str) -> None:
+    """Refuse solver settings of the sampler's own diffusers class that it does not implement. Only a
+    config of that class is checked: other classes use the same keys for other things (UniPC's
+    solver_type "bh2" means nothing to DPM-Solver++)."""
+    own = SCHEDULER_CLASSES.get(str(cfg.get("_class_name", "")))
+    if own != ("dpmpp_2m" if sampler == "dpmpp_2m_karras" else sampler):
+        return
+    for key, allowed in _IMPLEMENTED.get(sampler, {}).items():
+        value = cfg.get(key, allowed[0])
+        value = list(value) if isinstance(value, tuple) else value
+        if not any(value == (list(a) if isinstance(a, tuple) else a) for a in allowed):
+            raise SchedulerError(f"config setting {key}={value!r} is not implemented by the {sampler!r} sampler "
+                                 f"(it implements {key}={allowed[0]!r}); choose another sampler or change the config")
+
+
+# Types and ranges of the config values the samplers compute with. A scheduler config comes from an
+# engine folder's manifest, possibly a stranger's: a string, a list or num_train_timesteps = 10**12
+# is refused here rather than failing deep in NumPy or allocating terabytes. The bounds are sanity
+# limits far outside real configs (diffusers 0.42's SD schedulers: 1000 train timesteps, betas
+# 0.00085-0.012, original_inference_steps 50, timestep_scaling 10). Betas stop at 0.999, diffusers'
+# `betas_for_alpha_bar` max_beta.
+MAX_TRAIN_TIMESTEPS = 100_000
+MAX_BETA = 0.999
+_VALUE_TYPES = {
+    "num_train_timesteps": (int, 1, MAX_TRAIN_TIMESTEPS), "steps_offset": (int, 0, MAX_TRAIN_TIMESTEPS),
+    "original_inference_steps": (int, 1, MAX_TRAIN_TIMESTEPS),
+    "beta_start": (float, 0.0, MAX_BETA), "beta_end": (float, 0.0, MAX_BETA), "clip_sample_range": (float, 0.0, 1e6),
+    "timestep_scaling": (float, 0.0, 1e6), "sigma_min": (float, 0.0, 1e6), "sigma_max": (float, 0.0, 1e6),
+    "clip_sample": bool, "set_alpha_to_one": bool, "use_karras_sigmas": bool,
+    "beta_schedule": str, "timestep_spacing": str, "prediction_type": str, "_class_name": str,
+}
+
+
+def check_config(config: dict) -> None:
+    """Refuse scheduler config values of the wrong type or outside sane ranges (SchedulerError naming
+    the key); None stands for "the class default", as diffusers writes it."""
+    if not isinstance(config, dict):
+        raise SchedulerError(f"a scheduler config must be a JSON object; got {type(config).__name__}")
+    for key, rule in _VALUE_TYPES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(rule, type):
+            if not isinstance(value, rule):
+                raise SchedulerError(f"config setting {key}={_short(value)} must be a {rule.__name__}")
+            continue
+        if not _in_range(value, *rule):
+            kind, lo, hi = rule
+            what = "an integer" if kind is int else "a finite number"
+            raise SchedulerError(f"config setting {key}={_short(value)} must be {what} in "
+                                 f"{'[' if kind is int else '('}{lo:g}, {hi:g}]")
+    betas = config.get("trained_betas")
+    if betas is not None and (not isinstance(betas, (list, tuple)) or len(betas) > MAX_TRAIN_TIMESTEPS or not all(
+            _in_range(b, float, 0.0, 1.0) and b < 1.0 or _in_range(b, int, 0, 0) for b in betas)):
+        raise SchedulerError(f"config setting trained_betas must be a list of at most {MAX_TRAIN_TIMESTEPS} "
+                             "numbers in [0, 1)")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _in_range(value: object, kind: type, lo: float, hi: float) -> bool:
+    """A JSON number of `kind` within the bounds (lower bound exclusive for floats); exact for huge ints."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return False
+    if not isinstance(value, numbers.Integral):
+        value = float(value)
+        if not math.isfinite(value) or (kind is int and not value.is_integer()):
+            return False
+    return lo < value <= hi if kind is float else lo <= value <= hi
+
+
 def _settings(config: dict | None, sampler: str, prediction_type: str | None) -> dict:
+    check_config(dict(config or {}))
     cfg = dict(_COMMON)
     cfg.update(_CLASS_DEFAULTS.get(sampler, {}))
     cfg.update({k: v for k, v in dict(config or {}).items() if v is not None})  # unknown keys are ignored
@@ -114,6 +233,7 @@ def _settings(config: dict | None, sampler: str, prediction_type: str | None) ->
     for key in _UNSUPPORTED:
         if cfg.get(key):
             raise SchedulerError(f"config setting {key}={cfg[key]!r} is not supported by the NumPy samplers")
+    _check_implemented(cfg, sampler)
     if cfg["timestep_spacing"] not in SPACINGS:
         raise SchedulerError(f"unknown timestep_spacing {cfg['timestep_spacing']!r}; accepted: {', '.join(SPACINGS)}")
     return cfg

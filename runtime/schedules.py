@@ -54,11 +54,6 @@ def alphas_cumprod(schedule: str, num_train_timesteps: int, beta_start: float, b
     return ac.astype(np.float32).astype(np.float64)
 
 
-def sigmas_from_alphas_cumprod(ac: np.ndarray) -> np.ndarray:
-    """Variance-exploding noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) per train timestep."""
-    return np.sqrt((1.0 - ac) / ac)
-
-
 def spaced_timesteps(spacing: str, num_train_timesteps: int, n: int, steps_offset: int = 0, *,
                      integer: bool = True) -> np.ndarray:
     """n descending timesteps per arXiv:2305.08891 Table 2 (float64 values).

@@ -12,7 +12,8 @@ gives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,14 @@ def load_tokenizer(tokenizer_dir: str | Path, pad_token: str | None = None):
         if not (tokenizer_dir / name).is_file():
             raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} lacks {name}")
     kwargs = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, **kwargs)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, **kwargs)
+    # a pad token outside the vocabulary would be added with a new id past the text encoder's embedding
+    # table (an out-of-range lookup at the first prompt: an error on ONNX Runtime, zeros on OpenVINO)
+    pad = tokenizer.pad_token_id
+    if pad is None or not 0 <= pad < tokenizer.vocab_size:
+        raise ValueError(f"the pad token {pad_token!r} is not in the vocabulary of {tokenizer_dir} "
+                         f"({tokenizer.vocab_size} tokens)")
+    return tokenizer
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
@@ -74,10 +82,22 @@ def encode(engine: Engine, ids: np.ndarray) -> np.ndarray:
     engine batch stays the prompt count), and concatenate: float32 [batch, n_chunks * 77, hidden]."""
     if ids.ndim != 3:
         raise ValueError(f"expected ids of shape [batch, chunks, tokens]; got {ids.shape}")
-    spec = {t.name: t for t in engine.inputs}["input_ids"]
-    hidden = []
-    for k in range(ids.shape[1]):
-        feeds = {"input_ids": np.ascontiguousarray(ids[:, k, :]).astype(spec.dtype, copy=False)}
-        out = engine.run(feeds)["last_hidden_state"]
-        hidden.append(np.asarray(out, dtype=np.float32))
+    hidden = [engine.run({"input_ids": ids[:, k, :]})["last_hidden_state"] for k in range(ids.shape[1])]
     return np.concatenate(hidden, axis=1)
+
+
+def expand_embeddings(prompt: str, embeddings: Mapping[str, Sequence[str]]) -> str:
+    """The prompt with each multi-vector textual-inversion name written out as all its tokens, as
+    diffusers' `maybe_convert_prompt` does before tokenizing: "a <style> cat" with
+    {"<style>": ["<style>", "<style>_1", "<style>_2"]} -> "a <style> <style>_1 <style>_2 cat".
+
+    `embeddings` is the engine folder's manifest tokenizer["embeddings"] table (export/embeddings.py).
+    Names are found as the tokenizer finds added tokens: anywhere in the text, case-insensitively
+    (CLIP lower-cases; diffusers' own check misses upper-case names), the longest token first, so
+    a literal "<style>_1" stays one token. Single-vector names and empty tables leave the prompt as it is."""
+    if not any(len(tokens) > 1 for tokens in embeddings.values()):
+        return prompt
+    expansion = {token.lower(): token for tokens in embeddings.values() for token in tokens}
+    expansion.update({name.lower(): " ".join(tokens) for name, tokens in embeddings.items()})
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(expansion, key=len, reverse=True)), re.IGNORECASE)
+    return pattern.sub(lambda m: expansion[m.group(0).lower()], prompt)

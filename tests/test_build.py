@@ -69,14 +69,14 @@ def test_rebuild_does_nothing(tiny_sd1_engine):
 
 def test_reuse_check_names_the_difference(engine_copy):
     manifest = load_manifest(engine_copy)
-    args = (manifest.source, manifest.precision, manifest.shapes, tool_versions(), "onnxruntime")
+    args = (manifest.source, manifest.precision, manifest.shapes, tool_versions(), False)
     assert _reuse_problem(engine_copy, *args) is None
     assert _reuse_problem(engine_copy, manifest.source, "fp16", *args[2:]) == \
         "precision: the folder has 'fp32', the request 'fp16'"
     shapes = {**manifest.shapes, "max_batch": 8}
     assert "shapes: the folder has" in _reuse_problem(engine_copy, manifest.source, "fp32", shapes, *args[3:])
     assert "source differs" in _reuse_problem(engine_copy, {**manifest.source, "seed": 1}, *args[1:])
-    assert "no TensorRT plans" in _reuse_problem(engine_copy, *args[:4], "tensorrt")
+    assert "no TensorRT plans" in _reuse_problem(engine_copy, *args[:4], True)
     (engine_copy / "tokenizer" / "vocab.json").write_text("{}")
     assert _reuse_problem(engine_copy, *args) == "tokenizer/vocab.json does not match its sha256 in the manifest"
 
@@ -134,14 +134,31 @@ def test_cli_errors(tmp_path, capsys):
     assert _temp_siblings(tmp_path / "b") == [] and not (tmp_path / "b").exists()
 
 
-def test_tensorrt_backend_without_tensorrt_fails_before_exporting(tmp_path, capsys):
+def test_tensorrt_without_tensorrt_fails_before_exporting(tmp_path, capsys):
     from runtime.engines.tensorrt import is_available
 
     usable, _ = is_available()
     if usable:
         pytest.skip("TensorRT and a CUDA device are present: the refusal cannot be observed here")
-    assert main(["tiny-sd1", "--out", str(tmp_path / "trt"), "--backend", "tensorrt"]) == 1
+    assert main(["tiny-sd1", "--out", str(tmp_path / "trt"), "--tensorrt"]) == 1
     err = capsys.readouterr().err
-    assert "backend tensorrt is not usable on this machine" in err
+    assert "--tensorrt is not usable on this machine" in err
     assert "tensorrt" in err.split("machine:", 1)[1]  # the reason names what is missing
     assert "exporting" not in err and not (tmp_path / "trt").exists() and _temp_siblings(tmp_path / "trt") == []
+    # the deprecated spelling still works, says it is deprecated, and does the same
+    assert main(["tiny-sd1", "--out", str(tmp_path / "trt"), "--backend", "tensorrt"]) == 1
+    out, err = capsys.readouterr()
+    assert "--backend tensorrt is deprecated; use --tensorrt" in out and "--tensorrt is not usable" in err
+
+
+def test_deprecated_cpu_backend_flags_say_they_change_nothing(engine_copy, capsys):
+    before = (engine_copy / "manifest.json").read_bytes()
+    for backend in ("onnxruntime", "openvino", "torch"):
+        assert main(["tiny-sd1", "--out", str(engine_copy), "--backend", backend]) == 0
+        out = capsys.readouterr().out
+        assert f"--backend {backend} is deprecated and has no effect: every engine folder runs on every CPU " \
+               "backend" in out
+        assert "up to date" in out
+    assert (engine_copy / "manifest.json").read_bytes() == before
+    assert main(["tiny-sd1", "--out", str(engine_copy), "--backend", "cuda"]) == 1
+    assert "unknown backend 'cuda'" in capsys.readouterr().err

@@ -17,8 +17,8 @@ from export.onnx_export import (
     Shape,
     default_parity_shapes,
     export_network,
-    export_unet,
     sample_inputs,
+    size_multiple,
 )
 from runtime.engines import open_engines
 from runtime.manifest import load_manifest
@@ -40,8 +40,19 @@ def test_manifest_records_parity_at_two_shapes(tiny_sd1_engine):
         parity = manifest.networks[name]["parity"]
         assert parity["rel"] <= PARITY_THRESHOLDS["fp32"] == parity["threshold"]
         shapes = [c["shape"] for c in parity["cases"]]
-        assert shapes[0] == [1, 64, 64] and shapes[1][:3] == [2, 64, 60]  # batch 2, non-square
+        assert shapes[0] == [1, 64, 64] and shapes[1][:3] == [2, 64, 66]  # batch 2, non-square
         assert shapes[1][3] == 154  # two prompt chunks of text for the U-Net
+    # 66 px: a multiple of the VAE factor (2) but not of the U-Net's size multiple (4), so its 33-wide
+    # latent takes the upsamplers' crop path (the odd-sized skips)
+    spec = random_model("tiny-sd1", seed=0).spec
+    assert 66 % spec.vae_scale_factor == 0 and 66 % size_multiple(spec) != 0
+
+
+def test_parity_inputs_have_fractional_timesteps(tiny_sd1):
+    feeds = sample_inputs("unet", tiny_sd1.spec.dims, Shape(4, 64, 64), vocab_size=49408,
+                          rng=np.random.default_rng(1))
+    t = feeds["timestep"].astype(np.float64)
+    assert feeds["timestep"].dtype == np.float32 and np.all(t != np.round(t)) and np.all((t > 0) & (t < 1000))
 
 
 @pytest.mark.parametrize("shape", [Shape(2, 48, 80), Shape(3, 64, 40, 231)])
@@ -67,15 +78,24 @@ def test_fp16_graphs_within_1e_2(tiny_sd1, tmp_path):
         graph = onnx.load(str(tmp_path / result.file), load_external_data=False)
         inputs, _ = network_io(name, tiny_sd1.spec.dims, "fp16")
         elem = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
+        types = {"int32": onnx.TensorProto.INT32, "float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT}
         for spec in inputs:
-            want = onnx.TensorProto.INT32 if spec.dtype == "int32" else onnx.TensorProto.FLOAT16
-            assert elem[spec.name] == want
+            assert elem[spec.name] == types[spec.dtype], (name, spec.name)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.onnx" for n in NETWORKS)
+    # the timestep stays float32 in an fp16 graph: a fractional timestep is not rounded to float16's
+    # grid (946.42 -> 946.5 there), so the two give different outputs, each matching PyTorch
+    import onnxruntime as ort
+
+    unet = ort.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"])
+    feeds = sample_inputs("unet", tiny_sd1.spec.dims, Shape(1, 32, 32), vocab_size=49408, rng=np.random.default_rng(3))
+    feeds = {k: v.astype(np.float16) if k != "timestep" else v for k, v in feeds.items()}
+    out = {t: unet.run(None, {**feeds, "timestep": np.array([t], np.float32)})[0] for t in (946.42, 946.5)}
+    assert np.float16(946.42) == np.float16(946.5) and not np.array_equal(out[946.42], out[946.5])
 
 
 def test_external_data_single_file(tiny_sd1, tmp_path):
     shapes = default_parity_shapes(tiny_sd1.spec, 32, 32, 64, 2)
-    result = export_unet(tiny_sd1, tmp_path, parity_shapes=shapes, external_data=True)
+    result = export_network("unet", tiny_sd1, tmp_path, parity_shapes=shapes, external_data=True)
     assert result.external_data == "unet.onnx.data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data"]
     assert (tmp_path / "unet.onnx").stat().st_size * 4 < (tmp_path / "unet.onnx.data").stat().st_size

@@ -168,16 +168,23 @@ def test_long_prompt_is_chunked_and_negative_padded(pipe):
 # ---------------------------------------------------------------------------------------- casts, seeds
 
 
-def test_fp16_engines_get_fp16_feeds(tokenizer_dir):
+def test_fp16_engines_get_fp16_feeds_and_float32_timesteps(tokenizer_dir):
     pipe = fake_pipeline(tokenizer_dir, precision="fp16")
-    result = pipe.txt2img("a cat", output_type="np", seed=1, **FAST)
+    result = pipe.txt2img("a cat", output_type="np", seed=1, scheduler="euler", karras=True, **FAST)
     calls = pipe.engines["unet"].calls
-    assert all(c["sample"].dtype == np.float16 and c["timestep"].dtype == np.float16 for c in calls)
+    # the timestep is float32 in every graph: Euler's fractional timesteps are not rounded to float16
+    assert all(c["sample"].dtype == np.float16 and c["timestep"].dtype == np.float32 for c in calls)
+    timesteps = np.array([c["timestep"][0] for c in calls], dtype=np.float64)
+    assert np.any(timesteps != np.round(timesteps)), timesteps
+    assert not np.array_equal(timesteps.astype(np.float32), timesteps.astype(np.float16).astype(np.float32))
     assert pipe.engines["text_encoder"].calls[0]["input_ids"].dtype == np.int32
     assert result.images.dtype == np.float32 and np.isfinite(result.images).all()
-    # the engine interface rejects a wrong dtype: the pipeline is what casts
-    with pytest.raises(EngineInputError, match="float16"):
-        pipe.engines["vae_decoder"].run({"latent": np.zeros((1, 4, 8, 8), np.float32)})
+    # the engine casts float feeds to its declared dtypes and hands back float32
+    out = pipe.engines["vae_decoder"].run({"latent": np.zeros((1, 4, 8, 8), np.float32)})
+    assert out["image"].dtype == np.float32 and pipe.engines["vae_decoder"].calls[-1]["latent"].dtype == np.float16
+    # what cannot be cast within its kind is refused
+    with pytest.raises(EngineInputError, match=r"input 'latent' has dtype int64, expected float16"):
+        pipe.engines["vae_decoder"].run({"latent": np.zeros((1, 4, 8, 8), np.int64)})
 
 
 def test_same_seed_same_image_and_random_seed_reported(pipe):

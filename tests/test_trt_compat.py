@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.trt_compat import Problem, check_graph, main, support_matrix
+from export.trt_compat import NORMALIZATION_OPS, Problem, check_graph, main, precision_summary, support_matrix
 
 torch = pytest.importorskip("torch")
 
@@ -50,6 +51,7 @@ def tiny_graphs(tmp_path_factory) -> dict[tuple[str, str, str], Path]:
     graphs = {}
     for preset, precision, networks in (("tiny-sd1", "fp32", NETWORKS), ("tiny-sd1", "fp16", NETWORKS),
                                         ("tiny-sd2", "fp32", ("text_encoder", "unet")),
+                                        ("tiny-sd2", "fp16", ("unet",)),
                                         ("tiny-inpaint", "fp32", ("unet",))):
         out = tmp_path_factory.mktemp(f"{preset}-{precision}")
         for network, path in export_graphs(preset, out, precision, networks).items():
@@ -215,6 +217,60 @@ def test_unsupported_operator_inside_a_subgraph_is_found():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     (p,) = errors(check_graph(model))
     assert (p.op_type, p.node) == ("Unique", "inner_unique")
+
+
+# --- strongly typed fp16 graphs (issue 16) ------------------------------------------------------------
+
+def test_fp16_graphs_keep_their_normalizations_in_fp32(tiny_graphs):
+    """The project's fp16 export (export/fp16.py) writes graphs a strongly typed TensorRT network can
+    run as written: every GroupNorm (InstanceNormalization) and LayerNorm computes in float32."""
+    fp16 = {k: v for k, v in tiny_graphs.items() if k[1] == "fp16"}
+    assert len(fp16) == 5
+    for (preset, _, network), path in fp16.items():
+        summary = precision_summary(path)
+        norms = {op: counts for op, counts in summary.items() if op in NORMALIZATION_OPS}
+        assert norms and all(set(counts) == {"FLOAT"} for counts in norms.values()), (preset, network, summary)
+        assert not errors(check_graph(path)), (preset, network)
+    # SD 2.x upcasts its attention (QK^T and softmax in float32); SD 1.x keeps it fp16, as diffusers does
+    assert precision_summary(tiny_graphs[("tiny-sd2", "fp16", "unet")])["Softmax"] == {"FLOAT": 8}
+    assert precision_summary(tiny_graphs[("tiny-sd1", "fp16", "unet")])["Softmax"] == {"FLOAT16": 8}
+    assert not errors(check_graph(tiny_graphs[("tiny-sd2", "fp16", "unet")], require_fp32=("Softmax",)))
+    sd1 = errors(check_graph(tiny_graphs[("tiny-sd1", "fp16", "unet")], require_fp32=("Softmax",)))
+    assert len(sd1) == 8 and {p.op_type for p in sd1} == {"Softmax"}
+
+
+def _export_tiny_norm_block(path, fp32_norms: bool) -> None:
+    """Conv -> GroupNorm -> SiLU -> LayerNorm in float16, exported as the project exports (opset 17)."""
+    from export.fp16 import reduced_precision
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gn, self.ln = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), \
+                torch.nn.LayerNorm(6)
+
+        def forward(self, x):
+            return self.ln(torch.nn.functional.silu(self.gn(self.conv(x))))
+
+    block = Block().eval()
+    block = reduced_precision(block, torch.float16) if fp32_norms else block.half()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(block, (torch.zeros(1, 4, 6, 6, dtype=torch.float16),), str(path), input_names=["x"],
+                          output_names=["y"], opset_version=17, dynamo=False)
+
+
+def test_weakly_typed_fp16_normalizations_fail_the_check(tmp_path, capsys):
+    """A plain `.half()` export (the recipe before issue 16) leaves the normalizations in float16."""
+    plain, mixed = tmp_path / "plain.onnx", tmp_path / "mixed.onnx"
+    _export_tiny_norm_block(plain, fp32_norms=False)
+    _export_tiny_norm_block(mixed, fp32_norms=True)
+    bad = errors(check_graph(plain))
+    assert {p.op_type for p in bad} == {"InstanceNormalization", "LayerNormalization"}
+    assert all("computes in FLOAT16 inside an fp16 graph" in p.message for p in bad)
+    assert precision_summary(mixed) == {"InstanceNormalization": {"FLOAT": 1}, "LayerNormalization": {"FLOAT": 1}}
+    assert check_graph(mixed) == []
+    assert main([str(plain)]) == 1 and "operators: InstanceNormalization, LayerNormalization" in capsys.readouterr().out
 
 
 # --- full size (opt-in) ------------------------------------------------------------------------------

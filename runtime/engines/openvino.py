@@ -8,17 +8,17 @@ weights and activations inside. Override with `inference_precision="f32" | "bf16
 Shapes: by default each distinct set of input shapes gets its own statically reshaped compiled
 model (static shapes let the CPU plugin pick its best kernels; a denoising loop calls the U-Net with
 one shape throughout), kept in a small LRU. `static_shapes=False` compiles the graph once with its
-dynamic axes instead. With a cache dir (default `ENGINE_DIR/openvino-cache`) each static variant is
-saved there once as OpenVINO IR and compiled from that file with OpenVINO's CACHE_DIR, so a shape
-compiled once, in any process, is a load rather than a compile the next time. The cache grows by
-the IR plus the compiled blob per shape (about 1.7 + 3.4 GB for an SD 1.5 U-Net in bf16); delete the
-folder to reclaim it.
+dynamic axes instead. The source model is read (weights by mmap) only to compile and dropped
+afterwards, so a compiled network's weights are held once.
+
+Cache: compiled variants go to `ENGINE_DIR/openvino-cache`, bounded by default to 30% of the
+folder's graphs, least recently used first out, written atomically (runtime/engines/ov_cache.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -27,9 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engines.base import Engine, EngineInputError
+from runtime.engines import ov_cache
+from runtime.engines.base import Engine, EngineInfo
+from runtime.errors import BackendError, EngineLoadError
+from runtime.folder import inside
 from runtime.manifest import Manifest
-from runtime.networks import TensorSpec, network_io
+from runtime.networks import TensorSpec, float_precision, network_io
 
 BACKEND = "openvino"
 CACHE_SUBDIR = "openvino-cache"
@@ -39,6 +42,8 @@ PRECISIONS = {"f32": ("f32", "FP32"), "bf16": ("bf16", "BF16"), "f16": ("f16", "
 PRECISION_ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16"}
 # compiled static-shape variants kept per engine (a few resolutions / batch sizes)
 MAX_SHAPE_VARIANTS = 4
+# idle infer requests kept per compiled variant (each holds its own activation buffers)
+MAX_IDLE_REQUESTS = 2
 
 
 def is_available() -> tuple[bool, str]:
@@ -57,14 +62,22 @@ def is_available() -> tuple[bool, str]:
 
 
 def cpu_capabilities() -> tuple[str, ...]:
-    """The CPU plugin's OPTIMIZATION_CAPABILITIES, e.g. ('BF16', 'FP32', 'INT8', ...)."""
+    """The CPU plugin's OPTIMIZATION_CAPABILITIES (e.g. ('BF16', 'FP32', 'INT8', ...)), less BF16 and
+    FP16 where runtime/cpu.py says the kernels may not use them: OpenVINO reports BF16 from the CPU's
+    flags even under an ONEDNN_MAX_CPU_ISA cap whose kernels then have no bf16 implementations."""
     import openvino as ov
 
-    return tuple(ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+    from runtime import cpu
+
+    caps = tuple(ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+    feats = cpu.features()
+    if cpu.hardware_features() and "bf16" not in feats:  # an x86 CPU (or cap) without AVX512_BF16
+        caps = tuple(c for c in caps if c not in ("BF16", "FP16"))
+    return caps
 
 
 def default_precision(capabilities: tuple[str, ...] | None = None) -> str:
-    """bf16 where the CPU has bf16 hardware, f32 otherwise."""
+    """bf16 where the CPU has bf16 hardware (AVX512_BF16 or AMX), f32 otherwise."""
     caps = cpu_capabilities() if capabilities is None else capabilities
     return "bf16" if "BF16" in caps else "f32"
 
@@ -77,35 +90,85 @@ def resolve_precision(requested: str | None, capabilities: tuple[str, ...] | Non
         return default_precision(caps)
     name = PRECISION_ALIASES.get(requested, requested)
     if name not in PRECISIONS:
-        raise ValueError(f"unknown inference_precision {requested!r}; expected one of {', '.join(PRECISIONS)}")
+        raise BackendError(f"unknown inference_precision {requested!r}; expected one of {', '.join(PRECISIONS)}")
     capability = PRECISIONS[name][1]
     if capability not in caps:
-        raise ValueError(f"inference_precision {name!r} is not supported by this CPU "
-                         f"(OpenVINO CPU capabilities: {', '.join(caps)})")
+        raise BackendError(f"inference_precision {name!r} is not supported by this CPU "
+                           f"(OpenVINO CPU capabilities: {', '.join(caps)})")
     return name
 
 
+# The OpenVINO frontend of each graph file type an engine folder holds: ONNX graphs, and OpenVINO IR for
+# the int8 U-Net. Nothing else is read, so no other frontend (TensorFlow, PaddlePaddle, ...) ever
+# parses a folder's file: `Core.read_model` would try each in turn on a file the ONNX parser refuses.
+FRONTENDS = {".onnx": "onnx", ".xml": "ir"}
+
+
+def read_model(path: Path, name: str) -> Any:
+    """The ov.Model of an ONNX graph or IR file, read by the one frontend its extension names (an IR
+    .xml reads the .bin beside it). Any failure is an EngineLoadError naming the file."""
+    from openvino.frontend import FrontEndManager
+
+    framework = FRONTENDS.get(path.suffix.lower())
+    if framework is None:
+        raise EngineLoadError(f"{name}: {path} is neither an ONNX graph (.onnx) nor OpenVINO IR (.xml); the OpenVINO "
+                              "engine reads only those")
+    try:
+        frontend = FrontEndManager().load_by_framework(framework)
+        model = frontend.convert(frontend.load(str(path)))
+        for port in (*model.inputs, *model.outputs):
+            port.get_names()  # names are decoded when asked: a corrupt file fails here, not later
+        return model
+    except Exception as e:  # OpenVINO raises RuntimeError, GeneralFailure, OpConversionFailure... (all Exception)
+        raise EngineLoadError(f"{name}: OpenVINO ({framework} frontend) cannot read {path}: it is corrupt, truncated "
+                              f"or missing its weights ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
+
+
+class _Variant:
+    """One compiled model and a pool of idle infer requests: a call takes one (or creates it) and
+    gives it back, so calls from several threads never share a request."""
+
+    def __init__(self, compiled: Any):
+        self.compiled = compiled
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            request = self._idle.pop() if self._idle else self.compiled.create_infer_request()
+        try:
+            results = request.infer(feeds)
+            return {port.get_any_name(): np.asarray(value) for port, value in results.items()}
+        finally:
+            with self._lock:
+                if len(self._idle) < MAX_IDLE_REQUESTS:
+                    self._idle.append(request)
+
+
 class OpenVinoEngine(Engine):
-    """One ONNX graph compiled by OpenVINO for the CPU."""
+    """One graph (ONNX, or OpenVINO IR for the int8 U-Net) compiled by OpenVINO for the CPU.
+
+    Thread-safe: the LRU of compiled shape variants and the reshape of the shared model are guarded
+    by one lock (held while a new variant compiles); each call runs on its own infer request."""
 
     backend = BACKEND
+    parallel = True
 
     def __init__(self, path: str | os.PathLike, name: str, inputs: tuple[TensorSpec, ...],
                  outputs: tuple[TensorSpec, ...], *, inference_precision: str | None = None,
                  threads: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 static_shapes: bool = True, quantized: bool = False):
+                 cache_limit_bytes: int | None = None, static_shapes: bool = True, quantized: bool = False):
         super().__init__(name, inputs, outputs)
         import openvino as ov
 
         self.path = Path(path)
         self.quantized = quantized  # an int8 IR from `build-engine --quantize int8` (export/quantize.py)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{name}: graph {self.path} does not exist")
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+            raise EngineLoadError(f"{name}: graph {self.path} does not exist")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise BackendError(f"threads must be a positive integer or None, got {threads!r}")
         self._core = ov.Core()
-        self.inference_precision = resolve_precision(
-            inference_precision, tuple(self._core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")))
+        self.inference_precision = resolve_precision(inference_precision)
         self.threads = threads
         self.static_shapes = static_shapes
         self._config: dict[str, Any] = {
@@ -115,92 +178,72 @@ class OpenVinoEngine(Engine):
         if threads is not None:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            self._config["CACHE_DIR"] = str(self.cache_dir)
-        self._model = self._core.read_model(str(self.path))
+        self._graph_bytes = _file_bytes(self.path)
+        limit = int(ov_cache.DEFAULT_FRACTION * self._graph_bytes) if cache_limit_bytes is None else cache_limit_bytes
+        self._cache = ov_cache.CompileCache(self.cache_dir, limit) if self.cache_dir is not None else None
+        self._model = read_model(self.path, name)  # kept until the first compile, then read again per new shape
+        self._check_ports()
+        self._lock = threading.Lock()
+        # key: tuple of input shapes in declared order (or None for the one dynamic model)
+        self._compiled: OrderedDict[Any, _Variant] = OrderedDict()
+
+    def _check_ports(self) -> None:
         graph_inputs = {port.get_any_name() for port in self._model.inputs}
         graph_outputs = {port.get_any_name() for port in self._model.outputs}
-        declared_in, declared_out = {t.name for t in inputs}, {t.name for t in outputs}
+        declared_in, declared_out = {t.name for t in self.inputs}, {t.name for t in self.outputs}
         if graph_inputs != declared_in or not declared_out <= graph_outputs:
-            raise ValueError(f"{name}: graph {self.path} has inputs {sorted(graph_inputs)} and outputs "
-                             f"{sorted(graph_outputs)}; the network contract declares inputs "
-                             f"{sorted(declared_in)} and outputs {sorted(declared_out)}")
-        # key: tuple of input shapes in declared order (or None for the one dynamic model)
-        self._compiled: OrderedDict[Any, Any] = OrderedDict()
+            raise EngineLoadError(f"{self.name}: graph {self.path} has inputs {sorted(graph_inputs)} and outputs "
+                                  f"{sorted(graph_outputs)}; the network contract declares inputs "
+                                  f"{sorted(declared_in)} and outputs {sorted(declared_out)}")
 
-    def __repr__(self) -> str:
-        int8 = ", int8 weights and activations" if self.quantized else ""
-        return f"<OpenVinoEngine {self.name} on openvino ({self.inference_precision}{int8}) from {self.path.name}>"
+    @property
+    def info(self) -> EngineInfo:
+        weights = "int8" if self.quantized else float_precision(self.inputs)
+        compute = {"f32": "fp32", "f16": "fp16"}.get(self.inference_precision, self.inference_precision)
+        return EngineInfo(BACKEND, self.name, weights, compute, True, self.path.name)
 
-    def _request(self, feeds: Mapping[str, np.ndarray]):
+    def _variant(self, feeds: Mapping[str, np.ndarray]) -> _Variant:
         key = tuple(feeds[t.name].shape for t in self.inputs) if self.static_shapes else None
-        if key in self._compiled:
-            self._compiled.move_to_end(key)
-            return self._compiled[key]
-        if key is not None and self.cache_dir is not None:
-            compiled = self._core.compile_model(str(self._static_ir(key)), DEVICE, self._config)
-        else:
-            if key is not None:
-                self._reshape(key)
-            compiled = self._core.compile_model(self._model, DEVICE, self._config)
-        request = compiled.create_infer_request()
-        self._compiled[key] = request
-        while len(self._compiled) > MAX_SHAPE_VARIANTS:
-            self._compiled.popitem(last=False)
-        return request
+        with self._lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+            variant = self._compiled[key] = _Variant(self._compile(key))
+            while len(self._compiled) > MAX_SHAPE_VARIANTS:
+                self._compiled.popitem(last=False)
+            return variant
 
-    def _reshape(self, key: tuple[tuple[int, ...], ...]) -> None:
-        self._model.reshape({t.name: list(shape) for t, shape in zip(self.inputs, key)})
-
-    def _static_ir(self, key: tuple[tuple[int, ...], ...]) -> Path:
-        """The graph reshaped to `key`, saved once as OpenVINO IR in the cache dir.
-
-        Compiling from a file lets OpenVINO's CACHE_DIR key the compiled blob on the file instead of
-        hashing the in-memory weights: measured on the SD 1.5 U-Net (bf16, 2 busy cores) a cache
-        hit then takes ~5-6 s at a 3.5-5.6 GB peak RSS, against ~12 s and 8.9 GB for a hit keyed on
-        the in-memory model (a fresh compile: 11-25 s, 5.6 GB). Reduced precisions store fp16
-        weights, half the disk and memory (fp16 keeps 3 more mantissa bits than bf16: the bf16 U-Net's
-        relative error against fp32 moves from 2.6e-2 to 3.0e-2)."""
+    def _compile(self, key: tuple[tuple[int, ...], ...] | None) -> Any:
+        """Compile the graph (statically reshaped to `key`), through the folder's compile cache.
+        The source model is dropped afterwards: its weights (3.4 GB for the SD 1.5 U-Net, read by
+        mmap) are not kept beside the compiled copy; another shape reads the file again."""
         import openvino as ov
 
+        model = self._model if self._model is not None else read_model(self.path, self.name)
+        self._model = None
+        if key is not None:
+            model.reshape({t.name: list(shape) for t, shape in zip(self.inputs, key)})
+        if self._cache is None:
+            return self._core.compile_model(model, DEVICE, self._config)
         stat = self.path.stat()
-        compress = self.inference_precision != "f32"
-        ident = f"{self.path.name}:{stat.st_size}:{stat.st_mtime_ns}:{key}:{'fp16' if compress else 'fp32'}"
-        stem = f"{self.path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
-        xml = self.cache_dir / f"{stem}.xml"
-        if xml.is_file() and xml.with_suffix(".bin").is_file():
-            return xml
-        tmp = self.cache_dir / f".{stem}.{os.getpid()}.tmp.xml"
-        try:
-            self._reshape(key)
-            ov.save_model(self._model, str(tmp), compress_to_fp16=compress)
-            os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
-            os.replace(tmp, xml)
-        finally:
-            tmp.unlink(missing_ok=True)
-            tmp.with_suffix(".bin").unlink(missing_ok=True)
-        return xml
-
-    def compile_for(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """Compile (or load from the cache) the variant for these feeds' shapes ahead of the first run."""
-        self.validate(feeds)
-        self._request(feeds)
+        ident = {"file": self.path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "shapes": key,
+                 "config": self._config, "openvino": ov.get_version(), "static": self.static_shapes}
+        return self._cache.compile(self._core, model, DEVICE, self._config, ident, self._graph_bytes)
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        request = self._request(feeds)
-        try:
-            results = request.infer({t.name: np.ascontiguousarray(feeds[t.name]) for t in self.inputs})
-        except RuntimeError as e:
-            shapes = {k: v.shape for k, v in feeds.items()}
-            raise EngineInputError(f"{self.name} (openvino): inference failed for input shapes {shapes}: {e}") from None
-        by_name = {port.get_any_name(): value for port, value in results.items()}
-        out: dict[str, np.ndarray] = {}
-        for spec in self.outputs:
-            value = by_name[spec.name]
-            # explicit cast at the boundary: OpenVINO may hand back its internal precision
-            out[spec.name] = value if value.dtype == np.dtype(spec.dtype) else value.astype(spec.dtype)
-        return out
+        by_name = self._variant(feeds).infer({t.name: feeds[t.name] for t in self.inputs})
+        return {spec.name: by_name[spec.name] for spec in self.outputs}
+
+    def _close(self) -> None:
+        with self._lock:
+            self._compiled.clear()
+            self._model = None
+
+
+def _file_bytes(path: Path) -> int:
+    """Bytes of a graph with its weights: an ONNX file and its `<name>.data`, or an IR .xml and .bin."""
+    extra = [path.with_name(path.name + ".data"), path.with_suffix(".bin")]
+    return path.stat().st_size + sum(p.stat().st_size for p in extra if p.is_file())
 
 
 def _default_cache_dir(engine_dir: Path) -> Path | None:
@@ -222,12 +265,24 @@ def _default_cache_dir(engine_dir: Path) -> Path | None:
 
 
 # keyword options open_engine takes (checked by runtime.engines.open_engines before opening anything)
-OPTIONS = ("inference_precision", "threads", "cache_dir", "static_shapes", "quantized")
+OPTIONS = ("inference_precision", "threads", "cache_dir", "cache_limit_gb", "static_shapes", "quantized")
 
 
-def int8_unet(manifest: Manifest) -> dict[str, Any] | None:
-    """The manifest entry of the folder's int8 U-Net (`build-engine --quantize int8`), or None."""
-    return manifest.backends.get(BACKEND, {}).get("unet_int8")
+def _cache_limit(limit_gb: Any, engine_dir: Path, manifest: Manifest) -> int:
+    """The folder-wide cache bound in bytes: `limit_gb`, or ov_cache.DEFAULT_FRACTION of the graphs."""
+    if limit_gb is None:
+        return int(ov_cache.DEFAULT_FRACTION * ov_cache.graph_bytes(engine_dir, manifest))
+    if isinstance(limit_gb, bool) or not isinstance(limit_gb, (int, float)) or limit_gb < 0:
+        raise BackendError(f"cache_limit_gb must be a number >= 0 (GB), got {limit_gb!r}")
+    return int(limit_gb * 2**30)
+
+
+def int8_safe_here(entry: dict[str, Any]) -> bool:
+    """Whether an int8 U-Net (manifest entry) computes right on this CPU: always with NNCF's overflow
+    fix on every layer (export/quantize.py OVERFLOW_FIX); without it only with VNNI (or off x86)."""
+    from runtime import cpu
+
+    return entry.get("overflow_fix") == "enable" or "vnni" in cpu.features() or not cpu.hardware_features()
 
 
 def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str, **options: Any) -> OpenVinoEngine:
@@ -235,13 +290,14 @@ def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str,
 
     Options: inference_precision ("bf16" | "f32" | "f16"; default bf16 where the CPU has it, else
     f32, whatever the graph's precision), threads, static_shapes (default True), cache_dir (default
-    ENGINE_DIR/openvino-cache; None turns caching off), quantized (U-Net only: None (default) runs
-    the folder's int8 U-Net where it has one, True requires it, False runs the fp32/fp16 graph; the
-    other networks ignore it).
+    ENGINE_DIR/openvino-cache; None turns caching off), cache_limit_gb (the cache's bound, default
+    30% of the folder's graphs: runtime/engines/ov_cache.py), quantized (None (default) runs the
+    folder's quantized IRs where it has them: the int8 U-Net, or the int8-weight U-Net and text
+    encoder; True requires a quantized U-Net; False runs the graphs).
     """
     engine_dir = Path(engine_dir)
     if network not in manifest.networks:
-        raise ValueError(f"{engine_dir}: the manifest has no network {network!r} "
+        raise EngineLoadError(f"{engine_dir}: the manifest has no network {network!r} "
                          f"(it has {', '.join(manifest.networks)})")
     entry = manifest.networks[network]
     precision = entry.get("precision", manifest.precision)
@@ -253,19 +309,35 @@ def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str,
         options["cache_dir"] = _default_cache_dir(engine_dir)
     unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise TypeError(f"openvino engine: unknown options {', '.join(sorted(unknown))}")
+        raise BackendError(f"openvino engine: unknown options {', '.join(sorted(unknown))}; it takes {', '.join(OPTIONS)}")
     quantized = options.pop("quantized", None)
     if quantized not in (None, True, False):
-        raise ValueError(f"quantized must be None, True or False, got {quantized!r}")
-    path = engine_dir / entry["file"]
-    if network == "unet":
-        int8 = int8_unet(manifest)
-        if quantized and int8 is None:
-            raise ValueError(f"{engine_dir}: quantized=True, but the folder has no int8 U-Net "
-                             "(build it with build-engine --quantize int8)")
-        if int8 is not None and quantized is not False:
-            path = engine_dir / int8["file"]
-            # the int8 IR takes fp32 inputs whatever the folder's graph precision
-            inputs, outputs = network_io(network, manifest.dims, "fp32")
-            return OpenVinoEngine(path, network, inputs, outputs, quantized=True, **options)
+        raise BackendError(f"quantized must be None, True or False, got {quantized!r}")
+    options["cache_limit_bytes"] = _cache_limit(options.pop("cache_limit_gb", None), engine_dir, manifest)
+    path = inside(engine_dir, entry["file"], f"network {network!r} names file")
+    variant = _quantized_variant(engine_dir, manifest, network, quantized)
+    if variant is not None:
+        # the quantized IRs are made from the fp32 graphs and take fp32 inputs
+        inputs, outputs = network_io(network, manifest.dims, "fp32")
+        return OpenVinoEngine(variant, network, inputs, outputs, quantized=True, **options)
     return OpenVinoEngine(path, network, inputs, outputs, **options)
+
+
+def _quantized_variant(engine_dir: Path, manifest: Manifest, network: str, quantized: bool | None) -> Path | None:
+    """The folder's quantized IR for `network` (`build-engine --quantize int8 | int8-weights`) when
+    `quantized` is not False and one exists; None runs the graph. quantized=True requires one."""
+    int8, weights = manifest.int8_unet, (manifest.weights_int8 or {}).get("networks", {}).get(network)
+    entry = int8 if network == "unet" and int8 is not None else weights
+    if quantized and entry is None and network == "unet":
+        raise BackendError(f"{engine_dir}: quantized=True, but the folder has no quantized U-Net (build it with "
+                           "build-engine --quantize int8 or int8-weights)")
+    if entry is None or quantized is False:
+        return None
+    if entry is int8 and quantized is None and not int8_safe_here(int8):
+        warnings.warn(f"{engine_dir}: the int8 U-Net was quantized without NNCF's overflow fix, which this "
+                      "CPU (no VNNI) needs: int8 products would saturate. Running the fp32 graph; rebuild with "
+                      "build-engine --quantize int8 (or pass quantized=True to run it anyway).",
+                      RuntimeWarning, stacklevel=4)
+        return None
+    where = "the int8 U-Net names graph" if entry is int8 else f"the int8-weight {network} names graph"
+    return inside(engine_dir, entry["file"], where)

@@ -1,11 +1,14 @@
-"""TensorRT 10 engine: runs the plans `build-engine --backend tensorrt` built (export/tensorrt.py).
+"""TensorRT engine: runs the plans `build-engine --tensorrt` built (export/tensorrt.py).
 
-Written against the TensorRT 10 Python API (name-based I/O tensors): `Runtime.deserialize_cuda_engine`,
-`ICudaEngine.num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_dtype /
-get_tensor_profile_shape`, `IExecutionContext.set_input_shape / set_tensor_address /
-execute_async_v3`. CUDA memory, copies, streams and CUDA graphs go through cuda-python's runtime
-bindings (`cuda.bindings.runtime`, or `cuda.cudart` in cuda-python < 12.6), so the runtime stays
-torch-free.
+Written against the TensorRT 10 and 11 Python API (name-based I/O tensors, the same calls in both;
+checked against NVIDIA/TensorRT's python/src/infer/pyCore.cpp at 10.x and 11.1):
+`Runtime.deserialize_cuda_engine`, `ICudaEngine.num_io_tensors / get_tensor_name / get_tensor_mode /
+get_tensor_dtype / get_tensor_profile_shape`, `IExecutionContext.set_input_shape /
+set_tensor_address / execute_async_v3`. CUDA memory, copies, streams and CUDA graphs go through
+cuda-python's runtime bindings (`cuda.bindings.runtime`, or `cuda.cudart` in cuda-python < 12.6),
+so the runtime stays torch-free. One `trt.Logger` serves the whole process (`trt_logger`):
+TensorRT keeps the first logger it is given. A driver older than the CUDA the installed stack was
+built for is reported as such, with the versions found and needed (runtime/engines/cuda.py).
 
 This module also holds the pure functions both sides share (the build imports them, the runtime
 must not import `export/`): the optimization profile derived from the manifest's shape range, and
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,25 +30,29 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engines.base import Engine, EngineInputError
+from runtime.engines import cuda as cuda_stack
+from runtime.engines.base import Engine, EngineInfo
+from runtime.errors import BackendError, EngineInputError, EngineLoadError
+from runtime.folder import inside, relative_parts
 from runtime.manifest import Manifest
-from runtime.networks import ModelDims, TensorSpec, network_io
+from runtime.networks import UNET_NETWORKS, ModelDims, TensorSpec, float_precision, network_io
 
 BACKEND = "tensorrt"
 SUBDIR = "tensorrt"  # under the engine folder: plans, their keys, the timing cache, ORT's cache
 KEY_FORMAT = 1
-INSTALL_HINT = ("install TensorRT 10 and cuda-python on a machine with an NVIDIA GPU and driver: "
-                "pip install .[tensorrt]")
+INSTALL_HINT = ("install TensorRT and cuda-python for this machine's CUDA driver: "
+                "pip install 'sd-runtime[tensorrt-cu12]' (NVIDIA driver >= 525) or "
+                "'sd-runtime[tensorrt-cu13]' (driver >= 580)")
 # Long prompts are encoded in 77-token chunks and concatenated; plans accept up to this many
 # chunks (231 tokens) unless built with another `max_prompt_chunks`.
 DEFAULT_PROMPT_CHUNKS = 3
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(BackendError):
     """TensorRT, cuda-python or a CUDA device is missing; the message says which and how to install."""
 
 
-class StalePlanError(RuntimeError):
+class StalePlanError(EngineLoadError):
     """A stored plan was built for another TensorRT version, GPU or input; it must be rebuilt."""
 
 
@@ -60,6 +68,29 @@ def import_tensorrt() -> Any:
     except ImportError as e:
         raise TensorRTUnavailable(f"the 'tensorrt' Python module is not installed ({e}); {INSTALL_HINT}") from None
     return tensorrt
+
+
+_LOGGER_LOCK = threading.Lock()
+_LOGGER: Any = None
+
+
+def trt_logger() -> Any:
+    """The process's one `trt.Logger` (warnings and errors). TensorRT keeps the first logger the
+    process gives any builder or runtime, so every builder, parser and runtime here shares this one."""
+    global _LOGGER
+    with _LOGGER_LOCK:
+        if _LOGGER is None:
+            trt = import_tensorrt()
+            _LOGGER = trt.Logger(trt.Logger.WARNING)
+        return _LOGGER
+
+
+def tensorrt_cuda_major(found: Mapping[str, str] | None = None) -> int | None:
+    """The CUDA major the installed TensorRT wheels were built for (tensorrt-cu12 / tensorrt-cu13
+    distributions), or None when that cannot be told (a TensorRT from a tarball or Debian package)."""
+    found = cuda_stack.installed() if found is None else found
+    majors = {int(name[len("tensorrt-cu"):].split("-")[0]) for name in found if name.startswith("tensorrt-cu")}
+    return majors.pop() if len(majors) == 1 else None
 
 
 def import_cudart() -> Any:
@@ -88,6 +119,9 @@ def cuda_environment(device_id: int = 0) -> CudaEnvironment:
     trt = import_tensorrt()
     cudart = import_cudart()
     err, count = cudart.cudaGetDeviceCount()
+    old_driver = _driver_problem(cudart)  # cudaErrorInsufficientDriver, or TensorRT wheels newer than the driver
+    if old_driver:
+        raise TensorRTUnavailable(old_driver)
     if err != cudart.cudaError_t.cudaSuccess or count == 0:
         why = _cuda_error_text(cudart, err) if err != cudart.cudaError_t.cudaSuccess else "no devices"
         raise TensorRTUnavailable(f"no CUDA device is available ({why}); TensorRT needs an NVIDIA GPU with its driver. "
@@ -101,6 +135,20 @@ def cuda_environment(device_id: int = 0) -> CudaEnvironment:
     props = cuda.check(cudart.cudaGetDeviceProperties(device_id))
     name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
     return CudaEnvironment(trt.__version__, f"{major}.{minor}", name, device_id)
+
+
+def _driver_problem(cudart: Any) -> str | None:
+    """Why the driver cannot run cuda-python's CUDA or the TensorRT wheels' CUDA (None: it can)."""
+    driver, runtime = cuda_stack.versions(cudart)
+    if not driver:  # no driver at all: reported as "no CUDA device" with CUDA's own error text
+        return None
+    release = cuda_stack.driver_release()
+    why = cuda_stack.driver_problem(driver, runtime, release) if runtime else None
+    trt_major = tensorrt_cuda_major()
+    if why is None and trt_major and driver:
+        why = cuda_stack.driver_problem(driver, trt_major * 1000, release)
+        why = why and why.replace("the installed CUDA Python stack", f"TensorRT (tensorrt-cu{trt_major})")
+    return why
 
 
 def is_available(device_id: int = 0) -> tuple[bool, str]:
@@ -140,7 +188,9 @@ def axis_ranges(network: str, dims: ModelDims, shapes: Mapping[str, int], *, gui
     min_batch (guidance off) to 2 * max_batch, optimal 2 * opt_batch. The text encoder runs one
     77-token chunk position of the prompts (or of the negative prompts) at a time
     (runtime/text.py), so its batch is the image batch. The U-Net's `tokens` runs from one chunk
-    (77) to `max_prompt_chunks` chunks."""
+    (77) to `max_prompt_chunks` chunks. The step-cache U-Nets (unet_deep, unet_shallow) take the
+    U-Net's batch, and their cached feature's size is the latent size halved `dims.cache_level`
+    times, rounded up (runtime/networks.py)."""
     s = dims.vae_scale_factor
     lo_img, opt_img, hi_img = shapes["min_image"], shapes["opt_image"], shapes["max_image"]
     lo_b, opt_b, hi_b = shapes["min_batch"], shapes["opt_batch"], shapes["max_batch"]
@@ -150,15 +200,18 @@ def axis_ranges(network: str, dims: ModelDims, shapes: Mapping[str, int], *, gui
         raise ValueError(f"image range must satisfy {s} <= min <= opt <= max; got {lo_img}, {opt_img}, {hi_img}")
     if max_prompt_chunks < 1:
         raise ValueError(f"max_prompt_chunks must be >= 1; got {max_prompt_chunks}")
-    batch = (lo_b, 2 * opt_b, 2 * hi_b) if network == "unet" and guidance else (lo_b, opt_b, hi_b)
+    batch = (lo_b, 2 * opt_b, 2 * hi_b) if network in UNET_NETWORKS and guidance else (lo_b, opt_b, hi_b)
     # latent sizes: round the lower bound up and the upper bound down to whole latents
     latent = (-(-lo_img // s), max(opt_img // s, -(-lo_img // s)), hi_img // s)
     image = tuple(v * s for v in latent)
+    down = 2 ** dims.cache_level
+    cache = tuple(-(-v // down) for v in latent)
     tokens = dims.text_max_length
     return {
         "batch": batch,
         "height": image, "width": image,
         "latent_height": latent, "latent_width": latent,
+        "cache_height": cache, "cache_width": cache,
         "tokens": (tokens, tokens, tokens * max_prompt_chunks),
     }
 
@@ -189,7 +242,7 @@ def check_profile(network: str, feeds_shapes: Mapping[str, tuple[int, ...]], pro
             raise ProfileRangeError(
                 f"{network} (tensorrt): input {name!r} has shape {tuple(shape)}, outside the plan's optimization "
                 f"profile min {r.min} .. max {r.max} (optimal {r.opt}); rebuild the plans with a wider shape range "
-                "(build-engine --backend tensorrt with larger --max-batch / --max-image) or use another backend")
+                "(build-engine --tensorrt with larger --max-batch / --max-image) or use another backend")
 
 
 # --- plan cache keys (pure) ---------------------------------------------------------------------------
@@ -324,31 +377,43 @@ class TensorRTEngine(Engine):
     shapes, copy inputs into device buffers that are kept and grown as needed, `execute_async_v3`
     on the engine's stream, copy the outputs back. With `cuda_graph=True` a call whose shapes match
     the previous one replays a captured CUDA graph of the execution instead (captured on the second
-    call at a shape, after TensorRT has applied the shape change once uncaptured)."""
+    call at a shape, after TensorRT has applied the shape change once uncaptured; captured in
+    thread-local mode, so another thread's CUDA calls during the capture are not affected).
+
+    Calls are serialized (`parallel = False`): the execution context, stream, device buffers and
+    CUDA graph belong to the engine, so two threads' calls run one after the other. The CUDA device
+    is current per thread, so every call sets it (`cudaSetDevice`) in the thread that makes it."""
 
     backend = BACKEND
+    parallel = False
 
     def __init__(self, plan_path: str | os.PathLike, name: str, inputs: tuple[TensorSpec, ...],
                  outputs: tuple[TensorSpec, ...], *, key: Mapping[str, Any] | None = None, device_id: int = 0,
                  cuda_graph: bool = False):
         super().__init__(name, inputs, outputs)
+        self.plan_path = Path(plan_path)
+        self.precision = str((key or {}).get("precision", float_precision(inputs)))
         env = cuda_environment(device_id)
         if key is not None:
             reasons = runtime_mismatch(key, env.tensorrt_version, env.compute_capability)
             if reasons:
                 raise StalePlanError(f"{name}: the TensorRT plan {plan_path} cannot be used here: "
-                                     f"{'; '.join(reasons)}. Rebuild it with `build-engine ... --backend tensorrt` "
+                                     f"{'; '.join(reasons)}. Rebuild it with `build-engine ... --tensorrt` "
                                      "on this machine.")
         trt = import_tensorrt()
         self._trt = trt
+        self.device_id = device_id
         self._cuda = _Cuda(import_cudart())
         self._cuda.check(self._cuda.rt.cudaSetDevice(device_id))
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = trt.Runtime(trt_logger())
+        # No code from the folder: a plan with embedded host code (a version-compatible plan's lean
+        # runtime, serialized plugins) is refused (TensorRT 10 IRuntime::setEngineHostCodeAllowed;
+        # false is its default, made explicit), and no plugin library is ever loaded.
+        self._runtime.engine_host_code_allowed = False
         self._engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
         if self._engine is None:
             raise StalePlanError(f"{name}: TensorRT {env.tensorrt_version} could not deserialize {plan_path}; "
-                                 "rebuild it with `build-engine ... --backend tensorrt`")
+                                 "rebuild it with `build-engine ... --tensorrt`")
         self._context = self._engine.create_execution_context()
         self._stream = self._cuda.check(self._cuda.rt.cudaStreamCreate())
         self._check_io()
@@ -385,6 +450,7 @@ class TensorRTEngine(Engine):
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         cuda, ctx = self._cuda, self._context
+        cuda.check(cuda.rt.cudaSetDevice(self.device_id))  # the current device is per thread
         shapes = {t.name: tuple(feeds[t.name].shape) for t in self.inputs}
         reshaped = shapes != self._last_shapes
         if reshaped:
@@ -429,7 +495,9 @@ class TensorRTEngine(Engine):
                 raise RuntimeError(f"{self.name} (tensorrt): execute_async_v3 failed (see the TensorRT log above)")
             return
         if self._graph_exec is None:
-            mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+            # thread-local: CUDA calls other threads make meanwhile (another engine's cudaMalloc)
+            # neither fail nor invalidate this capture, as they would in global mode
+            mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             self._cuda.check(rt.cudaStreamBeginCapture(self._stream, mode))
             ok = self._context.execute_async_v3(int(self._stream))
             graph = self._cuda.check(rt.cudaStreamEndCapture(self._stream))
@@ -449,10 +517,16 @@ class TensorRTEngine(Engine):
             self._cuda.check(rt.cudaGraphDestroy(self._graph))
             self._graph = None
 
-    def close(self) -> None:
+    @property
+    def info(self) -> EngineInfo:
+        weights = float_precision(self.inputs)
+        return EngineInfo(BACKEND, self.name, weights, self.precision, False, self.plan_path.name)
+
+    def _close(self) -> None:
         """Release device memory, the CUDA graph, the stream and the TensorRT objects."""
         if getattr(self, "_context", None) is None:
             return
+        self._cuda.check(self._cuda.rt.cudaSetDevice(self.device_id))
         self._cuda.check(self._cuda.rt.cudaStreamSynchronize(self._stream))
         self._drop_graph()
         for buf in self._buffers.values():
@@ -463,7 +537,7 @@ class TensorRTEngine(Engine):
 
     def __del__(self) -> None:
         try:
-            self.close()
+            self._close()
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn CUDA down already
             pass
 
@@ -474,7 +548,7 @@ def backend_entry(manifest: Manifest) -> dict[str, Any]:
     entry = manifest.backends.get(BACKEND)
     if not entry:
         raise StalePlanError("this engine folder has no TensorRT plans; build them with "
-                             "`build-engine SOURCE --out DIR --backend tensorrt` on a machine with TensorRT and a GPU")
+                             "`build-engine SOURCE --out DIR --tensorrt` on a machine with TensorRT and a GPU")
     return entry
 
 
@@ -484,15 +558,21 @@ def _plan_and_key(engine_dir: Path, manifest: Manifest, network: str) -> tuple[P
     if net is None:
         have = ", ".join(entry.get("networks", {})) or "none"
         raise StalePlanError(f"this engine folder has no TensorRT plan for {network!r} (it has {have}); "
-                             "rebuild with --backend tensorrt")
-    plan, key_file = engine_dir / net["plan"], engine_dir / net["key"]
-    if not plan.is_file() or not key_file.is_file():
-        raise StalePlanError(f"{network}: TensorRT plan {plan} or its key {key_file} is missing; "
-                             "rebuild with `build-engine ... --backend tensorrt`")
+                             "rebuild with --tensorrt")
+    for k in ("plan", "key"):  # an unsafe path is a ManifestError (runtime/folder.py), a missing one a stale plan
+        relative_parts(net.get(k), f"the TensorRT {network} entry names {k}", str(engine_dir))
+    if not all(os.path.lexists(engine_dir / net[k]) for k in ("plan", "key")):
+        raise StalePlanError(f"{network}: TensorRT plan {net.get('plan')!r} or its key {net.get('key')!r} is missing; "
+                             "rebuild with `build-engine ... --tensorrt`")
+    plan = inside(engine_dir, net["plan"], f"the TensorRT {network} entry names plan")
+    key_file = inside(engine_dir, net["key"], f"the TensorRT {network} entry names key")
     try:
-        key = json.loads(key_file.read_text())
-    except json.JSONDecodeError as e:
+        key = json.loads(key_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
         raise StalePlanError(f"{network}: the plan key {key_file} is not valid JSON ({e}); rebuild the plans") from None
+    if not isinstance(key, dict) or ("key_hash" in net and key_hash(key) != net["key_hash"]):
+        raise StalePlanError(f"{network}: the plan key {key_file} is not the one the manifest records (key_hash "
+                             f"{net.get('key_hash')!r}); rebuild the plans")
     return plan, key
 
 
@@ -506,7 +586,7 @@ def plans_problem(engine_dir: str | os.PathLike, manifest: Manifest, networks: t
             _, key = _plan_and_key(Path(engine_dir), manifest, network)
             reasons = runtime_mismatch(key, env.tensorrt_version, env.compute_capability)
             if reasons:
-                return f"the {network} plan cannot be used here: {'; '.join(reasons)}; rebuild with --backend tensorrt"
+                return f"the {network} plan cannot be used here: {'; '.join(reasons)}; rebuild with --tensorrt"
     except (TensorRTUnavailable, StalePlanError) as e:
         return str(e)
     return None

@@ -1,0 +1,329 @@
+"""What to generate: a frozen `Request`, validated once at the door by `make_request`.
+
+A request holds everything that decides its images: the mode, prompts, size, sampler settings,
+one seed per image, the init images and masks already converted to arrays at the request size,
+and any explicit noise arrays. Arrays are private read-only copies, so a request cannot change
+after validation and never aliases a caller's buffer. `Limits` is what validation needs to know
+of an engine folder (its shape range, batch limit, defaults), taken from the manifest.
+
+Requests with the same `batch_key()` can run as one engine batch (runtime/pipeline.py): same mode,
+size, steps, sampler, guidance and strength; prompts, seeds and images may differ.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from runtime import images as imgs
+from runtime.caching import SCHEDULES
+from runtime.errors import PipelineError
+from runtime.manifest import Manifest
+from runtime.networks import STEP_CACHE_NETWORKS
+from runtime.memory import GiB, MemoryModel
+
+MODES = ("txt2img", "img2img", "inpaint")
+OUTPUT_TYPES = ("pil", "np", "latent")
+DEFAULT_STEPS = 50  # diffusers' StableDiffusionPipeline default
+DEFAULT_GUIDANCE = 7.5  # diffusers' default
+DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0}  # diffusers' img2img / inpaint pipeline defaults
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What request validation needs to know of an engine folder."""
+
+    min_image: int
+    max_image: int
+    max_batch: int
+    vae_scale_factor: int
+    latent_channels: int
+    default_size: tuple[int, int]
+    inpainting_unet: bool  # a 9-channel U-Net: inpaint only
+    default_sampler: str
+    samplers: tuple[str, ...]
+    step_cache: bool = False  # the folder has the unet_deep / unet_shallow graphs (build-engine --step-cache)
+    memory: MemoryModel | None = None  # runtime/memory.py: the folder's memory estimate (None: no check)
+    max_memory: int | None = None  # bytes a request's estimate may reach (None: no limit)
+
+    @classmethod
+    def from_manifest(cls, m: Manifest, default_sampler: str, samplers: tuple[str, ...]) -> "Limits":
+        lo, hi = int(m.shapes["min_image"]), int(m.shapes["max_image"])
+        s = m.dims.vae_scale_factor
+        # the model's native size, clamped into the folder's shape range (a folder built with
+        # --max-image below the native size still has a usable default)
+        default = tuple(min(max(int(d), lo), hi) // s * s for d in m.default_size)
+        return cls(min_image=lo, max_image=hi, max_batch=int(m.shapes["max_batch"]), vae_scale_factor=s,
+                   latent_channels=m.dims.latent_channels, default_size=default,
+                   inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1, default_sampler=default_sampler,
+                   samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS))
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """One validated generation request. `seeds` has one entry per image; image i uses prompt
+    i // images_per_prompt. `images` / `masks` (img2img, inpaint) are float32 arrays at the request
+    size, one per prompt: images [H, W, 3] in [0, 1], masks [H, W] in {0, 1} (1 = repaint)."""
+
+    mode: str
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    images_per_prompt: int
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    sampler: str
+    karras: bool | None
+    eta: float
+    strength: float
+    seeds: tuple[int, ...]
+    output_type: str = "pil"
+    images: tuple[np.ndarray, ...] | None = None
+    masks: tuple[np.ndarray, ...] | None = None
+    noise: np.ndarray | None = None
+    encode_noise: np.ndarray | None = None
+    masked_encode_noise: np.ndarray | None = None
+    cache_interval: int = 1  # step caching (runtime/caching.py): 1 = off
+    cache_schedule: str = "uniform"
+    prompt_chunks: int | None = None  # 77-token chunks its prompts encode to (set by Pipeline.request)
+
+    @property
+    def batch(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance on (an unconditional pass runs)."""
+        return self.guidance_scale > 1.0
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one engine batch."""
+        return (self.mode, self.height, self.width, self.steps, self.guidance_scale, self.guidance_rescale,
+                self.sampler, self.karras, self.eta, self.strength, self.output_type, self.cache_interval,
+                self.cache_schedule, self.prompt_chunks)
+
+    def parameters(self) -> dict[str, Any]:
+        """What reproduces the request (the result's `parameters`, the PNG metadata)."""
+        params = {
+            "mode": self.mode, "prompt": list(self.prompts) if len(self.prompts) > 1 else self.prompts[0],
+            "negative_prompt": (list(self.negative_prompts) if len(self.negative_prompts) > 1
+                                else self.negative_prompts[0]),
+            "steps": self.steps, "scheduler": self.sampler, "karras": self.karras,
+            "guidance_scale": self.guidance_scale, "guidance_rescale": self.guidance_rescale, "eta": self.eta,
+            "height": self.height, "width": self.width, "seeds": list(self.seeds),
+        }
+        if self.mode != "txt2img":
+            params["strength"] = self.strength
+        if self.cache_interval > 1:
+            params["cache_interval"], params["cache_schedule"] = self.cache_interval, self.cache_schedule
+        return params
+
+
+def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any = None, height: Any = None,
+                 width: Any = None, num_inference_steps: Any = DEFAULT_STEPS, guidance_scale: Any = DEFAULT_GUIDANCE,
+                 guidance_rescale: Any = 0.0, scheduler: str | None = None, karras: bool | None = None,
+                 seed: Any = None, num_images_per_prompt: Any = 1, eta: Any = 0.0, output_type: str = "pil",
+                 image: Any = None, mask_image: Any = None, strength: Any = None, noise: Any = None,
+                 encode_noise: Any = None, masked_encode_noise: Any = None, cache_interval: Any = 1,
+                 cache_schedule: str = "uniform") -> Request:
+    """Validate a request against `limits`; raise PipelineError naming the first problem."""
+    if mode not in MODES:
+        raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if limits.inpainting_unet and mode != "inpaint":
+        raise PipelineError("this engine folder holds an inpainting U-Net (9 input channels): use inpaint()")
+    prompts, negatives = _prompts(prompt, negative_prompt)
+    n_per = _positive_int(num_images_per_prompt, "num_images_per_prompt")
+    batch = len(prompts) * n_per
+    if batch > limits.max_batch:
+        raise PipelineError(f"{batch} images in one call exceed the engine's max batch {limits.max_batch}")
+    steps = _positive_int(num_inference_steps, "num_inference_steps")
+    scale, rescale, eta = (_finite(v, k) for v, k in ((guidance_scale, "guidance_scale"),
+                                                      (guidance_rescale, "guidance_rescale"), (eta, "eta")))
+    if output_type not in OUTPUT_TYPES:
+        raise PipelineError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+    sampler = limits.default_sampler if scheduler is None else scheduler
+    if sampler not in limits.samplers:
+        raise PipelineError(f"unknown scheduler {sampler!r}; expected one of {', '.join(limits.samplers)}")
+    if karras not in (None, True, False):
+        raise PipelineError(f"karras must be True, False or None; got {karras!r}")
+    if eta < 0 or (eta > 0 and sampler != "ddim"):
+        raise PipelineError(f"eta must be >= 0 and applies to the ddim sampler only; got eta={eta} for {sampler!r}")
+    strength = _strength(mode, strength)
+    interval = _cache(limits, cache_interval, cache_schedule)
+    images, masks, (dh, dw) = _images(limits, mode, image, mask_image, len(prompts))
+    height, width = _size(limits, dh if height is None else height, dw if width is None else width)
+    check_memory(limits, batch, height, width, guided=scale > 1.0, encodes=mode != "txt2img")
+    if images is not None:
+        images = tuple(_frozen(imgs.load_image(im, height, width)) for im in images)
+    if masks is not None:
+        masks = tuple(_frozen(imgs.load_mask(mk, height, width)) for mk in masks)
+    shape = (batch, limits.latent_channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
+    return Request(
+        mode=mode, prompts=prompts, negative_prompts=negatives, images_per_prompt=n_per, height=height, width=width,
+        steps=steps, guidance_scale=scale, guidance_rescale=rescale, sampler=sampler, karras=karras, eta=eta,
+        strength=strength, seeds=_seeds(seed, batch), output_type=output_type, images=images, masks=masks,
+        noise=_explicit(noise, shape, "latents" if mode == "txt2img" else "noise"),
+        encode_noise=_explicit(encode_noise, shape, "encode_noise") if mode != "txt2img" else None,
+        masked_encode_noise=(_explicit(masked_encode_noise, shape, "masked_encode_noise")
+                             if mode == "inpaint" and limits.inpainting_unet else None),
+        cache_interval=interval, cache_schedule=cache_schedule,
+    )
+
+
+def check_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool) -> None:
+    """Refuse a batch whose memory estimate (runtime/memory.py) exceeds the limit, before it runs."""
+    if limits.memory is None or limits.max_memory is None:
+        return
+    need = limits.memory.estimate(batch, height, width, guided=guided, encodes=encodes)
+    if need > limits.max_memory:
+        raise PipelineError(
+            f"{batch} image(s) of {width}x{height}{' with guidance' if guided else ''} need about {_gib(need)} "
+            f"(estimate: runtime/memory.py), more than the limit of {_gib(limits.max_memory)} (max_memory_gb; "
+            "default: this machine's memory). Ask for fewer images per call or a smaller size, or raise max_memory_gb")
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB // 10 else f"{n / (1 << 20):.0f} MiB"
+
+
+# --- field checks -------------------------------------------------------------------------------------
+
+def _prompts(prompt: Any, negative_prompt: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PipelineError("prompt must be a string or a non-empty list of strings")
+    negatives = _per_prompt("" if negative_prompt is None else negative_prompt, len(prompts), "negative_prompt")
+    if not all(isinstance(p, str) for p in negatives):
+        raise PipelineError("negative_prompt must be a string or a list of strings")
+    return tuple(prompts), tuple(negatives)
+
+
+def _per_prompt(value: Any, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise PipelineError(f"{what}: got a list of {len(value)}, expected one per prompt ({n})")
+        return list(value)
+    return [value] * n
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < 1:
+        raise PipelineError(f"{what} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise PipelineError(f"{what} must be a finite number; got {value!r}")
+    return float(value)
+
+
+def _strength(mode: str, strength: Any) -> float:
+    if mode == "txt2img":
+        if strength is not None:
+            raise PipelineError("strength applies to img2img and inpaint only")
+        return 1.0
+    value = _finite(DEFAULT_STRENGTH[mode] if strength is None else strength, "strength")
+    if not 0.0 < value <= 1.0:
+        raise PipelineError(f"strength must be in (0, 1]; got {strength}")
+    return value
+
+
+def _cache(limits: Limits, interval: Any, schedule: str) -> int:
+    interval = _positive_int(interval, "cache_interval")
+    if schedule not in SCHEDULES:
+        raise PipelineError(f"unknown cache_schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if interval > 1 and not limits.step_cache:
+        raise PipelineError(f"cache_interval {interval} needs the step-cache U-Nets (unet_deep, unet_shallow), which "
+                            "this engine folder lacks: rebuild it with build-engine --step-cache")
+    return interval
+
+
+def _images(limits: Limits, mode: str, image: Any, mask_image: Any, n_prompts: int):
+    """(images, masks, default size) of a request, each list one per prompt (None where unused)."""
+    if mode == "txt2img":
+        if image is not None or mask_image is not None:
+            raise PipelineError("txt2img takes no image or mask_image; use img2img or inpaint")
+        return None, None, limits.default_size
+    if image is None:
+        raise PipelineError(f"{mode} needs an image")
+    images = _per_prompt(image, n_prompts, "image")
+    sizes = {imgs.image_size(im) for im in images}
+    if len(sizes) > 1:
+        raise PipelineError(f"the images of one call must share one size; got {sorted(sizes)}")
+    size = sizes.pop()
+    masks = None
+    if mode == "inpaint":
+        if mask_image is None:
+            raise PipelineError("inpaint needs a mask_image")
+        masks = _per_prompt(mask_image, n_prompts, "mask_image")
+        for mk in masks:
+            if imgs.image_size(mk) != size:
+                (h0, w0), (h1, w1) = size, imgs.image_size(mk)
+                raise PipelineError(f"the mask is {w1}x{h1} (width x height) but the image is {w0}x{h0}; "
+                                    "they must have the same size")
+    elif mask_image is not None:
+        raise PipelineError("img2img takes no mask_image; use inpaint")
+    s = limits.vae_scale_factor
+    return images, masks, tuple(d - d % s for d in size)  # diffusers' get_default_height_width
+
+
+def _size(limits: Limits, height: Any, width: Any) -> tuple[int, int]:
+    s = limits.vae_scale_factor
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) or int(v) != v or v <= 0 for v in (height, width)):
+        raise PipelineError(f"height and width must be positive integers; got {height}x{width}")
+    height, width = int(height), int(width)
+    if height % s or width % s:
+        raise PipelineError(f"height and width must be multiples of the VAE scale factor {s}; got {height}x{width}")
+    lo, hi = limits.min_image, limits.max_image
+    if not (lo <= height <= hi and lo <= width <= hi):
+        raise PipelineError(f"height and width must be within the engine's image range [{lo}, {hi}] pixels; "
+                            f"got {height}x{width} (rebuild the engine folder with a wider shape range)")
+    return height, width
+
+
+def _seeds(seed: Any, batch: int) -> tuple[int, ...]:
+    if seed is None:
+        seed = secrets.randbits(32)
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise PipelineError(f"seed: got a list of {len(seed)} seeds for {batch} images")
+        seeds = list(seed)
+    else:
+        seeds = [seed]
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0:
+            raise PipelineError(f"seeds must be non-negative integers; got {seed!r}")
+    if not isinstance(seed, (list, tuple)):
+        seeds = [int(seed) + i for i in range(batch)]
+    return tuple(int(s) for s in seeds)
+
+
+def _explicit(arr: Any, shape: tuple[int, ...], what: str) -> np.ndarray | None:
+    """An explicit noise array as a private read-only float32 copy of `shape` (a missing batch axis
+    is added for batch 1)."""
+    if arr is None:
+        return None
+    try:
+        a = np.array(arr, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise PipelineError(f"{what} must be a float array of shape {list(shape)}: {e}") from e
+    if a.ndim == len(shape) - 1 and shape[0] == 1:
+        a = a[None]
+    if a.shape != shape:
+        raise PipelineError(f"{what} must have shape {list(shape)} (batch, channels, latent height, "
+                            f"latent width); got {list(a.shape)}")
+    return _frozen(a)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, copy=True)
+    a.flags.writeable = False
+    return a

@@ -1,0 +1,363 @@
+"""AUTOMATIC1111's `/sdapi/v1` wire format: pydantic models of its txt2img and img2img requests
+(field names, types and defaults of A1111 v1.10's modules/api/models.py, which derives them from
+modules/processing.py), and their translation into our pipeline's settings.
+
+Every field A1111 documents is declared. A field we do not implement is accepted only at a value
+that cannot change the image (its A1111 default, or a value that has no effect with the other
+fields, e.g. the hires-fix settings while `enable_hr` is false); any other value is a `WireError`
+naming the field (HTTP 422). Fields A1111 does not know are refused too (extra="forbid"), since we
+cannot tell whether they would change the image. Our own extensions live under `sd_runtime`.
+
+Defaults that differ, on purpose: `width`/`height` default to the engine folder's size (A1111's
+512 is SD 1.x's, which the folder's default equals for SD 1.x); the sampler defaults to A1111's
+"Euler" (its `sampler_index` default). Seeds follow A1111: image i of a request uses seed + i, and
+-1 draws one. Our images are not A1111's: its random numbers come from torch, ours from NumPy's
+PCG64 (runtime/pipeline.py), so one seed gives a different image there.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import secrets
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime import sampler_names
+from runtime.request import Limits
+
+from .codec import WireError, decode_image, prepare_mask
+
+__all__ = ["Extension", "Img2ImgRequest", "ImageResponse", "ProgressResponse", "Txt2ImgRequest", "job_settings"]
+
+MAX_SEED = 2**63 - 1
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Extension(_Wire):
+    """Our extensions to A1111's request (the `sd_runtime` field)."""
+
+    guidance_rescale: float = Field(0.0, description="guidance rescale phi (arXiv:2305.08891, 3.4)")
+    cache_interval: int | None = Field(None, description="step caching (DeepCache): a full U-Net call every "
+                                                         "N steps; refused until the pipeline has it")
+
+
+class Txt2ImgRequest(_Wire):
+    """POST /sdapi/v1/txt2img (A1111 StableDiffusionProcessingTxt2Img + its API fields)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int | None = Field(None, description="default: the engine folder's size (512 for SD 1.x)")
+    height: int | None = Field(None, description="default: the engine folder's size (512 for SD 1.x)")
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    force_task_id: str | None = None
+    sampler_index: str = "Euler"
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = None
+    sd_runtime: Extension | None = Field(None, description="sd-runtime's extensions (docs/serving.md)")
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """POST /sdapi/v1/img2img (A1111 StableDiffusionProcessingImg2Img + its API fields)."""
+
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class ImageResponse(BaseModel):
+    """A1111's TextToImageResponse / ImageToImageResponse."""
+
+    images: list[str] | None = Field(None, description="base64 PNG images")
+    parameters: dict[str, Any]
+    info: str = Field(description="JSON of A1111's Processed.js(): seeds, infotexts, ...")
+
+
+class ProgressResponse(BaseModel):
+    """GET /sdapi/v1/progress."""
+
+    progress: float
+    eta_relative: float
+    state: dict[str, Any]
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+# --- fields we accept only at values that cannot change the image -----------------------------------------
+
+_HIRES = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
+          "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
+_NOT_IMPLEMENTED = "is not implemented by this server"
+
+
+def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A1111 field, in A1111's order
+    checks = [
+        ("styles", not req.styles, "prompt styles are not implemented; put the text in the prompt"),
+        ("subseed_strength", req.subseed_strength == 0, "variation seeds are not implemented (send 0)"),
+        ("seed_resize_from_h", req.seed_resize_from_h <= 0, "seed resizing is not implemented (send -1)"),
+        ("seed_resize_from_w", req.seed_resize_from_w <= 0, "seed resizing is not implemented (send -1)"),
+        ("restore_faces", not req.restore_faces, f"face restoration {_NOT_IMPLEMENTED}"),
+        ("tiling", not req.tiling, f"tiling {_NOT_IMPLEMENTED}"),
+        ("s_min_uncond", req.s_min_uncond in (None, 0), f"s_min_uncond {_NOT_IMPLEMENTED} (send 0)"),
+        ("s_churn", req.s_churn in (None, 0), f"s_churn {_NOT_IMPLEMENTED} (send 0)"),
+        ("s_noise", req.s_noise in (None, 1), f"s_noise {_NOT_IMPLEMENTED} (send 1)"),
+        ("refiner_checkpoint", req.refiner_checkpoint in (None, "", "None"), f"a refiner {_NOT_IMPLEMENTED}"),
+        ("firstpass_image", not req.firstpass_image, f"firstpass_image {_NOT_IMPLEMENTED}"),
+        ("enable_hr", not req.enable_hr, f"hires fix {_NOT_IMPLEMENTED}"),
+        ("firstphase_width", req.firstphase_width == 0, "firstphase_width changes the size; send 0"),
+        ("firstphase_height", req.firstphase_height == 0, "firstphase_height changes the size; send 0"),
+        ("script_name", not req.script_name, f"scripts are not available on this server ({req.script_name!r})"),
+        ("save_images", not req.save_images, "this server writes no files; send false"),
+        ("infotext", not req.infotext, f"infotext {_NOT_IMPLEMENTED}; send the settings as fields"),
+    ]
+    for name, ok, message in checks:
+        if not ok:
+            raise WireError(name, message)
+    for name in req.alwayson_scripts or {}:
+        raise WireError(f"alwayson_scripts.{name}", "scripts are not available on this server")
+    if isinstance(req, Img2ImgRequest):
+        _refuse_img2img(req)
+
+
+def _refuse_img2img(req: Img2ImgRequest) -> None:
+    if req.initial_noise_multiplier not in (None, 1):
+        raise WireError("initial_noise_multiplier", f"a noise multiplier {_NOT_IMPLEMENTED} (send 1)")
+    if req.latent_mask:
+        raise WireError("latent_mask", f"a separate latent mask {_NOT_IMPLEMENTED}")
+    if req.mask:
+        if req.inpainting_fill != 1:
+            raise WireError("inpainting_fill", f"masked content mode {req.inpainting_fill} {_NOT_IMPLEMENTED}; "
+                                               "send 1 (original), which is what the pipeline does")
+        if req.inpaint_full_res:
+            raise WireError("inpaint_full_res", "inpainting 'only masked' (crop, upscale, paste back) "
+                                                f"{_NOT_IMPLEMENTED}; send false (whole picture)")
+        if not req.mask_round:
+            raise WireError("mask_round", "an unrounded (soft) mask is not implemented; send true")
+
+
+def check_override_settings(settings: dict[str, Any] | None, model_titles: tuple[str, ...]) -> None:
+    """A1111's override_settings: only settings that leave the image as it is."""
+    allowed = {"CLIP_stop_at_last_layers": (1,), "eta_noise_seed_delta": (0,), "samples_format": ("png",),
+               "sd_vae": ("Automatic", "None"), "enable_pnginfo": (True, False)}
+    for key, value in (settings or {}).items():
+        if key == "sd_model_checkpoint":
+            if value not in model_titles:
+                raise WireError(f"override_settings.{key}", f"model {value!r} is not served here; "
+                                                            f"this server serves {model_titles[0]!r}")
+        elif key not in allowed or value not in allowed[key]:
+            raise WireError(f"override_settings.{key}", f"cannot be set to {value!r} on this server")
+
+
+# --- translation ---------------------------------------------------------------------------------------------
+
+def _sampler(req: Txt2ImgRequest, limits: Limits) -> tuple[str, bool]:
+    name = req.sampler_name or req.sampler_index
+    try:
+        sampler, karras = sampler_names.from_a1111(name, req.scheduler)
+    except sampler_names.SamplerNameError as e:
+        raise WireError("sampler_name", str(e)) from None
+    if sampler not in limits.samplers:
+        raise WireError("sampler_name", f"{name!r} ({sampler}) is not available for this engine folder")
+    return sampler, karras
+
+
+def _eta(req: Txt2ImgRequest, sampler: str) -> float:
+    """A1111's `eta` is DDIM's eta (default 0) and the ancestral samplers' (default 1, the only value
+    our euler_a runs); the other samplers ignore it."""
+    if sampler == "ddim":
+        return 0.0 if req.eta is None else float(req.eta)
+    if sampler == "euler_a" and req.eta not in (None, 1):
+        raise WireError("eta", f"the ancestral sampler runs with eta 1 here; got {req.eta}")
+    return 0.0
+
+
+def _size(req: Txt2ImgRequest, limits: Limits) -> tuple[int, int]:
+    lo, hi, s = limits.min_image, limits.max_image, limits.vae_scale_factor
+    dh, dw = limits.default_size
+    out = []
+    for name, value in (("width", req.width if req.width is not None else dw),
+                        ("height", req.height if req.height is not None else dh)):
+        if not lo <= value <= hi:
+            raise WireError(name, f"{value} is outside this engine folder's range [{lo}, {hi}]")
+        if value % s:
+            raise WireError(name, f"{value} is not a multiple of {s}")
+        out.append(value)
+    return out[0], out[1]
+
+
+def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int) -> None:
+    if not 1 <= req.steps <= max_steps:
+        raise WireError("steps", f"{req.steps} is outside [1, {max_steps}]")
+    if not 1 <= req.batch_size <= limits.max_batch:
+        raise WireError("batch_size", f"{req.batch_size} is outside this engine folder's range [1, {limits.max_batch}]")
+    if not 1 <= req.n_iter <= max_n_iter:
+        raise WireError("n_iter", f"{req.n_iter} is outside [1, {max_n_iter}]")
+    if not math.isfinite(req.cfg_scale):
+        raise WireError("cfg_scale", "must be a finite number")
+    if not -1 <= req.seed <= MAX_SEED:
+        raise WireError("seed", f"{req.seed}: use -1 for a random seed, else 0 to {MAX_SEED}")
+
+
+def _extension(req: Txt2ImgRequest, accepts: set[str]) -> dict[str, Any]:
+    ext = req.sd_runtime or Extension()
+    out: dict[str, Any] = {"guidance_rescale": ext.guidance_rescale}
+    if ext.cache_interval is not None:
+        if "cache_interval" not in accepts:
+            raise WireError("sd_runtime.cache_interval", "step caching is not available in this server's pipeline")
+        out["cache_interval"] = ext.cache_interval
+    return out
+
+
+def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int,
+                 accepts: set[str]) -> tuple[str, list[dict[str, Any]]]:
+    """(mode, one `Pipeline.request` keyword set per engine job: n_iter jobs of batch_size images).
+    Raises WireError naming the first field that cannot be served."""
+    _refuse_unsupported(req)
+    sampler, karras = _sampler(req, limits)
+    width, height = _size(req, limits)
+    _counts(req, limits, max_steps, max_n_iter)
+    base = dict(negative_prompt=req.negative_prompt, height=height, width=width, num_inference_steps=req.steps,
+                guidance_scale=float(req.cfg_scale), scheduler=sampler, karras=karras, eta=_eta(req, sampler),
+                **_extension(req, accepts))
+    mode, prompt, images, per_prompt = "txt2img", req.prompt, {}, req.batch_size
+    if isinstance(req, Img2ImgRequest):
+        mode, prompt, images, per_prompt = _images(req, width, height)
+        base["strength"] = float(req.denoising_strength)
+    seed = secrets.randbits(32) if req.seed == -1 else req.seed
+    n = per_prompt * (len(prompt) if isinstance(prompt, list) else 1)
+    return mode, [dict(base, **images, prompt=prompt, num_images_per_prompt=per_prompt, seed=seed + k * n)
+                  for k in range(req.n_iter)]
+
+
+def _images(req: Img2ImgRequest, width: int, height: int) -> tuple[str, Any, dict[str, Any], int]:
+    """(mode, prompt or one prompt per image, image/mask keywords, images per prompt), by A1111's
+    rule: one init image is used for every image of the batch; several give one image each."""
+    if not req.init_images:
+        raise WireError("init_images", "img2img needs at least one init image")
+    if len(req.init_images) > req.batch_size and len(req.init_images) > 1:
+        raise WireError("init_images", f"{len(req.init_images)} images for batch_size {req.batch_size}; "
+                                       "send at most batch_size images")
+    images = [decode_image(x, f"init_images[{i}]").convert("RGB") for i, x in enumerate(req.init_images)]
+    if len({im.size for im in images}) > 1:
+        raise WireError("init_images", f"the images differ in size: {sorted({im.size for im in images})}")
+    if req.resize_mode != 0 and images[0].size != (width, height):
+        raise WireError("resize_mode", f"resize mode {req.resize_mode} {_NOT_IMPLEMENTED} for an image of another "
+                                       f"size ({images[0].width}x{images[0].height} -> {width}x{height}); send 0")
+    out: dict[str, Any] = {"image": images[0] if len(images) == 1 else images}
+    mode = "img2img"
+    if req.mask:
+        mask = decode_image(req.mask, "mask")
+        if mask.size != images[0].size:
+            raise WireError("mask", f"the mask is {mask.width}x{mask.height} but init_images[0] is "
+                                    f"{images[0].width}x{images[0].height}; they must have the same size")
+        blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x,
+                                                                                             req.mask_blur_y)
+        out["mask_image"] = prepare_mask(mask, invert=bool(req.inpainting_mask_invert), blur_x=blur_x, blur_y=blur_y)
+        mode = "inpaint"
+    if len(images) == 1:
+        return mode, req.prompt, out, req.batch_size
+    if "mask_image" in out:
+        out["mask_image"] = [out["mask_image"]] * len(images)
+    return mode, [req.prompt] * len(images), out, 1
+
+
+def request_keywords(make_request: Any) -> set[str]:
+    """The keyword arguments a `Pipeline.request` / `make_request` accepts (to pass extensions such
+    as cache_interval only to a pipeline that has them)."""
+    return set(inspect.signature(make_request).parameters)
+
+
+def processed_info(req: Txt2ImgRequest, results: list[Any], infotexts: list[str], *, model_name: str,
+                   model_hash: str | None, inpainting: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    """A1111's `Processed.js()` for a finished request (the `info` JSON string's object), plus our
+    namespaced `sd_runtime` entry (`extra`)."""
+    first = results[0].parameters
+    seeds = [s for r in results for s in r.seeds]
+    prompts = [p for r in results for p in _per_image(r.parameters["prompt"], len(r.seeds))]
+    negatives = [p for r in results for p in _per_image(r.parameters["negative_prompt"], len(r.seeds))]
+    sampler, schedule = sampler_names.to_a1111(first["scheduler"], bool(first.get("karras")))
+    return {
+        "prompt": prompts[0], "all_prompts": prompts, "negative_prompt": negatives[0],
+        "all_negative_prompts": negatives, "seed": seeds[0], "all_seeds": seeds, "subseed": -1,
+        "all_subseeds": [-1] * len(seeds), "subseed_strength": 0, "width": first["width"], "height": first["height"],
+        "sampler_name": sampler, "cfg_scale": first["guidance_scale"], "steps": first["steps"],
+        "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": model_name, "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": first.get("strength") if first.get("mode") != "txt2img" else None,
+        "extra_generation_params": {"Schedule type": schedule}, "index_of_first_image": 0,
+        "infotexts": infotexts, "styles": [], "job_timestamp": extra.pop("job_timestamp", ""), "clip_skip": 1,
+        "is_using_inpainting_conditioning": inpainting, "version": "sd-runtime",
+        "sd_runtime": extra,
+    }
+
+
+def _per_image(value: Any, n: int) -> list[str]:
+    """A result's prompt (one string, or one per prompt with images_per_prompt each) per image."""
+    if isinstance(value, str):
+        return [value] * n
+    per = n // len(value)
+    return [p for p in value for _ in range(per)]

@@ -1,0 +1,230 @@
+"""The stages of one generation, each a function of its inputs with no hidden state:
+
+    encode_prompt    prompts -> text embeddings (77-token chunks; conditional and unconditional)
+    initial_noise    seeds -> the per-image random draws, in a fixed order
+    encode_images    init images / masks -> latents (img2img, both kinds of inpainting)
+    denoise          the sampler over a U-Net callable, with guidance and masking
+    decode           latents -> images in [0, 1]
+
+runtime/pipeline.py chains them for one request or a batch of compatible ones. Engines see only
+NumPy arrays and cast them to their own dtypes (runtime/engines/base.py); between stages
+everything is float32.
+
+Randomness. Each image has its own `np.random.Generator(np.random.PCG64(seed))`, which draws, in
+this fixed order, float32 standard normals of shape [latent_channels, lh, lw]: (1) the initial
+noise, (2) for img2img / inpaint the VAE-encode noise of the init image, (3) for the 9-channel
+inpainting U-Net the VAE-encode noise of the masked image. A draw is made even where an explicit
+array replaces it, so the later draws do not move. Stochastic samplers then draw their step noise
+from the same generators, image by image (`BatchRNG`). The draws are NumPy's, never a backend's,
+so one seed gives the same image on every backend, alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from runtime import images as imgs
+from runtime import scheduler as sch
+from runtime import text
+from runtime.engines.base import Engine
+from runtime.errors import ManifestError, PipelineError
+
+if TYPE_CHECKING:
+    from runtime.request import Request
+
+UnetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (sample, timestep, context) -> output
+
+
+def warn_nonfinite(arr: np.ndarray, what: str, stage: str) -> bool:
+    """Warn (RuntimeWarning naming the stage) if `arr` holds NaN or infinite values; return whether it did."""
+    if np.isfinite(arr).all():
+        return False
+    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    warnings.warn(
+        f"stage {stage!r}: {what} hold {bad} NaN/infinite values of {np.size(arr)}; the images will not be "
+        "valid (an fp16 engine overflowing? try an fp32 engine folder)", RuntimeWarning, stacklevel=3)
+    return True
+
+
+# --- prompt encoding ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text embeddings, one row per image: cond [batch, tokens, hidden]; uncond likewise, or None
+    when guidance is off."""
+
+    cond: np.ndarray
+    uncond: np.ndarray | None
+
+
+def encode_prompt(text_encoder: Engine, tokenizer: Any, prompts: Sequence[str], negatives: Sequence[str], *,
+                  images_per_prompt: int, guided: bool, max_length: int) -> Conditioning:
+    """Encode the prompts (and, under guidance, the negative prompts) in 77-token chunks; all of them
+    take the chunk count of the longest (runtime/text.py), so cond and uncond share one shape."""
+    n_chunks = text.count_chunks(tokenizer, list(prompts) + (list(negatives) if guided else []), max_length)
+    cond = text.encode(text_encoder, text.tokenize(tokenizer, prompts, n_chunks, max_length))
+    cond = np.repeat(cond, images_per_prompt, axis=0)
+    uncond = None
+    if guided:
+        uncond = text.encode(text_encoder, text.tokenize(tokenizer, negatives, n_chunks, max_length))
+        uncond = np.repeat(uncond, images_per_prompt, axis=0)
+    warn_nonfinite(cond if uncond is None else np.concatenate([cond, uncond]), "text embeddings", "text_encoder")
+    return Conditioning(cond, uncond)
+
+
+# --- randomness -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Draws:
+    """The seeded draws of a request (or an explicit array where one was given), [batch, C, lh, lw]."""
+
+    rngs: tuple[np.random.Generator, ...]
+    noise: np.ndarray
+    encode_noise: np.ndarray | None = None
+    masked_encode_noise: np.ndarray | None = None
+
+
+def initial_noise(request: "Request", latent_shape: tuple[int, int, int], inpainting_unet: bool) -> Draws:
+    """Per-image generators and their first draws, in the order of the module doc."""
+    rngs = tuple(np.random.Generator(np.random.PCG64(s)) for s in request.seeds)
+
+    def draw(explicit: np.ndarray | None, what: str) -> np.ndarray:
+        seeded = np.stack([g.standard_normal(latent_shape, dtype=np.float32) for g in rngs])
+        if explicit is None:
+            return seeded
+        warn_nonfinite(explicit, what, "input")
+        return np.array(explicit)
+
+    noise = draw(request.noise, "latents" if request.mode == "txt2img" else "noise")
+    encode = masked = None
+    if request.mode != "txt2img":
+        encode = draw(request.encode_noise, "encode_noise")
+    if request.mode == "inpaint" and inpainting_unet:
+        masked = draw(request.masked_encode_noise, "masked_encode_noise")
+    return Draws(rngs, noise, encode, masked)
+
+
+class BatchRNG:
+    """The per-image generators seen by a sampler as one generator: a draw of shape [batch, ...]
+    takes row i from image i's generator, so an image's stochastic steps do not depend on its batch."""
+
+    def __init__(self, rngs: Sequence[np.random.Generator]):
+        self._rngs = list(rngs)
+
+    def standard_normal(self, size=None, dtype=np.float64):
+        if size is None or np.ndim(size) == 0 or tuple(np.atleast_1d(size))[0] != len(self._rngs):
+            raise ValueError(f"a batched draw must have the batch ({len(self._rngs)}) as its first axis; got {size}")
+        size = tuple(np.atleast_1d(size))
+        return np.stack([g.standard_normal(size[1:], dtype=dtype) for g in self._rngs])
+
+
+# --- images -> latents ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageLatents:
+    """What the init images contribute to denoising, [batch, ...] each (all None for txt2img).
+
+    init: latents denoising starts from, noised to the first level (None: pure noise).
+    keep: 4-channel inpainting: clean image latents blended back outside the mask after each step.
+    mask: inpainting: [batch, 1, lh, lw], 1 = repaint.
+    masked: 9-channel inpainting: the masked image's latents, fed to the U-Net with the mask."""
+
+    init: np.ndarray | None = None
+    keep: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    masked: np.ndarray | None = None
+
+
+def encode_images(vae_encoder: Engine | None, request: "Request", draws: Draws, *, scaling_factor: float,
+                  vae_scale_factor: int, inpainting_unet: bool) -> ImageLatents:
+    """VAE-encode the request's init images (and masked images for the 9-channel U-Net), as
+    diffusers' img2img and inpainting pipelines do."""
+    if request.mode == "txt2img":
+        return ImageLatents()
+    if vae_encoder is None:
+        raise PipelineError(f"{request.mode} needs the vae_encoder network, which this engine folder lacks")
+    src = [i // request.images_per_prompt for i in range(request.batch)]  # image -> prompt index
+    pixels = imgs.to_network(request.images)
+    nine = request.mode == "inpaint" and inpainting_unet
+    image_latents = None
+    # the 9-channel U-Net at strength 1 starts from pure noise and never needs the image's own
+    # latents (as diffusers, which skips that encode too)
+    if not (nine and request.strength == 1.0):
+        image_latents = _sample_latents(vae_encoder, pixels, src, draws.encode_noise, scaling_factor)
+    if request.mode == "img2img":
+        return ImageLatents(init=image_latents)
+    s = vae_scale_factor
+    masks = np.stack(request.masks)  # [P, H, W]
+    mask = np.concatenate([imgs.latent_mask(mk, request.height // s, request.width // s) for mk in masks])[src]
+    init = None if request.strength == 1.0 else image_latents  # diffusers: strength 1 starts from pure noise
+    if not nine:
+        return ImageLatents(init=init, keep=image_latents, mask=mask)
+    # diffusers: masked_image = init_image * (mask < 0.5), in [-1, 1] (masked pixels -> 0)
+    masked_pixels = pixels * (masks < 0.5)[:, None].astype(np.float32)
+    masked = _sample_latents(vae_encoder, masked_pixels, src, draws.masked_encode_noise, scaling_factor)
+    return ImageLatents(init=init, mask=mask, masked=masked)
+
+
+def _sample_latents(vae_encoder: Engine, pixels: np.ndarray, src: list[int], eps: np.ndarray,
+                    scaling_factor: float) -> np.ndarray:
+    """(mean + std * eps) * scaling_factor per expanded image, as diffusers' `latent_dist.sample(generator)`."""
+    out = vae_encoder.run({"image": pixels})
+    mean, std = out["latent_mean"][src], out["latent_std"][src]
+    if mean.shape[-2:] != eps.shape[-2:]:  # the graph's axes are symbolic: only its output can tell
+        raise ManifestError(f"the VAE encoder made {mean.shape[-2:]} latents of {pixels.shape[-2:]} images, not the "
+                            f"{eps.shape[-2:]} the manifest's vae_scale_factor implies: the manifest does not "
+                            "describe its graphs")
+    warn_nonfinite(np.concatenate([mean, std]), "encoded latents", "vae_encode")
+    return (mean + std * eps) * np.float32(scaling_factor)
+
+
+# --- denoising ------------------------------------------------------------------------------------------
+
+def engine_unet(unet: Engine) -> UnetFn:
+    """The U-Net engine as a (sample, timestep, context) -> noise_pred callable."""
+
+    def run(sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
+        return unet.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": context})["noise_pred"]
+
+    return run
+
+
+def denoise(unet: UnetFn, schedule: sch.Schedule, text_embeddings: Conditioning, noise: np.ndarray,
+            image_latents: ImageLatents, *, guidance_scale: float, guidance_rescale: float, eta: float,
+            rng: Any, callback: Callable[[int, float, np.ndarray], None] | None = None,
+            on_call: Callable[[int], None] | None = None) -> np.ndarray:
+    """Run the sampler from `noise` (and the init latents, if any) to the final latents.
+
+    `unet(sample, timestep[batch], context)` is called once per sampler evaluation, on the guidance
+    batch [uncond..., cond...]; `on_call(i)` runs before network call i (progress, cancellation);
+    `callback(i, t, latents)` after it."""
+    guided = sch.guidance(unet, text_embeddings.cond, text_embeddings.uncond, guidance_scale, guidance_rescale)
+    calls = iter(range(len(schedule.timesteps)))
+
+    def model(x_in: np.ndarray, t: float) -> np.ndarray:
+        if on_call is not None:
+            on_call(next(calls))
+        if image_latents.masked is not None:
+            x_in = sch.inpaint_unet_input(x_in, image_latents.mask, image_latents.masked)
+        return guided(x_in, t)
+
+    latents = sch.prepare_latents(schedule, noise, image_latents.init)
+    known = None if image_latents.keep is None else (image_latents.keep, image_latents.mask, noise)
+    latents = sch.sample(schedule, model, latents, rng=rng, eta=eta, callback=callback, known=known)
+    latents = np.asarray(latents, dtype=np.float32)
+    warn_nonfinite(latents, "latents", "denoise")
+    return latents
+
+
+# --- latents -> images ----------------------------------------------------------------------------------
+
+def decode(vae_decoder: Engine, latents: np.ndarray) -> np.ndarray:
+    """Latents (scaled, as the loop holds them) to float32 NHWC images in [0, 1]."""
+    decoded = vae_decoder.run({"latent": latents})["image"]
+    warn_nonfinite(decoded, "decoded images", "vae_decode")
+    return imgs.from_network(decoded)
