@@ -40,7 +40,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"U-Net and text encoder at the guidance batch {2 * s['batch']}; end to end: median of "
         f"{s['e2e_repeats']} txt2img after {s['e2e_warmup']} 2-step warm-up; peak RSS of the end-to-end process "
         "(per-network process when there is no end to end); U-Net CPU s: process CPU seconds per call, all threads",
-        f"- default engine (backend preference order): **{report.get('default_engine')}**",
+        f"- default engine (what `runtime.load` picks here): **{report.get('default_engine')}**"
+        + (f" ({report['default_engine_reason']})" if report.get("default_engine_reason") else ""),
         "",
         "| target | " + " | ".join(title for _, title in COLUMNS) + " | txt2img end to end | peak RSS MiB | U-Net parity | U-Net CPU s |",
         "| --- | " + " | ".join("---:" for _ in COLUMNS) + " | ---: | ---: | ---: | ---: |",
@@ -61,6 +62,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if spread:
         lines += ["", "U-Net median per fresh process, s: " + "; ".join(
             f"{name} {', '.join(f'{t:.3g}' for t in times)}" for name, times in spread.items())]
+    lines += _cached_lines(report)
     summ = report.get("summary", {})
     so = report.get("scheduler_overhead", {})
     lines += [
@@ -71,6 +73,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- default engine txt2img end to end: {_ratio(summ.get('e2e_speedup_vs_diffusers-fp32'))} faster than the "
         f"diffusers fp32 pipeline, {_ratio(summ.get('e2e_speedup_vs_diffusers-bf16'))} than bf16",
     ]
+    cached = summ.get("cached")
+    if cached:
+        lines.append(
+            f"- default engine with step caching (interval {cached.get('cache_interval')}): end to end "
+            f"{_ratio(cached.get('speedup_vs_uncached'))} faster than uncached, "
+            f"{_ratio(cached.get('e2e_speedup_vs_diffusers-fp32'))} than the diffusers fp32 pipeline, "
+            f"{_ratio(cached.get('e2e_speedup_vs_optimum'))} than optimum-intel (default precision), "
+            f"{_ratio(cached.get('e2e_speedup_vs_optimum-f32'))} than optimum-intel f32; image PSNR vs uncached "
+            + (f"{cached['psnr_vs_uncached_db']:.1f} dB" if cached.get("psnr_vs_uncached_db") is not None else "-"))
     int8 = summ.get("openvino-int8")
     if int8:
         lines.append(
@@ -86,3 +97,26 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _cached_lines(report: dict[str, Any]) -> list[str]:
+    """The step-caching table: each engine end to end with and without caching, and the image PSNRs."""
+    rows = [(name, r) for name, r in report["results"].items() if r.get("status") == "ok" and r.get("e2e_cached")]
+    psnrs = [(name, r["e2e"]["image_psnr"]) for name, r in report["results"].items()
+             if r.get("status") == "ok" and (r.get("e2e") or {}).get("image_psnr", {}).get("db") is not None]
+    lines = []
+    if rows:
+        interval = report["settings"].get("cache_interval")
+        lines += ["", f"Step caching (DeepCache, a full U-Net every {interval} calls), end to end, s:", "",
+                  "| target | uncached | cached | speed-up | image PSNR cached vs uncached | peak RSS MiB cached |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, r in rows:
+            c = r["e2e_cached"]
+            db = c.get("psnr_vs_uncached_db")
+            lines.append(f"| {name} | {_cell(r.get('e2e'))} | {_cell(c)} | {_ratio(c.get('speedup_vs_uncached'))} | "
+                         + (f"{db:.1f} dB" if db is not None else "-")
+                         + f" | {r.get('peak_rss_mb_e2e_cached', 0):.0f} |")
+    if psnrs:
+        lines += ["", "End-to-end image PSNR against " + psnrs[0][1]["reference"] + " (same initial noise): "
+                  + "; ".join(f"{name} {p['db']:.1f} dB" for name, p in psnrs)]
+    return lines

@@ -1,13 +1,16 @@
 """The benchmark suite: every available engine and every peer, on the same random weights, in one run.
 
     python -m benchmarks [--quick] [--model sd15|sd21|tiny-sd1] [--resolution 256] [--batch 1]
-                         [--steps 20] [--engines ...] [--peers ...] [--repeats N] [--warmup N]
+                         [--steps 20] [--cache-interval 3] [--engines ...] [--peers ...] [--repeats N] [--warmup N]
                          [--optimum-python PATH] [--sdcpp-python PATH] [--out benchmarks/results/NAME.json]
 
 Measured per target (docs/benchmarks.md has the details and the recorded results):
   - per network: text encoder and U-Net at the guidance batch (2 x batch), VAE decode and encode at
     the image batch: median of `repeats` timed calls after `warmup` untimed ones, with min and max;
   - end to end: txt2img at `steps` steps, guidance 7.5 (our pipeline, or diffusers' for peers);
+    with `--cache-interval N` each engine also end to end with step caching (DeepCache, a full U-Net
+    every N calls; the engine folder gets the step-cache graphs), its speed-up over the same engine
+    uncached and the PSNR of the cached image against the uncached one (same seed);
   - peak memory: the RSS high-water mark of the target's end-to-end process (load + generate), and
     of its per-network process;
   - parity: each target's network outputs against the fp32 PyTorch reference (diffusers fp32 eager),
@@ -116,6 +119,7 @@ class Settings:
     weights_seed: int = 0
     quick: bool = False
     cache_dir: str = str(DEFAULT_CACHE)
+    cache_interval: int = 1  # > 1: engines also end to end with step caching at this interval
     timeout_s: float = 3600.0
     peer_python: dict[str, str] = field(default_factory=dict)  # runner -> interpreter (--optimum-python ...)
 
@@ -169,9 +173,26 @@ def _external_peer_availability(target: Target, settings: Settings | None) -> tu
     return peers.availability(target.runner, override)
 
 
+def measured_default(engine_dir: Path, workdir: Path, settings: Settings) -> tuple[str | None, str]:
+    """The target `runtime.load(engine_dir)` picks on this machine with no backend given (its
+    calibration, runtime/engines/calibration.py, in a fresh process: measured once per folder and
+    machine, then remembered), with the runtime's reason; else the registry order's."""
+    result = _run_worker({"kind": "choose", "target": "choose", "engine_dir": str(engine_dir)}, workdir,
+                         settings.timeout_s)
+    if result.get("status") != "ok":
+        target, why = default_engine_target(engine_dir)
+        return target, f"calibration failed ({result.get('reason')}); registry order: {why}"
+    backend, reason = result["choice"]["backend"], result["choice"]["reason"]
+    if backend == "openvino":
+        from runtime.engines import openvino
+
+        return f"openvino-{openvino.default_precision()}", reason
+    return backend, reason
+
+
 def default_engine_target(engine_dir: Path | None = None) -> tuple[str | None, str]:
-    """The target the runtime picks with no backend given: the registry's preference order
-    (runtime/engines/__init__.py BACKENDS), each backend's default options."""
+    """The target the runtime picks with no backend given and no calibration: the registry's
+    preference order (runtime/engines/__init__.py BACKENDS), each backend's default options."""
     try:
         from runtime.engines import PREBUILT, available_backends
     except ImportError as e:
@@ -243,13 +264,14 @@ def build_options(settings: Settings) -> dict[str, Any]:
     res = settings.resolution
     return {"precision": "fp32", "min_image": min(res, native // 2), "opt_image": res,
             "max_image": max(res, 2 * native), "max_batch": max(4, settings.batch), "seed": settings.weights_seed,
-            "quantize": "int8" if wants_int8(settings) else None}
+            "quantize": "int8" if wants_int8(settings) else None, "step_cache": settings.cache_interval > 1}
 
 
 def prepare_cache(settings: Settings, workdir: Path, log) -> dict[str, Any]:
     """Build the cached diffusers and engine folders where they are missing, do not cover the run's
-    shapes, or lack the int8 U-Net the run measures (added in place). A folder that covers the run
-    is left as it is, int8 U-Net included, when the run does not measure int8."""
+    shapes, or lack the int8 U-Net or the step-cache graphs the run measures. A folder that covers
+    the run is left as it is, int8 U-Net and step-cache graphs included, when the run does not
+    measure them."""
     diffusers_dir, engine_dir = cache_paths(settings)
     diffusers_dir.parent.mkdir(parents=True, exist_ok=True)
     if (diffusers_dir / "model_index.json").is_file() and (engine_dir / "manifest.json").is_file():
@@ -258,7 +280,8 @@ def prepare_cache(settings: Settings, workdir: Path, log) -> dict[str, Any]:
         manifest = load_manifest(engine_dir)
         shapes = manifest.shapes
         covered = shapes["min_image"] <= settings.resolution <= shapes["max_image"] and settings.batch <= shapes["max_batch"]
-        if covered and (manifest.int8_unet is not None or not wants_int8(settings)):
+        step_cache = "unet_deep" in manifest.networks or settings.cache_interval <= 1
+        if covered and step_cache and (manifest.int8_unet is not None or not wants_int8(settings)):
             return {"status": "ok", "reused": True}
     log(f"building the benchmark cache for {settings.model} under {diffusers_dir.parent} (once)")
     task = {"kind": "prepare", "target": "prepare", "model": settings.model, "weights_seed": settings.weights_seed,
@@ -284,10 +307,12 @@ def run_target(target: Target, settings: Settings, workdir: Path) -> dict[str, A
         "e2e_warmup": settings.e2e_warmup, "seed": settings.seed,
         "outputs_path": str(workdir / f"{target.name}.outputs.npz"),
     }
-    e2e_extra: dict[str, Any] = {}
-    if target.kind == "peer":  # peers start from the suite's latents and save their image (image_psnr)
+    # every target saves its end-to-end image (image_psnr); peers start from the suite's latents, which
+    # are the noise our pipeline draws for the same seed
+    e2e_extra: dict[str, Any] = {"image_path": str(workdir / f"{target.name}.image.npy")}
+    if target.kind == "peer":
         inputs = peer_inputs(settings, workdir)
-        e2e_extra = {"latents_path": inputs["latents_path"], "image_path": str(workdir / f"{target.name}.image.npy")}
+        e2e_extra["latents_path"] = inputs["latents_path"]
         if target.runner:
             task.update(external_peer_fields(target, settings), feeds_path=inputs["feeds_path"])
     merged: dict[str, Any] = {"target": target.name, "status": "ok", "process_s": 0.0}
@@ -297,6 +322,10 @@ def run_target(target: Target, settings: Settings, workdir: Path) -> dict[str, A
     if settings.e2e:
         phases.append(("e2e", {**task, "target": f"{target.name}-e2e", "networks": [], "e2e": True,
                                "outputs_path": None, **e2e_extra}))
+        if settings.cache_interval > 1 and target.kind == "engine":
+            phases.append(("e2e_cached", {**task, "target": f"{target.name}-e2e-cached", "networks": [], "e2e": True,
+                                          "outputs_path": None, "cache_interval": settings.cache_interval,
+                                          "image_path": str(workdir / f"{target.name}.cached.image.npy")}))
     for phase, phase_task in phases:
         if phase == "networks" and settings.process_repeats > 1:
             r = _networks_in_processes(phase_task, workdir, settings)
@@ -310,7 +339,7 @@ def run_target(target: Target, settings: Settings, workdir: Path) -> dict[str, A
         if phase == "networks":
             merged.update(networks=r.get("networks", {}), info=r.get("info", {}))
         else:
-            merged["e2e"] = r.get("e2e")
+            merged[phase] = r.get("e2e")
             merged.setdefault("info", r.get("info", {}))
         if "peak_rss_mb" in r:
             merged[f"peak_rss_mb_{phase}"] = r["peak_rss_mb"]
@@ -418,6 +447,21 @@ def image_psnr(workdir: Path, results: dict[str, Any], reference: str) -> None:
                              "db": psnr(image, ref) if image.shape == ref.shape else None}
 
 
+def cached_vs_uncached(workdir: Path, results: dict[str, Any]) -> None:
+    """Add to each engine's `e2e_cached` its speed-up over the same engine's uncached run and the
+    PSNR (dB) of its image against the uncached image of the same seed."""
+    from runtime.metrics import psnr
+
+    for name, result in results.items():
+        cached, plain = result.get("e2e_cached"), result.get("e2e")
+        if result.get("status") != "ok" or not cached or not plain:
+            continue
+        cached["speedup_vs_uncached"] = plain["median_s"] / cached["median_s"]
+        a, b = workdir / f"{name}.cached.image.npy", workdir / f"{name}.image.npy"
+        if a.is_file() and b.is_file():
+            cached["psnr_vs_uncached_db"] = psnr(np.load(a), np.load(b))
+
+
 def _networks_in_processes(task: dict[str, Any], workdir: Path, settings: Settings) -> dict[str, Any]:
     """The per-network phase in `settings.process_repeats` fresh processes, merged per network:
     `median_s` is the median of the processes' medians, `min_s`/`max_s`/`times_s` span every call,
@@ -517,6 +561,14 @@ def summarize_run(report: dict[str, Any]) -> dict[str, Any]:
                                                        if median(peer, what) and median(int8, what) else None)
                          for what in ("unet", "e2e") for peer in ("diffusers-fp32", "diffusers-bf16")}
         summary[int8]["unet_parity"] = results[int8]["networks"]["unet"].get("parity", {}).get("max_rel_err")
+    cached = results.get(default or "", {}).get("e2e_cached")
+    if cached:  # the default engine with step caching, against itself and the peers
+        summary["cached"] = {"cache_interval": report["settings"].get("cache_interval"), "e2e_s": cached["median_s"],
+                             "speedup_vs_uncached": cached.get("speedup_vs_uncached"),
+                             "psnr_vs_uncached_db": cached.get("psnr_vs_uncached_db"),
+                             **{f"e2e_speedup_vs_{peer}": (median(peer, "e2e") / cached["median_s"]
+                                                           if median(peer, "e2e") else None)
+                                for peer in ("diffusers-fp32", "diffusers-bf16", "optimum", "optimum-f32", "sdcpp")}}
     so = report.get("scheduler_overhead", {})
     summary["scheduler_overhead_ms_per_step"] = so.get("per_step_ms") if so.get("status") == "ok" else None
     return summary
@@ -534,6 +586,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     p.add_argument("--resolution", type=int, default=256, help="image height and width in pixels")
     p.add_argument("--batch", type=int, default=1, help="images per call (the U-Net sees 2x under guidance)")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="also run each engine end to end with step caching (DeepCache) at interval N; reports its "
+                        "speed-up and the PSNR of the cached image against the uncached one (default 1: off)")
     p.add_argument("--engines", nargs="*", choices=tuple(ENGINES), default=None, help="default: all of them")
     p.add_argument("--peers", nargs="*", choices=tuple(PEERS), default=None, help="default: all of them")
     p.add_argument("--networks", nargs="*", choices=NETWORKS, default=None, help="default: all four")
@@ -554,7 +609,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
                    help="JSON result path (a .md table is written beside it); default benchmarks/results/<model>-<res>-<date>.json")
     a = p.parse_args(argv)
     s = Settings(model=a.model, resolution=a.resolution, batch=a.batch, steps=a.steps, cache_dir=a.cache_dir,
-                 timeout_s=a.timeout, e2e_repeats=a.e2e_repeats, quick=a.quick, process_repeats=a.process_repeats)
+                 timeout_s=a.timeout, e2e_repeats=a.e2e_repeats, quick=a.quick, process_repeats=a.process_repeats,
+                 cache_interval=a.cache_interval)
     s.peer_python = {name: path for name in peers.RUNNERS
                      if (path := getattr(a, f"{name}_python")) is not None}
     if a.process_repeats < 1:
@@ -576,8 +632,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
         s.engines = tuple(a.engines)
     if a.peers is not None:
         s.peers = tuple(a.peers)
-    if s.repeats < 1 or s.warmup < 0 or s.batch < 1 or s.steps < 1:
-        p.error("--repeats, --batch and --steps must be >= 1, --warmup >= 0")
+    if s.repeats < 1 or s.warmup < 0 or s.batch < 1 or s.steps < 1 or s.cache_interval < 1:
+        p.error("--repeats, --batch, --steps and --cache-interval must be >= 1, --warmup >= 0")
     return s, a.out
 
 
@@ -600,10 +656,9 @@ def run(settings: Settings, out: Path | None = None, command: str | None = None,
     with tempfile.TemporaryDirectory(prefix="sd-bench-") as tmp:
         workdir = Path(tmp)
         report["cache"] = prepare_cache(settings, workdir, log)
-        default, why = default_engine_target(cache_paths(settings)[1])
-        report["default_engine"] = default
-        if default is None:
-            report["default_engine_reason"] = why
+        default, why = measured_default(cache_paths(settings)[1], workdir, settings)
+        report["default_engine"], report["default_engine_reason"] = default, why
+        log(f"default engine: {default} ({why})")
         results: dict[str, Any] = {}
         for name in (*settings.engines, *settings.peers):
             target = ENGINES.get(name) or PEERS[name]
@@ -629,6 +684,7 @@ def run(settings: Settings, out: Path | None = None, command: str | None = None,
                                            f" in {r.get('process_s', 0):.0f} s, peak RSS {r.get('peak_rss_mb', 0):.0f} MiB"))
         parity(workdir, results, REFERENCE if REFERENCE in results else next(iter(results), ""))
         image_psnr(workdir, results, REFERENCE)
+        cached_vs_uncached(workdir, results)
     report["results"] = results
     sampler = _default_sampler(settings)
     report["scheduler_overhead"] = scheduler_overhead(settings, sampler)

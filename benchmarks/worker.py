@@ -113,10 +113,12 @@ def _engine_e2e(task: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     res, steps = task["resolution"], task["steps"]
 
+    interval = task.get("cache_interval", 1)
+
     def run(n: int):
         return pipe.txt2img(PROMPT, negative_prompt="", height=res, width=res, num_inference_steps=n,
                             guidance_scale=task["guidance_scale"], seed=task["seed"], output_type="np",
-                            progress=False)
+                            progress=False, **({"cache_interval": interval} if interval > 1 else {}))
 
     # warm-up at 2 steps compiles every shape the timed runs use
     for _ in range(task["e2e_warmup"]):
@@ -128,8 +130,11 @@ def _engine_e2e(task: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         stages.append(dict(result.timings))
+    if task.get("image_path"):
+        np.save(task["image_path"], np.asarray(result.images, np.float32))
     stats = summarize(times, warmup=task["e2e_warmup"], cpu_times=cpu)
-    stats.update(load_s=load_s, backend=pipe.backend, steps=steps, stage_timings=stages,
+    stats.update(load_s=load_s, backend=pipe.backend, backend_reason=pipe.backend_reason, steps=steps,
+                 cache_interval=interval, stage_timings=stages,
                  sampler=result.parameters.get("scheduler", pipe.default_scheduler))
     return stats
 
@@ -271,6 +276,12 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     if task["kind"] == "prepare":
         result["prepare"] = prepare(task)
+    elif task["kind"] == "choose":  # the backend runtime.load picks here (its calibration)
+        from runtime.engines import choose_backend
+        from runtime.manifest import load_manifest
+
+        backend, reason = choose_backend(task["engine_dir"], load_manifest(task["engine_dir"]), None, calibrate=True)
+        result["choice"] = {"backend": backend, "reason": reason}
     elif task["kind"] == "single_file":
         result["prepare"] = single_file(task)
     elif task["kind"] == "engine":

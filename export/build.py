@@ -569,6 +569,18 @@ def verify_folder(folder: str | os.PathLike, progress: Progress = print) -> Any:
 
 # --- CLI -------------------------------------------------------------------------------------------
 
+def prune_cache(engine_dir: Path, limit_gb: float | None, progress: Callable[[str], None]) -> None:
+    """`build-engine --prune-cache DIR`: trim the folder's OpenVINO compile cache now."""
+    from runtime.engines import ov_cache
+    from runtime.folder import inside
+
+    if (engine_dir / ov_cache.SUBDIR).exists():  # never delete through a symlink that leads elsewhere
+        inside(engine_dir, ov_cache.SUBDIR, "the OpenVINO compile cache", kind="dir")
+    limit = None if limit_gb is None else int(limit_gb * 1e9)
+    freed, left = ov_cache.prune(engine_dir, limit)
+    progress(f"{engine_dir / ov_cache.SUBDIR}: freed {freed / 1e6:.1f} MB, {left / 1e6:.1f} MB left")
+
+
 def main(argv: list[str] | None = None) -> int:  # long: one argparse declaration per build option
     parser = argparse.ArgumentParser(prog="build-engine", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", nargs="?", help="diffusers folder, single-file checkpoint (.safetensors/.ckpt) or "
@@ -578,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
     parser.add_argument("--verify", type=Path, metavar="DIR",
                         help="instead of building, check every file of the engine folder DIR against its sha256 in "
                              "the manifest (see docs/security.md); exit status 1 names the first mismatch")
+    parser.add_argument("--prune-cache", type=Path, metavar="DIR",
+                        help="instead of building, trim the OpenVINO compile cache of the engine folder DIR to "
+                             "--cache-limit-gb (default: 30%% of its graphs' size), least recently used first")
+    parser.add_argument("--cache-limit-gb", type=float, default=None, metavar="GB",
+                        help="with --prune-cache: the size to trim to (0 empties the cache)")
     parser.add_argument("--tensorrt", action="store_true",
                         help="also build TensorRT plans for this machine's NVIDIA GPU (needs sd-runtime[tensorrt]); "
                              "the folder runs on every CPU backend either way")
@@ -609,8 +626,10 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
                              "cache_branch_id)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
     args = parser.parse_args(argv)
-    if args.verify is None and (args.source is None or args.out is None):
-        parser.error("SOURCE and --out are required (or --verify DIR)")
+    if args.verify is None and args.prune_cache is None and (args.source is None or args.out is None):
+        parser.error("SOURCE and --out are required (or --verify DIR, or --prune-cache DIR)")
+    if args.cache_limit_gb is not None and (args.prune_cache is None or args.cache_limit_gb < 0):
+        parser.error("--cache-limit-gb goes with --prune-cache DIR and is >= 0")
 
     from export.loading import CheckpointError
     from export.onnx_export import ParityError
@@ -622,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
     try:
         if args.verify is not None:
             verify_folder(args.verify, progress)
+            return 0
+        if args.prune_cache is not None:
+            prune_cache(args.prune_cache, args.cache_limit_gb, progress)
             return 0
         build_engine(args.source, args.out, tensorrt=args.tensorrt, backend=args.backend, precision=args.precision,
                      min_image=args.min_image,

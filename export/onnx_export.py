@@ -381,6 +381,25 @@ def _torch_export(module: nn.Module, example: dict[str, np.ndarray], inputs: Seq
             dynamic_axes={k: v for k, v in dynamic_axes.items() if v}, opset_version=OPSET,
             do_constant_folding=True, dynamo=False,
         )
+    _declare_unused_inputs(path, inputs)
+
+
+def _declare_unused_inputs(path: Path, inputs: Sequence[TensorSpec]) -> None:
+    """Keep the network contract's input list: the exporter drops an input the traced path never
+    reads (unet_shallow's encoder_hidden_states where the shallow blocks have no cross-attention, as
+    in the demo model), and the engines feed every contract input by name. Declare such an input
+    again, unused, with its dtype and symbolic shape, in the contract's order."""
+    proto = onnx.load(str(path), load_external_data=False)
+    present = {i.name for i in proto.graph.input}
+    if all(t.name in present for t in inputs):
+        return
+    by_name = {i.name: i for i in proto.graph.input}
+    ordered = [by_name.get(t.name) or onnx.helper.make_tensor_value_info(
+        t.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), list(t.shape)) for t in inputs]
+    extra = [i for i in proto.graph.input if i.name not in {t.name for t in inputs}]
+    del proto.graph.input[:]
+    proto.graph.input.extend(ordered + extra)
+    onnx.save_model(proto, str(path))
 
 
 def _finalize(raw: Path, dest: Path, external_data: str | None) -> None:

@@ -36,7 +36,8 @@ COMMANDS = ("txt2img", "img2img", "inpaint")
 _ARG_KEYS = {"command": "mode", "engine_dir": "engine", "prompt": "prompt", "negative_prompt": "negative_prompt",
              "steps": "steps", "guidance": "guidance_scale", "guidance_rescale": "guidance_rescale",
              "scheduler": "scheduler", "karras": "karras", "eta": "eta", "seed": "seed", "height": "height",
-             "width": "width", "image": "image", "mask": "mask", "strength": "strength", "backend": "backend"}
+             "width": "width", "image": "image", "mask": "mask", "strength": "strength", "backend": "backend",
+             "cache_interval": "cache_interval", "cache_schedule": "cache_schedule", "prompt_syntax": "prompt_syntax"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,10 +72,31 @@ def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
                    help="noise level for the init image, in (0, 1] (default: 0.75 img2img, 1.0 inpaint)")
     p.add_argument("--num-images", type=int, default=None, help="images to generate (default: 1)")
     p.add_argument("--backend", default=None, help="engine backend (default: best available)")
+    p.add_argument("--cache-interval", type=int, default=None,
+                   help="step caching (DeepCache): a full U-Net call every N steps, the shallow graph between "
+                        "(default 1 = off; the folder needs build-engine --step-cache)")
+    p.add_argument("--cache-schedule", choices=("uniform", "nonuniform"), default=None,
+                   help="which calls are full: every N (uniform, default) or DeepCache's non-uniform schedule")
+    p.add_argument("--prompt-syntax", choices=("a1111", "none"), default=None,
+                   help="A1111 emphasis (word:1.2), [word] and BREAK (a1111, default) or the prompt as plain text")
+    p.add_argument("--vae-tiling", type=_vae_tiling, default=None, metavar="auto|on|off|PIXELS",
+                   help="tiled VAE decode/encode: automatic above the folder's VAE size (default), forced on "
+                        "(default tile), off, or on with tiles of PIXELS")
     p.add_argument("-o", "--output", default=None, help="output PNG (default: COMMAND.png); "
                    "with several images, -0, -1, ... are added before the suffix")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _vae_tiling(text: str) -> bool | int | None:
+    """--vae-tiling's value as the pipeline's `vae_tiling` (None = automatic)."""
+    named = {"auto": None, "on": True, "off": False}
+    if text in named:
+        return named[text]
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, on, off or a tile size in pixels; got {text!r}") from None
 
 
 def output_paths(output: str, n: int) -> list[Path]:
@@ -105,6 +127,10 @@ def metadata_for(params: dict[str, Any], seed: int, args: argparse.Namespace) ->
         cmd += ["--karras" if params["karras"] else "--no-karras"]
     if params["eta"]:
         cmd += ["--eta", repr(params["eta"])]
+    if params.get("cache_interval", 1) > 1:
+        cmd += ["--cache-interval", str(params["cache_interval"]), "--cache-schedule", params["cache_schedule"]]
+    if params.get("prompt_syntax", "a1111") != "a1111":
+        cmd += ["--prompt-syntax", params["prompt_syntax"]]
     if "strength" in params:
         cmd += ["--strength", repr(params["strength"])]
     if args.image:
@@ -224,19 +250,21 @@ def run(args: argparse.Namespace) -> int:
     pipe = load(args.engine_dir, backend=args.backend)
     kwargs: dict[str, Any] = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                                   scheduler=args.scheduler, karras=args.karras, seed=args.seed, output_type="pil",
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, vae_tiling=getattr(args, "vae_tiling", None))
     for arg, name in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("strength", "strength"),
                       ("guidance_rescale", "guidance_rescale"), ("eta", "eta"),
-                      ("num_images", "num_images_per_prompt")):
+                      ("num_images", "num_images_per_prompt"), ("cache_interval", "cache_interval"),
+                      ("cache_schedule", "cache_schedule"), ("prompt_syntax", "prompt_syntax")):
         if getattr(args, arg) is not None:  # otherwise the pipeline's default
             kwargs[name] = getattr(args, arg)
-    if args.command == "txt2img":
-        result = pipe.txt2img(args.prompt, **kwargs)
-    elif args.command == "img2img":
-        result = pipe.img2img(args.prompt, _open_image(args.image, "--image"), **kwargs)
-    else:
-        result = pipe.inpaint(args.prompt, _open_image(args.image, "--image"), _open_image(args.mask, "--mask"),
-                              **kwargs)
+    with pipe:
+        if args.command == "txt2img":
+            result = pipe.txt2img(args.prompt, **kwargs)
+        elif args.command == "img2img":
+            result = pipe.img2img(args.prompt, _open_image(args.image, "--image"), **kwargs)
+        else:
+            result = pipe.inpaint(args.prompt, _open_image(args.image, "--image"), _open_image(args.mask, "--mask"),
+                                  **kwargs)
 
     paths = output_paths(args.output or f"{args.command}.png", len(result.images))
     manifest = load_manifest(args.engine_dir)

@@ -56,7 +56,13 @@ class EngineClosedError(EngineRunError):
 
 
 class PipelineError(SDRuntimeError, ValueError):
-    """A generation request the engine folder cannot serve (size, batch, strength, inputs...)."""
+    """A generation request the engine folder cannot serve (size, batch, strength, inputs...).
+    `field` names the request setting at fault when one is (e.g. "scheduler", "cache_interval"), so a
+    server can name its own field for it."""
+
+    def __init__(self, message: str = "", *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ImageInputError(PipelineError):

@@ -197,18 +197,30 @@ def _trt_files(trt: Any) -> dict[str, str]:
     return files
 
 
-def _int8_files(openvino: Any) -> dict[str, str]:
+def _openvino_entries(openvino: Any) -> list[tuple[str, Any]]:
+    """(label, entry) of every quantized IR of backends.openvino: the int8 U-Net (`--quantize int8`) and
+    the int8-weight networks (`--quantize int8-weights`)."""
     if openvino is not None and not isinstance(openvino, dict):
         raise ManifestError(f"manifest: backends.openvino must be an object; got {_short(openvino)}")
-    int8 = (openvino or {}).get("unet_int8")
-    if int8 is None:
-        return {}
-    where = "backends.openvino.unet_int8"
-    xml, weights = _str_at(int8, "file", where), _str_at(int8, "weights", where)
-    if not xml or not weights or PurePosixPath(weights) != PurePosixPath(xml).with_suffix(".bin"):
-        raise ManifestError(f"manifest: the int8 U-Net's file {xml!r} and weights {weights!r} must be an IR .xml "
-                            "and the .bin beside it (the one OpenVINO reads)")
-    return {xml: "the int8 U-Net names graph", weights: "the int8 U-Net names weights"}
+    openvino = openvino or {}
+    entries = [("the int8 U-Net", openvino["unet_int8"])] if openvino.get("unet_int8") is not None else []
+    weights = openvino.get("weights_int8")
+    networks = weights.get("networks", {}) if isinstance(weights, dict) else {} if weights is None else None
+    if not isinstance(networks, dict):
+        raise ManifestError(f"manifest: backends.openvino.weights_int8 must be an object with a 'networks' object; "
+                            f"got {_short(weights)}")
+    return entries + [(f"the int8-weight {name}", entry) for name, entry in networks.items()]
+
+
+def _int8_files(openvino: Any) -> dict[str, str]:
+    files = {}
+    for label, entry in _openvino_entries(openvino):
+        xml, weights = _str_at(entry, "file", label), _str_at(entry, "weights", label)
+        if not xml or not weights or PurePosixPath(weights) != PurePosixPath(xml).with_suffix(".bin"):
+            raise ManifestError(f"manifest: {label}'s file {xml!r} and weights {weights!r} must be an IR .xml and "
+                                "the .bin beside it (the one OpenVINO reads)")
+        files[xml], files[weights] = f"{label} names graph", f"{label} names weights"
+    return files
 
 
 def _legacy_sha256(manifest: Any) -> dict[str, str]:
@@ -220,10 +232,9 @@ def _legacy_sha256(manifest: Any) -> dict[str, str]:
     tok_dir = manifest.tokenizer.get("dir", "tokenizer")
     for name, digest in (manifest.tokenizer.get("files") or {}).items():
         known[f"{tok_dir}/{name}"] = digest
-    openvino = manifest.backends.get("openvino")
-    int8 = (openvino.get("unet_int8") if isinstance(openvino, dict) else None) or {}
-    known[int8.get("file")] = int8.get("sha256")
-    known[int8.get("weights")] = int8.get("weights_sha256")
+    for _, entry in _openvino_entries(manifest.backends.get("openvino")):
+        known[entry.get("file")] = entry.get("sha256")
+        known[entry.get("weights")] = entry.get("weights_sha256")
     return {rel: d for rel, d in known.items() if isinstance(rel, str) and isinstance(d, str)}
 
 

@@ -209,6 +209,8 @@ def _shapes(value: Any, where: str) -> dict[str, int]:
         raise ManifestError(f"{where}: 'shapes' lacks {', '.join(missing)}")
     out = {k: _int_in(shapes[k], 1, MAX_BATCH if "batch" in k else MAX_IMAGE, f"shapes.{k}", where)
            for k in SHAPE_KEYS}
+    if "vae_max_image" in shapes:  # optional: the largest side the VAE graphs take whole (runtime/vae_tiling.py)
+        out["vae_max_image"] = _int_in(shapes["vae_max_image"], 1, MAX_IMAGE, "shapes.vae_max_image", where)
     for kind in ("batch", "image"):
         lo, opt, hi = (out[f"{b}_{kind}"] for b in ("min", "opt", "max"))
         if not lo <= opt <= hi:

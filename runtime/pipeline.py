@@ -99,6 +99,8 @@ class Pipeline:
                               max_memory=memory_limit(max_memory_gb))
         self._options = dict(options or {})  # per-network options, for networks opened later
         self._tokenizer_lock = threading.Lock()
+        # textual-inversion names -> their tokens (build-engine --embedding; export/embeddings.py)
+        self._embeddings = dict(manifest.tokenizer.get("embeddings") or {})
         self._engines_lock = threading.Lock()
 
     # -- properties ------------------------------------------------------------------------------
@@ -129,17 +131,24 @@ class Pipeline:
                 guidance_rescale: float = 0.0, scheduler: str | None = None, karras: bool | None = None,
                 seed=None, latents: np.ndarray | None = None, num_images_per_prompt: int = 1,
                 eta: float = 0.0, output_type: str = "pil", callback: Callback | None = None,
-                progress: bool = True, cache_interval: int = 1, cache_schedule: str = "uniform") -> GenerationResult:
+                progress: bool = True, cache_interval: int = 1, cache_schedule: str = "uniform",
+                prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None) -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
         feature (DeepCache; the folder needs `build-engine --step-cache`); `cache_schedule` is
-        "uniform" or DeepCache's "nonuniform" (runtime/caching.py)."""
+        "uniform" or DeepCache's "nonuniform" (runtime/caching.py). `prompt_syntax` "a1111" (default)
+        applies A1111's emphasis and BREAK to prompts that use them (runtime/prompt_syntax.py; a
+        prompt without them encodes exactly as before), "none" reads prompts literally. `vae_tiling`
+        True (or a tile size in pixels) decodes and encodes in blended tiles, for big images in
+        bounded memory (runtime/vae_tiling.py); None tiles only where the folder's VAE cannot take
+        the size whole."""
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
                                num_images_per_prompt=num_images_per_prompt, eta=eta, output_type=output_type,
-                               noise=latents, cache_interval=cache_interval, cache_schedule=cache_schedule)
+                               noise=latents, cache_interval=cache_interval, cache_schedule=cache_schedule,
+                               prompt_syntax=prompt_syntax, vae_tiling=vae_tiling)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
@@ -149,7 +158,8 @@ class Pipeline:
                 num_images_per_prompt: int = 1, eta: float = 0.0, output_type: str = "pil",
                 callback: Callback | None = None, progress: bool = True, noise: np.ndarray | None = None,
                 encode_noise: np.ndarray | None = None, cache_interval: int = 1,
-                cache_schedule: str = "uniform") -> GenerationResult:
+                cache_schedule: str = "uniform",
+                prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None) -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
@@ -159,7 +169,8 @@ class Pipeline:
                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, scheduler=scheduler,
                                karras=karras, seed=seed, num_images_per_prompt=num_images_per_prompt, eta=eta,
                                output_type=output_type, noise=noise, encode_noise=encode_noise,
-                               cache_interval=cache_interval, cache_schedule=cache_schedule)
+                               cache_interval=cache_interval, cache_schedule=cache_schedule,
+                               prompt_syntax=prompt_syntax, vae_tiling=vae_tiling)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
@@ -169,7 +180,8 @@ class Pipeline:
                 num_images_per_prompt: int = 1, eta: float = 0.0, output_type: str = "pil",
                 callback: Callback | None = None, progress: bool = True, noise: np.ndarray | None = None,
                 encode_noise: np.ndarray | None = None, masked_encode_noise: np.ndarray | None = None,
-                cache_interval: int = 1, cache_schedule: str = "uniform") -> GenerationResult:
+                cache_interval: int = 1, cache_schedule: str = "uniform",
+                prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None) -> GenerationResult:
         """Repaint where `mask_image` is white (>= 0.5). With the 9-channel inpainting U-Net the
         mask and the masked image's latents go into the U-Net (diffusers'
         StableDiffusionInpaintPipeline); with a plain 4-channel U-Net the known region is blended back
@@ -181,7 +193,8 @@ class Pipeline:
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
                                num_images_per_prompt=num_images_per_prompt, eta=eta, output_type=output_type,
                                noise=noise, encode_noise=encode_noise, masked_encode_noise=masked_encode_noise,
-                               cache_interval=cache_interval, cache_schedule=cache_schedule)
+                               cache_interval=cache_interval, cache_schedule=cache_schedule,
+                               prompt_syntax=prompt_syntax, vae_tiling=vae_tiling)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def request(self, mode: str, prompt: Any, **settings: Any) -> Request:
@@ -194,10 +207,12 @@ class Pipeline:
             sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength, karras=r.karras,
                               prediction_type=self.manifest.prediction_type)
         except sch.SchedulerError as e:
-            raise PipelineError(f"scheduler {r.sampler!r}: {e}") from e
-        prompts = list(r.prompts) + (list(r.negative_prompts) if r.guided else [])
+            raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e
+        texts = stages.expand_prompts(list(r.prompts) + (list(r.negative_prompts) if r.guided else []),
+                                      self._embeddings)
         with self._tokenizer_lock:
-            chunks = text.count_chunks(self.tokenizer, prompts, self.manifest.dims.text_max_length)
+            chunks = stages.prompt_chunks(self.tokenizer, texts, max_length=self.manifest.dims.text_max_length,
+                                          syntax=r.prompt_syntax)
         return dataclasses.replace(r, prompt_chunks=chunks)
 
     def generate(self, requests: Sequence[Request], *, callbacks: Sequence[Callback | None] | None = None,
@@ -218,7 +233,7 @@ class Pipeline:
         t_start = time.perf_counter()
         prepared = self._prepare(requests, timings)
         latents = self._denoise(prepared, callbacks, should_stop, progress, timings)
-        images = self._decode(latents, requests[0].output_type, timings)
+        images = self._decode(latents, requests[0], timings)
         timings["total"] = time.perf_counter() - t_start
         return self._results(requests, images, timings)
 
@@ -275,14 +290,15 @@ class Pipeline:
             with self._tokenizer_lock:
                 cond = stages.encode_prompt(self.engine("text_encoder"), self.tokenizer, r.prompts, r.negative_prompts,
                                             images_per_prompt=r.images_per_prompt, guided=r.guided,
-                                            max_length=m.dims.text_max_length)
+                                            max_length=m.dims.text_max_length, syntax=r.prompt_syntax,
+                                            embeddings=self._embeddings)
             _add(timings, "text_encoder", time.perf_counter() - t0)
             draws = stages.initial_noise(r, (m.dims.latent_channels, r.height // s, r.width // s),
                                          self.is_inpainting_unet)
             t0 = time.perf_counter()
             encoder = self.engine("vae_encoder") if r.mode != "txt2img" else None
             latents = stages.encode_images(encoder, r, draws, scaling_factor=m.scaling_factor, vae_scale_factor=s,
-                                           inpainting_unet=self.is_inpainting_unet)
+                                           inpainting_unet=self.is_inpainting_unet, tile=r.vae_tile)
             if r.mode != "txt2img":
                 _add(timings, "vae_encode", time.perf_counter() - t0)
             out.append(_Prepared(r, cond, draws, latents))
@@ -299,7 +315,7 @@ class Pipeline:
             schedule = sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength,
                                          karras=r.karras, prediction_type=self.manifest.prediction_type)
         except sch.SchedulerError as e:
-            raise PipelineError(f"scheduler {r.sampler!r}: {e}") from e
+            raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e
         cond = _concat([p.text for p in prepared], stages.Conditioning)
         latents = _concat([p.latents for p in prepared], stages.ImageLatents)
         noise = np.concatenate([p.draws.noise for p in prepared])
@@ -326,11 +342,11 @@ class Pipeline:
         return caching.cached_unet(deep, shallow, caching.plan(n_calls, request.cache_interval,
                                                                request.cache_schedule))
 
-    def _decode(self, latents: np.ndarray, output_type: str, timings: dict[str, float]) -> Any:
-        if output_type == "latent":
+    def _decode(self, latents: np.ndarray, request: Request, timings: dict[str, float]) -> Any:
+        if request.output_type == "latent":
             return latents
         t0 = time.perf_counter()
-        images = stages.decode(self.engine("vae_decoder"), latents)
+        images = stages.decode(self.engine("vae_decoder"), latents, tile=request.vae_tile, scale=self.vae_scale_factor)
         timings["vae_decode"] = time.perf_counter() - t0
         want = tuple(d * self.vae_scale_factor for d in latents.shape[-2:])
         if tuple(images.shape[1:3]) != want:  # the graph's axes are symbolic: only its output can tell

@@ -25,6 +25,8 @@ from runtime.caching import SCHEDULES
 from runtime.errors import PipelineError
 from runtime.manifest import Manifest
 from runtime.networks import STEP_CACHE_NETWORKS
+from runtime.prompt_syntax import SYNTAXES
+from runtime.vae_tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -48,6 +50,7 @@ class Limits:
     default_sampler: str
     samplers: tuple[str, ...]
     step_cache: bool = False  # the folder has the unet_deep / unet_shallow graphs (build-engine --step-cache)
+    vae_max_image: int | None = None  # the largest side the VAE graphs take whole (manifest shapes "vae_max_image")
     memory: MemoryModel | None = None  # runtime/memory.py: the folder's memory estimate (None: no check)
     max_memory: int | None = None  # bytes a request's estimate may reach (None: no limit)
 
@@ -61,7 +64,8 @@ class Limits:
         return cls(min_image=lo, max_image=hi, max_batch=int(m.shapes["max_batch"]), vae_scale_factor=s,
                    latent_channels=m.dims.latent_channels, default_size=default,
                    inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1, default_sampler=default_sampler,
-                   samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS))
+                   samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS),
+                   vae_max_image=m.shapes.get("vae_max_image", hi))
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,6 +96,8 @@ class Request:
     masked_encode_noise: np.ndarray | None = None
     cache_interval: int = 1  # step caching (runtime/caching.py): 1 = off
     cache_schedule: str = "uniform"
+    prompt_syntax: str = "a1111"  # A1111 emphasis and BREAK where a prompt uses them; "none": literal
+    vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/vae_tiling.py); None: whole
     prompt_chunks: int | None = None  # 77-token chunks its prompts encode to (set by Pipeline.request)
 
     @property
@@ -107,7 +113,7 @@ class Request:
         """Requests with equal keys can share one engine batch."""
         return (self.mode, self.height, self.width, self.steps, self.guidance_scale, self.guidance_rescale,
                 self.sampler, self.karras, self.eta, self.strength, self.output_type, self.cache_interval,
-                self.cache_schedule, self.prompt_chunks)
+                self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks)
 
     def parameters(self) -> dict[str, Any]:
         """What reproduces the request (the result's `parameters`, the PNG metadata)."""
@@ -123,6 +129,10 @@ class Request:
             params["strength"] = self.strength
         if self.cache_interval > 1:
             params["cache_interval"], params["cache_schedule"] = self.cache_interval, self.cache_schedule
+        if self.prompt_syntax != "a1111":
+            params["prompt_syntax"] = self.prompt_syntax
+        if self.vae_tile is not None:
+            params["vae_tile"] = self.vae_tile
         return params
 
 
@@ -132,7 +142,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  seed: Any = None, num_images_per_prompt: Any = 1, eta: Any = 0.0, output_type: str = "pil",
                  image: Any = None, mask_image: Any = None, strength: Any = None, noise: Any = None,
                  encode_noise: Any = None, masked_encode_noise: Any = None, cache_interval: Any = 1,
-                 cache_schedule: str = "uniform") -> Request:
+                 cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None) -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem."""
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -157,8 +167,11 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         raise PipelineError(f"eta must be >= 0 and applies to the ddim sampler only; got eta={eta} for {sampler!r}")
     strength = _strength(mode, strength)
     interval = _cache(limits, cache_interval, cache_schedule)
+    if prompt_syntax not in SYNTAXES:
+        raise PipelineError(f"prompt_syntax must be one of {', '.join(SYNTAXES)}; got {prompt_syntax!r}")
     images, masks, (dh, dw) = _images(limits, mode, image, mask_image, len(prompts))
     height, width = _size(limits, dh if height is None else height, dw if width is None else width)
+    tile = _vae_tile(limits, vae_tiling, height, width)
     check_memory(limits, batch, height, width, guided=scale > 1.0, encodes=mode != "txt2img")
     if images is not None:
         images = tuple(_frozen(imgs.load_image(im, height, width)) for im in images)
@@ -173,7 +186,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         encode_noise=_explicit(encode_noise, shape, "encode_noise") if mode != "txt2img" else None,
         masked_encode_noise=(_explicit(masked_encode_noise, shape, "masked_encode_noise")
                              if mode == "inpaint" and limits.inpainting_unet else None),
-        cache_interval=interval, cache_schedule=cache_schedule,
+        cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
     )
 
 
@@ -236,13 +249,31 @@ def _strength(mode: str, strength: Any) -> float:
     return value
 
 
+def _vae_tile(limits: Limits, vae_tiling: Any, height: int, width: int) -> int | None:
+    """The VAE tile size in latent pixels, or None for the whole image. `vae_tiling`: True (tiles of
+    DEFAULT_TILE), False, an int (tile size in pixels), or None: tiles only where a side exceeds what
+    the folder's VAE takes (`Limits.vae_max_image`, e.g. a TensorRT profile kept small)."""
+    s = limits.vae_scale_factor
+    if vae_tiling is None:
+        vae_tiling = needs_tiling(height, width, max_image=limits.vae_max_image)
+    if vae_tiling is False:
+        return None
+    if vae_tiling is True:
+        return DEFAULT_TILE
+    pixels = _positive_int(vae_tiling, "vae_tiling (a tile size in pixels, True, False or None)")
+    if pixels % s or pixels < 4 * s:
+        raise PipelineError(f"vae_tiling: a tile of {pixels} pixels must be a multiple of {s} and at least {4 * s}")
+    return pixels // s
+
+
 def _cache(limits: Limits, interval: Any, schedule: str) -> int:
     interval = _positive_int(interval, "cache_interval")
     if schedule not in SCHEDULES:
-        raise PipelineError(f"unknown cache_schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        raise PipelineError(f"unknown cache_schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}",
+                            field="cache_schedule")
     if interval > 1 and not limits.step_cache:
         raise PipelineError(f"cache_interval {interval} needs the step-cache U-Nets (unet_deep, unet_shallow), which "
-                            "this engine folder lacks: rebuild it with build-engine --step-cache")
+                            "this engine folder lacks: rebuild it with build-engine --step-cache", field="cache_interval")
     return interval
 
 

@@ -22,15 +22,16 @@ so one seed gives the same image on every backend, alone or in any batch.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from runtime import images as imgs
+from runtime import prompt_syntax as ps
 from runtime import scheduler as sch
-from runtime import text
+from runtime import text, vae_tiling
 from runtime.engines.base import Engine
 from runtime.errors import ManifestError, PipelineError
 
@@ -62,17 +63,44 @@ class Conditioning:
     uncond: np.ndarray | None
 
 
+def expand_prompts(texts: Sequence[str], embeddings: Mapping[str, Sequence[str]] | None) -> list[str]:
+    """Multi-vector textual-inversion names written out as all their tokens (runtime/text.py)."""
+    return [text.expand_embeddings(t, embeddings) for t in texts] if embeddings else list(texts)
+
+
+def _weighted(texts: Sequence[str], syntax: str) -> bool:
+    """Whether a request takes the A1111 weighting path: only when one of its texts uses the syntax,
+    so a request without weighting syntax encodes exactly as runtime/text.py does."""
+    return syntax == "a1111" and any(ps.has_weighting(t) for t in texts)
+
+
+def prompt_chunks(tokenizer: Any, texts: Sequence[str], *, max_length: int, syntax: str = "a1111") -> int:
+    """The 77-token chunk count the (expanded) texts of one request encode to."""
+    if _weighted(texts, syntax):
+        return max(ps.count_chunks(tokenizer, t, max_length) for t in texts)
+    return text.count_chunks(tokenizer, texts, max_length)
+
+
 def encode_prompt(text_encoder: Engine, tokenizer: Any, prompts: Sequence[str], negatives: Sequence[str], *,
-                  images_per_prompt: int, guided: bool, max_length: int) -> Conditioning:
+                  images_per_prompt: int, guided: bool, max_length: int, syntax: str = "a1111",
+                  embeddings: Mapping[str, Sequence[str]] | None = None) -> Conditioning:
     """Encode the prompts (and, under guidance, the negative prompts) in 77-token chunks; all of them
-    take the chunk count of the longest (runtime/text.py), so cond and uncond share one shape."""
-    n_chunks = text.count_chunks(tokenizer, list(prompts) + (list(negatives) if guided else []), max_length)
-    cond = text.encode(text_encoder, text.tokenize(tokenizer, prompts, n_chunks, max_length))
-    cond = np.repeat(cond, images_per_prompt, axis=0)
-    uncond = None
-    if guided:
-        uncond = text.encode(text_encoder, text.tokenize(tokenizer, negatives, n_chunks, max_length))
-        uncond = np.repeat(uncond, images_per_prompt, axis=0)
+    take the chunk count of the longest (runtime/text.py), so cond and uncond share one shape.
+    Textual-inversion names are expanded first; A1111 emphasis and BREAK (runtime/prompt_syntax.py)
+    apply when `syntax` is "a1111" and a text uses them."""
+    prompts, negatives = expand_prompts(prompts, embeddings), expand_prompts(negatives, embeddings)
+    texts = list(prompts) + (list(negatives) if guided else [])
+    weighted = _weighted(texts, syntax)
+    n_chunks = prompt_chunks(tokenizer, texts, max_length=max_length, syntax=syntax)
+
+    def encode(batch: Sequence[str]) -> np.ndarray:
+        if not weighted:
+            return text.encode(text_encoder, text.tokenize(tokenizer, batch, n_chunks, max_length))
+        ids, weights = ps.tokenize_weighted(tokenizer, batch, n_chunks, max_length)
+        return ps.apply_weights(text.encode(text_encoder, ids), weights, max_length)
+
+    cond = np.repeat(encode(prompts), images_per_prompt, axis=0)
+    uncond = np.repeat(encode(negatives), images_per_prompt, axis=0) if guided else None
     warn_nonfinite(cond if uncond is None else np.concatenate([cond, uncond]), "text embeddings", "text_encoder")
     return Conditioning(cond, uncond)
 
@@ -141,7 +169,7 @@ class ImageLatents:
 
 
 def encode_images(vae_encoder: Engine | None, request: "Request", draws: Draws, *, scaling_factor: float,
-                  vae_scale_factor: int, inpainting_unet: bool) -> ImageLatents:
+                  vae_scale_factor: int, inpainting_unet: bool, tile: int | None = None) -> ImageLatents:
     """VAE-encode the request's init images (and masked images for the 9-channel U-Net), as
     diffusers' img2img and inpainting pipelines do."""
     if request.mode == "txt2img":
@@ -155,7 +183,8 @@ def encode_images(vae_encoder: Engine | None, request: "Request", draws: Draws, 
     # the 9-channel U-Net at strength 1 starts from pure noise and never needs the image's own
     # latents (as diffusers, which skips that encode too)
     if not (nine and request.strength == 1.0):
-        image_latents = _sample_latents(vae_encoder, pixels, src, draws.encode_noise, scaling_factor)
+        image_latents = _sample_latents(vae_encoder, pixels, src, draws.encode_noise, scaling_factor, tile,
+                                        vae_scale_factor)
     if request.mode == "img2img":
         return ImageLatents(init=image_latents)
     s = vae_scale_factor
@@ -166,15 +195,21 @@ def encode_images(vae_encoder: Engine | None, request: "Request", draws: Draws, 
         return ImageLatents(init=init, keep=image_latents, mask=mask)
     # diffusers: masked_image = init_image * (mask < 0.5), in [-1, 1] (masked pixels -> 0)
     masked_pixels = pixels * (masks < 0.5)[:, None].astype(np.float32)
-    masked = _sample_latents(vae_encoder, masked_pixels, src, draws.masked_encode_noise, scaling_factor)
+    masked = _sample_latents(vae_encoder, masked_pixels, src, draws.masked_encode_noise, scaling_factor, tile,
+                             vae_scale_factor)
     return ImageLatents(init=init, mask=mask, masked=masked)
 
 
 def _sample_latents(vae_encoder: Engine, pixels: np.ndarray, src: list[int], eps: np.ndarray,
-                    scaling_factor: float) -> np.ndarray:
+                    scaling_factor: float, tile: int | None = None, scale: int = 8) -> np.ndarray:
     """(mean + std * eps) * scaling_factor per expanded image, as diffusers' `latent_dist.sample(generator)`."""
-    out = vae_encoder.run({"image": pixels})
-    mean, std = out["latent_mean"][src], out["latent_std"][src]
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = vae_encoder.run({"image": x})
+        return out["latent_mean"], out["latent_std"]
+
+    mean, std = run(pixels) if tile is None else \
+        vae_tiling.encode_tiled(run, pixels, tile=tile, overlap=tile // 4, scale=scale)
+    mean, std = mean[src], std[src]
     if mean.shape[-2:] != eps.shape[-2:]:  # the graph's axes are symbolic: only its output can tell
         raise ManifestError(f"the VAE encoder made {mean.shape[-2:]} latents of {pixels.shape[-2:]} images, not the "
                             f"{eps.shape[-2:]} the manifest's vae_scale_factor implies: the manifest does not "
@@ -223,8 +258,16 @@ def denoise(unet: UnetFn, schedule: sch.Schedule, text_embeddings: Conditioning,
 
 # --- latents -> images ----------------------------------------------------------------------------------
 
-def decode(vae_decoder: Engine, latents: np.ndarray) -> np.ndarray:
-    """Latents (scaled, as the loop holds them) to float32 NHWC images in [0, 1]."""
-    decoded = vae_decoder.run({"latent": latents})["image"]
+def decode(vae_decoder: Engine, latents: np.ndarray, *, tile: int | None = None, scale: int = 8) -> np.ndarray:
+    """Latents (scaled, as the loop holds them) to float32 NHWC images in [0, 1]; `tile` (latent
+    pixels) decodes overlapping tiles and blends them (runtime/vae_tiling.py: bounded memory for big
+    images, at a small cost in exactness)."""
+    def run(z: np.ndarray) -> np.ndarray:
+        return vae_decoder.run({"latent": z})["image"]
+
+    if tile is None:
+        decoded = run(latents)
+    else:
+        decoded = vae_tiling.decode_tiled(run, latents, tile=tile, overlap=tile // 4, scale=scale)
     warn_nonfinite(decoded, "decoded images", "vae_decode")
     return imgs.from_network(decoded)

@@ -46,7 +46,7 @@ def tiny_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     settings = suite.Settings(model="tiny-sd1", resolution=64, steps=2, repeats=2, warmup=1,
                               engines=("onnxruntime", "openvino-f32", "openvino-int8"), peers=("diffusers-fp32", "diffusers-compile"),
-                              cache_dir=str(tmp / "cache"), timeout_s=600)
+                              cache_dir=str(tmp / "cache"), timeout_s=600, cache_interval=2)
     out = tmp / "tiny.json"
     report = suite.run(settings, out, command="pytest", log=lambda msg: None)
     return report, out
@@ -86,9 +86,21 @@ def test_suite_writes_json_and_markdown(tiny_report):
         assert summary["unet_speedup_vs_diffusers-fp32"] > 0
         assert summary["unet_parity"] == r["networks"]["unet"]["parity"]["max_rel_err"]
     assert on_disk["default_engine"] != "openvino-int8"
+    assert on_disk["default_engine"] in ("onnxruntime", "openvino-f32", "openvino-bf16")
+    assert "fastest measured on this machine" in on_disk["default_engine_reason"]
+    # step caching (--cache-interval 2): every engine also cached, against itself, same seed
+    for name in ("onnxruntime", "openvino-f32"):
+        cached, plain = results[name]["e2e_cached"], results[name]["e2e"]
+        assert cached["cache_interval"] == 2 and plain["cache_interval"] == 1
+        assert cached["speedup_vs_uncached"] == pytest.approx(plain["median_s"] / cached["median_s"])
+        assert 5 < cached["psnr_vs_uncached_db"] < 100  # a different image of the same noise
+    assert "e2e_cached" not in results["diffusers-fp32"]
+    # our engines' images against diffusers' from the same noise (the pipeline parity, fp32)
+    assert results["onnxruntime"]["e2e"]["image_psnr"]["db"] > 40
     md = out.with_suffix(".md").read_text()
     assert md == render_markdown(on_disk)
     assert "| onnxruntime |" in md and "| diffusers-fp32 |" in md and "U-Net parity" in md
+    assert "Step caching (DeepCache, a full U-Net every 2 calls)" in md
 
 
 def test_cache_is_reused(tiny_report, tmp_path):

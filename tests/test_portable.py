@@ -76,7 +76,8 @@ def test_openvino_precision_follows_the_cap():
     assert native["default"] == ("bf16" if "bf16" in cpu.hardware_features() else "f32")
 
 
-def test_default_backend_is_measured_once_per_folder_and_machine(tiny_sd1_engine, monkeypatch):
+def test_default_backend_is_measured_once_per_folder_and_machine(tiny_sd1_engine, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a user cache no earlier test has filled
     measured = []
     real = calibration.measure
     monkeypatch.setattr(calibration, "measure", lambda *a: measured.append(a[2]) or real(*a))

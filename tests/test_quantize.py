@@ -90,7 +90,7 @@ def test_int8_demo_model_follows_colour_prompts(demo_int8):
 
 
 def test_quantized_true_needs_an_int8_unet(tiny_sd1_engine):
-    with pytest.raises(ValueError, match="no int8 U-Net.*--quantize int8"):
+    with pytest.raises(ValueError, match="no quantized U-Net.*--quantize int8"):
         runtime.load(tiny_sd1_engine, backend="openvino", quantized=True)
     with pytest.raises(ValueError, match="quantized must be"):
         runtime.load(tiny_sd1_engine, backend="openvino", quantized="yes")
@@ -101,7 +101,7 @@ def test_added_and_removed_in_place_without_exporting_again(tiny_sd1_engine, tmp
     before = _onnx_mtimes(folder)
     lines: list[str] = []
     build_engine("tiny-sd1", folder, seed=0, quantize="int8", progress=lines.append)
-    assert any(line.startswith("adding the int8 U-Net") for line in lines)
+    assert any(line.startswith("adding the int8 networks") for line in lines)
     assert not any(line.startswith("exporting") for line in lines)
     assert _onnx_mtimes(folder) == before
     entry = load_manifest(folder).backends["openvino"]["unet_int8"]
@@ -113,7 +113,7 @@ def test_added_and_removed_in_place_without_exporting_again(tiny_sd1_engine, tmp
 
     lines.clear()  # asked without --quantize: removed, graphs untouched
     build_engine("tiny-sd1", folder, seed=0, progress=lines.append)
-    assert any(line.startswith("removing the int8 U-Net") for line in lines)
+    assert any(line.startswith("removing the int8 networks") for line in lines)
     assert "openvino" not in load_manifest(folder).backends
     assert not (folder / "openvino").exists()
     assert _onnx_mtimes(folder) == before

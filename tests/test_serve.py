@@ -117,7 +117,7 @@ BAD = [
     ("txt2img", {"prompt": "a cat", "n_iter": 1000}, 422, "n_iter: 1000 is outside [1, 16]"),
     ("txt2img", {"prompt": "a cat", "sampler_name": "Euler Magic"}, 422, "sampler_name: A1111 sampler 'Euler Magic' has no counterpart"),
     ("txt2img", {"prompt": "a cat", "sampler_name": "Euler", "scheduler": "Exponential"}, 422, "schedule type 'Exponential'"),
-    ("txt2img", {"prompt": "a cat", "sampler_name": "LCM", "scheduler": "Karras"}, 422, "sampler_name: karras sigmas do not apply to 'lcm'"),
+    ("txt2img", {"prompt": "a cat", "sampler_name": "LCM", "scheduler": "Karras"}, 422, "sampler_name: scheduler 'lcm': karras sigmas do not apply to 'lcm'"),
     ("txt2img", {"prompt": "a cat", "enable_hr": True}, 422, "enable_hr: hires fix is not implemented"),
     ("txt2img", {"prompt": "a cat", "restore_faces": True}, 422, "restore_faces: face restoration is not implemented"),
     ("txt2img", {"prompt": "a cat", "subseed_strength": 0.5}, 422, "subseed_strength: variation seeds"),

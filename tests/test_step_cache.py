@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 from export.build import BuildError, _reuse_problem, build_engine
 from export.configs import preset
@@ -381,6 +382,70 @@ def test_pipeline_cache_interval_matches_deepcache_helper(diffusers_pipe, step_c
     value = psnr(got, ref)
     log.info("PSNR pipe.txt2img(cache_interval=3) vs DeepCache: %.1f dB", value)
     assert value >= max(MIN_PSNR_DB, STRICT_PSNR_DB), value
+
+
+def test_server_extension_field_runs_the_cached_pipeline(step_cache_engine):
+    """The A1111 endpoint's `sd_runtime.cache_interval` / `cache_schedule` give the pipeline's own
+    cached image, which differs from the uncached one; an unknown schedule is a 422 naming the field."""
+    pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
+    import runtime
+    from test_serve_support import LiveServer, as_array, pixels
+
+    with runtime.load(step_cache_engine, backend="onnxruntime") as pipe:
+        live = LiveServer(pipe)
+        try:
+            body = {"prompt": PROMPT, "steps": 8, "seed": 5, "width": 64, "height": 64, "sampler_name": "DDIM",
+                    "sd_runtime": {"cache_interval": 3, "cache_schedule": "nonuniform"}}
+            r = live.post("/sdapi/v1/txt2img", body)
+            assert r.status_code == 200, r.text
+            kw = dict(num_inference_steps=8, seed=5, height=64, width=64, scheduler="ddim", guidance_scale=7.0,
+                      progress=False)
+            cached = as_array(pipe.txt2img(PROMPT, cache_interval=3, cache_schedule="nonuniform", **kw).images[0])
+            plain = as_array(pipe.txt2img(PROMPT, **kw).images[0])
+            np.testing.assert_array_equal(pixels(r.json()["images"][0]), cached)
+            assert np.abs(cached.astype(int) - plain).max() > 0
+            bad = live.post("/sdapi/v1/txt2img", dict(body, sd_runtime={"cache_interval": 3, "cache_schedule": "x"}))
+            assert bad.status_code == 422 and "sd_runtime.cache_schedule" in bad.json()["detail"]
+        finally:
+            live.stop()
+
+
+def test_command_line_cache_flags_reproduce_from_the_png(step_cache_engine, tmp_path, capsys):
+    """`--cache-interval/--cache-schedule/--prompt-syntax/--vae-tiling` reach the pipeline, land in
+    the PNG's metadata, and `--from-png` reproduces the image bit for bit; a folder without the
+    step-cache graphs is a one-line error."""
+    import runtime
+    from runtime.cli import main, read_metadata
+
+    out, again = tmp_path / "cached.png", tmp_path / "again.png"
+    argv = ["txt2img", str(step_cache_engine), "a (red:1.3) barn", "--steps", "6", "--seed", "3", "--scheduler",
+            "dpmpp_2m", "--backend", "onnxruntime", "--cache-interval", "2", "--cache-schedule", "nonuniform",
+            "--prompt-syntax", "none", "--vae-tiling", "off", "-o", str(out), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    meta = read_metadata(out)
+    assert (meta["cache_interval"], meta["cache_schedule"], meta["prompt_syntax"]) == (2, "nonuniform", "none")
+    assert "--cache-interval 2 --cache-schedule nonuniform --prompt-syntax none" in meta["command"]
+    with runtime.load(step_cache_engine, backend="onnxruntime") as pipe:
+        want = pipe.txt2img("a (red:1.3) barn", num_inference_steps=6, seed=3, scheduler="dpmpp_2m",
+                            cache_interval=2, cache_schedule="nonuniform", prompt_syntax="none", progress=False)
+    assert main(["--from-png", str(out), "-o", str(again), "--no-progress"]) == 0
+    for path in (out, again):
+        with Image.open(path) as im:
+            np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(want.images[0]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv[:3] + ["--vae-tiling", "sometimes"])
+    assert exit_.value.code == 2 and "--vae-tiling" in capsys.readouterr().err
+
+
+def test_command_line_refuses_cache_interval_without_the_graphs(tiny_sd1_engine, tmp_path, capsys):
+    from runtime.cli import main
+
+    rc = main(["txt2img", str(tiny_sd1_engine), "a barn", "--cache-interval", "3", "--backend", "onnxruntime",
+               "-o", str(tmp_path / "x.png"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "build-engine --step-cache" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
 
 
 # --- full size -----------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ class Extension(_Wire):
 
     guidance_rescale: float = Field(0.0, description="guidance rescale phi (arXiv:2305.08891, 3.4)")
     cache_interval: int | None = Field(None, description="step caching (DeepCache): a full U-Net call every "
-                                                         "N steps; refused until the pipeline has it")
+                                                         "N steps; needs a folder built with --step-cache")
+    cache_schedule: str | None = Field(None, description="which steps run the full U-Net: 'uniform' (every N) "
+                                                         "or 'nonuniform' (DeepCache's: more full steps early)")
 
 
 class Txt2ImgRequest(_Wire):
@@ -268,6 +270,10 @@ def _extension(req: Txt2ImgRequest, accepts: set[str]) -> dict[str, Any]:
         if "cache_interval" not in accepts:
             raise WireError("sd_runtime.cache_interval", "step caching is not available in this server's pipeline")
         out["cache_interval"] = ext.cache_interval
+    if ext.cache_schedule is not None:
+        if "cache_schedule" not in accepts:
+            raise WireError("sd_runtime.cache_schedule", "step caching is not available in this server's pipeline")
+        out["cache_schedule"] = ext.cache_schedule
     return out
 
 

@@ -87,8 +87,10 @@ class Service:
 
     def make_requests(self, mode: str, settings: list[dict[str, Any]], sampler_field: str = "sampler_name"
                       ) -> list[Request]:
-        """Validate each job's settings into a Request (and its schedule), or raise ServeError 422;
-        a schedule the sampler refuses names `sampler_field`."""
+        """Validate each job's settings into a Request (and its schedule), or raise ServeError 422
+        naming the wire field at fault: a schedule the sampler refuses names `sampler_field`."""
+        wire = {"scheduler": sampler_field, "cache_interval": "sd_runtime.cache_interval",
+                "cache_schedule": "sd_runtime.cache_schedule"}
         out = []
         for s in settings:
             s = dict(s)
@@ -96,7 +98,8 @@ class Service:
             try:
                 r = self.pipe.request(mode, prompt, **s)
             except PipelineError as e:
-                raise ServeError(422, str(e)) from None
+                field = wire.get(e.field or "")
+                raise ServeError(422, f"{field}: {e}" if field else str(e), field=field) from None
             try:
                 sch.make_schedule(self.pipe.manifest.scheduler, r.sampler, r.steps, strength=r.strength,
                                   karras=r.karras, prediction_type=self.pipe.manifest.prediction_type)
