@@ -82,9 +82,21 @@ def git_commit(root: Path) -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
+def isa_cap() -> dict[str, Any]:
+    """The instruction-set cap this run was under (runtime/cpu.py: ONEDNN_MAX_CPU_ISA, honoured by
+    oneDNN and OpenVINO; ATEN_CPU_CAPABILITY, PyTorch's own kernel dispatch; ONNX Runtime's kernels
+    take neither) and the features our defaults see under it."""
+    from runtime import cpu
+
+    return {"ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+            "features_seen": sorted(cpu.features())}
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpu": cpu_info(),
+        "isa_cap": isa_cap(),
         "memory_gib": memory_gib(),
         "os": f"{platform.system()} {platform.release()}",
         "python": sys.version.split()[0],

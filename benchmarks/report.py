@@ -33,6 +33,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- machine: {cpu.get('model')}, {cpu.get('usable_cpus')} usable CPUs, {report['machine'].get('memory_gib')} GiB; "
         f"bf16 hardware: {'yes' if cpu.get('bf16_hardware') else 'no'} (flags: {flags}); "
         f"load average at start / end {report.get('load_average_start')} / {report.get('load_average_end')}",
+        *_cap_line(report),
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- timing: median of {s['repeats']} calls after {s['warmup']} warm-up (min-max in brackets), seconds"
         + (f", per process; per network the median of {s['process_repeats']} fresh processes' medians (min-max over "
@@ -107,16 +108,28 @@ def _cached_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     if rows:
         interval = report["settings"].get("cache_interval")
-        lines += ["", f"Step caching (DeepCache, a full U-Net every {interval} calls), end to end, s:", "",
-                  "| target | uncached | cached | speed-up | image PSNR cached vs uncached | peak RSS MiB cached |",
+        lines += ["", f"Step caching (DeepCache, a full U-Net every {interval} calls), end to end, s: uncached and "
+                  "cached runs alternating in one process (median of each; min-max in brackets)", "",
+                  "| target | uncached | cached | speed-up | image PSNR cached vs uncached | peak RSS MiB, both in one process |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, r in rows:
             c = r["e2e_cached"]
             db = c.get("psnr_vs_uncached_db")
-            lines.append(f"| {name} | {_cell(r.get('e2e'))} | {_cell(c)} | {_ratio(c.get('speedup_vs_uncached'))} | "
+            lines.append(f"| {name} | {_cell(c.get('paired_uncached'))} | {_cell(c)} | {_ratio(c.get('speedup_vs_uncached'))} | "
                          + (f"{db:.1f} dB" if db is not None else "-")
                          + f" | {r.get('peak_rss_mb_e2e_cached', 0):.0f} |")
     if psnrs:
         lines += ["", "End-to-end image PSNR against " + psnrs[0][1]["reference"] + " (same initial noise): "
                   + "; ".join(f"{name} {p['db']:.1f} dB" for name, p in psnrs)]
     return lines
+
+
+def _cap_line(report: dict[str, Any]) -> list[str]:
+    """A line naming the instruction-set cap of an emulated run (benchmarks/machine.py isa_cap)."""
+    cap = report["machine"].get("isa_cap") or {}
+    if not cap.get("ONEDNN_MAX_CPU_ISA") and not cap.get("ATEN_CPU_CAPABILITY"):
+        return []
+    return [f"- **ISA cap (emulation, not a native run)**: ONEDNN_MAX_CPU_ISA={cap.get('ONEDNN_MAX_CPU_ISA')}, "
+            f"ATEN_CPU_CAPABILITY={cap.get('ATEN_CPU_CAPABILITY')}; features our defaults see: "
+            f"{', '.join(cap.get('features_seen') or []) or 'none'}. oneDNN/OpenVINO and PyTorch honour the cap; "
+            "ONNX Runtime's MLAS kernels dispatch on CPUID and ignore it"]

@@ -9,8 +9,9 @@ Measured per target (docs/benchmarks.md has the details and the recorded results
     the image batch: median of `repeats` timed calls after `warmup` untimed ones, with min and max;
   - end to end: txt2img at `steps` steps, guidance 7.5 (our pipeline, or diffusers' for peers);
     with `--cache-interval N` each engine also end to end with step caching (DeepCache, a full U-Net
-    every N calls; the engine folder gets the step-cache graphs), its speed-up over the same engine
-    uncached and the PSNR of the cached image against the uncached one (same seed);
+    every N calls; the engine folder gets the step-cache graphs) in a process of its own that
+    alternates uncached and cached runs (at least 2 each): the speed-up is the ratio of their
+    medians, beside the PSNR of the cached image against the uncached one (same seed);
   - peak memory: the RSS high-water mark of the target's end-to-end process (load + generate), and
     of its per-network process;
   - parity: each target's network outputs against the fp32 PyTorch reference (diffusers fp32 eager),
@@ -325,7 +326,9 @@ def run_target(target: Target, settings: Settings, workdir: Path) -> dict[str, A
         if settings.cache_interval > 1 and target.kind == "engine":
             phases.append(("e2e_cached", {**task, "target": f"{target.name}-e2e-cached", "networks": [], "e2e": True,
                                           "outputs_path": None, "cache_interval": settings.cache_interval,
-                                          "image_path": str(workdir / f"{target.name}.cached.image.npy")}))
+                                          "e2e_repeats": max(2, settings.e2e_repeats),
+                                          "image_path": str(workdir / f"{target.name}.cached.image.npy"),
+                                          "paired_image_path": str(workdir / f"{target.name}.paired.image.npy")}))
     for phase, phase_task in phases:
         if phase == "networks" and settings.process_repeats > 1:
             r = _networks_in_processes(phase_task, workdir, settings)
@@ -448,16 +451,18 @@ def image_psnr(workdir: Path, results: dict[str, Any], reference: str) -> None:
 
 
 def cached_vs_uncached(workdir: Path, results: dict[str, Any]) -> None:
-    """Add to each engine's `e2e_cached` its speed-up over the same engine's uncached run and the
-    PSNR (dB) of its image against the uncached image of the same seed."""
+    """Add to each engine's `e2e_cached` its speed-up over the uncached runs paired with it in the
+    same process (benchmarks/worker.py `_engine_e2e`) and the PSNR (dB) of its image against the
+    uncached image of the same seed."""
     from runtime.metrics import psnr
 
     for name, result in results.items():
-        cached, plain = result.get("e2e_cached"), result.get("e2e")
+        cached = result.get("e2e_cached")
+        plain = (cached or {}).get("paired_uncached")
         if result.get("status") != "ok" or not cached or not plain:
             continue
         cached["speedup_vs_uncached"] = plain["median_s"] / cached["median_s"]
-        a, b = workdir / f"{name}.cached.image.npy", workdir / f"{name}.image.npy"
+        a, b = workdir / f"{name}.cached.image.npy", workdir / f"{name}.paired.image.npy"
         if a.is_file() and b.is_file():
             cached["psnr_vs_uncached_db"] = psnr(np.load(a), np.load(b))
 

@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
                              "the manifest (see docs/security.md); exit status 1 names the first mismatch")
     parser.add_argument("--prune-cache", type=Path, metavar="DIR",
                         help="instead of building, trim the OpenVINO compile cache of the engine folder DIR to "
-                             "--cache-limit-gb (default: 30%% of its graphs' size), least recently used first")
+                             "--cache-limit-gb (default: 29%% of its graphs' size), least recently used first")
     parser.add_argument("--cache-limit-gb", type=float, default=None, metavar="GB",
                         help="with --prune-cache: the size to trim to (0 empties the cache)")
     parser.add_argument("--tensorrt", action="store_true",

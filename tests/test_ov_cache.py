@@ -108,13 +108,12 @@ def test_prune_cache_command_trims_the_folder_cache(tiny_sd1_engine, tmp_path, c
     cache = folder / ov_cache.SUBDIR
     graphs = ov_cache.graph_bytes(folder, pipe.manifest)
     used = ov_cache.folder_size(cache)
-    assert 0 < used <= ov_cache.DEFAULT_FRACTION * graphs  # cached within the default bound
+    assert 0 < used <= ov_cache.default_limit(folder, pipe.manifest)  # cached within the default bound
     n_entries = len(_entries(cache))
     with runtime.load(folder, backend="openvino") as pipe:  # a second process-like load reuses them
         pipe.txt2img("a cat", num_inference_steps=1, progress=False)
     assert len(_entries(cache)) == n_entries  # reused: no new entry
-    used = ov_cache.folder_size(cache)
-    assert used <= ov_cache.DEFAULT_FRACTION * graphs
+    assert ov_cache.folder_size(cache) <= ov_cache.default_limit(folder, pipe.manifest)
 
     rc, out, err = _build_cli(["--prune-cache", folder, "--cache-limit-gb", 0], capsys)
     assert rc == 0, err

@@ -11,7 +11,7 @@ one shape throughout), kept in a small LRU. `static_shapes=False` compiles the g
 dynamic axes instead. The source model is read (weights by mmap) only to compile and dropped
 afterwards, so a compiled network's weights are held once.
 
-Cache: compiled variants go to `ENGINE_DIR/openvino-cache`, bounded by default to 30% of the
+Cache: compiled variants go to `ENGINE_DIR/openvino-cache`, bounded by default to 29% of the
 folder's graphs, least recently used first out, written atomically (runtime/engines/ov_cache.py).
 """
 
@@ -269,9 +269,10 @@ OPTIONS = ("inference_precision", "threads", "cache_dir", "cache_limit_gb", "sta
 
 
 def _cache_limit(limit_gb: Any, engine_dir: Path, manifest: Manifest) -> int:
-    """The folder-wide cache bound in bytes: `limit_gb`, or ov_cache.DEFAULT_FRACTION of the graphs."""
+    """The folder-wide cache bound in bytes: `limit_gb`, or ov_cache.default_limit (folder + cache
+    within 1.3x the graphs)."""
     if limit_gb is None:
-        return int(ov_cache.DEFAULT_FRACTION * ov_cache.graph_bytes(engine_dir, manifest))
+        return ov_cache.default_limit(engine_dir, manifest)
     if isinstance(limit_gb, bool) or not isinstance(limit_gb, (int, float)) or limit_gb < 0:
         raise BackendError(f"cache_limit_gb must be a number >= 0 (GB), got {limit_gb!r}")
     return int(limit_gb * 2**30)
@@ -291,7 +292,7 @@ def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str,
     Options: inference_precision ("bf16" | "f32" | "f16"; default bf16 where the CPU has it, else
     f32, whatever the graph's precision), threads, static_shapes (default True), cache_dir (default
     ENGINE_DIR/openvino-cache; None turns caching off), cache_limit_gb (the cache's bound, default
-    30% of the folder's graphs: runtime/engines/ov_cache.py), quantized (None (default) runs the
+    29% of the folder's graphs: runtime/engines/ov_cache.py), quantized (None (default) runs the
     folder's quantized IRs where it has them: the int8 U-Net, or the int8-weight U-Net and text
     encoder; True requires a quantized U-Net; False runs the graphs).
     """
