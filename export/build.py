@@ -36,6 +36,7 @@ from typing import Any
 
 from export.adapters import Adapters, adapters as parse_adapters, comparable
 from export.hashing import file_sha256, tree_sha256
+from runtime.engines.ov_cache import pid_alive
 from runtime.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
 from runtime.networks import NETWORKS, PRECISIONS
 
@@ -163,16 +164,6 @@ def _reuse_problem(out_dir: Path, identity: dict[str, Any], precision: str, shap
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale(out_dir: Path, progress: Progress) -> None:
     """Remove temporary folders of builds into `out_dir` whose process is gone; if a build died
     between its two renames (old folder moved aside, new one not yet in place), move the old back."""
@@ -182,7 +173,7 @@ def _clean_stale(out_dir: Path, progress: Progress) -> None:
                 pid = int(p.name.rsplit("-", 2)[-2])
             except (ValueError, IndexError):
                 continue
-            if pid != os.getpid() and _pid_alive(pid):
+            if pid != os.getpid() and pid_alive(pid):
                 continue
             if kind == "old" and not out_dir.exists():
                 p.rename(out_dir)

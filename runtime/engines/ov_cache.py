@@ -100,7 +100,7 @@ def _remove_stale(root: Path, max_age_s: float = 3600.0) -> int:
     for tmp in root.glob(f"{TMP_PREFIX}*"):
         try:
             pid = int(tmp.name[len(TMP_PREFIX):].split("-", 1)[0])
-            alive = pid != os.getpid() and _pid_alive(pid)
+            alive = pid != os.getpid() and pid_alive(pid)
         except ValueError:
             alive = False
         if not alive or time.time() - tmp.stat().st_mtime > max_age_s:
@@ -110,7 +110,8 @@ def _remove_stale(root: Path, max_age_s: float = 3600.0) -> int:
     return freed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (also used by build-engine for its stale temporary folders)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
