@@ -3,13 +3,21 @@
 `features()` is the set of instruction-set features that decide our defaults: "avx2", "avx512"
 (AVX-512 F/BW/VL/DQ, oneDNN's avx512_core), "vnni" (AVX-512 VNNI or AVX-VNNI: int8 dot products
 without the u8 x s8 -> s16 saturation of `vpmaddubsw`), "bf16" (AVX512_BF16) and "amx"
-(AMX-BF16 + AMX-INT8). It is the hardware's flags (/proc/cpuinfo) intersected with the cap
+(AMX-BF16 + AMX-INT8). It is the hardware's flags (/proc/cpuinfo), less what this process's own
+CPUID denies (as numpy reads it at import: under an emulator such as `qemu-x86_64 -cpu max` the
+kernel's flags list AVX-512 while the process's CPUID shows an AVX2-only CPU, and every library's
+kernels follow the CPUID), intersected with the cap
 `ONEDNN_MAX_CPU_ISA`, oneDNN's documented variable, which OpenVINO's CPU plugin honours too
 (measured here: under `ONEDNN_MAX_CPU_ISA=AVX2` an int8 U-Net quantized without NNCF's overflow
 fix shows the no-VNNI saturation, rms error 0.089 against 0.028 uncapped, on the demo model). So
 one VNNI/AMX machine can exercise the AVX2-only paths of the engine and of our defaults:
 
     ONEDNN_MAX_CPU_ISA=AVX2 python -m pytest -q
+
+The cap reaches oneDNN's kernels only (ONNX Runtime's MLAS ignores it). An emulated AVX2-only CPU
+reaches all of them: `ONEDNN_MAX_CPU_ISA=AVX2 qemu-x86_64 -cpu max python ...` (QEMU 7.2's TCG
+implements AVX2 and FMA but no AVX-512, AVX-VNNI or AMX; the cap drops the AVX-VNNI that numpy
+cannot see, below). tools/avx2_check.sh runs the ISA-sensitive tests that way.
 
 Values follow oneDNN's `dnnl_cpu_isa_t` names (docs: "CPU Dispatcher Control"); unknown values
 are treated as no cap. Not x86: `features()` is empty and the engines' own capability reports
@@ -47,11 +55,37 @@ def _flags(cpuinfo: str) -> frozenset[str]:
 
 
 def hardware_features(cpuinfo: str | None = None) -> frozenset[str]:
-    """Features from the CPU's flags (`cpuinfo`: the text of /proc/cpuinfo; read when None)."""
+    """Features from the CPU's flags (`cpuinfo`: the text of /proc/cpuinfo; read when None, and then
+    only the flags this process's CPUID confirms: `confirmed_flags`)."""
     if cpuinfo is None:
         path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text() if path.is_file() else ""
-    f = _flags(cpuinfo)
+        return _flag_features(confirmed_flags(_flags(path.read_text() if path.is_file() else "")))
+    return _flag_features(_flags(cpuinfo))
+
+
+# /proc/cpuinfo flag -> the key of numpy's CPUID reading (numpy._core._multiarray_umath.__cpu_features__)
+# that confirms it. numpy has no key for AVX-VNNI or AMX: AVX-VNNI is checked only as far as AVX2,
+# AMX through AVX512_BF16 (every AMX CPU has it).
+_CPUID_KEY = {"avx2": "AVX2", "fma": "FMA3", "avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512vl": "AVX512VL",
+              "avx512dq": "AVX512DQ", "avx512_vnni": "AVX512VNNI", "avx512_bf16": "AVX512BF16", "avx_vnni": "AVX2",
+              "amx_bf16": "AVX512BF16", "amx_int8": "AVX512BF16", "amx_tile": "AVX512BF16"}
+
+
+def confirmed_flags(flags: frozenset[str]) -> frozenset[str]:
+    """`flags` less those this process's CPUID (as numpy read it) denies; flags numpy has no key for
+    pass as they are."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as seen
+    except ImportError:  # numpy < 2 keeps it elsewhere
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as seen
+        except ImportError:
+            return flags
+    return frozenset(f for f in flags if f not in _CPUID_KEY or seen.get(_CPUID_KEY[f], False))
+
+
+def _flag_features(f: frozenset[str]) -> frozenset[str]:
+    """Our feature names from a set of /proc/cpuinfo flags."""
     out = set()
     if "avx2" in f and "fma" in f:
         out.add("avx2")

@@ -102,3 +102,21 @@ def test_default_backend_is_measured_once_per_folder_and_machine(tiny_sd1_engine
     with runtime.load(tiny_sd1_engine, backend="onnxruntime") as pipe:
         assert pipe.backend_reason == "requested"
     assert len(measured) == 2
+
+
+def test_flags_the_process_cpuid_denies_are_dropped(monkeypatch):
+    """Under an emulator (qemu-x86_64 -cpu max) /proc/cpuinfo lists the host's AVX-512 and AMX while
+    the process's CPUID, which every library's kernels follow, shows an AVX2-only CPU."""
+    from numpy._core._multiarray_umath import __cpu_features__ as seen
+
+    flags = cpu._flags(SAPPHIRE_RAPIDS)
+    for key in [k for k in seen if k.startswith("AVX512")]:
+        monkeypatch.setitem(seen, key, False)
+    monkeypatch.setitem(seen, "AVX2", True)
+    monkeypatch.setitem(seen, "FMA3", True)
+    assert cpu._flag_features(cpu.confirmed_flags(flags)) == {"avx2", "vnni"}  # AVX-VNNI: no numpy key
+    monkeypatch.setitem(seen, "AVX512BF16", True)
+    for key in ("AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "AVX512VNNI"):
+        monkeypatch.setitem(seen, key, True)
+    assert cpu._flag_features(cpu.confirmed_flags(flags)) == {"avx2", "avx512", "vnni", "bf16", "amx"}
+    assert cpu.confirmed_flags(frozenset({"sse4_2", "avx2"})) == {"sse4_2", "avx2"}  # no key: kept

@@ -55,6 +55,11 @@ CUDA_EP, TENSORRT_EP = "CUDAExecutionProvider", "TensorrtExecutionProvider"
 DEVICE_PROVIDERS = (CUDA_EP, TENSORRT_EP)  # run with inputs and outputs bound to device buffers
 # each GPU provider's own option that turns its CUDA graph on (ORT's CUDA and TensorRT EP options)
 CUDA_GRAPH_OPTION = {CUDA_EP: ("enable_cuda_graph", "1"), TENSORRT_EP: ("trt_cuda_graph_enable", True)}
+# On the CPU provider every run hands the memory arena's free chunks back at its end (ORT's run option
+# "memory.enable_memory_arena_shrinkage"), so a session does not keep its largest run's activations
+# while the next network runs. Measured (SD 1.5, 256 px, 20 steps, Xeon): end-to-end peak RSS
+# 4927 -> 4423 MiB at the same speed (32.7 / 32.0 s).
+ARENA_SHRINKAGE = ("memory.enable_memory_arena_shrinkage", "cpu:0")
 log = logging.getLogger(__name__)
 
 
@@ -230,6 +235,9 @@ class OrtEngine(Engine):
         self.device_id = device_id
         self._device_io = (_DeviceIO(ort, self.session, device_id, self.cuda_graph, name)
                            if self.active_provider in DEVICE_PROVIDERS else None)
+        self._run_options = ort.RunOptions()
+        if self._device_io is None:
+            self._run_options.add_run_config_entry(*ARENA_SHRINKAGE)
         self.io_binding = self._device_io is not None
 
     def _tensorrt_preflight(self, ort: Any, cache_dir: str | os.PathLike | None) -> str | os.PathLike | None:
@@ -330,7 +338,7 @@ class OrtEngine(Engine):
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [t.name for t in self.outputs]
         if self._device_io is None:
-            return dict(zip(names, self.session.run(names, dict(feeds))))
+            return dict(zip(names, self.session.run(names, dict(feeds), self._run_options)))
         return self._device_io.run(feeds, names)
 
 
