@@ -9,17 +9,17 @@ cannot hold is refused with a PipelineError instead of the process being killed 
     U-Net        b_u * (UNET_LINEAR * n + UNET_ATTENTION * n^2)     b_u = 2b under guidance
     VAE decoder  b * (VAE_LINEAR * n + VAE_ATTENTION * n^2)
   The n^2 terms are self-attention score matrices (the U-Net's at the latent resolution, the VAE
-  mid-block's); they dominate from 512 px on. ONNX Runtime keeps each session's memory arena at its
-  peak, so its stages add up; the other backends release a stage's buffers, so the largest counts.
+  mid-block's); they dominate from 512 px on. Every CPU backend releases a stage's buffers when it
+  ends (ONNX Runtime shrinks its arena after each run), so the largest stage counts.
   For other model sizes both terms scale with `scale`, the square root of the ratio of the folder's
   U-Net parameters to SD 1.5's (activations grow with channel counts, parameters with their square),
   so the tiny test models estimate tiny.
 
 Calibration (docs/security.md, benchmarks/results/memory-sd15.json): peak resident memory of SD 1.5
 (fp32 graphs) one network at a time and end to end, ONNX Runtime and OpenVINO (f32) on CPU. The
-fitted terms are within 10% of the per-network peaks at 256-640 px; the estimate lies 7-22% above
-every end-to-end peak on ONNX Runtime and 10-50% above OpenVINO's, whose compile peak is all but
-independent of the image size. TensorRT holds its weights and activations on the GPU (bounded by its
+fitted terms are within 10% of the per-network peaks at 256-640 px; the estimate lies 22-23% above
+every end-to-end peak on ONNX Runtime and 18-49% above OpenVINO f32's (OpenVINO's activations grow
+less with the size than ONNX Runtime's; at bf16 its weights take half as much again). TensorRT holds its weights and activations on the GPU (bounded by its
 plans' profiles): no host estimate. The limit defaults to the machine's memory: physical RAM, or the
 cgroup v2 limit (`/sys/fs/cgroup/memory.max`) where that is lower.
 """
@@ -37,12 +37,13 @@ from runtime.errors import PipelineError
 __all__ = ["MemoryModel", "machine_memory", "memory_limit"]
 
 GiB = 1 << 30
-# Bytes held per byte of graph weights, measured on SD 1.5 fp32 (4.27 GB of graphs): ONNX Runtime's
-# resident set after loading 4.61 GB; OpenVINO's compile peak 7.7-8.1 GB (f32, no cache) at any size;
-# the PyTorch reference holds the fp32 weights as ONNX Runtime does. Other registered backends get the
+# Bytes held per byte of graph weights, measured on SD 1.5 fp32 (4.13 GB of graphs for txt2img): ONNX
+# Runtime's resident set after loading 4.13 GB; OpenVINO f32 holds its compiled copy only (the mapped
+# source pages are handed back: runtime/engines/mapped_weights.py), 4.55 GB at its 256 px peak; the
+# PyTorch reference holds the fp32 weights as ONNX Runtime does. Other registered backends get the
 # largest.
-WEIGHTS_FACTOR = {"onnxruntime": 1.08, "openvino": 1.8, "torch": 1.08}
-STAGES_ADD_UP = {"onnxruntime": True, "openvino": False, "torch": False}
+WEIGHTS_FACTOR = {"onnxruntime": 1.08, "openvino": 1.08, "torch": 1.08}
+STAGES_ADD_UP = {"onnxruntime": False, "openvino": False, "torch": False}
 NO_HOST_ESTIMATE = ("tensorrt",)
 # Activation bytes per latent position (n) and per pair of positions (n^2), per image in the batch;
 # least-squares fits to ONNX Runtime's SD 1.5 peaks at 256, 512 and 640 px (U-Net batch 2, VAE decoder
