@@ -186,7 +186,7 @@ def test_tensorrt_plan_paths_are_contained(folder):
     from runtime.engines.tensorrt import StalePlanError, _plan_and_key
 
     manifest = load_manifest(folder)
-    (folder / "tensorrt").mkdir()
+    (folder / "tensorrt").mkdir(exist_ok=True)  # test_ort_gpu may have left its ORT cache there
     (folder / "tensorrt" / "unet.key.json").write_text("{}")
 
     def with_plan(plan: str):
@@ -392,7 +392,10 @@ def test_no_pickle_or_dynamic_code_on_the_runtime_path():
                 offenders.append((rel, f"{name}(allow_pickle=...)"))
             if "trust_remote_code" in keywords:
                 offenders.append((rel, "trust_remote_code"))
-            if name.endswith("CDLL") and rel != "runtime/engines/ort_tensorrt.py":
+            # CDLL(None) opens no file: the symbols already in the process (libc's madvise in
+            # runtime/engines/mapped_weights.py)
+            own_symbols = bool(call.args) and isinstance(call.args[0], ast.Constant) and call.args[0].value is None
+            if name.endswith("CDLL") and rel != "runtime/engines/ort_tensorrt.py" and not own_symbols:
                 offenders.append((rel, name))  # TensorRT's own libraries, by fixed names, only there
     assert len(files) > 20 and offenders == []
 

@@ -111,6 +111,10 @@ class FakeOrt(types.ModuleType):
     def SessionOptions(self):  # noqa: N802 - ORT's name
         return types.SimpleNamespace(add_session_config_entry=lambda k, v: None, optimized_model_filepath="")
 
+    def RunOptions(self):  # noqa: N802 - ORT's name
+        entries: dict[str, str] = {}
+        return types.SimpleNamespace(add_run_config_entry=entries.__setitem__, entries=entries)
+
     def InferenceSession(self, path, options, providers=None, provider_options=None):  # noqa: N802
         return FakeSession(self, path, options, providers, provider_options)
 

@@ -235,8 +235,9 @@ class OrtEngine(Engine):
         self.device_id = device_id
         self._device_io = (_DeviceIO(ort, self.session, device_id, self.cuda_graph, name)
                            if self.active_provider in DEVICE_PROVIDERS else None)
-        self._run_options = ort.RunOptions()
-        if self._device_io is None:
+        self._run_options = None
+        if self._device_io is None:  # device runs bind their buffers (runtime/engines/cuda.py's _DeviceIO)
+            self._run_options = ort.RunOptions()
             self._run_options.add_run_config_entry(*ARENA_SHRINKAGE)
         self.io_binding = self._device_io is not None
 
