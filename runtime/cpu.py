@@ -17,7 +17,7 @@ one VNNI/AMX machine can exercise the AVX2-only paths of the engine and of our d
 The cap reaches oneDNN's kernels only (ONNX Runtime's MLAS ignores it). An emulated AVX2-only CPU
 reaches all of them: `ONEDNN_MAX_CPU_ISA=AVX2 qemu-x86_64 -cpu max python ...` (QEMU 7.2's TCG
 implements AVX2 and FMA but no AVX-512, AVX-VNNI or AMX; the cap drops the AVX-VNNI that numpy
-cannot see, below). tools/avx2_check.sh runs the ISA-sensitive tests that way.
+cannot see, below). `bash tools/avx2_check.sh TESTS` runs chosen tests that way.
 
 Values follow oneDNN's `dnnl_cpu_isa_t` names (docs: "CPU Dispatcher Control"); unknown values
 are treated as no cap. Not x86: `features()` is empty and the engines' own capability reports

@@ -22,7 +22,6 @@ from runtime.engines import mapped_weights
 
 pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and mapped_weights.supported()),
                                 reason="madvise and /proc/self/maps are Linux's")
-PAGE = mmap.PAGESIZE
 
 
 def resident_kib(path: Path) -> list[int]:

@@ -241,9 +241,8 @@ class OpenVinoEngine(Engine):
 
     def _weight_files(self) -> tuple[Path, ...]:
         """What a compile reads by mmap: the graph and its weights file, and the compile cache."""
-        files = (self.path, self.path.with_name(self.path.name + ".data"), self.path.with_suffix(".bin"))
         cache = (self.cache_dir,) if self.cache_dir is not None else ()
-        return tuple(p for p in files if p.is_file()) + cache
+        return _graph_files(self.path) + cache
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         by_name = self._variant(feeds).infer({t.name: feeds[t.name] for t in self.inputs})
@@ -255,10 +254,15 @@ class OpenVinoEngine(Engine):
             self._model = None
 
 
+def _graph_files(path: Path) -> tuple[Path, ...]:
+    """A graph and its weights: an ONNX file and its `<name>.data`, or an IR .xml and .bin."""
+    extra = (path.with_name(path.name + ".data"), path.with_suffix(".bin"))
+    return (path, *(p for p in extra if p.is_file()))
+
+
 def _file_bytes(path: Path) -> int:
-    """Bytes of a graph with its weights: an ONNX file and its `<name>.data`, or an IR .xml and .bin."""
-    extra = [path.with_name(path.name + ".data"), path.with_suffix(".bin")]
-    return path.stat().st_size + sum(p.stat().st_size for p in extra if p.is_file())
+    """Bytes of a graph with its weights (`_graph_files`)."""
+    return sum(p.stat().st_size for p in _graph_files(path))
 
 
 def _default_cache_dir(engine_dir: Path) -> Path | None:
