@@ -18,6 +18,11 @@ normalizations were kept in float32): tiny presets at most 2.3e-3; full-size SD 
 256 px) 1.0e-3 text encoder, 8.9e-4 U-Net, 9.6e-4 VAE decoder, 1.3e-3 VAE encoder. fp32 graphs:
 1e-6 to 5e-6 (tiny and full size).
 
+The VAE decoder's upsamplers are exported as one stride-2 transposed convolution each
+(`TRANSPOSED_UPSAMPLE_NETWORKS`, export/upsample.py): the same values with 16 multiply-adds per input
+pixel where nearest x2 + 3x3 conv takes 36. The parity check compares that graph with the unchanged
+reference.
+
 Step cache (DeepCache, arXiv:2312.00858): `unet_deep` and `unet_shallow` (runtime/networks.py) wrap
 the reference U-Net's `forward_deep` / `forward_shallow` for one cache branch; `export_step_cache`
 exports both beside `unet`, checks each against the PyTorch split, points the three U-Net graphs
@@ -45,6 +50,7 @@ from torch import nn
 from export.external_data import share_weights
 from export.fp16 import reduced_precision
 from export.unet import cache_split
+from export.upsample import transposed_upsamplers
 from runtime.metrics import max_errors
 from runtime.networks import (
     NETWORKS,
@@ -68,6 +74,10 @@ PARITY_THRESHOLDS = {"fp32": 1e-4, "fp16": 1e-2}
 # full-size network's weights outside and leaves the tiny test models' inside.
 EXTERNAL_DATA_BYTES = 2**25
 EXPORTER = f"torch.onnx TorchScript exporter (dynamo=False), opset {OPSET}"
+# Networks whose upsamplers (nearest x2, 3x3 conv) are exported as one stride-2 transposed
+# convolution (export/upsample.py: 16 multiply-adds per input pixel instead of 36, same output to
+# float32 rounding).
+TRANSPOSED_UPSAMPLE_NETWORKS = ("vae_decoder",)
 
 
 class ParityError(RuntimeError):
@@ -270,6 +280,8 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
         trace_shape = Shape(2, 2 * m, 3 * m, 2 * dims.text_max_length)
         example = _cast_feeds(sample_inputs(network, dims, trace_shape, vocab_size=vocab, rng=rng), inputs)
         module = copy.deepcopy(reference) if precision == "fp16" or network == "text_encoder" else reference
+        if network in TRANSPOSED_UPSAMPLE_NETWORKS:
+            module = transposed_upsamplers(module)  # the reference stays as it is (export/upsample.py)
         if precision == "fp16":
             reduced_precision(module, torch.float16).to(device)  # normalizations stay fp32 (export/fp16.py)
         if network == "text_encoder":

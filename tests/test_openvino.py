@@ -186,3 +186,100 @@ def test_bad_options(engine_dir):
         ov_engine.open_engine(engine_dir, manifest, "unet", inference_precision="fp8")
     with pytest.raises(EngineLoadError, match="no network"):
         ov_engine.open_engine(engine_dir, manifest, "refiner")
+
+
+# --- layout-free GroupNorm (runtime/engines/ov_group_norm.py) ----------------------------------------
+
+def _compiled_output(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled.create_infer_request().infer(feeds)[compiled.outputs[0]].copy()
+
+
+def test_group_norm_rewrite_on_the_exported_decoder(engine_dir):
+    import openvino as ov
+    import torch
+
+    from export.configs import preset
+    from export.vae import AutoencoderKL
+    from runtime.engines.ov_group_norm import layout_free_group_norms
+
+    manifest = load_manifest(engine_dir)
+    feeds = network_feeds("vae_decoder", manifest.dims, 2, RESOLUTION, seed=4)
+    path = str(engine_dir / manifest.networks["vae_decoder"]["file"])
+    want = _compiled_output(ov.Core().read_model(path), feeds)
+    for static in (True, False):
+        model = ov.Core().read_model(path)
+        if static:
+            model.reshape({k: list(v.shape) for k, v in feeds.items()})
+        rewritten = layout_free_group_norms(model)
+        # every GroupNorm of the decoder (resnets, mid-block attention, conv_norm_out)
+        groupnorms = sum(isinstance(m, torch.nn.GroupNorm) for m in AutoencoderKL(preset("tiny-sd1").vae).decoder.modules())
+        assert rewritten == groupnorms > 0
+        assert not [op for op in model.get_ordered_ops() if op.get_type_name() == "MVN"]
+        got = _compiled_output(model, feeds)
+        assert _rel(got, want) <= 1e-5, (static, _rel(got, want))
+        assert layout_free_group_norms(model) == 0  # nothing left to rewrite
+
+
+def _group_norm_graph(scale: np.ndarray, bias: np.ndarray, gamma: np.ndarray, beta: np.ndarray, groups: int,
+                      extra_output: bool = False):
+    """x [1, C, 5, 6] -> GroupNorm written as the exporter writes it, with the InstanceNormalization's
+    per-group scale and bias set to `scale` / `bias` (the exporter writes ones and zeros)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = gamma.size
+    nodes = [
+        helper.make_node("Reshape", ["x", "grouped_shape"], ["grouped"]),
+        helper.make_node("InstanceNormalization", ["grouped", "scale", "bias"], ["normed"], epsilon=1e-5),
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Reshape", ["normed", "x_shape"], ["back"]),
+        helper.make_node("Mul", ["back", "gamma"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "beta"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([1, groups, -1], np.int64), "grouped_shape"),
+             numpy_helper.from_array(scale.astype(np.float32), "scale"),
+             numpy_helper.from_array(bias.astype(np.float32), "bias"),
+             numpy_helper.from_array(gamma.reshape(c, 1, 1).astype(np.float32), "gamma"),
+             numpy_helper.from_array(beta.reshape(c, 1, 1).astype(np.float32), "beta")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 5, 6])]
+    if extra_output:
+        outputs.append(helper.make_tensor_value_info("normed", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "gn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 5, 6])],
+                              outputs, inits)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _read_onnx(model_proto, tmp_path: Path):
+    import onnx
+    import openvino as ov
+
+    path = tmp_path / "gn.onnx"
+    onnx.save(model_proto, str(path))
+    return ov.Core().read_model(str(path))
+
+
+def test_group_norm_rewrite_folds_per_group_scale_and_keeps_variants_it_does_not_know(tmp_path):
+    from runtime.engines.ov_group_norm import layout_free_group_norms
+
+    rng = np.random.default_rng(0)
+    c, groups = 12, 3
+    x = (rng.standard_normal((1, c, 5, 6)) * 4 + 7).astype(np.float32)  # mean far from zero
+    args = (rng.uniform(0.5, 2, groups), rng.standard_normal(groups), rng.standard_normal(c), rng.standard_normal(c))
+    proto = _group_norm_graph(*args, groups)
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # numpy reference of the same GroupNorm (biased variance, eps inside the root)
+    g = x.astype(np.float64).reshape(1, groups, -1)
+    n = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5))
+    n = n * args[0][None, :, None] + args[1][None, :, None]
+    ref = n.reshape(x.shape) * args[2][None, :, None, None] + args[3][None, :, None, None]
+    assert _rel(want, ref) < 1e-5
+    model = _read_onnx(proto, tmp_path)
+    assert layout_free_group_norms(model) == 1
+    assert _rel(_compiled_output(model, {"x": x}), ref) < 1e-5
+    # the normalized tensor used elsewhere too: not the exporter's GroupNorm, left alone
+    model = _read_onnx(_group_norm_graph(*args, groups, extra_output=True), tmp_path)
+    assert layout_free_group_norms(model) == 0
+    assert any(op.get_type_name() == "MVN" for op in model.get_ordered_ops())
