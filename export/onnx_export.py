@@ -279,15 +279,7 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
         m = size_multiple(model.spec) if network in UNET_NETWORKS else model.spec.vae_scale_factor
         trace_shape = Shape(2, 2 * m, 3 * m, 2 * dims.text_max_length)
         example = _cast_feeds(sample_inputs(network, dims, trace_shape, vocab_size=vocab, rng=rng), inputs)
-        module = copy.deepcopy(reference) if precision == "fp16" or network == "text_encoder" else reference
-        if network in TRANSPOSED_UPSAMPLE_NETWORKS:
-            module = transposed_upsamplers(module)  # the reference stays as it is (export/upsample.py)
-        if precision == "fp16":
-            reduced_precision(module, torch.float16).to(device)  # normalizations stay fp32 (export/fp16.py)
-        if network == "text_encoder":
-            # The exporter's SDPA-with-mask symbolic upcasts to float32 and leaves float16 graphs
-            # invalid (LayerNormalization with mixed types); eager attention exports cleanly.
-            module.text_encoder.set_attn_implementation("eager")
+        module = _traced_module(network, reference, precision, device)
         weight_bytes = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
         raw = scratch / "raw" / final.name
         raw.parent.mkdir()
@@ -307,6 +299,21 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
         gc.collect()
     return ExportResult(network, final.name, data_name if external else None, precision, parity,
                         time.perf_counter() - start)
+
+
+def _traced_module(network: str, reference: nn.Module, precision: str, device: str) -> nn.Module:
+    """The module the exporter traces for `reference`, which is left as it is: the upsamplers of
+    `TRANSPOSED_UPSAMPLE_NETWORKS` as transposed convolutions, and a float16 copy for fp16 graphs."""
+    module = copy.deepcopy(reference) if precision == "fp16" or network == "text_encoder" else reference
+    if network in TRANSPOSED_UPSAMPLE_NETWORKS:
+        module = transposed_upsamplers(module)  # shares the reference's other weights (export/upsample.py)
+    if precision == "fp16":
+        reduced_precision(module, torch.float16).to(device)  # normalizations stay fp32 (export/fp16.py)
+    if network == "text_encoder":
+        # The exporter's SDPA-with-mask symbolic upcasts to float32 and leaves float16 graphs
+        # invalid (LayerNormalization with mixed types); eager attention exports cleanly.
+        module.text_encoder.set_attn_implementation("eager")
+    return module
 
 
 # --- step cache (DeepCache) ------------------------------------------------------------------------
