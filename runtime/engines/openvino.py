@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from runtime.engines import mapped_weights, ov_cache
-from runtime.engines.ov_group_norm import layout_free_group_norms
 from runtime.engines.base import Engine, EngineInfo
+from runtime.engines.ov_group_norm import layout_free_group_norms
 from runtime.errors import BackendError, EngineLoadError
 from runtime.folder import inside
 from runtime.manifest import Manifest
