@@ -15,9 +15,9 @@ the upsample-then-convolve form does 4 * 9 = 36, with no upsampled tensor in bet
 weights are formed in float64 and rounded once, so the graph agrees with the reference to float32
 rounding (the export's parity check holds it to `PARITY_THRESHOLDS`).
 
-Measured on SD 1.5's VAE decoder (random weights, 256 px, OpenVINO 2026.4 on a 2-vCPU Xeon with AMX:
-`benchmarks/vae_decode.py`): the three upsamplers are 29% of the decoder's multiply-adds; see
-docs/benchmarks.md "VAE decode" for the times.
+SD 1.5's VAE decoder at 256 px: the three upsamplers are 28% of its multiply-adds (87.0 of 311.1
+GMAC); transposed, the decoder does 262.8 (`python -m benchmarks.vae_decode`; times in
+docs/benchmarks.md, "VAE decode").
 
 Only the exported graph changes: the PyTorch reference keeps diffusers' form and its module names
 (checkpoint keys). `transposed_upsamplers(module)` returns a module that shares every parameter
