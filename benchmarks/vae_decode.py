@@ -26,11 +26,12 @@ import collections
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.timing import measure
 
 FORMS = ("upsample+conv", "transposed")
 SEED = 0
@@ -40,22 +41,14 @@ def _decoder(transposed: bool):
     import torch
 
     from export.configs import preset
+    from export.onnx_export import VAEDecoderWrapper
     from export.upsample import transposed_upsamplers
     from export.vae import AutoencoderKL
 
     spec = preset("sd15")
     torch.manual_seed(SEED)
     vae = AutoencoderKL(spec.vae).eval().requires_grad_(False)
-
-    class Decoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vae = transposed_upsamplers(vae) if transposed else vae
-
-        def forward(self, latent):
-            return self.vae.decode(latent / spec.vae.scaling_factor)
-
-    return spec, Decoder().eval()
+    return spec, VAEDecoderWrapper(transposed_upsamplers(vae) if transposed else vae, spec.vae.scaling_factor).eval()
 
 
 def export(out: Path) -> dict[str, Path]:
@@ -96,13 +89,8 @@ def multiply_adds(size: int) -> dict[str, dict[str, float]]:
 
 
 def _time(call, repeats: int) -> float:
-    call()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
+    """Best of `repeats` timed calls after one warm-up."""
+    return measure(call, repeats=repeats, warmup=1)["min_s"]
 
 
 def openvino_run(path: Path, size: int, precision: str, rewrite: bool, latent: np.ndarray,

@@ -241,7 +241,7 @@ class OpenVinoEngine(Engine):
         self._model = None
         if key is not None:
             model.reshape({t.name: list(shape) for t, shape in zip(self.inputs, key)})
-        rewrite = self.name in LAYOUT_FREE_GROUP_NORM and not self.quantized
+        rewrite = self.name in LAYOUT_FREE_GROUP_NORM
         if rewrite:
             layout_free_group_norms(model)
         if self._cache is None:

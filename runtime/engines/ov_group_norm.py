@@ -19,8 +19,9 @@ tensors:
 
 which is the MVN's own arithmetic (eps inside the square root, biased variance) in another order,
 so float32 results agree to rounding (the tests hold the rewritten tiny decoder to 1e-5 of the
-original; SD 1.5's decoder differs by at most 9.4e-6, `python -m benchmarks.vae_decode`). The per-group scale/shift the exporter inserts (ones and zeros from PyTorch) are folded
-into gamma/beta. Patterns that differ in any way are left as they are.
+original; SD 1.5's decoder differs by at most 9.4e-6, `python -m benchmarks.vae_decode`). The
+per-group scale/shift the exporter inserts (ones and zeros from PyTorch) are folded into gamma/beta.
+Patterns that differ in any way are left as they are.
 """
 
 from __future__ import annotations
