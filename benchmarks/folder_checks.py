@@ -3,7 +3,7 @@
     python -m benchmarks.folder_checks verify DIR                    # default vs verify=True, cold and warm
     python -m benchmarks.folder_checks memory DIR BACKEND SIZE BATCH [--network NAME]
 
-`verify` times `runtime.folder.check_folder` in each mode: cold after `posix_fadvise(DONTNEED)` on
+`verify` times `runtime.folder.paths.check_folder` in each mode: cold after `posix_fadvise(DONTNEED)` on
 every file of the folder (only this folder's pages leave the page cache), then twice warm. The folder
 must have a files table (`build-engine --verify DIR` records one). `memory` reports the peak resident
 memory (getrusage) of one fresh process: a one-step guided txt2img of BATCH images of SIZE px, or one
@@ -37,8 +37,8 @@ def _drop_cache(folder: Path, files: list[str]) -> None:
 
 
 def verify_costs(folder: Path) -> list[dict[str, Any]]:
-    from runtime.folder import check_folder, opened_files
-    from runtime.manifest import load_manifest
+    from runtime.folder.paths import check_folder, opened_files
+    from runtime.folder.manifest import load_manifest
 
     manifest = load_manifest(folder)
     runs = []
@@ -61,8 +61,8 @@ def _peak() -> int:
 def memory_peak(folder: Path, backend: str, size: int, batch: int, network: str | None) -> dict[str, Any]:
     import runtime
     from runtime.engines import open_engines
-    from runtime.manifest import load_manifest
-    from runtime.networks import axis_values, concrete_shape
+    from runtime.folder.manifest import load_manifest
+    from runtime.folder.networks import axis_values, concrete_shape
 
     options = {"cache_dir": None, "inference_precision": "f32"} if backend == "openvino" else {}
     if network is None:

@@ -257,7 +257,7 @@ def _child(task: dict[str, Any], settings: Settings, timeout_s: float, log) -> d
 
 def add_parity(report: dict[str, Any]) -> None:
     """Each measured route's outputs against the reference route's, max|out - ref| / max|ref|."""
-    from runtime.metrics import max_errors, psnr
+    from runtime.compare import max_errors, psnr
 
     ref = report["routes"].get(REFERENCE, {})
     if not ref.get("outputs"):
@@ -371,7 +371,7 @@ def route_options(route: Route, engine_dir: Path, manifest: Any, device: str) ->
         from dataclasses import replace
 
         from export.tensorrt import build_tensorrt_engines
-        from runtime.manifest import write_manifest
+        from runtime.folder.manifest import write_manifest
 
         entry = build_tensorrt_engines(engine_dir, manifest, precision="fp16", progress=lambda line: None)
         write_manifest(engine_dir, replace(manifest, backends={**manifest.backends, "tensorrt": entry}))
@@ -398,7 +398,7 @@ def network_calls(pipe: Any, dims: Any, settings: dict[str, Any]) -> tuple[dict,
 
 def engine_route(route: Route, settings: dict[str, Any], build: dict[str, Any], device: str, out: Path) -> dict:
     import runtime
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
 
     engine_dir = Path(build["engine_dir"])
     manifest = load_manifest(engine_dir)
@@ -443,7 +443,7 @@ def peer_route(route: Route, settings: dict[str, Any], build: dict[str, Any], ou
 
     from benchmarks.timing import measure
     from benchmarks.worker import PROMPT, network_feeds
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
 
     dtype = getattr(torch, route.dtype) if device == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

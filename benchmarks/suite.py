@@ -200,7 +200,7 @@ def default_engine_target(engine_dir: Path | None = None) -> tuple[str | None, s
         return None, f"runtime.engines has no registry: {e}"
     prebuilt: dict[str, Any] = {}
     if engine_dir is not None and (engine_dir / "manifest.json").is_file():
-        from runtime.manifest import load_manifest
+        from runtime.folder.manifest import load_manifest
 
         prebuilt = load_manifest(engine_dir).backends
     usable = [b for b, why in available_backends().items()
@@ -276,7 +276,7 @@ def prepare_cache(settings: Settings, workdir: Path, log) -> dict[str, Any]:
     diffusers_dir, engine_dir = cache_paths(settings)
     diffusers_dir.parent.mkdir(parents=True, exist_ok=True)
     if (diffusers_dir / "model_index.json").is_file() and (engine_dir / "manifest.json").is_file():
-        from runtime.manifest import load_manifest
+        from runtime.folder.manifest import load_manifest
 
         manifest = load_manifest(engine_dir)
         shapes = manifest.shapes
@@ -383,7 +383,7 @@ def peer_inputs(settings: Settings, workdir: Path) -> dict[str, str]:
     latents start from the same noise; `feeds.npz`, every network's seeded feeds
     (benchmarks.worker.network_feeds, keys NETWORK/INPUT) for peers that cannot import runtime/."""
     from benchmarks.worker import network_batch, network_feeds
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
 
     latents_path, feeds_path = workdir / "latents.npy", workdir / "feeds.npz"
     if not (latents_path.is_file() and feeds_path.is_file()):
@@ -428,9 +428,9 @@ def prepare_peer(target: Target, settings: Settings, workdir: Path, log) -> dict
 
 
 def image_psnr(workdir: Path, results: dict[str, Any], reference: str) -> None:
-    """Add to each peer's end-to-end result the PSNR (runtime.metrics.psnr, dB) of its image against
+    """Add to each peer's end-to-end result the PSNR (runtime.compare.psnr, dB) of its image against
     `reference`'s, where both started from the suite's latents (peer_inputs)."""
-    from runtime.metrics import psnr
+    from runtime.compare import psnr
 
     ref_path = workdir / f"{reference}.image.npy"
     if not ref_path.is_file():
@@ -454,7 +454,7 @@ def cached_vs_uncached(workdir: Path, results: dict[str, Any]) -> None:
     """Add to each engine's `e2e_cached` its speed-up over the uncached runs paired with it in the
     same process (benchmarks/worker.py `_engine_e2e`) and the PSNR (dB) of its image against the
     uncached image of the same seed."""
-    from runtime.metrics import psnr
+    from runtime.compare import psnr
 
     for name, result in results.items():
         cached = result.get("e2e_cached")
@@ -496,9 +496,9 @@ def _networks_in_processes(task: dict[str, Any], workdir: Path, settings: Settin
 
 
 def parity(workdir: Path, results: dict[str, Any], reference: str) -> None:
-    """Add, per target and network, max|out - ref| / max|ref| (runtime.metrics.max_errors) against
+    """Add, per target and network, max|out - ref| / max|ref| (runtime.compare.max_errors) against
     `reference`'s outputs."""
-    from runtime.metrics import max_errors
+    from runtime.compare import max_errors
 
     ref_path = workdir / f"{reference}.outputs.npz"
     if not ref_path.is_file():
@@ -523,7 +523,7 @@ def scheduler_overhead(settings: Settings, sampler: str) -> dict[str, Any]:
         from benchmarks.scheduler_overhead import measure_scheduler_overhead
     except ImportError as e:
         return {"status": "skipped", "reason": f"benchmarks.scheduler_overhead is not available: {e}"}
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
 
     manifest = load_manifest(cache_paths(settings)[1])
     lh = settings.resolution // manifest.dims.vae_scale_factor
@@ -703,7 +703,7 @@ def run(settings: Settings, out: Path | None = None, command: str | None = None,
 
 
 def _default_sampler(settings: Settings) -> str:
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
     from runtime.pipeline import default_sampler
 
     _, engine_dir = cache_paths(settings)

@@ -55,7 +55,7 @@ def export(out: Path) -> dict[str, Path]:
     """vae_decoder.onnx in both forms under `out/<form>/`."""
     import torch
 
-    from runtime.networks import network_io
+    from runtime.folder.networks import network_io
 
     paths = {}
     for form in FORMS:
@@ -120,7 +120,7 @@ def openvino_run(path: Path, size: int, precision: str, rewrite: bool, latent: n
 def onnxruntime_run(path: Path, latent: np.ndarray, repeats: int) -> tuple[dict[str, Any], np.ndarray]:
     from export.configs import preset
     from runtime.engines.onnxruntime import OrtEngine
-    from runtime.networks import network_io
+    from runtime.folder.networks import network_io
 
     inputs, outputs = network_io("vae_decoder", preset("sd15").dims, "fp32")
     engine = OrtEngine(path, "vae_decoder", inputs, outputs, providers=["cpu"])

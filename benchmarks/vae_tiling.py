@@ -1,4 +1,4 @@
-"""Tiled VAE (runtime/vae_tiling.py) on the full-size SD 1.5 VAE: PSNR against the untiled decode,
+"""Tiled VAE (runtime/imaging/tiling.py) on the full-size SD 1.5 VAE: PSNR against the untiled decode,
 and peak memory with and without tiling, each measurement in its own process.
 
     python -m benchmarks.vae_tiling export --out /tmp/vae15               # random weights, seed 0 (~1 min)
@@ -8,7 +8,7 @@ and peak memory with and without tiling, each measurement in its own process.
     python -m benchmarks.vae_tiling psnr --dir engines/tiny --scale 4 --size 128 --tile 16 24 --overlap 4
     python -m benchmarks.vae_tiling diagnose --model tiny --size 128 --tile 16 --overlap 4   # GroupNorm's share
 
-`--dir` is a folder with vae_decoder.onnx / vae_encoder.onnx following runtime/networks.py (an
+`--dir` is a folder with vae_decoder.onnx / vae_encoder.onnx following runtime/folder/networks.py (an
 engine folder works). The graphs are run by the runtime's ONNX Runtime engine (CPU). Peak RSS is
 the process's `ru_maxrss`; a watchdog ends the process if its RSS passes `--limit-gb`.
 
@@ -33,14 +33,14 @@ import numpy as np
 
 def _ort_engine(folder: Path, network: str, dims):
     from runtime.engines.onnxruntime import OrtEngine
-    from runtime.networks import network_io
+    from runtime.folder.networks import network_io
 
     inputs, outputs = network_io(network, dims, "fp32")
     return OrtEngine(folder / f"{network}.onnx", network, inputs, outputs, providers=["cpu"])
 
 
 def _dims(scale: int):
-    from runtime.networks import ModelDims
+    from runtime.folder.networks import ModelDims
 
     return ModelDims(latent_channels=4, unet_in_channels=4, vae_scale_factor=scale, text_hidden_size=768)
 
@@ -51,7 +51,7 @@ def export(out: Path, seed: int) -> None:
 
     from export.configs import preset
     from export.vae import AutoencoderKL
-    from runtime.networks import network_io
+    from runtime.folder.networks import network_io
 
     spec = preset("sd15")
     torch.manual_seed(seed)
@@ -100,7 +100,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def measure_psnr(folder: Path, size: int, scale: int, tiles: list[int], overlap: int, scaling_factor: float) -> dict:
-    from runtime.vae_tiling import decode_tiled
+    from runtime.imaging.tiling import decode_tiled
 
     dims = _dims(scale)
     decoder = _ort_engine(folder, "vae_decoder", dims)
@@ -156,7 +156,7 @@ def _hooked_psnr(vae, z: np.ndarray, scale: int, tile: int, overlap: int, shared
     import torch
 
     from export.vae import SpatialSelfAttention
-    from runtime.vae_tiling import decode_tiled
+    from runtime.imaging.tiling import decode_tiled
 
     stats: dict = {}
     tiling = [False]
@@ -205,7 +205,7 @@ def _watchdog(limit: int) -> None:
 
 
 def measure_rss(folder: Path, size: int, scale: int, tile: int | None, overlap: int, limit: int) -> dict:
-    from runtime.vae_tiling import decode_tiled
+    from runtime.imaging.tiling import decode_tiled
 
     _watchdog(limit)
     decoder = _ort_engine(folder, "vae_decoder", _dims(scale))

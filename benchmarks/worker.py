@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.timing import measure, peak_rss_mb, summarize
-from runtime.networks import ModelDims, axis_values, concrete_shape, network_io
+from runtime.folder.networks import ModelDims, axis_values, concrete_shape, network_io
 
 PROMPT = "a photograph of an astronaut riding a horse"
 # CLIP BPE token ids (export/assets/clip-bpe/vocab.json): <|startoftext|>, <|endoftext|>.
@@ -47,7 +47,7 @@ def network_batch(network: str, batch: int, guidance: bool) -> int:
 
 
 def network_feeds(network: str, dims: ModelDims, batch: int, resolution: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded fp32/int32 inputs of `network` (shapes from runtime/networks.py), identical in every process."""
+    """Seeded fp32/int32 inputs of `network` (shapes from runtime/folder/networks.py), identical in every process."""
     rng = np.random.default_rng([seed, ("text_encoder", "unet", "vae_decoder", "vae_encoder").index(network)])
     axes = axis_values(dims, batch, resolution, resolution)
     inputs, _ = network_io(network, dims, "fp32")
@@ -72,7 +72,7 @@ def network_feeds(network: str, dims: ModelDims, batch: int, resolution: int, se
 
 
 def _engine_networks(task: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
 
     engine_dir = Path(task["engine_dir"])
     manifest = load_manifest(engine_dir)
@@ -288,7 +288,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         result["prepare"] = prepare(task)
     elif task["kind"] == "choose":  # the backend runtime.load picks here (its calibration)
         from runtime.engines import choose_backend
-        from runtime.manifest import load_manifest
+        from runtime.folder.manifest import load_manifest
 
         backend, reason = choose_backend(task["engine_dir"], load_manifest(task["engine_dir"]), None, calibrate=True)
         result["choice"] = {"backend": backend, "reason": reason}

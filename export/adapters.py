@@ -8,7 +8,7 @@ without them keep their identity). They are part of the reuse key: a changed fil
 rebuilds the folder; the same arguments reuse it. As with the source itself, a file's path is not
 compared (`comparable`), so moving a file rebuilds nothing. The tokenizer entry gains
 "embeddings": {name: [name, name_1, ...]}, the table the runtime expands prompts with
-(`runtime.text.expand_embeddings`).
+(`runtime.text.tokens.expand_embeddings`).
 
 torch is imported only when something is applied, so export/build.py can import this module at
 no cost.

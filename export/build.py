@@ -1,5 +1,5 @@
 """`build-engine`: turn a model (preset, diffusers folder or single-file checkpoint) into an engine
-folder: the four ONNX graphs, the tokenizer files and `manifest.json` (runtime/manifest.py), plus
+folder: the four ONNX graphs, the tokenizer files and `manifest.json` (runtime/folder/manifest.py), plus
 the plans of a backend that needs its own (TensorRT).
 
     build-engine sd15.safetensors --out engines/sd15 --precision fp16 --tensorrt
@@ -37,8 +37,8 @@ from typing import Any
 from export.adapters import Adapters, adapters as parse_adapters, comparable
 from export.hashing import file_sha256, tree_sha256
 from runtime.engines.ov_cache import pid_alive
-from runtime.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
-from runtime.networks import NETWORKS, PRECISIONS
+from runtime.folder.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
+from runtime.folder.networks import NETWORKS, PRECISIONS
 
 Progress = Callable[[str], Any]
 # Whether folders get the step-cache U-Nets (unet_deep, unet_shallow) unless told (--step-cache).
@@ -237,7 +237,7 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     ("FILE[:SCALE]" or (path, scale)) are merged and `embeddings` ("FILE[:TOKEN]" or (path, token))
     added before export (export/adapters.py); their files' sha256 join the reuse key. `step_cache`
     adds the DeepCache U-Nets unet_deep and unet_shallow for skip `cache_branch` (0: the shallowest;
-    export/unet.py `cache_split`), sharing the unet's weights file (runtime/caching.py runs them). Raises
+    export/unet.py `cache_split`), sharing the unet's weights file (runtime/sampling/deepcache.py runs them). Raises
     `BuildError`, `CheckpointError` (source), `ParityError` (a graph differs from PyTorch),
     `QuantizeError` or the TensorRT builder's error; `out_dir` is then left as it was."""
     tensorrt = _deprecated_backend(backend, tensorrt, progress)
@@ -540,11 +540,11 @@ def _build_tensorrt(folder: Path, manifest: Manifest, precision: str, progress: 
 
 def verify_folder(folder: str | os.PathLike, progress: Progress = print) -> Any:
     """`build-engine --verify DIR`: check every file of an engine folder against the full sha256 its
-    manifest records (and every path's containment; runtime/folder.py `check_folder` with verify=True).
+    manifest records (and every path's containment; runtime/folder/paths.py `check_folder` with verify=True).
     A folder built before file fingerprints gets its files table recorded once every sha256 matched, so
     later loads check sizes and fingerprints. Returns the `FolderCheck`; raises ManifestError or
     IntegrityError naming the first file that does not match."""
-    from runtime.folder import check_folder
+    from runtime.folder.paths import check_folder
 
     folder = Path(folder)
     manifest = load_manifest(folder)
@@ -563,7 +563,7 @@ def verify_folder(folder: str | os.PathLike, progress: Progress = print) -> Any:
 def prune_cache(engine_dir: Path, limit_gb: float | None, progress: Callable[[str], None]) -> None:
     """`build-engine --prune-cache DIR`: trim the folder's OpenVINO compile cache now."""
     from runtime.engines import ov_cache
-    from runtime.folder import inside
+    from runtime.folder.paths import inside
 
     if (engine_dir / ov_cache.SUBDIR).exists():  # never delete through a symlink that leads elsewhere
         inside(engine_dir, ov_cache.SUBDIR, "the OpenVINO compile cache", kind="dir")

@@ -26,9 +26,10 @@ import numpy as np
 
 from export.hashing import file_sha256
 from export.quantize import HELD_OUT_PROMPT, SUBDIR, QuantizeError, Progress, _Runs, _txt2img, record_unet_feeds
-from runtime import cpu, text
-from runtime.manifest import Manifest
-from runtime.metrics import psnr
+from runtime import cpu
+from runtime.text import tokens as text
+from runtime.folder.manifest import Manifest
+from runtime.compare import psnr
 
 SCHEME = "int8-weights"
 NETWORKS = ("unet", "text_encoder")  # the two with most weights (SD 1.5: 3.4 GB and 0.49 GB in fp32)

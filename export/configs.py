@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from runtime.manifest import FAMILIES
-from runtime.networks import ModelDims
+from runtime.folder.manifest import FAMILIES
+from runtime.folder.networks import ModelDims
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -18,7 +18,7 @@ Tokens follow diffusers' `load_textual_inversion`: `name` for a single vector; `
 already a token, or a word of the vocabulary (the tokenizer matches added tokens case-insensitively,
 so "Cat" would capture every "cat"), is refused. A multi-vector name in a prompt must become
 "name name_1 ..." before tokenizing; the runtime does that, torch-free, with
-`runtime.text.expand_embeddings` and the table `embedding_table` returns, which the manifest keeps
+`runtime.text.tokens.expand_embeddings` and the table `embedding_table` returns, which the manifest keeps
 under `tokenizer["embeddings"]`.
 
 The tokens are written into `tokenizer_config.json`'s `added_tokens_decoder` (read by transformers

@@ -2,7 +2,7 @@
 
 `export_network(network, model, out_dir, ...)` exports one network: its signature wrapper (`wrap`:
 one small `nn.Module` per network) fixes the signature
-declared in `runtime/networks.py` (names, dtypes, symbolic axes), exports it with the TorchScript
+declared in `runtime/folder/networks.py` (names, dtypes, symbolic axes), exports it with the TorchScript
 exporter of `torch.onnx` (`dynamo=False`: it exports these graphs in about a second with every
 symbolic axis dynamic, where the dynamo exporter takes ten times longer and renames output axes),
 checks the graph with `onnx.checker` and shape inference, then runs it in ONNX Runtime at two
@@ -23,7 +23,7 @@ The VAE decoder's upsamplers are exported as one stride-2 transposed convolution
 pixel where nearest x2 + 3x3 conv takes 36. The parity check compares that graph with the unchanged
 reference.
 
-Step cache (DeepCache, arXiv:2312.00858): `unet_deep` and `unet_shallow` (runtime/networks.py) wrap
+Step cache (DeepCache, arXiv:2312.00858): `unet_deep` and `unet_shallow` (runtime/folder/networks.py) wrap
 the reference U-Net's `forward_deep` / `forward_shallow` for one cache branch; `export_step_cache`
 exports both beside `unet`, checks each against the PyTorch split, points the three U-Net graphs
 at one weights file (export/external_data.py) and checks them against each other on the final files.
@@ -51,8 +51,8 @@ from export.external_data import share_weights
 from export.fp16 import reduced_precision
 from export.unet import cache_split
 from export.upsample import transposed_upsamplers
-from runtime.metrics import max_errors
-from runtime.networks import (
+from runtime.compare import max_errors
+from runtime.folder.networks import (
     NETWORKS,
     STEP_CACHE_NETWORKS,
     UNET_NETWORKS,
@@ -183,7 +183,7 @@ def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
 
 def step_cache_dims(spec: Any, branch: int) -> ModelDims:
     """The model dims of a folder with step-cache graphs for `branch`: the spec's, plus the cached
-    feature's channels and level (runtime/networks.py `cache_feature_spec`)."""
+    feature's channels and level (runtime/folder/networks.py `cache_feature_spec`)."""
     split = cache_split(spec.unet, branch)
     return replace(spec.dims, cache_channels=split.channels, cache_level=split.level)
 

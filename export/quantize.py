@@ -33,8 +33,8 @@ import numpy as np
 from export.hashing import file_sha256
 from runtime import cpu
 from runtime.engines.base import Engine
-from runtime.manifest import Manifest
-from runtime.metrics import max_errors, psnr
+from runtime.folder.manifest import Manifest
+from runtime.compare import max_errors, psnr
 
 SUBDIR = "openvino"
 STEM = "unet-int8"

@@ -58,8 +58,8 @@ from runtime.engines.tensorrt import (
     stale_reasons,
     trt_logger,
 )
-from runtime.manifest import Manifest
-from runtime.networks import PRECISIONS, float_dtype
+from runtime.folder.manifest import Manifest
+from runtime.folder.networks import PRECISIONS, float_dtype
 
 __all__ = ["TensorRTBuildError", "TensorRTUnavailable", "build_mode", "build_tensorrt_engines", "INSTALL_HINT"]
 

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from runtime.networks import TEXT_MAX_LENGTH
+from runtime.folder.networks import TEXT_MAX_LENGTH
 
 CLIP_BPE_DIR = Path(__file__).resolve().parent / "assets" / "clip-bpe"
 

@@ -32,8 +32,8 @@ import numpy as np
 
 from runtime.engines.base import Engine, EngineInfo
 from runtime.errors import BackendError, EngineLoadError
-from runtime.manifest import Manifest
-from runtime.networks import TensorSpec, float_precision, network_io
+from runtime.folder.manifest import Manifest
+from runtime.folder.networks import TensorSpec, float_precision, network_io
 
 BACKEND = "torch"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -64,7 +64,7 @@ class TransposedUpsample2D(nn.Module):
         if like is not None and (like.shape[2] != 2 * x.shape[2] or like.shape[3] != 2 * x.shape[3]):
             # An odd-sized skip crops the upsampled image before the convolution, whose border then
             # sees padding where this form sees the repeated pixel. Sizes that divide by the U-Net's
-            # size multiple never have one (runtime/networks.py); this fails loudly if traced with one.
+            # size multiple never have one (runtime/folder/networks.py); this fails loudly if traced with one.
             raise ValueError(f"a transposed upsampler needs an even-sized skip, got {tuple(like.shape[2:])} for "
                              f"input {tuple(x.shape[2:])}")
         return F.conv_transpose2d(x, self.weight, self.bias, stride=2, padding=1)

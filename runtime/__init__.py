@@ -6,7 +6,7 @@
         result.images[0].save("fox.png")
 
 `load`, `Pipeline`, `GenerationResult`, `Request` and the errors are imported on first use, so
-`import runtime.networks` (as export/ does) stays light.
+`import runtime.folder.networks` (as export/ does) stays light.
 """
 
 _LAZY = {

@@ -6,7 +6,7 @@
 
 Each PNG carries text chunks with what reproduces it (prompt, negative prompt, seed, steps, scheduler,
 guidance, size, strength, engine folder, backend), the whole as JSON under the key `sd-runtime`
-(`read_metadata(path)` reads it back), and AUTOMATIC1111's `parameters` chunk (runtime/png_info.py),
+(`read_metadata(path)` reads it back), and AUTOMATIC1111's `parameters` chunk (runtime/imaging/png_info.py),
 which A1111's "PNG Info" and other tools read.
 
     sd-generate --from-png barn.png -o again.png               # reproduce an image we made
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runtime import png_info
+from runtime.imaging import png_info
 
 METADATA_KEY = "sd-runtime"
 COMMANDS = ("txt2img", "img2img", "inpaint")
@@ -229,7 +229,7 @@ def _infotext(params: dict[str, Any], seed: int, engine_dir: str, manifest: Any)
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
     from runtime.pipeline import load
 
     if args.from_png:

@@ -29,14 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from runtime import images as imgs
+from runtime.imaging import images as imgs
 from runtime import scheduler as sch
-from runtime import caching, stages, text
+from runtime import stages
+from runtime.sampling import deepcache as caching
+from runtime.text import tokens as text
 from runtime.engines import backend_module, close_all, network_options, open_engines_why, open_network
 from runtime.engines.base import Engine
 from runtime.errors import EngineClosedError, ManifestError, PipelineError, SDRuntimeError
-from runtime.folder import inside
-from runtime.manifest import Manifest, load_manifest
+from runtime.folder.paths import inside
+from runtime.folder.manifest import Manifest, load_manifest
 from runtime.memory import MemoryModel, memory_limit
 from runtime.request import (DEFAULT_GUIDANCE, DEFAULT_STEPS, OUTPUT_TYPES, Limits, Request, check_memory,
                              make_request)
@@ -137,11 +139,11 @@ class Pipeline:
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
         feature (DeepCache; the folder needs `build-engine --step-cache`); `cache_schedule` is
-        "uniform" or DeepCache's "nonuniform" (runtime/caching.py). `prompt_syntax` "a1111" (default)
-        applies A1111's emphasis and BREAK to prompts that use them (runtime/prompt_syntax.py; a
+        "uniform" or DeepCache's "nonuniform" (runtime/sampling/deepcache.py). `prompt_syntax` "a1111" (default)
+        applies A1111's emphasis and BREAK to prompts that use them (runtime/text/prompt_syntax.py; a
         prompt without them encodes exactly as before), "none" reads prompts literally. `vae_tiling`
         True (or a tile size in pixels) decodes and encodes in blended tiles, for big images in
-        bounded memory (runtime/vae_tiling.py); None tiles only where the folder's VAE cannot take
+        bounded memory (runtime/imaging/tiling.py); None tiles only where the folder's VAE cannot take
         the size whole."""
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -335,7 +337,7 @@ class Pipeline:
 
     def _unet_fn(self, request: Request, n_calls: int) -> stages.UnetFn:
         """The U-Net callable of one run: the unet engine, or with step caching the unet_deep /
-        unet_shallow pair routed by the request's plan (runtime/caching.py)."""
+        unet_shallow pair routed by the request's plan (runtime/sampling/deepcache.py)."""
         if request.cache_interval == 1:
             return stages.engine_unet(self.engine("unet"))
         deep, shallow = caching.engine_calls(self.engine("unet_deep"), self.engine("unet_shallow"))

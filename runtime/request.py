@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from runtime import images as imgs
-from runtime.caching import SCHEDULES
+from runtime.imaging import images as imgs
+from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
-from runtime.manifest import Manifest
-from runtime.networks import STEP_CACHE_NETWORKS
-from runtime.prompt_syntax import SYNTAXES
-from runtime.vae_tiling import DEFAULT_TILE, needs_tiling
+from runtime.folder.manifest import Manifest
+from runtime.folder.networks import STEP_CACHE_NETWORKS
+from runtime.text.prompt_syntax import SYNTAXES
+from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -94,10 +94,10 @@ class Request:
     noise: np.ndarray | None = None
     encode_noise: np.ndarray | None = None
     masked_encode_noise: np.ndarray | None = None
-    cache_interval: int = 1  # step caching (runtime/caching.py): 1 = off
+    cache_interval: int = 1  # step caching (runtime/sampling/deepcache.py): 1 = off
     cache_schedule: str = "uniform"
     prompt_syntax: str = "a1111"  # A1111 emphasis and BREAK where a prompt uses them; "none": literal
-    vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/vae_tiling.py); None: whole
+    vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/imaging/tiling.py); None: whole
     prompt_chunks: int | None = None  # 77-token chunks its prompts encode to (set by Pipeline.request)
 
     @property

@@ -8,9 +8,9 @@ NumPy and the standard library only. Public contract (docs/architecture.md, "Sch
 
 Design (../shared/STYLE.md, "Schedulers"): ``make_schedule`` turns a diffusers ``scheduler_config.json``
 dict into an immutable :class:`Schedule` of float64 arrays; every sampler is a pure function
-``sample_<name>(denoise, x, <arrays>, *, after, ...) -> x`` (``runtime/samplers.py``) whose multistep
+``sample_<name>(denoise, x, <arrays>, *, after, ...) -> x`` (``runtime/sampling/samplers.py``) whose multistep
 history lives in local variables. The network is adapted once (:func:`make_denoiser`) into
-``denoise(x, sigma, t) -> x0``. Noise schedules and timestep grids are in ``runtime/schedules.py``.
+``denoise(x, sigma, t) -> x0``. Noise schedules and timestep grids are in ``runtime/sampling/schedules.py``.
 Each sampler reproduces the diffusers 0.42 scheduler class of the same method, including its timestep
 layout; ``tests/test_scheduler.py`` checks the final latents against diffusers.
 
@@ -29,11 +29,11 @@ from typing import Callable
 
 import numpy as np
 
-from runtime import schedules as S
-from runtime.samplers import (PREDICTION_TYPES, Model, ab_to_sigma, make_denoiser, no_after, sample_ddim,
+from runtime.sampling import schedules as S
+from runtime.sampling.samplers import (PREDICTION_TYPES, Model, ab_to_sigma, make_denoiser, no_after, sample_ddim,
                               sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun,
                               sample_lcm, sample_lms, sample_pndm, sample_unipc, sigma_alpha)
-from runtime.schedules import SchedulerError
+from runtime.sampling.schedules import SchedulerError
 
 __all__ = ["SAMPLERS", "SCHEDULER_CLASSES", "Schedule", "SchedulerError", "default_sampler", "guidance",
            "inpaint_unet_input", "make_denoiser", "make_schedule", "prepare_latents", "sample"]

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime import images as imgs
-from runtime import prompt_syntax as ps
+from runtime.imaging import images as imgs
+from runtime.text import prompt_syntax as ps
 from runtime import scheduler as sch
-from runtime import text, vae_tiling
+from runtime.text import tokens as text
+from runtime.imaging import tiling as vae_tiling
 from runtime.engines.base import Engine
 from runtime.errors import ManifestError, PipelineError
 
@@ -64,13 +65,13 @@ class Conditioning:
 
 
 def expand_prompts(texts: Sequence[str], embeddings: Mapping[str, Sequence[str]] | None) -> list[str]:
-    """Multi-vector textual-inversion names written out as all their tokens (runtime/text.py)."""
+    """Multi-vector textual-inversion names written out as all their tokens (runtime/text/tokens.py)."""
     return [text.expand_embeddings(t, embeddings) for t in texts] if embeddings else list(texts)
 
 
 def _weighted(texts: Sequence[str], syntax: str) -> bool:
     """Whether a request takes the A1111 weighting path: only when one of its texts uses the syntax,
-    so a request without weighting syntax encodes exactly as runtime/text.py does."""
+    so a request without weighting syntax encodes exactly as runtime/text/tokens.py does."""
     return syntax == "a1111" and any(ps.has_weighting(t) for t in texts)
 
 
@@ -85,8 +86,8 @@ def encode_prompt(text_encoder: Engine, tokenizer: Any, prompts: Sequence[str], 
                   images_per_prompt: int, guided: bool, max_length: int, syntax: str = "a1111",
                   embeddings: Mapping[str, Sequence[str]] | None = None) -> Conditioning:
     """Encode the prompts (and, under guidance, the negative prompts) in 77-token chunks; all of them
-    take the chunk count of the longest (runtime/text.py), so cond and uncond share one shape.
-    Textual-inversion names are expanded first; A1111 emphasis and BREAK (runtime/prompt_syntax.py)
+    take the chunk count of the longest (runtime/text/tokens.py), so cond and uncond share one shape.
+    Textual-inversion names are expanded first; A1111 emphasis and BREAK (runtime/text/prompt_syntax.py)
     apply when `syntax` is "a1111" and a text uses them."""
     prompts, negatives = expand_prompts(prompts, embeddings), expand_prompts(negatives, embeddings)
     texts = list(prompts) + (list(negatives) if guided else [])
@@ -260,7 +261,7 @@ def denoise(unet: UnetFn, schedule: sch.Schedule, text_embeddings: Conditioning,
 
 def decode(vae_decoder: Engine, latents: np.ndarray, *, tile: int | None = None, scale: int = 8) -> np.ndarray:
     """Latents (scaled, as the loop holds them) to float32 NHWC images in [0, 1]; `tile` (latent
-    pixels) decodes overlapping tiles and blends them (runtime/vae_tiling.py: bounded memory for big
+    pixels) decodes overlapping tiles and blends them (runtime/imaging/tiling.py: bounded memory for big
     images, at a small cost in exactness)."""
     def run(z: np.ndarray) -> np.ndarray:
         return vae_decoder.run({"latent": z})["image"]

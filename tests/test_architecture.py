@@ -20,8 +20,8 @@ from runtime.engines import open_engines
 from runtime.engines.base import Engine
 from runtime.errors import (BackendError, EngineClosedError, EngineLoadError, EngineRunError, PipelineError,
                             SDRuntimeError)
-from runtime.manifest import load_manifest
-from runtime.networks import network_io
+from runtime.folder.manifest import load_manifest
+from runtime.folder.networks import network_io
 from runtime.request import Limits
 
 ROOT = Path(__file__).resolve().parents[1]

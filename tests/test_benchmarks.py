@@ -111,7 +111,7 @@ def test_cache_is_reused(tiny_report, tmp_path):
     again = suite.run(settings, tmp_path / "again.json", log=lambda msg: None)
     assert again["cache"]["reused"] is True
     # a run that does not measure int8 leaves the cached int8 U-Net in place for the next one that does
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
 
     had_int8 = report["results"]["openvino-int8"]["status"] == "ok"
     assert (load_manifest(suite.cache_paths(settings)[1]).int8_unet is not None) == had_int8

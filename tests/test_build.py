@@ -17,8 +17,8 @@ from export.build import _reuse_problem, build_engine, main, tool_versions
 from export.loading import random_model, save_diffusers, save_single_file
 from export.onnx_export import Shape, sample_inputs
 from runtime.engines import open_engines
-from runtime.manifest import load_manifest
-from runtime.networks import NETWORKS
+from runtime.folder.manifest import load_manifest
+from runtime.folder.networks import NETWORKS
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"min_image": 32, "opt_image": 32, "max_image": 64, "max_batch": 2}

@@ -1,4 +1,4 @@
-"""runtime/caching.py: the step-cache plans (DeepCache's uniform and non-uniform 1:N schedules) and
+"""runtime/sampling/deepcache.py: the step-cache plans (DeepCache's uniform and non-uniform 1:N schedules) and
 the U-Net callable that routes calls by a plan, on fake NumPy networks. Torch-free and fast.
 
 The non-uniform schedule is checked against DeepCache's own `sample_from_quad_center`, read out of
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from runtime import scheduler as sch
-from runtime.caching import SCHEDULES, cached_unet, engine_calls, nonuniform_full_calls, plan
+from runtime.sampling.deepcache import SCHEDULES, cached_unet, engine_calls, nonuniform_full_calls, plan
 from runtime.errors import PipelineError
 
 # full calls of horseee/DeepCache sample_from_quad_center(n, ceil(n / interval), center=15, pow=1.4),

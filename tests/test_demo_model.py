@@ -139,7 +139,7 @@ def test_demo_model_follows_colour_prompts_with_step_caching(tmp_path):
 
     import runtime
     from export.build import build_engine
-    from runtime.metrics import psnr
+    from runtime.compare import psnr
 
     folder = build_engine("tiny", tmp_path / "tiny-cache", step_cache=True, progress=lambda line: None)
     with runtime.load(folder, backend="onnxruntime", threads=THREADS) as pipe:

@@ -1,5 +1,5 @@
 """Textual inversion added at build time (export/embeddings.py, `build-engine --embedding FILE[:TOKEN]`)
-and expanded at run time (runtime.text.expand_embeddings).
+and expanded at run time (runtime.text.tokens.expand_embeddings).
 
 Reference: diffusers' `load_textual_inversion` on the same tiny model (its tokenizer, its grown
 embedding table, its `maybe_convert_prompt`), same latents. Files in the three formats: A1111 `.pt`
@@ -26,8 +26,8 @@ import runtime
 from export.build import build_engine
 from export.embeddings import EmbeddingError, EmbeddingSpec, apply_embeddings, embedding_specs, read_embedding
 from export.loading import random_model, save_diffusers
-from runtime.manifest import load_manifest
-from runtime.text import expand_embeddings, load_tokenizer, token_ids
+from runtime.folder.manifest import load_manifest
+from runtime.text.tokens import expand_embeddings, load_tokenizer, token_ids
 
 log = logging.getLogger(__name__)
 

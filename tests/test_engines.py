@@ -14,8 +14,8 @@ import pytest
 from runtime.engines import BACKENDS, BackendError, EngineLoadError, available_backends, backend_module, open_engines
 from runtime.engines.base import EngineInputError
 from runtime.engines.onnxruntime import OrtEngine, open_engine
-from runtime.manifest import Manifest, ManifestError, load_manifest, write_manifest
-from runtime.networks import network_io
+from runtime.folder.manifest import Manifest, ManifestError, load_manifest, write_manifest
+from runtime.folder.networks import network_io
 
 
 @pytest.fixture

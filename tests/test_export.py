@@ -21,8 +21,8 @@ from export.onnx_export import (
     size_multiple,
 )
 from runtime.engines import open_engines
-from runtime.manifest import load_manifest
-from runtime.networks import NETWORKS, network_io
+from runtime.folder.manifest import load_manifest
+from runtime.folder.networks import NETWORKS, network_io
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:

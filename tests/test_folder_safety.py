@@ -22,8 +22,8 @@ import pytest
 
 import runtime
 from runtime.errors import EngineLoadError, IntegrityError, ManifestError, PipelineError
-from runtime.folder import FINGERPRINT_SPAN, check_folder, fingerprint, inside
-from runtime.manifest import load_manifest, write_manifest
+from runtime.folder.paths import FINGERPRINT_SPAN, check_folder, fingerprint, inside
+from runtime.folder.manifest import load_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ("onnxruntime", "openvino", "torch")
@@ -284,7 +284,7 @@ def test_a_legacy_folder_loads_with_a_warning_and_verify_records_its_table(folde
     from export.build import main as build_engine_main
 
     _edit_manifest(folder, lambda d: d.pop("files"))
-    with caplog.at_level(logging.WARNING, logger="runtime.folder"):
+    with caplog.at_level(logging.WARNING, logger="runtime.folder.paths"):
         runtime.load(folder, backend="onnxruntime", calibrate=False).close()
     assert "predates file fingerprints" in caplog.text
     data = (folder / "vae_encoder.onnx").read_bytes()
@@ -323,7 +323,7 @@ def test_openvino_reads_onnx_with_the_onnx_frontend_only(tiny_sd1_engine, tmp_pa
     """Core.read_model tried every frontend on a file the ONNX parser refused: TensorFlow's text-format
     parser printed to stderr and a raw RuntimeError came out."""
     from runtime.engines.openvino import OpenVinoEngine
-    from runtime.networks import network_io
+    from runtime.folder.networks import network_io
 
     data = (tiny_sd1_engine / "unet.onnx").read_bytes()
     bad = tmp_path / "unet.onnx"

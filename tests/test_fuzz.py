@@ -6,7 +6,7 @@ appends each target's outcome counts to FILE: the figures in docs/security.md):
 - manifest:   a valid manifest.json mutated (types, missing keys, huge numbers, unicode, nested junk),
               then loaded and used for a one-step generation through the whole runtime, the engines
               being NumPy stand-ins (the backends' parsers are the next target);
-- graph refs: the bytes of a small ONNX graph mutated, read by runtime/onnx_refs.py, and compared
+- graph refs: the bytes of a small ONNX graph mutated, read by runtime/folder/onnx_refs.py, and compared
               with the onnx package's own parse wherever that succeeds;
 - graph open: the same mutations through the folder check and the ONNX Runtime and OpenVINO engines;
 - safetensors / ckpt: a tiny single-file checkpoint truncated, bit-flipped, its header rewritten
@@ -36,8 +36,8 @@ from onnx import TensorProto, helper
 import runtime
 from runtime.engines.base import Engine
 from runtime.errors import EngineLoadError, EngineRunError, ManifestError, PipelineError
-from runtime.folder import inside
-from runtime.networks import concrete_shape, network_io
+from runtime.folder.paths import inside
+from runtime.folder.networks import concrete_shape, network_io
 
 FACTOR = int(os.environ.get("SDRT_FUZZ_FACTOR", "1"))
 RANDOM = os.environ.get("SDRT_FUZZ_RANDOM") == "1"  # explore with fresh random seeds instead of the fixed one
@@ -176,7 +176,8 @@ def _fuzz_backend() -> types.ModuleType:
 
 @pytest.fixture
 def fuzz_backend(monkeypatch):
-    from runtime import engines, text
+    from runtime.engines import registry as engines
+    from runtime.text import tokens as text
 
     monkeypatch.setitem(sys.modules, "sdrt_fuzz_backend", _fuzz_backend())
     monkeypatch.setattr(engines, "_registered", lambda: {"fuzz": "sdrt_fuzz_backend"})
@@ -316,7 +317,7 @@ def _onnx_locations(data: bytes) -> set[tuple[str, str]] | None:
 
 
 def test_fuzz_graph_external_data_references(small_graph):
-    from runtime.onnx_refs import parse_refs
+    from runtime.folder.onnx_refs import parse_refs
 
     base = small_graph.read_bytes()
     assert {(r.tensor, r.location) for r in parse_refs(base)} == {("conv.weight", "weights.bin")}
@@ -344,8 +345,8 @@ def test_fuzz_graph_external_data_references(small_graph):
 def test_fuzz_graph_bytes_through_the_engines(small_graph, tmp_path):
     from runtime.engines.onnxruntime import OrtEngine
     from runtime.engines.openvino import OpenVinoEngine
-    from runtime.folder import check_graph
-    from runtime.manifest import ModelDims
+    from runtime.folder.paths import check_graph
+    from runtime.folder.manifest import ModelDims
 
     folder = shutil.copytree(small_graph.parent, tmp_path / "engine")
     graph = folder / "vae_decoder.onnx"

@@ -30,7 +30,7 @@ import runtime
 from export.build import build_engine, main
 from export.loading import CheckpointError, random_model, save_diffusers
 from export.lora import LoraError, LoraSpec, apply_loras, parse_lora, read_lora
-from runtime.manifest import load_manifest
+from runtime.folder.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 

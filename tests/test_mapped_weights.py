@@ -91,7 +91,7 @@ def test_openvino_engine_releases_its_external_weights(tmp_path, monkeypatch):
     from export.loading import random_model
     from export.onnx_export import default_parity_shapes, export_network
     from runtime.engines.openvino import OpenVinoEngine, is_available
-    from runtime.networks import network_io
+    from runtime.folder.networks import network_io
 
     ok, why = is_available()
     if not ok:

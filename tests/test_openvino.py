@@ -25,8 +25,8 @@ from benchmarks.worker import network_feeds  # noqa: E402
 from runtime.engines import openvino as ov_engine  # noqa: E402
 from runtime.engines.base import EngineInputError  # noqa: E402
 from runtime.errors import BackendError, EngineLoadError  # noqa: E402
-from runtime.manifest import load_manifest  # noqa: E402
-from runtime.networks import NETWORKS, network_io  # noqa: E402
+from runtime.folder.manifest import load_manifest  # noqa: E402
+from runtime.folder.networks import NETWORKS, network_io  # noqa: E402
 
 F32_TOL = 1e-4
 BF16_TOL = 5e-2
@@ -58,7 +58,7 @@ def _export_engine_folder(preset_name: str, out: Path) -> Path:
     from export.loading import random_model
     from export.onnx_export import Shape, export_network
     from export.text_encoder import write_tokenizer_files
-    from runtime.manifest import Manifest, write_manifest
+    from runtime.folder.manifest import Manifest, write_manifest
 
     model = random_model(preset_name)
     spec = model.spec

@@ -21,8 +21,8 @@ from runtime.engines import ort_tensorrt
 from runtime.engines.onnxruntime import OrtEngine, ProviderFallbackError
 from runtime.engines.ort_tensorrt import TensorRTLibrariesMissing, ort_tensorrt_provider_options, ort_tensorrt_providers
 from runtime.errors import BackendError, EngineInputError
-from runtime.manifest import load_manifest
-from runtime.networks import network_io
+from runtime.folder.manifest import load_manifest
+from runtime.folder.networks import network_io
 
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 _ONNX_TYPES = {onnx.TensorProto.FLOAT: "tensor(float)", onnx.TensorProto.FLOAT16: "tensor(float16)",

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime import images as imgs
-from runtime import text
+from runtime.imaging import images as imgs
+from runtime.text import tokens as text
 from runtime.engines.base import Engine, EngineInputError
-from runtime.manifest import Manifest, ManifestError
-from runtime.networks import ModelDims, network_io
+from runtime.folder.manifest import Manifest, ManifestError
+from runtime.folder.networks import ModelDims, network_io
 from runtime.pipeline import GenerationResult, Pipeline, PipelineError, default_sampler, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ FAST = dict(num_inference_steps=3, progress=False)
 
 
 def test_runtime_path_imports_no_torch():
-    code = ("import sys, runtime, runtime.pipeline, runtime.cli, runtime.text, runtime.images\n"
+    code = ("import sys, runtime, runtime.pipeline, runtime.cli, runtime.text.tokens, runtime.imaging.images\n"
             "from runtime import load\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"
             "assert 'diffusers' not in sys.modules\n")

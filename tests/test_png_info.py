@@ -1,4 +1,4 @@
-"""A1111 `parameters` PNG chunk (runtime/png_info.py), sampler names (runtime/sampler_names.py) and
+"""A1111 `parameters` PNG chunk (runtime/imaging/png_info.py), sampler names (runtime/sampling/names.py) and
 `sd-generate --from-png` (runtime/cli.py).
 
 Independent references: the PyPI `sd-parsers` package (its AUTOMATIC1111 parser) reads what we
@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from runtime import png_info, sampler_names
+from runtime.imaging import png_info
+from runtime.sampling import names as sampler_names
 from runtime.cli import main, read_metadata, save_png
 
 PARAMS = {"mode": "txt2img", "prompt": "a red barn, snow", "negative_prompt": "blurry", "steps": 20,
@@ -179,7 +180,7 @@ def barn(tiny_sd1_engine, tmp_path_factory):
 def test_cli_png_parses_with_sd_parsers(barn, tiny_sd1_engine):
     from sd_parsers import ParserManager
 
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
 
     info = ParserManager().parse(str(barn))
     assert info is not None and info.generator.name == "AUTOMATIC1111"

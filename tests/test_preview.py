@@ -1,4 +1,4 @@
-"""The "Approx cheap" latent preview (runtime/preview.py): colours computed by hand from A1111's
+"""The "Approx cheap" latent preview (runtime/imaging/preview.py): colours computed by hand from A1111's
 coefficients (modules/sd_vae_approx.py) and its uint8 conversion (x * 0.5 + 0.5, x 255, rounded
 half to even as torch.round, clamped)."""
 
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from runtime.preview import SD_COEFFICIENTS, latents_to_rgb
+from runtime.imaging.preview import SD_COEFFICIENTS, latents_to_rgb
 
 
 def _latent(vector, h=2, w=3):
@@ -55,7 +55,7 @@ def test_other_coefficients_and_errors():
 
 def test_cost_is_far_below_a_unet_step():
     """1% of the fastest SD 1.5 U-Net step at 256 px on the development machine (0.3 s) is 3 ms;
-    the measured median is about 0.05 ms at 128x128 latents (runtime/preview.py)."""
+    the measured median is about 0.05 ms at 128x128 latents (runtime/imaging/preview.py)."""
     x = np.random.default_rng(0).standard_normal((4, 128, 128), dtype=np.float32)
     times = []
     for _ in range(200):

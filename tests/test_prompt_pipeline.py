@@ -1,5 +1,5 @@
 """The ecosystem features wired into the pipeline (issue 17): A1111 prompt syntax at run time (an
-unweighted prompt encodes exactly as before; a weighted one as runtime/prompt_syntax.py computes it,
+unweighted prompt encodes exactly as before; a weighted one as runtime/text/prompt_syntax.py computes it,
 which tests/test_prompt_syntax.py checks against A1111's own rules), and tiled VAE decoding."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime import prompt_syntax as ps
-from runtime import text
-from runtime.metrics import psnr
+from runtime.text import prompt_syntax as ps
+from runtime.text import tokens as text
+from runtime.compare import psnr
 
 FAST = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np", progress=False)
 
@@ -57,7 +57,7 @@ def test_tiled_vae_decode_through_the_pipeline(pipe):
     tiled = pipe.txt2img("a red circle", seed=2, height=128, width=128, vae_tiling=64, **FAST)
     assert tiled.parameters["vae_tile"] == 64 // pipe.vae_scale_factor and "vae_tile" not in whole.parameters
     assert tiled.images.shape == whole.images.shape
-    # the random tiny VAE's GroupNorm and attention see one tile, not the image (runtime/vae_tiling.py):
+    # the random tiny VAE's GroupNorm and attention see one tile, not the image (runtime/imaging/tiling.py):
     # close, not equal
     assert 15 < psnr(tiled.images, whole.images) < 100
     odd = 4 * pipe.vae_scale_factor + 1

@@ -1,4 +1,4 @@
-"""A1111 prompt syntax (runtime/prompt_syntax.py) against A1111's own documentation.
+"""A1111 prompt syntax (runtime/text/prompt_syntax.py) against A1111's own documentation.
 
 References, with the expected values written from them:
 - [doctest] the examples in the docstring of `parse_prompt_attention`, AUTOMATIC1111/stable-diffusion-webui
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import prompt_syntax as ps
-from runtime import text
+from runtime.text import prompt_syntax as ps
+from runtime.text import tokens as text
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "export" / "assets" / "tiny" / "tokenizer"
 BOS, EOS = 49406, 49407  # CLIP's <|startoftext|>, <|endoftext|> (the tiny model's vocab.json)
@@ -114,7 +114,7 @@ def test_weighted_chunks_fragments_tokenized_separately(tok):
 
 
 def test_unweighted_prompts_give_todays_ids(tok):
-    """No syntax: exactly runtime/text.py's chunks, short and long, and weights all 1."""
+    """No syntax: exactly runtime/text/tokens.py's chunks, short and long, and weights all 1."""
     long = ", ".join(f"word{i}" for i in range(60))  # ~180 tokens: 3 chunks
     for prompt in ("a photo of a cat", "", long):
         ids, w = ps.weighted_token_chunks(tok, prompt)

@@ -18,8 +18,8 @@ import runtime  # noqa: E402
 from export.build import BuildError, build_engine, main  # noqa: E402
 from export.hashing import file_sha256  # noqa: E402
 from export.quantize import CALIBRATION_PROMPTS, DEFAULT_STEPS, QuantizeError, quantize_unet  # noqa: E402
-from runtime.metrics import psnr  # noqa: E402
-from runtime.manifest import load_manifest  # noqa: E402
+from runtime.compare import psnr  # noqa: E402
+from runtime.folder.manifest import load_manifest  # noqa: E402
 
 QUIET = {"progress": lambda line: None}
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from runtime import scheduler as R
-from runtime import schedules as S
+from runtime.sampling import schedules as S
 from runtime.scheduler import SchedulerError
 
 try:  # test-only reference; the tests that need it are marked and skip with a reason
@@ -422,7 +422,7 @@ def test_runtime_scheduler_imports_numpy_and_stdlib_only():
     from pathlib import Path
 
     allowed = {"numpy", "runtime"} | set(sys.stdlib_module_names) | {"__future__"}
-    for name in ("scheduler.py", "schedules.py", "samplers.py"):
+    for name in ("scheduler.py", "sampling/schedules.py", "sampling/samplers.py", "sampling/deepcache.py"):
         tree = ast.parse((Path(R.__file__).parent / name).read_text())
         mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

@@ -46,10 +46,10 @@ from export.onnx_export import (
 from export.trt_compat import check_graph
 from export.unet import UNet2DConditionModel, cache_split
 from runtime import scheduler as sch
-from runtime.caching import cached_unet, engine_calls, plan
+from runtime.sampling.deepcache import cached_unet, engine_calls, plan
 from runtime.engines import open_engines
-from runtime.manifest import load_manifest
-from runtime.networks import NETWORKS, STEP_CACHE_NETWORKS, UNET_NETWORKS, network_io
+from runtime.folder.manifest import load_manifest
+from runtime.folder.networks import NETWORKS, STEP_CACHE_NETWORKS, UNET_NETWORKS, network_io
 
 log = logging.getLogger(__name__)
 torch.set_num_threads(1)  # the cores are shared: two torch threads on a busy machine run these small nets 3x slower

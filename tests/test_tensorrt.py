@@ -37,8 +37,8 @@ from runtime.engines.tensorrt import (
     runtime_mismatch,
     stale_reasons,
 )
-from runtime.manifest import Manifest
-from runtime.networks import NETWORKS, ModelDims
+from runtime.folder.manifest import Manifest
+from runtime.folder.networks import NETWORKS, ModelDims
 
 SD15 = ModelDims(latent_channels=4, unet_in_channels=4, vae_scale_factor=8, text_hidden_size=768)
 SHAPES = {"min_batch": 1, "opt_batch": 1, "max_batch": 4, "min_image": 256, "opt_image": 512, "max_image": 768}

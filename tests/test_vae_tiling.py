@@ -1,4 +1,4 @@
-"""Tiled VAE decode/encode (runtime/vae_tiling.py).
+"""Tiled VAE decode/encode (runtime/imaging/tiling.py).
 
 Geometry and blending are checked on networks whose output at a pixel depends on that pixel only
 (tiling then must give the untiled result) and on tiles of known constant output (hand-computed
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.vae_tiling import decode_tiled, encode_tiled, needs_tiling, tile_starts
+from runtime.imaging.tiling import decode_tiled, encode_tiled, needs_tiling, tile_starts
 
 TINY_VAE = Path(__file__).resolve().parents[1] / "export" / "assets" / "tiny" / "vae"
 

@@ -103,7 +103,7 @@ def load(task: dict[str, Any]):
 
 def _network_call(pipe, network: str, feeds: dict[str, np.ndarray], scaling_factor: float):
     """A function that runs `network` once through optimum's component wrappers (as the pipeline
-    does) and returns outputs named as in runtime/networks.py, float32 NumPy."""
+    does) and returns outputs named as in runtime/folder/networks.py, float32 NumPy."""
     import torch
 
     def f32(a: np.ndarray):

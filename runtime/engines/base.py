@@ -8,7 +8,7 @@ times, from any number of threads, then `close()` (or use it as a context manage
    int64 -> int32 ids). Only casts within a kind are made (float to float, integer to integer
    within range); anything else is an `EngineInputError`.
 2. Validation of names, ranks, fixed sizes and symbolic axes against the declared inputs
-   (`runtime/networks.py`), naming what was expected.
+   (`runtime/folder/networks.py`), naming what was expected.
 3. The backend's `_run`. A backend exception is re-raised as `EngineRunError` chained from it
    (out of memory stays visible on `__cause__`); `SDRuntimeError`s pass through.
 4. Float outputs come back as float32, whatever the graph computes in.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import EngineClosedError, EngineInputError, EngineRunError, SDRuntimeError
-from runtime.networks import TensorSpec, float_precision
+from runtime.folder.networks import TensorSpec, float_precision
 
 __all__ = ["Engine", "EngineInfo", "EngineInputError"]
 

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from runtime import cpu
-from runtime.manifest import Manifest
-from runtime.networks import axis_values, concrete_shape, network_io
+from runtime.folder.manifest import Manifest
+from runtime.folder.networks import axis_values, concrete_shape, network_io
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Execution providers: by default CUDA when onnxruntime-gpu has it, else CPU. Ask 
 `providers=[...]`: names ("cpu", "cuda", "tensorrt" or ORT's full "...ExecutionProvider" names) or
 (name, options) pairs passed through to ORT (see runtime/engines/ort_tensorrt.py for the TensorRT
 EP's options); CPU is always appended as the fallback. The session's own input/output metadata is
-checked against runtime/networks.py at load, so a graph that does not follow the contract fails
+checked against runtime/folder/networks.py at load, so a graph that does not follow the contract fails
 there rather than mid-denoising.
 
 GPU providers (onnxruntime-gpu; checked against the 1.22, 1.23 and 1.31.1 wheels' Python API):
@@ -40,9 +40,9 @@ import numpy as np
 
 from runtime.engines.base import Engine, EngineInfo
 from runtime.errors import BackendError, EngineInputError, EngineLoadError
-from runtime.folder import inside
-from runtime.manifest import Manifest
-from runtime.networks import TensorSpec, float_precision, network_io
+from runtime.folder.paths import inside
+from runtime.folder.manifest import Manifest
+from runtime.folder.networks import TensorSpec, float_precision, network_io
 
 BACKEND = "onnxruntime"
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -334,7 +334,7 @@ class OrtEngine(Engine):
                         problems.append(f"{kind} {spec.name!r} axis {i} ({want}) {fixed} {have} in the graph")
         if problems:
             raise EngineLoadError(f"{self.name}: {self.path} does not match the network contract "
-                                  f"(runtime/networks.py): {'; '.join(problems)}")
+                                  f"(runtime/folder/networks.py): {'; '.join(problems)}")
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [t.name for t in self.outputs]

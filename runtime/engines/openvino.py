@@ -33,9 +33,9 @@ from runtime.engines import mapped_weights, ov_cache
 from runtime.engines.base import Engine, EngineInfo
 from runtime.engines.ov_group_norm import layout_free_group_norms
 from runtime.errors import BackendError, EngineLoadError
-from runtime.folder import inside
-from runtime.manifest import Manifest
-from runtime.networks import TensorSpec, float_precision, network_io
+from runtime.folder.paths import inside
+from runtime.folder.manifest import Manifest
+from runtime.folder.networks import TensorSpec, float_precision, network_io
 
 BACKEND = "openvino"
 CACHE_SUBDIR = "openvino-cache"

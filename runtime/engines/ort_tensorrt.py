@@ -31,8 +31,8 @@ from typing import Any
 from runtime.engines.tensorrt import (DEFAULT_PROMPT_CHUNKS, SUBDIR, ShapeRange, network_profile,
                                       tensorrt_cuda_major)
 from runtime.errors import BackendError
-from runtime.manifest import Manifest
-from runtime.networks import PRECISIONS, float_dtype
+from runtime.folder.manifest import Manifest
+from runtime.folder.networks import PRECISIONS, float_dtype
 
 ORT_CACHE_SUBDIR = f"{SUBDIR}/ort-cache"
 TENSORRT_EP = "TensorrtExecutionProvider"

@@ -138,7 +138,7 @@ def default_limit(engine_dir: Path, manifest: Any) -> int:
 def prune(engine_dir: str | os.PathLike, limit_bytes: int | None = None) -> tuple[int, int]:
     """Apply a limit to a folder's cache now (default: `default_limit`); return (bytes freed,
     bytes left)."""
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
 
     engine_dir = Path(engine_dir)
     if limit_bytes is None:

@@ -33,9 +33,9 @@ import numpy as np
 from runtime.engines import cuda as cuda_stack
 from runtime.engines.base import Engine, EngineInfo
 from runtime.errors import BackendError, EngineInputError, EngineLoadError
-from runtime.folder import inside, relative_parts
-from runtime.manifest import Manifest
-from runtime.networks import UNET_NETWORKS, ModelDims, TensorSpec, float_precision, network_io
+from runtime.folder.paths import inside, relative_parts
+from runtime.folder.manifest import Manifest
+from runtime.folder.networks import UNET_NETWORKS, ModelDims, TensorSpec, float_precision, network_io
 
 BACKEND = "tensorrt"
 SUBDIR = "tensorrt"  # under the engine folder: plans, their keys, the timing cache, ORT's cache
@@ -187,10 +187,10 @@ def axis_ranges(network: str, dims: ModelDims, shapes: Mapping[str, int], *, gui
     Under classifier-free guidance the U-Net runs [uncond, cond] in one batch, so its batch spans
     min_batch (guidance off) to 2 * max_batch, optimal 2 * opt_batch. The text encoder runs one
     77-token chunk position of the prompts (or of the negative prompts) at a time
-    (runtime/text.py), so its batch is the image batch. The U-Net's `tokens` runs from one chunk
+    (runtime/text/tokens.py), so its batch is the image batch. The U-Net's `tokens` runs from one chunk
     (77) to `max_prompt_chunks` chunks. The step-cache U-Nets (unet_deep, unet_shallow) take the
     U-Net's batch, and their cached feature's size is the latent size halved `dims.cache_level`
-    times, rounded up (runtime/networks.py)."""
+    times, rounded up (runtime/folder/networks.py)."""
     s = dims.vae_scale_factor
     lo_img, opt_img, hi_img = shapes["min_image"], shapes["opt_image"], shapes["max_image"]
     lo_b, opt_b, hi_b = shapes["min_batch"], shapes["opt_batch"], shapes["max_batch"]
@@ -559,7 +559,7 @@ def _plan_and_key(engine_dir: Path, manifest: Manifest, network: str) -> tuple[P
         have = ", ".join(entry.get("networks", {})) or "none"
         raise StalePlanError(f"this engine folder has no TensorRT plan for {network!r} (it has {have}); "
                              "rebuild with --tensorrt")
-    for k in ("plan", "key"):  # an unsafe path is a ManifestError (runtime/folder.py), a missing one a stale plan
+    for k in ("plan", "key"):  # an unsafe path is a ManifestError (runtime/folder/paths.py), a missing one a stale plan
         relative_parts(net.get(k), f"the TensorRT {network} entry names {k}", str(engine_dir))
     if not all(os.path.lexists(engine_dir / net[k]) for k in ("plan", "key")):
         raise StalePlanError(f"{network}: TensorRT plan {net.get('plan')!r} or its key {net.get('key')!r} is missing; "

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime import sampler_names
+from runtime.sampling import names as sampler_names
 from runtime.request import Limits
 
 from .codec import WireError, decode_image, prepare_mask

@@ -24,7 +24,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from runtime import png_info, sampler_names
+from runtime.imaging import png_info
+from runtime.sampling import names as sampler_names
 from runtime.request import make_request
 
 from . import a1111, openai
@@ -273,7 +274,7 @@ def _progress(svc: Service, skip_image: bool, task_id: str | None) -> dict:
 def _preview(latents: Any) -> str | None:
     from PIL import Image
 
-    from runtime.preview import latents_to_rgb
+    from runtime.imaging.preview import latents_to_rgb
 
     try:
         rgb = latents_to_rgb(latents[0])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime import images as imgs
+from runtime.imaging import images as imgs
 from runtime import scheduler as sch
 from runtime import stages
 from runtime.errors import PipelineError, SDRuntimeError

@@ -4,7 +4,7 @@ ONNX stores large tensors outside the graph as `external_data` entries ("locatio
 "length"; onnx/onnx docs/ExternalData.md) that ONNX Runtime and OpenVINO resolve relative to the
 graph's folder. A graph from a stranger can name any path there (`../../etc/passwd`, an absolute
 path, ORT's in-memory marker `*/_ORT_MEM_ADDR_/*`): the ONNX path-traversal class of CVEs. The
-engine folder check (runtime/folder.py) reads every reference with `external_refs` and refuses the
+engine folder check (runtime/folder/paths.py) reads every reference with `external_refs` and refuses the
 graph before a backend opens it.
 
 This is a minimal protobuf reader (the wire format of developers.google.com/protocol-buffers/docs/encoding)

@@ -16,12 +16,12 @@ like any text, and then encodes the word "BREAK" with that negative weight); a w
 number, as in `(word:1.2.3)`, is an error (A1111 raises too).
 
 Encoding (A1111 modules/sd_hijack_clip.py `tokenize_line`): every fragment is tokenized on its
-own, its ids carry its weight, and the ids are cut into chunks of 75 by runtime/text.py's rule
+own, its ids carry its weight, and the ids are cut into chunks of 75 by runtime/text/tokens.py's rule
 (BOS + up to 75 ids + EOS + padding; BOS, EOS and padding weigh 1.0). BREAK closes the current chunk
 (an empty one too, as in A1111). A1111 also moves the words after the last comma into the next
 chunk when that comma lies within `comma_padding_backtrack` (default 20) tokens of a full chunk; we
 do not by default (`comma_backtrack=0`), because then an unweighted prompt gets exactly the chunks
-of runtime/text.py, and long prompts keep today's images. `comma_backtrack=A1111_COMMA_BACKTRACK`
+of runtime/text/tokens.py, and long prompts keep today's images. `comma_backtrack=A1111_COMMA_BACKTRACK`
 gives A1111's chunking.
 
 Weighting (A1111 modules/sd_emphasis.py `EmphasisOriginal.after_transformers`): per chunk, the
@@ -31,7 +31,7 @@ call, which holds one prompt (the batch is the prompt-editing variants of one pr
 do not have), so the mean here is per prompt and per chunk: `apply_weights`.
 
 When to use it: `has_weighting(prompt)` says whether the syntax changes what the text encoder
-sees. Callers keep runtime/text.py's path when no prompt of a request has any; with all weights 1
+sees. Callers keep runtime/text/tokens.py's path when no prompt of a request has any; with all weights 1
 `apply_weights` returns its input bit for bit anyway. Literal parentheses a user did not mean as
 weighting, "photo (35mm)", are weighting to A1111 and here (x1.1); write `\\(35mm\\)`, or pass
 `syntax="none"` to read every prompt literally (A1111's emphasis setting "None").
@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from runtime import text
+from runtime.text import tokens as text
 from runtime.errors import PipelineError
-from runtime.networks import TEXT_MAX_LENGTH
+from runtime.folder.networks import TEXT_MAX_LENGTH
 
 __all__ = ["A1111_COMMA_BACKTRACK", "BREAK", "SYNTAXES", "PromptSyntaxError", "apply_weights", "count_chunks",
            "has_weighting", "pad_chunks", "parse_prompt_attention", "tokenize_weighted", "weighted_token_chunks"]
@@ -172,7 +172,7 @@ def _chunk_bodies(tokenizer: Any, prompt: str, body: int, comma_backtrack: int,
 def weighted_token_chunks(tokenizer: Any, prompt: str, max_length: int = TEXT_MAX_LENGTH, *,
                           comma_backtrack: int = 0, syntax: str = "a1111") -> tuple[np.ndarray, np.ndarray]:
     """(ids [n_chunks, max_length] int32, weights [n_chunks, max_length] float32) of one prompt:
-    each chunk BOS + up to max_length - 2 ids + EOS + padding (runtime/text.py `chunk_ids`), the
+    each chunk BOS + up to max_length - 2 ids + EOS + padding (runtime/text/tokens.py `chunk_ids`), the
     special tokens weighing 1.0."""
     if isinstance(comma_backtrack, bool) or not isinstance(comma_backtrack, int) or comma_backtrack < 0:
         raise ValueError(f"comma_backtrack must be a non-negative integer; got {comma_backtrack!r}")
@@ -191,7 +191,7 @@ def count_chunks(tokenizer: Any, prompt: str, max_length: int = TEXT_MAX_LENGTH,
 
 
 def pad_chunks(tokenizer: Any, ids: np.ndarray, weights: np.ndarray, n_chunks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Append empty chunks (BOS + EOS + padding, weights 1) up to `n_chunks`, as runtime/text.py pads
+    """Append empty chunks (BOS + EOS + padding, weights 1) up to `n_chunks`, as runtime/text/tokens.py pads
     the negative prompt to the prompt's chunk count and the other way round. New arrays."""
     if ids.shape != weights.shape or ids.ndim != 2:
         raise ValueError(f"ids and weights must both be [chunks, tokens]; got {ids.shape} and {weights.shape}")
@@ -206,7 +206,7 @@ def pad_chunks(tokenizer: Any, ids: np.ndarray, weights: np.ndarray, n_chunks: i
 def tokenize_weighted(tokenizer: Any, prompts: Sequence[str], min_chunks: int = 1,
                       max_length: int = TEXT_MAX_LENGTH, *, comma_backtrack: int = 0,
                       syntax: str = "a1111") -> tuple[np.ndarray, np.ndarray]:
-    """The weighted counterpart of runtime/text.py `tokenize`: (ids [batch, n_chunks, max_length]
+    """The weighted counterpart of runtime/text/tokens.py `tokenize`: (ids [batch, n_chunks, max_length]
     int32, weights [batch, n_chunks * max_length] float32), n_chunks = max(min_chunks, chunks of
     the longest prompt). Feed ids to `text.encode` and its output with the weights to `apply_weights`."""
     rows = [weighted_token_chunks(tokenizer, p, max_length, comma_backtrack=comma_backtrack, syntax=syntax)

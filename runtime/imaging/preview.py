@@ -7,7 +7,7 @@ Cost, median of 2000 calls with time.perf_counter on the project's 2-core develo
 (numpy 2.4, one [4, h, w] float32 latent, two runs): 64x64 latents 0.018-0.019 ms, 128x128 latents
 0.041-0.048 ms. An SD 1.5 U-Net step at 256 px (32x32 latents) takes 0.3-0.9 s there, so a preview
 every step costs under 0.01% of a step; encoding the preview for a client (PNG/JPEG) is not counted.
-`python -m runtime.preview` repeats the measurement.
+`python -m runtime.imaging.preview` repeats the measurement.
 
 The coefficients fit the Stable Diffusion 1.x/2.x VAE's latent space (2.x uses the same
 autoencoder), applied to the latents as the denoising loop holds them (scaled by 0.18215). They

@@ -2,7 +2,7 @@
 its shallow part, reusing the deep feature of the last full call (DeepCache: Ma, Fang and Wang,
 "DeepCache: Accelerating Diffusion Models for Free", CVPR 2024, arXiv:2312.00858), and a U-Net
 callable that routes calls by such a plan over the `unet_deep` / `unet_shallow` engines
-(runtime/networks.py; export/unet.py `cache_split` says where the U-Net is cut).
+(runtime/folder/networks.py; export/unet.py `cache_split` says where the U-Net is cut).
 
 A plan counts network calls, not sampler steps: `plan(len(schedule.timesteps), ...)`, since
 `Schedule.timesteps` lists one timestep per call. So Heun's second evaluation of a step is a call
@@ -128,7 +128,7 @@ def cached_unet(deep: DeepFn, shallow: ShallowFn, full_calls: Sequence[bool]) ->
 
 def engine_calls(deep_engine: Any, shallow_engine: Any) -> tuple[DeepFn, ShallowFn]:
     """`deep` and `shallow` callables over the unet_deep and unet_shallow engines (`Engine.run`,
-    names from runtime/networks.py), for `cached_unet`."""
+    names from runtime/folder/networks.py), for `cached_unet`."""
 
     def deep(sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = deep_engine.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": context})

@@ -16,7 +16,7 @@ unquoted; "Size: WxH" becomes "Size-1" (width) and "Size-2" (height). Lines are 
 surrounding white space on both sides, as A1111 does, so the prompt's own leading or trailing
 white space is not kept (our `sd-runtime` JSON chunk keeps it exactly).
 
-Fields we write: Steps, Sampler, Schedule type (runtime/sampler_names.py), CFG scale, Seed, Size,
+Fields we write: Steps, Sampler, Schedule type (runtime/sampling/names.py), CFG scale, Seed, Size,
 Model hash (the first 10 hex digits of the source checkpoint's sha256, which is A1111's "Model
 hash" for a single-file checkpoint), Model, Denoising strength (img2img, inpaint), Eta DDIM (when
 not 0, A1111's key for DDIM's eta), CFG Rescale (when not 0, the key of the CFG-Rescale extension
@@ -31,7 +31,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from runtime import sampler_names
+from runtime.sampling import names as sampler_names
 
 __all__ = ["PARAMETERS_KEY", "format_infotext", "infotext_from_parameters", "parse_infotext", "quote",
            "settings_from_fields", "unquote"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.engines.base import Engine
-from runtime.networks import TEXT_MAX_LENGTH
+from runtime.folder.networks import TEXT_MAX_LENGTH
 
 
 def load_tokenizer(tokenizer_dir: str | Path, pad_token: str | None = None):

@@ -21,7 +21,7 @@ the external-data bounds check by default (with a logged warning), and the full 
 verify=True; `build-engine --verify DIR` verifies such a folder and then records its table.
 
 **ONNX graphs** name their external data inside the protobuf; every `location` is read
-(runtime/onnx_refs.py) and must resolve inside the folder to a regular file that holds the bytes
+(runtime/folder/onnx_refs.py) and must resolve inside the folder to a regular file that holds the bytes
 [offset, offset + length) the reference names.
 """
 
@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from runtime.errors import IntegrityError, ManifestError
-from runtime.onnx_refs import external_refs
+from runtime.folder.onnx_refs import external_refs
 
 __all__ = ["FINGERPRINT_SPAN", "FolderCheck", "check_folder", "file_records", "file_sha256", "fingerprint",
            "check_graph", "inside", "opened_files", "relative_parts"]

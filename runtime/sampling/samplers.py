@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from runtime import schedules as S
-from runtime.schedules import SchedulerError
+from runtime.sampling import schedules as S
+from runtime.sampling.schedules import SchedulerError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 Denoiser = Callable[[np.ndarray, float, float], np.ndarray]

@@ -17,7 +17,7 @@ Symbolic axis names:
 
 Optional networks (STEP_CACHE_NETWORKS) exist only in folders built with them: `unet_deep` (the
 U-Net that also outputs the feature DeepCache caches) and `unet_shallow` (the retrieval step that
-takes it); runtime/caching.py routes U-Net calls between them.
+takes it); runtime/sampling/deepcache.py routes U-Net calls between them.
 """
 
 from __future__ import annotations

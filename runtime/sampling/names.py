@@ -1,5 +1,5 @@
 """Our sampler names <-> AUTOMATIC1111's, in one place: the PNG `parameters` chunk
-(runtime/png_info.py) and an A1111-compatible server (`/sdapi/v1/samplers`, `sampler_name`) use it.
+(runtime/imaging/png_info.py) and an A1111-compatible server (`/sdapi/v1/samplers`, `sampler_name`) use it.
 
 A1111 names (display name, aliases) come from its modules/sd_samplers_kdiffusion.py,
 sd_samplers_timesteps.py and sd_samplers_lcm.py (v1.10). Since v1.9 A1111 writes the sigma schedule

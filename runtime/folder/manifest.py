@@ -24,7 +24,7 @@ Schema (format version 1):
   "tools": {"torch": "...", "onnx": "...", ...},
   "created": "ISO 8601 time",
   "files": {"unet.onnx": {"size": 1794141, "sha256": "...", "fingerprint": "..."}, ...}
-}                                      # every file the runtime opens (runtime/folder.py); absent in
+}                                      # every file the runtime opens (runtime/folder/paths.py); absent in
                                        # folders built before it, which load as "legacy" folders
 Image sizes in "shapes" bound both height and width, in pixels; batch counts images (the U-Net's
 engine batch is doubled under classifier-free guidance).
@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ManifestError
-from runtime.folder import file_records, inside, opened_files
-from runtime.networks import NETWORKS, PRECISIONS, STEP_CACHE_NETWORKS, ModelDims
-from runtime.samplers import PREDICTION_TYPES
+from runtime.folder.paths import file_records, inside, opened_files
+from runtime.folder.networks import NETWORKS, PRECISIONS, STEP_CACHE_NETWORKS, ModelDims
+from runtime.sampling.samplers import PREDICTION_TYPES
 
 __all__ = ["FAMILIES", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ManifestError", "PREDICTION_TYPES",
            "load_manifest", "write_manifest"]
@@ -79,7 +79,7 @@ class Manifest:
     tools: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # runtime/folder.py `file_records`
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # runtime/folder/paths.py `file_records`
 
     @property
     def int8_unet(self) -> dict[str, Any] | None:
@@ -209,7 +209,7 @@ def _shapes(value: Any, where: str) -> dict[str, int]:
         raise ManifestError(f"{where}: 'shapes' lacks {', '.join(missing)}")
     out = {k: _int_in(shapes[k], 1, MAX_BATCH if "batch" in k else MAX_IMAGE, f"shapes.{k}", where)
            for k in SHAPE_KEYS}
-    if "vae_max_image" in shapes:  # optional: the largest side the VAE graphs take whole (runtime/vae_tiling.py)
+    if "vae_max_image" in shapes:  # optional: the largest side the VAE graphs take whole (runtime/imaging/tiling.py)
         out["vae_max_image"] = _int_in(shapes["vae_max_image"], 1, MAX_IMAGE, "shapes.vae_max_image", where)
     for kind in ("batch", "image"):
         lo, opt, hi = (out[f"{b}_{kind}"] for b in ("min", "opt", "max"))
@@ -271,8 +271,8 @@ def _networks(value: Any, where: str) -> dict[str, dict[str, Any]]:
 
 def load_manifest(engine_dir: str | os.PathLike) -> Manifest:
     """Read and validate `engine_dir/manifest.json`, and check that every network file it names is a
-    regular file inside the folder (runtime/folder.py `inside`: no absolute paths, `..` or symlinks out).
-    The files' contents are checked by `runtime.folder.check_folder`, which `open_engines` runs."""
+    regular file inside the folder (runtime/folder/paths.py `inside`: no absolute paths, `..` or symlinks out).
+    The files' contents are checked by `runtime.folder.paths.check_folder`, which `open_engines` runs."""
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise ManifestError(f"engine folder {engine_dir} does not exist")
@@ -298,7 +298,7 @@ def load_manifest(engine_dir: str | os.PathLike) -> Manifest:
 def write_manifest(engine_dir: str | os.PathLike, manifest: Manifest, *, record_files: bool = False) -> Path:
     """Write the manifest atomically (temporary file, then rename). `record_files=True` (what
     build-engine does) first records the `files` table, the size, sha256 and fingerprint of every file
-    the runtime opens, from the folder as it is now (runtime/folder.py `file_records`)."""
+    the runtime opens, from the folder as it is now (runtime/folder/paths.py `file_records`)."""
     engine_dir = Path(engine_dir)
     if record_files:
         manifest = replace(manifest, files=file_records(engine_dir, manifest))

@@ -1,0 +1,3 @@
+"""Sampling: the step functions (samplers.py), noise schedules and timestep grids (schedules.py),
+DeepCache's call plan (deepcache.py) and A1111's sampler names (names.py). The registry, one
+record per sampler, is runtime/scheduler.py, the front door."""
