@@ -34,8 +34,9 @@ from runtime import scheduler as sch
 from runtime import stages
 from runtime.sampling import deepcache as caching
 from runtime.text import tokens as text
-from runtime.engines import backend_module, close_all, network_options, open_engines_why, open_network
+from runtime.engines.registry import backend_module, close_all, network_options, open_engines_why, open_network
 from runtime.engines.base import Engine
+from runtime.families import family_of
 from runtime.errors import EngineClosedError, ManifestError, PipelineError, SDRuntimeError
 from runtime.folder.paths import inside
 from runtime.folder.manifest import Manifest, load_manifest
@@ -96,6 +97,7 @@ class Pipeline:
         self.backend_reason = backend_reason  # why this backend: "requested", or how it was chosen
         self.engines = engines
         self.tokenizer = tokenizer
+        self.family = family_of(manifest.family)  # how prompts become U-Net inputs (runtime/families.py)
         self.limits = replace(Limits.from_manifest(manifest, default_sampler(manifest.scheduler), sch.SAMPLERS),
                               memory=MemoryModel.from_folder(engine_dir, manifest, backend),
                               max_memory=memory_limit(max_memory_gb))
@@ -201,21 +203,21 @@ class Pipeline:
 
     def request(self, mode: str, prompt: Any, **settings: Any) -> Request:
         """A validated `Request` for this folder (the keyword arguments of txt2img/img2img/inpaint;
-        `noise` is txt2img's `latents`): checked against the folder's limits, its sampler schedule
-        built once (so steps x strength leaving no step, or Karras sigmas for a sampler without them,
-        fail here), and its prompt chunk count recorded (part of `batch_key()`)."""
+        `noise` is txt2img's `latents`), prepared once for the stages: checked against the folder's
+        limits (its memory estimate included), its sampler schedule built (so steps x strength
+        leaving no step, or Karras sigmas for a sampler without them, fail here) and its prompts
+        tokenized (the chunk count is part of `batch_key()`). Nothing downstream recomputes these."""
         r = make_request(self.limits, mode, prompt, **settings)
         try:
-            sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength, karras=r.karras,
-                              prediction_type=self.manifest.prediction_type)
+            schedule = sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength,
+                                         karras=r.karras, prediction_type=self.manifest.prediction_type)
         except sch.SchedulerError as e:
             raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e
-        texts = stages.expand_prompts(list(r.prompts) + (list(r.negative_prompts) if r.guided else []),
-                                      self._embeddings)
         with self._tokenizer_lock:
-            chunks = stages.prompt_chunks(self.tokenizer, texts, max_length=self.manifest.dims.text_max_length,
-                                          syntax=r.prompt_syntax)
-        return dataclasses.replace(r, prompt_chunks=chunks)
+            tokens = stages.tokenize_prompts(self.tokenizer, r.prompts, r.negative_prompts, guided=r.guided,
+                                             max_length=self.manifest.dims.text_max_length, syntax=r.prompt_syntax,
+                                             embeddings=self._embeddings)
+        return dataclasses.replace(r, tokens=tokens, schedule=schedule)
 
     def generate(self, requests: Sequence[Request], *, callbacks: Sequence[Callback | None] | None = None,
                  should_stop: Sequence[Callable[[], bool] | None] | None = None,
@@ -279,8 +281,12 @@ class Pipeline:
         total = sum(r.batch for r in requests)
         if total > self.limits.max_batch:
             raise PipelineError(f"{total} images in one batch exceed the engine's max batch {self.limits.max_batch}")
-        r = requests[0]  # the batch as a whole must fit in memory too
-        check_memory(self.limits, total, r.height, r.width, guided=r.guided, encodes=r.mode != "txt2img")
+        if any(r.tokens is None or r.schedule is None for r in requests):
+            raise PipelineError("requests must be made by Pipeline.request (it tokenizes the prompts and builds the "
+                                "schedule once)")
+        if len(requests) > 1:  # each request was checked alone; together they must fit in memory too
+            r = requests[0]
+            check_memory(self.limits, total, r.height, r.width, guided=r.guided, encodes=r.mode != "txt2img")
         if any(self.engines.get(n) is not None and self.engines[n].closed for n in self.engines):
             raise EngineClosedError(f"the pipeline over {self.engine_dir} is closed")
 
@@ -289,11 +295,8 @@ class Pipeline:
         out = []
         for r in requests:
             t0 = time.perf_counter()
-            with self._tokenizer_lock:
-                cond = stages.encode_prompt(self.engine("text_encoder"), self.tokenizer, r.prompts, r.negative_prompts,
-                                            images_per_prompt=r.images_per_prompt, guided=r.guided,
-                                            max_length=m.dims.text_max_length, syntax=r.prompt_syntax,
-                                            embeddings=self._embeddings)
+            cond = stages.encode_prompt(self.engine("text_encoder"), r.tokens, images_per_prompt=r.images_per_prompt,
+                                        max_length=m.dims.text_max_length)
             _add(timings, "text_encoder", time.perf_counter() - t0)
             draws = stages.initial_noise(r, (m.dims.latent_channels, r.height // s, r.width // s),
                                          self.is_inpainting_unet)
@@ -304,20 +307,12 @@ class Pipeline:
             if r.mode != "txt2img":
                 _add(timings, "vae_encode", time.perf_counter() - t0)
             out.append(_Prepared(r, cond, draws, latents))
-        tokens = {p.text.cond.shape[1] for p in out}
-        if len(tokens) > 1:
-            raise PipelineError(f"requests of one batch must encode to the same number of 77-token prompt chunks; "
-                                f"got {sorted(t // m.dims.text_max_length for t in tokens)}")
         return out
 
     def _denoise(self, prepared: list[_Prepared], callbacks: list[Callback | None],
                  should_stop: list[Callable[[], bool] | None], progress: bool, timings: dict[str, float]) -> np.ndarray:
         r = prepared[0].request
-        try:
-            schedule = sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength,
-                                         karras=r.karras, prediction_type=self.manifest.prediction_type)
-        except sch.SchedulerError as e:
-            raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e
+        schedule = r.schedule  # equal batch keys: one schedule serves the batch
         cond = _concat([p.text for p in prepared], stages.Conditioning)
         latents = _concat([p.latents for p in prepared], stages.ImageLatents)
         noise = np.concatenate([p.draws.noise for p in prepared])
@@ -326,8 +321,8 @@ class Pipeline:
         bar = _progress(len(schedule.timesteps), progress, f"{r.mode} ({r.sampler}, {self.backend})")
         t0 = time.perf_counter()
         try:
-            out = stages.denoise(self._unet_fn(r, len(schedule.timesteps)), schedule, cond, noise, latents,
-                                 guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, eta=r.eta,
+            out = stages.denoise(self._unet_fn(r, len(schedule.timesteps)), schedule, self.family, cond, noise,
+                                 latents, guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, eta=r.eta,
                                  rng=rng, callback=_split_callback(prepared, callbacks),
                                  on_call=_on_call(bar, should_stop))
         finally:
@@ -348,13 +343,20 @@ class Pipeline:
         if request.output_type == "latent":
             return latents
         t0 = time.perf_counter()
-        images = stages.decode(self.engine("vae_decoder"), latents, tile=request.vae_tile, scale=self.vae_scale_factor)
+        images = self.decode(request, latents)
         timings["vae_decode"] = time.perf_counter() - t0
-        want = tuple(d * self.vae_scale_factor for d in latents.shape[-2:])
+        return images
+
+    def decode(self, request: Request, latents: np.ndarray) -> np.ndarray:
+        """Latents of `request`'s run (the final ones, or those of an interrupted run) to float32 NHWC
+        images in [0, 1], tiled as the request says."""
+        s = self.vae_scale_factor
+        images = stages.decode(self.engine("vae_decoder"), latents, tile=request.vae_tile, scale=s)
+        want = tuple(d * s for d in latents.shape[-2:])
         if tuple(images.shape[1:3]) != want:  # the graph's axes are symbolic: only its output can tell
             raise ManifestError(f"{self.engine_dir}: the VAE decoder made {tuple(images.shape[1:3])} images of "
                                 f"{tuple(latents.shape[-2:])} latents, not the {want} the manifest's vae_scale_factor "
-                                f"{self.vae_scale_factor} implies: the manifest does not describe its graphs")
+                                f"{s} implies: the manifest does not describe its graphs")
         return images
 
     def _results(self, requests: list[Request], images: Any, timings: dict[str, float]) -> list[GenerationResult]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -98,7 +98,16 @@ class Request:
     cache_schedule: str = "uniform"
     prompt_syntax: str = "a1111"  # A1111 emphasis and BREAK where a prompt uses them; "none": literal
     vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/imaging/tiling.py); None: whole
-    prompt_chunks: int | None = None  # 77-token chunks its prompts encode to (set by Pipeline.request)
+    memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
+    # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
+    # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
+    tokens: Any = field(default=None, repr=False)
+    schedule: Any = field(default=None, repr=False)
+
+    @property
+    def prompt_chunks(self) -> int | None:
+        """77-token chunks its prompts encode to (None before Pipeline.request tokenized them)."""
+        return None if self.tokens is None else self.tokens.n_chunks
 
     @property
     def batch(self) -> int:
@@ -152,7 +161,8 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     n_per = _positive_int(num_images_per_prompt, "num_images_per_prompt")
     batch = len(prompts) * n_per
     if batch > limits.max_batch:
-        raise PipelineError(f"{batch} images in one call exceed the engine's max batch {limits.max_batch}")
+        raise PipelineError(f"{batch} images in one call exceed the engine's max batch {limits.max_batch}",
+                            field="num_images_per_prompt")
     steps = _positive_int(num_inference_steps, "num_inference_steps")
     scale, rescale, eta = (_finite(v, k) for v, k in ((guidance_scale, "guidance_scale"),
                                                       (guidance_rescale, "guidance_rescale"), (eta, "eta")))
@@ -172,7 +182,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     images, masks, (dh, dw) = _images(limits, mode, image, mask_image, len(prompts))
     height, width = _size(limits, dh if height is None else height, dw if width is None else width)
     tile = _vae_tile(limits, vae_tiling, height, width)
-    check_memory(limits, batch, height, width, guided=scale > 1.0, encodes=mode != "txt2img")
+    memory = check_memory(limits, batch, height, width, guided=scale > 1.0, encodes=mode != "txt2img")
     if images is not None:
         images = tuple(_frozen(imgs.load_image(im, height, width)) for im in images)
     if masks is not None:
@@ -187,19 +197,22 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         masked_encode_noise=(_explicit(masked_encode_noise, shape, "masked_encode_noise")
                              if mode == "inpaint" and limits.inpainting_unet else None),
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
+        memory=memory,
     )
 
 
-def check_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool) -> None:
-    """Refuse a batch whose memory estimate (runtime/memory.py) exceeds the limit, before it runs."""
-    if limits.memory is None or limits.max_memory is None:
-        return
+def check_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool) -> int | None:
+    """The batch's memory estimate (runtime/memory.py; None without a memory model); refuse it when it
+    exceeds the limit, before it runs."""
+    if limits.memory is None:
+        return None
     need = limits.memory.estimate(batch, height, width, guided=guided, encodes=encodes)
-    if need > limits.max_memory:
+    if limits.max_memory is not None and need > limits.max_memory:
         raise PipelineError(
             f"{batch} image(s) of {width}x{height}{' with guidance' if guided else ''} need about {_gib(need)} "
             f"(estimate: runtime/memory.py), more than the limit of {_gib(limits.max_memory)} (max_memory_gb; "
             "default: this machine's memory). Ask for fewer images per call or a smaller size, or raise max_memory_gb")
+    return need
 
 
 def _gib(n: int) -> str:
@@ -307,16 +320,22 @@ def _images(limits: Limits, mode: str, image: Any, mask_image: Any, n_prompts: i
 
 
 def _size(limits: Limits, height: Any, width: Any) -> tuple[int, int]:
+    """The request's size, checked against the folder; an error's `field` is the side at fault."""
     s = limits.vae_scale_factor
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) or int(v) != v or v <= 0 for v in (height, width)):
-        raise PipelineError(f"height and width must be positive integers; got {height}x{width}")
+
+    def refuse(bad_height: bool, message: str, hint: str = "") -> PipelineError:
+        return PipelineError(f"{message}; got {height}x{width}{hint}", field="height" if bad_height else "width")
+
+    bad = [isinstance(v, bool) or not isinstance(v, numbers.Real) or int(v) != v or v <= 0 for v in (height, width)]
+    if any(bad):
+        raise refuse(bad[0], "height and width must be positive integers")
     height, width = int(height), int(width)
     if height % s or width % s:
-        raise PipelineError(f"height and width must be multiples of the VAE scale factor {s}; got {height}x{width}")
+        raise refuse(bool(height % s), f"height and width must be multiples of the VAE scale factor {s}")
     lo, hi = limits.min_image, limits.max_image
     if not (lo <= height <= hi and lo <= width <= hi):
-        raise PipelineError(f"height and width must be within the engine's image range [{lo}, {hi}] pixels; "
-                            f"got {height}x{width} (rebuild the engine folder with a wider shape range)")
+        raise refuse(not lo <= height <= hi, f"height and width must be within the engine's image range [{lo}, {hi}] "
+                     "pixels", " (rebuild the engine folder with a wider shape range)")
     return height, width
 
 

@@ -1,4 +1,5 @@
-"""NumPy noise schedules, samplers, classifier-free guidance and inpainting masks.
+"""The samplers' front door: the registry (one `Sampler` record per sampler), schedule building,
+sampling, classifier-free guidance and the inpainting U-Net's input.
 
 NumPy and the standard library only. Public contract (docs/architecture.md, "Scheduler")::
 
@@ -7,12 +8,15 @@ NumPy and the standard library only. Public contract (docs/architecture.md, "Sch
     latents = sample(schedule, model, latents, rng=rng, eta=0.0, callback=None, known=None)
 
 Design (../shared/STYLE.md, "Schedulers"): ``make_schedule`` turns a diffusers ``scheduler_config.json``
-dict into an immutable :class:`Schedule` of float64 arrays; every sampler is a pure function
-``sample_<name>(denoise, x, <arrays>, *, after, ...) -> x`` (``runtime/sampling/samplers.py``) whose multistep
-history lives in local variables. The network is adapted once (:func:`make_denoiser`) into
-``denoise(x, sigma, t) -> x0``. Noise schedules and timestep grids are in ``runtime/sampling/schedules.py``.
-Each sampler reproduces the diffusers 0.42 scheduler class of the same method, including its timestep
-layout; ``tests/test_scheduler.py`` checks the final latents against diffusers.
+dict into an immutable :class:`Schedule` of float64 arrays with the record's timestep builder
+(``runtime/sampling/timesteps.py``); every sampler is a pure function ``sample_<name>(denoise, x,
+<arrays>, *, after, ...) -> x`` (``runtime/sampling/samplers.py``) whose multistep history lives in
+local variables, run through its record's ``step``. The network is adapted once
+(:func:`make_denoiser`) into ``denoise(x, sigma, t) -> x0``. Noise schedules and timestep grids are
+in ``runtime/sampling/schedules.py``. Each sampler reproduces the diffusers 0.42 scheduler class its
+record names, including its timestep layout; ``tests/test_scheduler.py`` checks the final latents
+against diffusers. Adding a sampler: its pure function in samplers.py (and a builder in
+timesteps.py if no existing one fits), one record in ``REGISTRY`` (docs/architecture.md).
 
 Latent spaces. Samplers of the Euler family (lms, euler, euler_a, heun) hold variance-exploding latents
 x = x0 + sigma * eps and feed the network x / sqrt(1 + sigma^2), as k-diffusion does; the others hold
@@ -24,78 +28,161 @@ from __future__ import annotations
 
 import math
 import numbers
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable
+from types import MappingProxyType
+from typing import Any, Callable
 
 import numpy as np
 
 from runtime.sampling import schedules as S
+from runtime.sampling import timesteps
 from runtime.sampling.samplers import (PREDICTION_TYPES, Model, ab_to_sigma, make_denoiser, no_after, sample_ddim,
-                              sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun,
-                              sample_lcm, sample_lms, sample_pndm, sample_unipc, sigma_alpha)
+                                       sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral,
+                                       sample_heun, sample_lcm, sample_lms, sample_pndm, sample_unipc, sigma_alpha)
 from runtime.sampling.schedules import SchedulerError
 
-__all__ = ["SAMPLERS", "SCHEDULER_CLASSES", "Schedule", "SchedulerError", "default_sampler", "guidance",
-           "inpaint_unet_input", "make_denoiser", "make_schedule", "prepare_latents", "sample"]
+__all__ = ["REGISTRY", "SAMPLERS", "SCHEDULER_CLASSES", "Sampler", "Schedule", "SchedulerError", "default_sampler",
+           "guidance", "inpaint_unet_input", "make_denoiser", "make_schedule", "prepare_latents", "sample",
+           "stack_channels"]
 
-SAMPLERS: tuple[str, ...] = (
-    "ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm",
-)
 BETA_SCHEDULES = S.BETA_SCHEDULES
 SPACINGS = S.SPACINGS
+_NONE: Mapping[str, Any] = MappingProxyType({})
 
-_VE_SAMPLERS = ("lms", "euler", "euler_a", "heun")  # variance-exploding latents, k-diffusion style
-_KARRAS_SAMPLERS = ("lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
-_STOCHASTIC = ("ddpm", "euler_a", "lcm")  # draw noise every step (ddim only when eta > 0)
-_LCM_SIGMA_DATA = 0.5  # arXiv:2310.04378 (LCM) boundary-condition scalings, sigma_data = 0.5
-
-# Defaults of the matching diffusers 0.42 scheduler class for keys a config may omit.
+# Defaults of the diffusers 0.42 scheduler classes for keys a config may omit; a record's
+# `class_defaults` are its own class's differences from these.
 _COMMON = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "prediction_type": "epsilon", "timestep_spacing": "linspace", "steps_offset": 0,
     "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": False, "use_karras_sigmas": False,
 }
-_CLASS_DEFAULTS = {
-    "ddim": {"timestep_spacing": "leading", "clip_sample": True, "set_alpha_to_one": True},
-    "ddpm": {"timestep_spacing": "leading", "clip_sample": True, "variance_type": "fixed_small"},
-    "pndm": {"timestep_spacing": "leading"},
-    "heun": {"beta_start": 0.00085, "beta_end": 0.012},
-    "lcm": {"timestep_spacing": "leading", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "set_alpha_to_one": True, "original_inference_steps": 50, "timestep_scaling": 10.0},
-}
-_CLIPPING = ("ddim", "ddpm", "heun", "lcm")  # samplers whose diffusers class has clip_sample
 # Settings that change the result and are not implemented: refused rather than ignored.
 _UNSUPPORTED = ("rescale_betas_zero_snr", "thresholding", "use_exponential_sigmas", "use_beta_sigmas",
                 "use_lu_lambdas", "use_flow_sigmas")
-# Per sampler, the values it implements of its diffusers class's solver settings. A config that sets
-# another value (e.g. a DPMSolverMultistepScheduler config with solver_order 3, or algorithm_type
-# "dpmsolver") is refused with a clear error instead of being run as something else. Keys a config
-# omits take these values.
-_IMPLEMENTED = {
-    "dpmpp_2m": {"solver_order": (2,), "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint",),
-                 "lower_order_final": (True,), "euler_at_final": (False,), "final_sigmas_type": ("zero",),
-                 "variance_type": (None,), "use_karras_sigmas": (False, True)},
-    "unipc": {"solver_order": (2,), "solver_type": ("bh2",), "predict_x0": (True,), "lower_order_final": (True,),
-              "disable_corrector": ((), []), "solver_p": (None,), "final_sigmas_type": ("zero",)},
-    "pndm": {"skip_prk_steps": (True,)},
-    "euler": {"interpolation_type": ("linear",), "final_sigmas_type": ("zero",)},
-    "euler_a": {"final_sigmas_type": ("zero",)},
-}
-_IMPLEMENTED["dpmpp_2m_karras"] = _IMPLEMENTED["dpmpp_2m"]
 
-# diffusers scheduler `_class_name` (the manifest's scheduler config) -> our sampler name.
-SCHEDULER_CLASSES = {
-    "PNDMScheduler": "pndm",
-    "DDIMScheduler": "ddim",
-    "DDPMScheduler": "ddpm",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "LMSDiscreteScheduler": "lms",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "UniPCMultistepScheduler": "unipc",
-    "LCMScheduler": "lcm",
-}
+
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler, everything about it in one record (k-diffusion adds a sampler as one function).
+
+    `step(denoise, x, schedule, *, rng, eta, after) -> x` runs it over a built `Schedule` (its pure
+    function of runtime/sampling/samplers.py, fed the schedule's arrays); `build` makes its timesteps
+    (runtime/sampling/timesteps.py). `diffusers_class` is the scheduler class it reproduces (a folder
+    whose config names that class runs it by default), `class_defaults` that class's defaults beyond
+    `_COMMON`, and `implemented` the values of that class's solver settings it implements (a config
+    of that class setting another value is refused, not run as something else; keys a config omits
+    take the first value). `a1111`: AUTOMATIC1111's display name then its aliases (v1.10
+    modules/sd_samplers_*.py); `a1111_karras_default`: A1111 v1.9+ runs its "Automatic" schedule as
+    Karras; `a1111_timesteps`: A1111 runs it on its own timesteps, ignoring the schedule type."""
+
+    name: str
+    step: Callable[..., np.ndarray]
+    build: Callable[..., tuple]
+    diffusers_class: str | None = None
+    class_defaults: Mapping[str, Any] = field(default_factory=lambda: _NONE)
+    implemented: Mapping[str, tuple] = field(default_factory=lambda: _NONE)
+    a1111: tuple[str, ...] = ()
+    a1111_karras_default: bool = False
+    a1111_timesteps: bool = False
+    karras: bool = False  # takes Karras sigmas (karras=True)
+    karras_only: bool = False  # always Karras sigmas
+    ve: bool = False  # variance-exploding latents, k-diffusion style (module doc)
+    stochastic: bool = False  # draws noise every step (ddim only when eta > 0)
+    clipping: bool = False  # its diffusers class has clip_sample
+
+
+# Step functions: each feeds one pure sampler the arrays its timestep builder planned.
+def _ddim(denoise, x, s, *, rng, eta, after):
+    return sample_ddim(denoise, x, s.timesteps, s.plan["ab"], s.plan["ab_to"], eta=eta, rng=rng, clip=s.clip,
+                       after=after)
+
+
+def _ddpm(denoise, x, s, *, rng, eta, after):
+    return sample_ddpm(denoise, x, s.timesteps, s.plan["ab"], s.plan["ab_to"], rng=rng, clip=s.clip,
+                       large=s.plan["large"], after=after)
+
+
+def _pndm(denoise, x, s, *, rng, eta, after):
+    return sample_pndm(denoise, x, s.timesteps, s.plan["ab"], s.plan["ab_from"], s.plan["ab_to"],
+                       v_space=s.prediction_type == "v_prediction", after=after)
+
+
+def _euler(denoise, x, s, *, rng, eta, after):
+    return sample_euler(denoise, x, s.plan["grid_sigmas"][s.plan["start"]:], s.timesteps, after=after)
+
+
+def _euler_a(denoise, x, s, *, rng, eta, after):
+    return sample_euler_ancestral(denoise, x, s.plan["grid_sigmas"][s.plan["start"]:], s.timesteps, rng=rng,
+                                  after=after)
+
+
+def _heun(denoise, x, s, *, rng, eta, after):
+    return sample_heun(denoise, x, s.plan["grid_sigmas"], s.plan["grid_t"], clip=s.clip, after=after)
+
+
+def _lms(denoise, x, s, *, rng, eta, after):
+    return sample_lms(denoise, x, s.plan["grid_sigmas"], s.timesteps, s.plan["start"], after=after)
+
+
+def _dpmpp_2m(denoise, x, s, *, rng, eta, after):
+    return sample_dpmpp_2m(denoise, x, s.plan["grid_sigmas"], s.timesteps, s.plan["start"], after=after)
+
+
+def _unipc(denoise, x, s, *, rng, eta, after):
+    return sample_unipc(denoise, x, s.plan["grid_sigmas"], s.timesteps, s.plan["start"], after=after)
+
+
+def _lcm(denoise, x, s, *, rng, eta, after):
+    p = s.plan
+    return sample_lcm(denoise, x, s.timesteps, p["ab"], p["ab_to"], p["c_skip"], p["c_out"], p["last"], rng=rng,
+                      clip=s.clip, after=after)
+
+
+_DPMPP_SETTINGS = {"solver_order": (2,), "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint",),
+                   "lower_order_final": (True,), "euler_at_final": (False,), "final_sigmas_type": ("zero",),
+                   "variance_type": (None,), "use_karras_sigmas": (False, True)}
+_LEADING = {"timestep_spacing": "leading"}
+# The registry, in the order samplers are listed (SAMPLERS; A1111's /sdapi/v1/samplers).
+REGISTRY: Mapping[str, Sampler] = MappingProxyType({r.name: r for r in (
+    Sampler("ddim", _ddim, timesteps.build_ddim, "DDIMScheduler",
+            {**_LEADING, "clip_sample": True, "set_alpha_to_one": True}, a1111=("DDIM", "ddim"), a1111_timesteps=True,
+            clipping=True),
+    Sampler("ddpm", _ddpm, timesteps.build_ddpm, "DDPMScheduler",
+            {**_LEADING, "clip_sample": True, "variance_type": "fixed_small"},
+            a1111=("DDPM",), stochastic=True, clipping=True),  # DDPM: Forge's name; A1111 has none
+    Sampler("pndm", _pndm, timesteps.build_pndm, "PNDMScheduler", _LEADING, {"skip_prk_steps": (True,)},
+            a1111=("PLMS", "plms"), a1111_timesteps=True),
+    Sampler("lms", _lms, functools.partial(timesteps.build_k, lms=True), "LMSDiscreteScheduler", a1111=("LMS", "k_lms"),
+            karras=True, ve=True),
+    Sampler("euler", _euler, timesteps.build_k, "EulerDiscreteScheduler",
+            implemented={"interpolation_type": ("linear",), "final_sigmas_type": ("zero",)},
+            a1111=("Euler", "k_euler"), karras=True, ve=True),
+    Sampler("euler_a", _euler_a, timesteps.build_k, "EulerAncestralDiscreteScheduler",
+            implemented={"final_sigmas_type": ("zero",)}, a1111=("Euler a", "k_euler_a", "k_euler_ancestral"),
+            karras=True, ve=True, stochastic=True),
+    Sampler("heun", _heun, timesteps.build_heun, "HeunDiscreteScheduler", {"beta_start": 0.00085, "beta_end": 0.012},
+            a1111=("Heun", "k_heun"), karras=True, ve=True, clipping=True),
+    Sampler("dpmpp_2m", _dpmpp_2m, timesteps.build_multistep, "DPMSolverMultistepScheduler", implemented=_DPMPP_SETTINGS,
+            a1111=("DPM++ 2M", "k_dpmpp_2m"), a1111_karras_default=True, karras=True),
+    Sampler("dpmpp_2m_karras", _dpmpp_2m, timesteps.build_multistep, "DPMSolverMultistepScheduler",
+            implemented=_DPMPP_SETTINGS, karras=True, karras_only=True),
+    Sampler("unipc", _unipc, functools.partial(timesteps.build_multistep, unipc=True), "UniPCMultistepScheduler",
+            implemented={"solver_order": (2,), "solver_type": ("bh2",), "predict_x0": (True,),
+                         "lower_order_final": (True,), "disable_corrector": ((), []), "solver_p": (None,),
+                         "final_sigmas_type": ("zero",)},
+            a1111=("UniPC", "unipc"), a1111_timesteps=True, karras=True),
+    Sampler("lcm", _lcm, timesteps.build_lcm, "LCMScheduler",
+            {**_LEADING, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "set_alpha_to_one": True, "original_inference_steps": 50, "timestep_scaling": 10.0},
+            a1111=("LCM", "k_lcm"), stochastic=True, clipping=True),
+)})
+SAMPLERS: tuple[str, ...] = tuple(REGISTRY)
+# diffusers scheduler `_class_name` (the manifest's scheduler config) -> our sampler: the first record
+# naming the class (dpmpp_2m before dpmpp_2m_karras)
+SCHEDULER_CLASSES: Mapping[str, str] = MappingProxyType(
+    {c: n for n, c in reversed([(r.name, r.diffusers_class) for r in REGISTRY.values() if r.diffusers_class])})
 # What a config naming a scheduler class we have no sampler for runs instead (Stable Diffusion's own).
 FALLBACK_SAMPLER = "pndm"
 
@@ -148,10 +235,10 @@ def _check_implemented(cfg: dict, sampler: str) -> None:
     """Refuse solver settings of the sampler's own diffusers class that it does not implement. Only a
     config of that class is checked: other classes use the same keys for other things (UniPC's
     solver_type "bh2" means nothing to DPM-Solver++)."""
-    own = SCHEDULER_CLASSES.get(str(cfg.get("_class_name", "")))
-    if own != ("dpmpp_2m" if sampler == "dpmpp_2m_karras" else sampler):
+    record = REGISTRY[sampler]
+    if str(cfg.get("_class_name", "")) != record.diffusers_class:
         return
-    for key, allowed in _IMPLEMENTED.get(sampler, {}).items():
+    for key, allowed in record.implemented.items():
         value = cfg.get(key, allowed[0])
         value = list(value) if isinstance(value, tuple) else value
         if not any(value == (list(a) if isinstance(a, tuple) else a) for a in allowed):
@@ -221,7 +308,7 @@ def _in_range(value: object, kind: type, lo: float, hi: float) -> bool:
 def _settings(config: dict | None, sampler: str, prediction_type: str | None) -> dict:
     check_config(dict(config or {}))
     cfg = dict(_COMMON)
-    cfg.update(_CLASS_DEFAULTS.get(sampler, {}))
+    cfg.update(REGISTRY[sampler].class_defaults)
     cfg.update({k: v for k, v in dict(config or {}).items() if v is not None})  # unknown keys are ignored
     if prediction_type is not None:
         cfg["prediction_type"] = prediction_type
@@ -276,13 +363,16 @@ def make_schedule(config: dict | None, sampler: str, num_inference_steps: int, *
     T = int(cfg["num_train_timesteps"])
     if n > T:
         raise SchedulerError(f"num_inference_steps {n} exceeds num_train_timesteps {T}")
+    record = REGISTRY[sampler]
     if karras is None:
-        karras = sampler == "dpmpp_2m_karras" or bool(cfg["use_karras_sigmas"])
-    if karras and sampler not in _KARRAS_SAMPLERS:
-        raise SchedulerError(f"karras sigmas do not apply to {sampler!r}; they apply to: {', '.join(_KARRAS_SAMPLERS)}")
-    if not karras and sampler == "dpmpp_2m_karras":
-        raise SchedulerError("sampler 'dpmpp_2m_karras' always uses Karras sigmas; use 'dpmpp_2m' for karras=False")
-    clip = float(cfg["clip_sample_range"]) if (sampler in _CLIPPING and cfg["clip_sample"]) else None
+        karras = record.karras_only or bool(cfg["use_karras_sigmas"])
+    if karras and not record.karras:
+        raise SchedulerError(f"karras sigmas do not apply to {sampler!r}; they apply to: "
+                             f"{', '.join(r.name for r in REGISTRY.values() if r.karras)}")
+    if not karras and record.karras_only:
+        raise SchedulerError(f"sampler {sampler!r} always uses Karras sigmas; use "
+                             f"{sampler.removesuffix('_karras')!r} for karras=False")
+    clip = float(cfg["clip_sample_range"]) if (record.clipping and cfg["clip_sample"]) else None
 
     init = min(int(n * strength), n)
     t_start = n - init
@@ -291,134 +381,11 @@ def make_schedule(config: dict | None, sampler: str, num_inference_steps: int, *
 
     ac = _alphas_cumprod(cfg)
     train_sigmas = ab_to_sigma(ac)
-    build = _BUILDERS["dpmpp_2m" if sampler == "dpmpp_2m_karras" else sampler]
-    ts, sig, plan, init_sigma, order = build(cfg, n, t_start, ac, train_sigmas, karras)
+    ts, sig, plan, init_sigma, order = record.build(cfg, n, t_start, ac, train_sigmas, karras)
     return Schedule(sampler=sampler, prediction_type=cfg["prediction_type"], num_inference_steps=n,
                     timesteps=np.asarray(ts, dtype=np.float64), sigmas=np.asarray(sig, dtype=np.float64),
-                    init_noise_sigma=float(init_sigma), vp=sampler not in _VE_SAMPLERS, order=order,
+                    init_noise_sigma=float(init_sigma), vp=not record.ve, order=order,
                     clip=clip, plan=plan)
-
-
-def _final_ab(cfg, ac) -> float:
-    return 1.0 if cfg["set_alpha_to_one"] else float(ac[0])
-
-
-def _ab_at(t: float, ac: np.ndarray, final: float) -> float:
-    return float(ac[int(t)]) if t >= 0 else final
-
-
-def _build_ddim(cfg, n, t_start, ac, train_sigmas, karras):
-    # Target of each step is t - T // n (also for trailing / linspace spacing), as diffusers' DDIMScheduler.
-    T = cfg["num_train_timesteps"]
-    ts = S.spaced_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"])[t_start:]
-    final = _final_ab(cfg, ac)
-    ab = np.array([_ab_at(t, ac, final) for t in ts])
-    ab_to = np.array([_ab_at(t - T // n, ac, final) for t in ts])
-    return ts, ab_to_sigma(ab), {"ab": ab, "ab_to": ab_to}, 1.0, 1
-
-
-def _build_ddpm(cfg, n, t_start, ac, train_sigmas, karras):
-    # Target of each step is the next evaluated timestep (alpha_bar = 1 after the last).
-    T = cfg["num_train_timesteps"]
-    ts = S.spaced_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"])[t_start:]
-    ab = ac[ts.astype(np.int64)]
-    ab_to = np.append(ab[1:], 1.0)
-    if cfg["variance_type"] not in ("fixed_small", "fixed_large"):
-        raise SchedulerError(f"unsupported variance_type {cfg['variance_type']!r}; accepted: fixed_small, fixed_large")
-    return ts, ab_to_sigma(ab), {"ab": ab, "ab_to": ab_to, "large": cfg["variance_type"] == "fixed_large"}, 1.0, 1
-
-
-def _build_pndm(cfg, n, t_start, ac, train_sigmas, karras):
-    # PLMS as Stable Diffusion runs it (skip_prk_steps): n + 1 calls, the second timestep repeated.
-    # Call c moves t -> t - T // n, except call 1 which redoes the first step t0 -> t1 (diffusers'
-    # PNDMScheduler.step_plms counter logic).
-    T = cfg["num_train_timesteps"]
-    grid = S.spaced_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"])  # descending
-    full = np.concatenate([grid[:1], grid[1:2], grid[1:]]) if n > 1 else grid
-    ts = full[t_start:]
-    ratio = T // n
-    final = _final_ab(cfg, ac)
-    ab = np.array([_ab_at(t, ac, final) for t in ts])
-    t_from = np.array([t + ratio if c == 1 else t for c, t in enumerate(ts)])
-    t_to = np.array([t if c == 1 else t - ratio for c, t in enumerate(ts)])
-    ab_from = np.array([_ab_at(t, ac, final) for t in t_from])
-    ab_to = np.array([_ab_at(t, ac, final) for t in t_to])
-    return ts, ab_to_sigma(ab), {"ab": ab, "ab_from": ab_from, "ab_to": ab_to}, 1.0, 1
-
-
-def _ve_grid(cfg, n, train_sigmas, karras, *, karras_bounds_from_grid: bool):
-    """Euler-family grid: fractional timesteps, sigmas interpolated linearly in t, optional Karras."""
-    ts = S.spaced_timesteps(cfg["timestep_spacing"], cfg["num_train_timesteps"], n, cfg["steps_offset"], integer=False)
-    sig = S.interp_sigmas(ts, train_sigmas)
-    if karras:
-        lo, hi = float(sig[-1]), float(sig[0])
-        if not karras_bounds_from_grid:
-            lo = float(cfg.get("sigma_min") or lo)
-            hi = float(cfg.get("sigma_max") or hi)
-        sig = S.sigmas_karras(n, lo, hi)
-        ts = S.sigma_to_t(sig, train_sigmas)
-    sig = np.append(sig, 0.0)
-    init = sig.max() if cfg["timestep_spacing"] in ("linspace", "trailing") else math.sqrt(sig.max() ** 2 + 1.0)
-    return ts, sig, init
-
-
-def _build_k(cfg, n, t_start, ac, train_sigmas, karras, *, lms=False):
-    ts, sig, init = _ve_grid(cfg, n, train_sigmas, karras, karras_bounds_from_grid=lms)
-    return ts[t_start:], sig[t_start:-1], {"grid_sigmas": sig, "grid_t": ts, "start": t_start}, init, 1
-
-
-def _build_heun(cfg, n, t_start, ac, train_sigmas, karras):
-    ts, sig, init = _ve_grid(cfg, n, train_sigmas, karras, karras_bounds_from_grid=False)
-    calls_t = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])  # t0, t1, t1, t2, t2, ...
-    calls_s = np.concatenate([sig[:1], np.repeat(sig[1:-1], 2)])
-    k = 2 * t_start
-    return calls_t[k:], calls_s[k:], {"grid_sigmas": sig[t_start:], "grid_t": ts[t_start:]}, init, 2
-
-
-def _build_multistep(cfg, n, t_start, ac, train_sigmas, karras, *, unipc=False):
-    # DPMSolverMultistepScheduler / UniPCMultistepScheduler: integer timesteps; Karras sigmas span the
-    # whole training range and their timesteps are whole numbers.
-    T = cfg["num_train_timesteps"]
-    if karras:
-        sig = S.sigmas_karras(n, float(train_sigmas[0]), float(train_sigmas[-1]))
-        ts = S.sigma_to_t(sig, train_sigmas)
-        # rounded; DPM-Solver skips the rounding for squaredcos_cap_v2, and its int64 cast then truncates
-        ts = ts.round() if unipc or cfg["beta_schedule"] != "squaredcos_cap_v2" else np.floor(ts)
-    else:
-        ts = S.spaced_timesteps_multistep(cfg["timestep_spacing"], T, n, cfg["steps_offset"])
-        sig = S.interp_sigmas(ts, train_sigmas)
-    sig = np.append(sig, 0.0)
-    return ts[t_start:], sig[t_start:-1], {"grid_sigmas": sig, "grid_t": ts, "start": t_start}, 1.0, 1
-
-
-def _build_lcm(cfg, n, t_start, ac, train_sigmas, karras):
-    # LCMScheduler.set_timesteps: n timesteps picked evenly from the original_inference_steps skeleton
-    # k * i - 1 (k = T // original_inference_steps); the target of each step is the next timestep.
-    T = cfg["num_train_timesteps"]
-    orig = int(cfg["original_inference_steps"])
-    if not 1 <= orig <= T:
-        raise SchedulerError(f"lcm original_inference_steps must be in [1, {T}], got {orig}")
-    k = T // orig
-    skeleton = (np.arange(1, orig + 1) * k - 1)[::-1]
-    if len(skeleton) // n < 1:
-        raise SchedulerError(f"lcm supports at most original_inference_steps={orig} steps, got {n}")
-    ts = skeleton[np.floor(np.linspace(0, len(skeleton), n, endpoint=False)).astype(np.int64)].astype(np.float64)
-    ab_full = ac[ts.astype(np.int64)]
-    ab_to = np.append(ab_full[1:], ab_full[-1])
-    scaled = ts * float(cfg["timestep_scaling"])
-    c_skip = _LCM_SIGMA_DATA**2 / (scaled**2 + _LCM_SIGMA_DATA**2)
-    c_out = scaled / np.sqrt(scaled**2 + _LCM_SIGMA_DATA**2)
-    last = np.arange(n) == n - 1
-    sl = slice(t_start, None)
-    plan = {"ab": ab_full[sl], "ab_to": ab_to[sl], "c_skip": c_skip[sl], "c_out": c_out[sl], "last": last[sl]}
-    return ts[sl], ab_to_sigma(ab_full[sl]), plan, 1.0, 1
-
-
-_BUILDERS = {
-    "ddim": _build_ddim, "ddpm": _build_ddpm, "pndm": _build_pndm,
-    "lms": lambda *a: _build_k(*a, lms=True), "euler": _build_k, "euler_a": _build_k, "heun": _build_heun,
-    "dpmpp_2m": _build_multistep, "unipc": lambda *a: _build_multistep(*a, unipc=True), "lcm": _build_lcm,
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,36 +432,12 @@ def sample(schedule: Schedule, model: Model, latents: np.ndarray, *, rng: np.ran
         raise SchedulerError(f"eta must be >= 0, got {eta}")
     if eta > 0 and schedule.sampler != "ddim":
         raise SchedulerError(f"eta applies to 'ddim' only, got eta={eta} for {schedule.sampler!r}")
-    if rng is None and (schedule.sampler in _STOCHASTIC or eta > 0):
+    record = REGISTRY[schedule.sampler]
+    if rng is None and (record.stochastic or eta > 0):
         raise SchedulerError(f"sampler {schedule.sampler!r} draws noise: pass rng=np.random.Generator")
     after = _make_after(schedule, x.shape, known, callback)
     denoise = make_denoiser(model, schedule.prediction_type, vp=schedule.vp)
-    p, ts, clip = schedule.plan, schedule.timesteps, schedule.clip
-    name = schedule.sampler
-    if name == "ddim":
-        x = sample_ddim(denoise, x, ts, p["ab"], p["ab_to"], eta=eta, rng=rng, clip=clip, after=after)
-    elif name == "ddpm":
-        x = sample_ddpm(denoise, x, ts, p["ab"], p["ab_to"], rng=rng, clip=clip, large=p["large"], after=after)
-    elif name == "pndm":
-        x = sample_pndm(denoise, x, ts, p["ab"], p["ab_from"], p["ab_to"],
-                        v_space=schedule.prediction_type == "v_prediction", after=after)
-    elif name in ("euler", "euler_a"):
-        sig = p["grid_sigmas"][p["start"]:]
-        if name == "euler":
-            x = sample_euler(denoise, x, sig, ts, after=after)
-        else:
-            x = sample_euler_ancestral(denoise, x, sig, ts, rng=rng, after=after)
-    elif name == "heun":
-        x = sample_heun(denoise, x, p["grid_sigmas"], p["grid_t"], clip=clip, after=after)
-    elif name == "lms":
-        x = sample_lms(denoise, x, p["grid_sigmas"], ts, p["start"], after=after)
-    elif name in ("dpmpp_2m", "dpmpp_2m_karras"):
-        x = sample_dpmpp_2m(denoise, x, p["grid_sigmas"], ts, p["start"], after=after)
-    elif name == "unipc":
-        x = sample_unipc(denoise, x, p["grid_sigmas"], ts, p["start"], after=after)
-    else:
-        x = sample_lcm(denoise, x, ts, p["ab"], p["ab_to"], p["c_skip"], p["c_out"], p["last"],
-                       rng=rng, clip=clip, after=after)
+    x = record.step(denoise, x, schedule, rng=rng, eta=eta, after=after)
     return x.astype(np.float32)
 
 
@@ -533,34 +476,38 @@ def _make_after(schedule, shape, known, callback):
     return after
 
 
-def guidance(unet_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], cond: np.ndarray,
-             uncond: np.ndarray | None, guidance_scale: float, guidance_rescale: float = 0.0) -> Model:
+def guidance(unet_fn: Callable[[np.ndarray, np.ndarray, Mapping[str, np.ndarray]], np.ndarray],
+             cond: Mapping[str, np.ndarray], uncond: Mapping[str, np.ndarray] | None, guidance_scale: float,
+             guidance_rescale: float = 0.0) -> Model:
     """Classifier-free guidance (Ho & Salimans, arXiv:2207.12598) as a ``model(x, t)`` closure.
 
-    One U-Net call on the batch [uncond, cond]; out = u + s (c - u). With ``guidance_rescale`` = phi > 0,
-    the result is rescaled toward the conditional output's per-sample std (Lin et al.
+    ``cond`` / ``uncond``: the U-Net's conditioning inputs by contract name (``encoder_hidden_states``;
+    runtime/families.py says which a family has), each [batch, ...]. One U-Net call on the batch
+    [uncond, cond] (every input concatenated so); out = u + s (c - u). With ``guidance_rescale`` =
+    phi > 0, the result is rescaled toward the conditional output's per-sample std (Lin et al.
     arXiv:2305.08891 §3.4, as diffusers' ``rescale_noise_cfg``: unbiased std over all but the
     batch axis): out = phi * out * std(c) / std(out) + (1 - phi) * out. When s <= 1 only the
     conditional pass runs (``uncond`` may be None). Timesteps are passed as float32 [batch].
     """
     if not 0.0 <= guidance_rescale <= 1.0:
         raise SchedulerError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-    cond = np.asarray(cond)
+    cond = {k: np.asarray(v) for k, v in cond.items()}
     if guidance_scale <= 1.0:
 
         def model_cond(x, t):
             return unet_fn(x, np.full((x.shape[0],), t, dtype=np.float32), cond)
 
         return model_cond
-    if uncond is None or np.shape(uncond) != cond.shape:
-        raise SchedulerError(f"uncond shape {np.shape(uncond)} must equal cond shape {cond.shape} "
-                             "when guidance_scale > 1")
-    context = np.concatenate([np.asarray(uncond, dtype=cond.dtype), cond])
+    shapes = {k: v.shape for k, v in cond.items()}
+    if uncond is None or {k: np.shape(v) for k, v in uncond.items()} != shapes:
+        raise SchedulerError(f"uncond shapes {None if uncond is None else {k: np.shape(v) for k, v in uncond.items()}} "
+                             f"must equal cond shapes {shapes} when guidance_scale > 1")
+    inputs = {k: np.concatenate([np.asarray(uncond[k], dtype=v.dtype), v]) for k, v in cond.items()}
     scale, phi = float(guidance_scale), float(guidance_rescale)
 
     def model(x, t):
         n = x.shape[0]
-        out = np.asarray(unet_fn(np.concatenate([x, x]), np.full((2 * n,), t, dtype=np.float32), context))
+        out = np.asarray(unet_fn(np.concatenate([x, x]), np.full((2 * n,), t, dtype=np.float32), inputs))
         u, c = out[:n].astype(np.float64), out[n:].astype(np.float64)
         g = u + scale * (c - u)
         if phi > 0:
@@ -582,10 +529,19 @@ def inpaint_unet_input(x_in: np.ndarray, mask: np.ndarray, masked_image_latents:
     if mask.shape[1] != 1 or masked.shape[1] != x_in.shape[1]:
         raise SchedulerError(f"mask must have 1 channel and masked_image_latents {x_in.shape[1]}; "
                              f"got {mask.shape}, {masked.shape}")
+    return stack_channels(x_in, {"mask": mask, "masked_image_latents": masked})
+
+
+def stack_channels(x_in: np.ndarray, extras: Mapping[str, np.ndarray]) -> np.ndarray:
+    """x_in with `extras` (name -> [b, c, h, w]) concatenated after it along the channel axis, in
+    order; an extra of batch 1, or of a batch dividing x_in's (e.g. doubled by guidance), is tiled to
+    x_in's batch. How a family's U-Net takes image conditioning in its latents (runtime/families.py)."""
+    x_in = np.asarray(x_in)
     b = x_in.shape[0]
     parts = [x_in]
-    for what, arr in (("mask", mask), ("masked_image_latents", masked)):
-        if arr.shape[2:] != x_in.shape[2:] or b % arr.shape[0] != 0:
+    for what, arr in extras.items():
+        arr = np.asarray(arr)
+        if arr.ndim != 4 or arr.shape[2:] != x_in.shape[2:] or b % arr.shape[0] != 0:
             raise SchedulerError(f"{what} shape {arr.shape} does not match x_in shape {x_in.shape}")
         parts.append(np.tile(arr, (b // arr.shape[0], 1, 1, 1)).astype(x_in.dtype, copy=False))
     return np.concatenate(parts, axis=1)

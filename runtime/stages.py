@@ -35,11 +35,12 @@ from runtime.text import tokens as text
 from runtime.imaging import tiling as vae_tiling
 from runtime.engines.base import Engine
 from runtime.errors import ManifestError, PipelineError
+from runtime.families import Family
 
 if TYPE_CHECKING:
     from runtime.request import Request
 
-UnetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (sample, timestep, context) -> output
+UnetFn = Callable[[np.ndarray, np.ndarray, Mapping[str, np.ndarray]], np.ndarray]  # (sample, timestep, inputs)
 
 
 def warn_nonfinite(arr: np.ndarray, what: str, stage: str) -> bool:
@@ -75,33 +76,60 @@ def _weighted(texts: Sequence[str], syntax: str) -> bool:
     return syntax == "a1111" and any(ps.has_weighting(t) for t in texts)
 
 
-def prompt_chunks(tokenizer: Any, texts: Sequence[str], *, max_length: int, syntax: str = "a1111") -> int:
-    """The 77-token chunk count the (expanded) texts of one request encode to."""
-    if _weighted(texts, syntax):
-        return max(ps.count_chunks(tokenizer, t, max_length) for t in texts)
-    return text.count_chunks(tokenizer, texts, max_length)
+@dataclass(frozen=True)
+class PromptTokens:
+    """A request's prompts tokenized once (by `Pipeline.request`): ids [prompts, chunks, 77] int32
+    of the prompts (`cond`) and, under guidance, of the negative prompts (`uncond`), all padded to
+    one chunk count; with A1111 weighting, the per-token weights [prompts, chunks * 77] float32."""
+
+    cond: np.ndarray
+    uncond: np.ndarray | None = None
+    cond_weights: np.ndarray | None = None
+    uncond_weights: np.ndarray | None = None
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.cond.shape[1])
 
 
-def encode_prompt(text_encoder: Engine, tokenizer: Any, prompts: Sequence[str], negatives: Sequence[str], *,
-                  images_per_prompt: int, guided: bool, max_length: int, syntax: str = "a1111",
-                  embeddings: Mapping[str, Sequence[str]] | None = None) -> Conditioning:
-    """Encode the prompts (and, under guidance, the negative prompts) in 77-token chunks; all of them
-    take the chunk count of the longest (runtime/text/tokens.py), so cond and uncond share one shape.
-    Textual-inversion names are expanded first; A1111 emphasis and BREAK (runtime/text/prompt_syntax.py)
-    apply when `syntax` is "a1111" and a text uses them."""
-    prompts, negatives = expand_prompts(prompts, embeddings), expand_prompts(negatives, embeddings)
-    texts = list(prompts) + (list(negatives) if guided else [])
-    weighted = _weighted(texts, syntax)
-    n_chunks = prompt_chunks(tokenizer, texts, max_length=max_length, syntax=syntax)
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], negatives: Sequence[str], *, guided: bool,
+                     max_length: int, syntax: str = "a1111",
+                     embeddings: Mapping[str, Sequence[str]] | None = None) -> PromptTokens:
+    """Tokenize the prompts (and, under guidance, the negative prompts) in 77-token chunks, every text
+    once; all of them take the chunk count of the longest (runtime/text/tokens.py), so cond and uncond
+    share one shape. Textual-inversion names are expanded first; A1111 emphasis and BREAK
+    (runtime/text/prompt_syntax.py) apply when `syntax` is "a1111" and a text uses them."""
+    texts = expand_prompts(list(prompts) + (list(negatives) if guided else []), embeddings)
+    n = len(prompts)
+    if not _weighted(texts, syntax):
+        ids = text.tokenize(tokenizer, texts, 1, max_length)
+        return PromptTokens(_frozen(ids[:n]), _frozen(ids[n:]) if guided else None)
+    ids, weights = ps.tokenize_weighted(tokenizer, texts, 1, max_length)
+    if not guided:
+        return PromptTokens(_frozen(ids), cond_weights=_frozen(weights))
+    return PromptTokens(_frozen(ids[:n]), _frozen(ids[n:]), _frozen(weights[:n]), _frozen(weights[n:]))
 
-    def encode(batch: Sequence[str]) -> np.ndarray:
-        if not weighted:
-            return text.encode(text_encoder, text.tokenize(tokenizer, batch, n_chunks, max_length))
-        ids, weights = ps.tokenize_weighted(tokenizer, batch, n_chunks, max_length)
-        return ps.apply_weights(text.encode(text_encoder, ids), weights, max_length)
 
-    cond = np.repeat(encode(prompts), images_per_prompt, axis=0)
-    uncond = np.repeat(encode(negatives), images_per_prompt, axis=0) if guided else None
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, copy=True)
+    a.flags.writeable = False
+    return a
+
+
+def encode_prompt(text_encoder: Engine, tokens: PromptTokens, *, images_per_prompt: int,
+                  max_length: int) -> Conditioning:
+    """Run the text encoder on a request's tokens: the prompts, then (under guidance) the negative
+    prompts, each as one engine batch; A1111 weights, where the request has them, rescale the hidden
+    states (runtime/text/prompt_syntax.py `apply_weights`). Rows repeat per image of a prompt."""
+
+    def encode(ids: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+        hidden = text.encode(text_encoder, ids)
+        return hidden if weights is None else ps.apply_weights(hidden, weights, max_length)
+
+    cond = np.repeat(encode(tokens.cond, tokens.cond_weights), images_per_prompt, axis=0)
+    uncond = None
+    if tokens.uncond is not None:
+        uncond = np.repeat(encode(tokens.uncond, tokens.uncond_weights), images_per_prompt, axis=0)
     warn_nonfinite(cond if uncond is None else np.concatenate([cond, uncond]), "text embeddings", "text_encoder")
     return Conditioning(cond, uncond)
 
@@ -222,31 +250,38 @@ def _sample_latents(vae_encoder: Engine, pixels: np.ndarray, src: list[int], eps
 # --- denoising ------------------------------------------------------------------------------------------
 
 def engine_unet(unet: Engine) -> UnetFn:
-    """The U-Net engine as a (sample, timestep, context) -> noise_pred callable."""
+    """The U-Net engine as a (sample, timestep, inputs) -> noise_pred callable; `inputs` are the
+    family's conditioning inputs by contract name (runtime/families.py)."""
 
-    def run(sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
-        return unet.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": context})["noise_pred"]
+    def run(sample: np.ndarray, timestep: np.ndarray, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        return unet.run({"sample": sample, "timestep": timestep, **inputs})["noise_pred"]
 
     return run
 
 
-def denoise(unet: UnetFn, schedule: sch.Schedule, text_embeddings: Conditioning, noise: np.ndarray,
-            image_latents: ImageLatents, *, guidance_scale: float, guidance_rescale: float, eta: float,
-            rng: Any, callback: Callable[[int, float, np.ndarray], None] | None = None,
+def denoise(unet: UnetFn, schedule: sch.Schedule, family: Family, text_embeddings: Conditioning,
+            noise: np.ndarray, image_latents: ImageLatents, *, guidance_scale: float, guidance_rescale: float,
+            eta: float, rng: Any, callback: Callable[[int, float, np.ndarray], None] | None = None,
             on_call: Callable[[int], None] | None = None) -> np.ndarray:
     """Run the sampler from `noise` (and the init latents, if any) to the final latents.
 
-    `unet(sample, timestep[batch], context)` is called once per sampler evaluation, on the guidance
-    batch [uncond..., cond...]; `on_call(i)` runs before network call i (progress, cancellation);
-    `callback(i, t, latents)` after it."""
-    guided = sch.guidance(unet, text_embeddings.cond, text_embeddings.uncond, guidance_scale, guidance_rescale)
+    The family (runtime/families.py) turns the text embeddings into the U-Net's conditioning inputs
+    and names the image latents stacked onto its sample. `unet(sample, timestep[batch], inputs)` is
+    called once per sampler evaluation, on the guidance batch [uncond..., cond...]; `on_call(i)` runs
+    before network call i (progress, cancellation); `callback(i, t, latents)` after it."""
+    cond, uncond = family.unet_inputs(text_embeddings.cond, text_embeddings.uncond)
+    guided = sch.guidance(unet, cond, uncond, guidance_scale, guidance_rescale)
+    extras = {name: getattr(image_latents, name) for name in family.sample_extras}
+    if any(v is None for v in extras.values()):
+        raise PipelineError(f"the {family.name} U-Net takes {', '.join(family.sample_extras)} with its latents: "
+                            f"use {'inpaint()' if 'mask' in extras else 'another mode'}")
     calls = iter(range(len(schedule.timesteps)))
 
     def model(x_in: np.ndarray, t: float) -> np.ndarray:
         if on_call is not None:
             on_call(next(calls))
-        if image_latents.masked is not None:
-            x_in = sch.inpaint_unet_input(x_in, image_latents.mask, image_latents.masked)
+        if extras:
+            x_in = sch.stack_channels(x_in, extras)
         return guided(x_in, t)
 
     latents = sch.prepare_latents(schedule, noise, image_latents.init)

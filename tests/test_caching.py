@@ -128,7 +128,8 @@ class FakeSplit:
     def __init__(self, exact: bool):
         self.exact, self.log = exact, []
 
-    def noise(self, x, t, c):
+    def noise(self, x, t, inputs):
+        c = inputs["encoder_hidden_states"]
         return np.tanh(0.5 * x + 1e-3 * t[:, None, None, None] + c.mean(axis=(1, 2))[:, None, None, None])
 
     def deep(self, x, t, c):
@@ -145,7 +146,7 @@ class FakeSplit:
 def test_cached_unet_routes_by_plan_and_reuses_the_last_full_feature():
     fake = FakeSplit(exact=False)
     x = np.ones((2, 4, 3, 5), np.float32)
-    c = np.zeros((2, 7, 8), np.float32)
+    c = {"encoder_hidden_states": np.zeros((2, 7, 8), np.float32)}
     seen = []
     real_shallow = fake.shallow
 
@@ -167,10 +168,10 @@ def test_cached_unet_routes_by_plan_and_reuses_the_last_full_feature():
 def test_cached_unet_refuses_a_batch_change_and_a_plan_without_a_first_full_call():
     fake = FakeSplit(exact=True)
     unet = cached_unet(fake.deep, fake.shallow, (True, False))
-    unet(np.zeros((2, 4, 3, 3)), np.zeros(2), np.zeros((2, 7, 8)))
+    unet(np.zeros((2, 4, 3, 3)), np.zeros(2), {"encoder_hidden_states": np.zeros((2, 7, 8))})
     with pytest.raises(PipelineError, match=r"batch and latent size \(1, 3, 3\) differ from those of the cached "
                                             r"feature's call \(2, 3, 3\)"):
-        unet(np.zeros((1, 4, 3, 3)), np.zeros(1), np.zeros((1, 7, 8)))
+        unet(np.zeros((1, 4, 3, 3)), np.zeros(1), {"encoder_hidden_states": np.zeros((1, 7, 8))})
     with pytest.raises(PipelineError, match="must start with a full call"):
         cached_unet(fake.deep, fake.shallow, (False, True))
 
@@ -194,14 +195,14 @@ def test_every_sampler_plans_one_entry_per_network_call(sampler):
     for name, exact in (("plain", None), ("exact", True), ("stale", False)):
         fake = FakeSplit(exact=bool(exact))
         unet = (lambda x, t, c: fake.noise(x, t, c)) if exact is None else cached_unet(fake.deep, fake.shallow, p)
-        model = sch.guidance(unet, cond, uncond, 7.5)
+        model = sch.guidance(unet, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}, 7.5)
         rng = np.random.default_rng(1)
         runs[name] = sch.sample(schedule, model, sch.prepare_latents(schedule, latents), rng=rng)
         if exact is not None:
             assert [kind == "deep" for kind, _, _ in fake.log] == list(p), sampler
             assert {b for _, _, b in fake.log} == {2}  # [uncond, cond]
             with pytest.raises(PipelineError, match="past the cache plan"):
-                unet(np.zeros((2, 4, 6, 5)), np.zeros(2), np.zeros((2, 77, 8)))
+                unet(np.zeros((2, 4, 6, 5)), np.zeros(2), {"encoder_hidden_states": np.zeros((2, 77, 8))})
     np.testing.assert_allclose(runs["exact"], runs["plain"], rtol=0, atol=1e-6)
     assert np.abs(runs["stale"] - runs["plain"]).max() > 1e-4  # the stale feature does reach the output
 
@@ -217,7 +218,7 @@ def test_engine_calls_feed_the_contract_names():
 
     deep_engine, shallow_engine = Engine(), Engine()
     deep, shallow = engine_calls(deep_engine, shallow_engine)
-    x, t, c = np.ones((2, 4, 2, 2)), np.zeros(2), np.zeros((2, 77, 8))
+    x, t, c = np.ones((2, 4, 2, 2)), np.zeros(2), {"encoder_hidden_states": np.zeros((2, 77, 8))}
     noise, feature = deep(x, t, c)
     assert set(deep_engine.feeds) == {"sample", "timestep", "encoder_hidden_states"}
     np.testing.assert_array_equal(feature, 3 * x)

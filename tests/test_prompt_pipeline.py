@@ -42,9 +42,12 @@ def test_weighted_prompts_take_the_a1111_path(pipe):
     expected = ps.apply_weights(text.encode(te, ids), w)
     from runtime import stages
 
-    got = stages.encode_prompt(te, tok, [prompt], [negative], images_per_prompt=1, guided=True, max_length=77)
+    request = pipe.request("txt2img", prompt, negative_prompt=negative)
+    assert request.prompt_chunks == 2
+    np.testing.assert_array_equal(request.tokens.cond, ids)
+    np.testing.assert_array_equal(request.tokens.cond_weights, w)
+    got = stages.encode_prompt(te, request.tokens, images_per_prompt=1, max_length=77)
     np.testing.assert_array_equal(got.cond, expected)
-    assert pipe.request("txt2img", prompt, negative_prompt=negative).prompt_chunks == 2
 
 
 def test_bad_prompt_syntax_option(pipe):

@@ -254,9 +254,9 @@ def test_inpaint_unet_input():
 # ---------------------------------------------------------------------------------------------- guidance
 
 
-def _unet3(x, t, ctx):
-    """Stand-in conditional U-Net: output depends on x, t and a per-sample context scalar."""
-    return (np.tanh(x) * ctx.reshape(-1, 1, 1, 1) + 0.01 * t[:, None, None, None] + x * x * 0.1).astype(np.float32)
+def _unet3(x, t, inputs):
+    """Stand-in conditional U-Net: output depends on x, t and a per-sample context scalar (input "c")."""
+    return (np.tanh(x) * inputs["c"].reshape(-1, 1, 1, 1) + 0.01 * t[:, None, None, None] + x * x * 0.1).astype(np.float32)
 
 
 def test_guidance_formula_and_single_batched_call():
@@ -270,8 +270,8 @@ def test_guidance_formula_and_single_batched_call():
         return _unet3(xb, tb, ctx)
 
     t = np.full(2, 500.0, np.float32)
-    u, c = _unet3(x, t, uncond), _unet3(x, t, cond)
-    out = R.guidance(fn, cond, uncond, 7.5)(x, 500.0)
+    u, c = _unet3(x, t, {"c": uncond}), _unet3(x, t, {"c": cond})
+    out = R.guidance(fn, {"c": cond}, {"c": uncond}, 7.5)(x, 500.0)
     np.testing.assert_allclose(out, u + 7.5 * (c - u), rtol=1e-5, atol=1e-5)
     assert calls == [(4, np.float32, (4,))]
 
@@ -281,11 +281,11 @@ def test_guidance_rescale_matches_formula():
     x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
     cond, uncond = np.array([0.7, -0.2], np.float32), np.array([0.1, 0.3], np.float32)
     t = np.full(2, 300.0, np.float32)
-    u, c = _unet3(x, t, uncond).astype(np.float64), _unet3(x, t, cond).astype(np.float64)
+    u, c = _unet3(x, t, {"c": uncond}).astype(np.float64), _unet3(x, t, {"c": cond}).astype(np.float64)
     g = u + 5.0 * (c - u)
     std = lambda a: a.reshape(a.shape[0], -1).std(axis=1, ddof=1).reshape(-1, 1, 1, 1)  # noqa: E731
     expected = 0.7 * g * std(c) / std(g) + 0.3 * g  # arXiv:2305.08891 §3.4
-    out = R.guidance(_unet3, cond, uncond, 5.0, guidance_rescale=0.7)(x, 300.0)
+    out = R.guidance(_unet3, {"c": cond}, {"c": uncond}, 5.0, guidance_rescale=0.7)(x, 300.0)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     if diffusers is not None:
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -303,9 +303,9 @@ def test_guidance_scale_at_most_one_runs_conditional_only(scale):
         seen.append(xb.shape[0])
         return _unet3(xb, tb, ctx)
 
-    out = R.guidance(fn, np.array([0.5], np.float32), None, scale)(x, 10.0)
+    out = R.guidance(fn, {"c": np.array([0.5], np.float32)}, None, scale)(x, 10.0)
     assert seen == [1]
-    np.testing.assert_allclose(out, _unet3(x, np.full(1, 10.0, np.float32), np.array([0.5], np.float32)))
+    np.testing.assert_allclose(out, _unet3(x, np.full(1, 10.0, np.float32), {"c": np.array([0.5], np.float32)}))
 
 
 # ---------------------------------------------------------------------------------------------- contract
@@ -406,7 +406,7 @@ def test_sample_errors():
     with pytest.raises(SchedulerError, match=r"eta applies to 'ddim' only"):
         R.sample(sch, unet, lat, eta=0.5)
     with pytest.raises(SchedulerError, match=r"uncond shape"):
-        R.guidance(_unet3, np.zeros(2, np.float32), None, 7.5)
+        R.guidance(_unet3, {"c": np.zeros(2, np.float32)}, None, 7.5)
 
 
 def test_overhead_benchmark_smoke():

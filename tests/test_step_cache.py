@@ -343,7 +343,7 @@ def test_matches_deepcache_helper_end_to_end(diffusers_pipe, step_cache_engine, 
     start = time.perf_counter()
     schedule = sch.make_schedule(manifest.scheduler, sampler, 10)
     unet = cached_unet(*engine_calls(engines["unet_deep"], engines["unet_shallow"]), plan(len(schedule.timesteps), 3))
-    model = sch.guidance(unet, cond.numpy(), uncond.numpy(), 7.5)
+    model = sch.guidance(unet, {"encoder_hidden_states": cond.numpy()}, {"encoder_hidden_states": uncond.numpy()}, 7.5)
     final = sch.sample(schedule, model, sch.prepare_latents(schedule, latents))
     image = np.clip(engines["vae_decoder"].run({"latent": final})["image"] / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
     log.info("%s: ours %.2f s", sampler, time.perf_counter() - start)

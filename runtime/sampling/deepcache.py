@@ -26,7 +26,7 @@ match it (and its latent size).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,9 +42,10 @@ NONUNIFORM_POWER = 1.4
 # DeepCache lowers the exponent by this much until the full calls are distinct (sample_from_quad_center)
 _POWER_STEP = 0.02
 
-UnetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-DeepFn = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-ShallowFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Inputs = Mapping[str, np.ndarray]  # the family's conditioning inputs by U-Net contract name
+UnetFn = Callable[[np.ndarray, np.ndarray, Inputs], np.ndarray]
+DeepFn = Callable[[np.ndarray, np.ndarray, Inputs], tuple[np.ndarray, np.ndarray]]
+ShallowFn = Callable[[np.ndarray, np.ndarray, Inputs, np.ndarray], np.ndarray]
 
 
 def plan(n_calls: int, interval: int, schedule: str = "uniform", *, center: int = NONUNIFORM_CENTER,
@@ -96,9 +97,10 @@ def nonuniform_full_calls(n_calls: int, n_full: int, center: int, power: float) 
 
 
 def cached_unet(deep: DeepFn, shallow: ShallowFn, full_calls: Sequence[bool]) -> UnetFn:
-    """A `unet(sample, timestep, context) -> noise` callable for ONE denoising run: call i runs
-    `deep(sample, timestep, context) -> (noise, feature)` and keeps the feature where
-    `full_calls[i]`, else `shallow(sample, timestep, context, feature)` with the feature of the last
+    """A `unet(sample, timestep, inputs) -> noise` callable for ONE denoising run (`inputs`: the
+    family's conditioning inputs by contract name): call i runs `deep(sample, timestep, inputs) ->
+    (noise, feature)` and keeps the feature where `full_calls[i]`, else `shallow(sample, timestep,
+    inputs, feature)` with the feature of the last
     full call. It counts its calls, so make a new one per run. Raises PipelineError if called more
     often than the plan covers, or if a shallow call's batch or latent size differs from the
     cached feature's call."""
@@ -107,7 +109,7 @@ def cached_unet(deep: DeepFn, shallow: ShallowFn, full_calls: Sequence[bool]) ->
         raise PipelineError("a cache plan must start with a full call: nothing is cached before call 0")
     calls, feature, cached_shape = 0, None, None
 
-    def unet(sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
+    def unet(sample: np.ndarray, timestep: np.ndarray, inputs: Inputs) -> np.ndarray:
         nonlocal calls, feature, cached_shape
         i, calls = calls, calls + 1
         if i >= len(steps):
@@ -115,13 +117,13 @@ def cached_unet(deep: DeepFn, shallow: ShallowFn, full_calls: Sequence[bool]) ->
                                 "len(schedule.timesteps) calls")
         shape = (sample.shape[0],) + tuple(sample.shape[2:])
         if steps[i]:
-            noise, feature = deep(sample, timestep, context)
+            noise, feature = deep(sample, timestep, inputs)
             cached_shape = shape
             return noise
         if shape != cached_shape:
             raise PipelineError(f"U-Net call {i}: batch and latent size {shape} differ from those of the cached "
                                 f"feature's call {cached_shape}; a shallow call must repeat the full call's batch")
-        return shallow(sample, timestep, context, feature)
+        return shallow(sample, timestep, inputs, feature)
 
     return unet
 
@@ -130,12 +132,11 @@ def engine_calls(deep_engine: Any, shallow_engine: Any) -> tuple[DeepFn, Shallow
     """`deep` and `shallow` callables over the unet_deep and unet_shallow engines (`Engine.run`,
     names from runtime/folder/networks.py), for `cached_unet`."""
 
-    def deep(sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = deep_engine.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": context})
+    def deep(sample: np.ndarray, timestep: np.ndarray, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+        out = deep_engine.run({"sample": sample, "timestep": timestep, **inputs})
         return out["noise_pred"], out["cache_feature"]
 
-    def shallow(sample: np.ndarray, timestep: np.ndarray, context: np.ndarray, feature: np.ndarray) -> np.ndarray:
-        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context, "cache_feature": feature}
-        return shallow_engine.run(feeds)["noise_pred"]
+    def shallow(sample: np.ndarray, timestep: np.ndarray, inputs: Inputs, feature: np.ndarray) -> np.ndarray:
+        return shallow_engine.run({"sample": sample, "timestep": timestep, **inputs, "cache_feature": feature})["noise_pred"]
 
     return deep, shallow

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.scheduler import REGISTRY
+
 __all__ = ["A1111_SAMPLERS", "A1111_SCHEDULES", "A1111Sampler", "SamplerNameError", "from_a1111", "sampler_names",
            "to_a1111"]
 
@@ -36,20 +38,13 @@ class A1111Sampler:
     ours: str  # our sampler (runtime/scheduler.py SAMPLERS)
     aliases: tuple[str, ...] = ()  # A1111's aliases (its API accepts them as sampler_name)
     karras_default: bool = False  # A1111 (v1.9+) options {'scheduler': 'karras'}: "Automatic" = Karras
+    timesteps: bool = False  # A1111 runs it on its own timesteps: no schedule (DDIM, PLMS, UniPC)
 
 
-A1111_SAMPLERS: tuple[A1111Sampler, ...] = (
-    A1111Sampler("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), karras_default=True),
-    A1111Sampler("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral")),
-    A1111Sampler("Euler", "euler", ("k_euler",)),
-    A1111Sampler("LMS", "lms", ("k_lms",)),
-    A1111Sampler("Heun", "heun", ("k_heun",)),
-    A1111Sampler("LCM", "lcm", ("k_lcm",)),
-    A1111Sampler("DDIM", "ddim", ("ddim",)),
-    A1111Sampler("PLMS", "pndm", ("plms",)),
-    A1111Sampler("UniPC", "unipc", ("unipc",)),
-    A1111Sampler("DDPM", "ddpm", ()),
-)
+# One row per sampler of ours that A1111 has, from its registry record (runtime/scheduler.py REGISTRY).
+A1111_SAMPLERS: tuple[A1111Sampler, ...] = tuple(
+    A1111Sampler(r.a1111[0], r.name, r.a1111[1:], r.a1111_karras_default, r.a1111_timesteps)
+    for r in REGISTRY.values() if r.a1111)
 # Old-style names with the schedule built in, and their aliases (A1111 before v1.9).
 _LEGACY_ALIASES = {"k_lms_ka": "LMS Karras", "k_dpmpp_2m_ka": "DPM++ 2M Karras"}
 # A1111 modules/sd_schedulers.py (v1.10): schedule label -> its internal name.
@@ -57,7 +52,6 @@ A1111_SCHEDULES = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "ka
                    "Polyexponential": "polyexponential", "SGM Uniform": "sgm_uniform", "KL Optimal": "kl_optimal",
                    "Align Your Steps": "align_your_steps", "Simple": "simple", "Normal": "normal", "DDIM": "ddim",
                    "Beta": "beta"}
-_TIMESTEP_SAMPLERS = ("DDIM", "PLMS", "UniPC")  # A1111 runs them on its own timesteps: no schedule
 
 
 def sampler_names() -> list[str]:
@@ -91,8 +85,8 @@ def from_a1111(name: str, schedule_type: str | None = None) -> tuple[str, bool]:
         schedule = next((label for label, key in A1111_SCHEDULES.items() if key == schedule), schedule)
     if schedule == "Karras":
         # A1111's timestep samplers ignore it; of ours, only unipc among them can use it
-        return row.ours, row.name not in _TIMESTEP_SAMPLERS or row.ours == "unipc"
-    if schedule in (None, "Uniform") or row.name in _TIMESTEP_SAMPLERS:
+        return row.ours, not row.timesteps or row.ours == "unipc"
+    if schedule in (None, "Uniform") or row.timesteps:
         return row.ours, False
     if schedule == "Automatic":
         return row.ours, row.karras_default

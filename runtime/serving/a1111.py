@@ -17,7 +17,6 @@ PCG64 (runtime/pipeline.py), so one seed gives a different image there.
 
 from __future__ import annotations
 
-import inspect
 import math
 import secrets
 from typing import Any
@@ -237,24 +236,23 @@ def _eta(req: Txt2ImgRequest, sampler: str) -> float:
 
 
 def _size(req: Txt2ImgRequest, limits: Limits) -> tuple[int, int]:
-    lo, hi, s = limits.min_image, limits.max_image, limits.vae_scale_factor
+    """(width, height): the request's, or the folder's default size for a side it leaves out (A1111
+    clients send both). Checked against the folder by the request layer (runtime/request.py)."""
     dh, dw = limits.default_size
-    out = []
-    for name, value in (("width", req.width if req.width is not None else dw),
-                        ("height", req.height if req.height is not None else dh)):
-        if not lo <= value <= hi:
-            raise WireError(name, f"{value} is outside this engine folder's range [{lo}, {hi}]")
-        if value % s:
-            raise WireError(name, f"{value} is not a multiple of {s}")
-        out.append(value)
-    return out[0], out[1]
+    return (req.width if req.width is not None else dw), (req.height if req.height is not None else dh)
+
+
+# The request layer's fields (runtime/request.py PipelineError.field) under their A1111 wire names.
+FIELDS = {"scheduler": "sampler_name", "cache_interval": "sd_runtime.cache_interval",
+          "cache_schedule": "sd_runtime.cache_schedule", "height": "height", "width": "width",
+          "num_images_per_prompt": "batch_size"}
 
 
 def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int) -> None:
     if not 1 <= req.steps <= max_steps:
         raise WireError("steps", f"{req.steps} is outside [1, {max_steps}]")
-    if not 1 <= req.batch_size <= limits.max_batch:
-        raise WireError("batch_size", f"{req.batch_size} is outside this engine folder's range [1, {limits.max_batch}]")
+    if req.batch_size < 1:
+        raise WireError("batch_size", f"{req.batch_size} is below 1")
     if not 1 <= req.n_iter <= max_n_iter:
         raise WireError("n_iter", f"{req.n_iter} is outside [1, {max_n_iter}]")
     if not math.isfinite(req.cfg_scale):
@@ -263,22 +261,20 @@ def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int
         raise WireError("seed", f"{req.seed}: use -1 for a random seed, else 0 to {MAX_SEED}")
 
 
-def _extension(req: Txt2ImgRequest, accepts: set[str]) -> dict[str, Any]:
+def _extension(req: Txt2ImgRequest) -> dict[str, Any]:
+    """Our namespaced extension's fields as `Pipeline.request` keywords (checked there: a folder
+    without the step-cache graphs refuses cache_interval, named `sd_runtime.cache_interval`)."""
     ext = req.sd_runtime or Extension()
     out: dict[str, Any] = {"guidance_rescale": ext.guidance_rescale}
     if ext.cache_interval is not None:
-        if "cache_interval" not in accepts:
-            raise WireError("sd_runtime.cache_interval", "step caching is not available in this server's pipeline")
         out["cache_interval"] = ext.cache_interval
     if ext.cache_schedule is not None:
-        if "cache_schedule" not in accepts:
-            raise WireError("sd_runtime.cache_schedule", "step caching is not available in this server's pipeline")
         out["cache_schedule"] = ext.cache_schedule
     return out
 
 
-def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int,
-                 accepts: set[str]) -> tuple[str, list[dict[str, Any]]]:
+def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int
+                 ) -> tuple[str, list[dict[str, Any]]]:
     """(mode, one `Pipeline.request` keyword set per engine job: n_iter jobs of batch_size images).
     Raises WireError naming the first field that cannot be served."""
     _refuse_unsupported(req)
@@ -287,7 +283,7 @@ def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_i
     _counts(req, limits, max_steps, max_n_iter)
     base = dict(negative_prompt=req.negative_prompt, height=height, width=width, num_inference_steps=req.steps,
                 guidance_scale=float(req.cfg_scale), scheduler=sampler, karras=karras, eta=_eta(req, sampler),
-                **_extension(req, accepts))
+                **_extension(req))
     mode, prompt, images, per_prompt = "txt2img", req.prompt, {}, req.batch_size
     if isinstance(req, Img2ImgRequest):
         mode, prompt, images, per_prompt = _images(req, width, height)
@@ -328,12 +324,6 @@ def _images(req: Img2ImgRequest, width: int, height: int) -> tuple[str, Any, dic
     if "mask_image" in out:
         out["mask_image"] = [out["mask_image"]] * len(images)
     return mode, [req.prompt] * len(images), out, 1
-
-
-def request_keywords(make_request: Any) -> set[str]:
-    """The keyword arguments a `Pipeline.request` / `make_request` accepts (to pass extensions such
-    as cache_interval only to a pipeline that has them)."""
-    return set(inspect.signature(make_request).parameters)
 
 
 def processed_info(req: Txt2ImgRequest, results: list[Any], infotexts: list[str], *, model_name: str,

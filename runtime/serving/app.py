@@ -26,7 +26,6 @@ from starlette.middleware.cors import CORSMiddleware
 
 from runtime.imaging import png_info
 from runtime.sampling import names as sampler_names
-from runtime.request import make_request
 
 from . import a1111, openai
 from .codec import WireError, encode_png
@@ -195,7 +194,7 @@ def _a1111_routes(app: FastAPI, svc: Service) -> None:
             settings = openai.job_settings(body, svc.pipe.limits, svc.model_titles, svc.config.max_steps)
         except WireError as e:
             raise wire_error(e) from None
-        requests = await asyncio.to_thread(svc.make_requests, "txt2img", settings, "sd_runtime.sampler")
+        requests = await asyncio.to_thread(svc.make_requests, "txt2img", settings, openai.FIELDS, 400)
         results, stopped = await svc.run(requests, request)
         if stopped:
             raise ServeError(409, f"generation {stopped} (POST /sdapi/v1/interrupt)", outcome=stopped)
@@ -211,10 +210,10 @@ async def _generate_a1111(svc: Service, body: a1111.Txt2ImgRequest, request: Req
         try:
             a1111.check_override_settings(body.override_settings, svc.model_titles)
             mode, settings = a1111.job_settings(body, svc.pipe.limits, max_steps=svc.config.max_steps,
-                                                max_n_iter=svc.config.max_n_iter, accepts=_ACCEPTS)
+                                                max_n_iter=svc.config.max_n_iter)
         except WireError as e:
             raise wire_error(e) from None
-        return svc.make_requests(mode, settings)
+        return svc.make_requests(mode, settings, a1111.FIELDS)
 
     requests = await asyncio.to_thread(prepare)
     results, stopped = await svc.run(requests, request, task_id=body.force_task_id)
@@ -241,9 +240,6 @@ def _a1111_response(svc: Service, body: a1111.Txt2ImgRequest, results: list, sto
     if isinstance(body, a1111.Img2ImgRequest) and not body.include_init_images:
         params["init_images"], params["mask"] = None, None
     return {"images": encoded if body.send_images else [], "parameters": params, "info": json.dumps(info)}
-
-
-_ACCEPTS = a1111.request_keywords(make_request)
 
 
 def _progress(svc: Service, skip_image: bool, task_id: str | None) -> dict:

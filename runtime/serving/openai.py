@@ -70,12 +70,11 @@ def _size(size: str | None, limits: Limits) -> tuple[int, int]:
     m = _SIZE.match(size)
     if not m:
         raise WireError("size", f"expected 'WIDTHxHEIGHT' or 'auto'; got {size!r}", 400)
-    width, height = int(m.group(1)), int(m.group(2))
-    lo, hi, s = limits.min_image, limits.max_image, limits.vae_scale_factor
-    for value in (width, height):
-        if not lo <= value <= hi or value % s:
-            raise WireError("size", f"{size}: each side must be a multiple of {s} in [{lo}, {hi}]", 400)
-    return width, height
+    return int(m.group(1)), int(m.group(2))  # checked against the folder by the request layer
+
+
+# The request layer's fields (runtime/request.py PipelineError.field) under their wire names here.
+FIELDS = {"scheduler": "sd_runtime.sampler", "height": "size", "width": "size"}
 
 
 def job_settings(req: GenerationsRequest, limits: Limits, model_names: tuple[str, ...],

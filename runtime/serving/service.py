@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runtime.imaging import images as imgs
-from runtime import scheduler as sch
-from runtime import stages
 from runtime.errors import PipelineError, SDRuntimeError
 from runtime.pipeline import GenerationResult, Pipeline
 from runtime.request import Request
@@ -85,12 +84,11 @@ class Service:
 
     # -- the door ------------------------------------------------------------------------------------
 
-    def make_requests(self, mode: str, settings: list[dict[str, Any]], sampler_field: str = "sampler_name"
-                      ) -> list[Request]:
-        """Validate each job's settings into a Request (and its schedule), or raise ServeError 422
-        naming the wire field at fault: a schedule the sampler refuses names `sampler_field`."""
-        wire = {"scheduler": sampler_field, "cache_interval": "sd_runtime.cache_interval",
-                "cache_schedule": "sd_runtime.cache_schedule"}
+    def make_requests(self, mode: str, settings: list[dict[str, Any]], fields: Mapping[str, str],
+                      status: int = 422) -> list[Request]:
+        """Validate each job's settings into a prepared Request (`Pipeline.request`: the one validation
+        layer), or raise ServeError `status` naming the wire field at fault: the error's `field` under
+        its wire name in `fields` (a schedule the sampler refuses names the sampler's field)."""
         out = []
         for s in settings:
             s = dict(s)
@@ -98,13 +96,8 @@ class Service:
             try:
                 r = self.pipe.request(mode, prompt, **s)
             except PipelineError as e:
-                field = wire.get(e.field or "")
-                raise ServeError(422, f"{field}: {e}" if field else str(e), field=field) from None
-            try:
-                sch.make_schedule(self.pipe.manifest.scheduler, r.sampler, r.steps, strength=r.strength,
-                                  karras=r.karras, prediction_type=self.pipe.manifest.prediction_type)
-            except sch.SchedulerError as e:
-                raise ServeError(422, f"{sampler_field}: {e}", field=sampler_field) from None
+                field = fields.get(e.field or "")
+                raise ServeError(status, f"{field}: {e}" if field else str(e), field=field) from None
             out.append(r)
         return out
 
@@ -166,7 +159,7 @@ class Service:
         r = job.request
         images = []
         if error.latents is not None:
-            images = imgs.to_pil(stages.decode(self.pipe.engine("vae_decoder"), error.latents))
+            images = imgs.to_pil(self.pipe.decode(r, error.latents))
         params = {**r.parameters(), "engine": str(self.pipe.engine_dir), "backend": self.pipe.backend,
                   "interrupted_at_step": job.step}
         return GenerationResult(images=images, seeds=list(r.seeds)[:len(images)], timings={},
