@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engines.registry import mapped_weights, ov_cache
+from runtime.engines import mapped_weights, ov_cache
 from runtime.engines.base import Engine, EngineInfo
 from runtime.engines.ov_group_norm import layout_free_group_norms
 from runtime.errors import BackendError, EngineLoadError

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engines.registry import cuda as cuda_stack
+from runtime.engines import cuda as cuda_stack
 from runtime.engines.base import Engine, EngineInfo
 from runtime.errors import BackendError, EngineInputError, EngineLoadError
 from runtime.folder.paths import inside, relative_parts
