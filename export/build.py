@@ -55,7 +55,7 @@ def source_identity(source: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
     """What the manifest records of a source, computed without loading it: kind, path, sha256 (of
     the file, of the folder's files, or, for random presets, of the preset's config and seed)."""
     from export.configs import PRESETS, preset
-    from export.loading import TINY_DIR, CheckpointError
+    from export.loading.read import TINY_DIR, CheckpointError
 
     name = str(source)
     path = Path(source).expanduser()
@@ -78,7 +78,7 @@ def source_identity(source: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
 
 def load_source(identity: dict[str, Any], prediction_type: str | None = None) -> Any:
     """The `LoadedModel` an identity from `source_identity` names (random presets with its seed)."""
-    from export.loading import load_model, random_model
+    from export.loading.read import load_model, random_model
 
     if identity["kind"] == "preset" and identity.get("preset") != "tiny":
         model = random_model(identity["preset"], seed=identity["seed"])
@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
     if args.cache_limit_gb is not None and (args.prune_cache is None or args.cache_limit_gb < 0):
         parser.error("--cache-limit-gb goes with --prune-cache DIR and is >= 0")
 
-    from export.loading import CheckpointError
+    from export.loading.read import CheckpointError
     from export.onnx_export import ParityError
     from export.quantize import QuantizeError
 

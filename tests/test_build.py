@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from export.build import _reuse_problem, build_engine, main, tool_versions
-from export.loading import random_model, save_diffusers, save_single_file
+from export.loading.read import random_model
+from export.loading.save import save_diffusers, save_single_file
 from export.onnx_export import Shape, sample_inputs
 from runtime.engines import open_engines
 from runtime.folder.manifest import load_manifest

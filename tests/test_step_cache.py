@@ -34,7 +34,8 @@ from PIL import Image
 
 from export.build import BuildError, _reuse_problem, build_engine
 from export.configs import preset
-from export.loading import random_model, save_diffusers
+from export.loading.read import random_model
+from export.loading.save import save_diffusers
 from export.onnx_export import (
     STEP_CACHE_DATA,
     Shape,
