@@ -23,11 +23,10 @@ from runtime.engines.ort_tensorrt import (
     ort_tensorrt_providers,
     shapes_option,
 )
-from runtime.engines.tensorrt import (
+from runtime.engines.tensorrt import StalePlanError, TensorRTUnavailable
+from runtime.engines.trt_plans import (
     ProfileRangeError,
     ShapeRange,
-    StalePlanError,
-    TensorRTUnavailable,
     axis_ranges,
     check_profile,
     key_hash,
