@@ -332,7 +332,8 @@ def folder_paths(settings: dict[str, Any]) -> tuple[Path, Path]:
 def build_task(task: dict[str, Any]) -> dict[str, Any]:
     """The diffusers folder of the preset's random weights (once) and the fp16 engine folder built from it."""
     from export.build import build_engine
-    from export.loading import random_model, save_diffusers
+    from export.loading.read import random_model
+    from export.loading.save import save_diffusers
 
     s = task["settings"]
     diffusers_dir, engine_dir = folder_paths(s)

@@ -404,7 +404,7 @@ def peer_inputs(settings: Settings, workdir: Path) -> dict[str, str]:
 def prepare_peer(target: Target, settings: Settings, workdir: Path, log) -> dict[str, Any]:
     """Make a benchmarks/peers target's cached input where it is missing: optimum's OpenVINO export
     of the diffusers folder (in the optimum venv), or the single-file checkpoint (in this env,
-    export.loading.save_single_file). {"status": "ok", "reused": bool, ...} or a failed result."""
+    export.loading.save.save_single_file). {"status": "ok", "reused": bool, ...} or a failed result."""
     diffusers_dir = cache_paths(settings)[0]
     paths = peer_paths(settings)
     if target.runner == "optimum":

@@ -134,7 +134,7 @@ def diagnose(model: str, size: int, tile: int, overlap: int) -> dict:
     import torch
 
     from export.configs import preset
-    from export.loading import load_model
+    from export.loading.read import load_model
     from export.vae import AutoencoderKL
 
     if model == "tiny":

@@ -249,7 +249,8 @@ def _peer_e2e(task: dict[str, Any], pipe, device) -> dict[str, Any]:
 def prepare(task: dict[str, Any]) -> dict[str, Any]:
     """Make the diffusers folder (random preset weights) and the engine folder built from it."""
     from export.build import build_engine
-    from export.loading import random_model, save_diffusers
+    from export.loading.read import random_model
+    from export.loading.save import save_diffusers
 
     diffusers_dir, engine_dir = Path(task["diffusers_dir"]), Path(task["engine_dir"])
     info: dict[str, Any] = {}
@@ -271,7 +272,8 @@ def prepare(task: dict[str, Any]) -> dict[str, Any]:
 def single_file(task: dict[str, Any]) -> dict[str, Any]:
     """Save the diffusers folder's weights as one original-layout `.safetensors` checkpoint (the
     sdcpp peer's input, benchmarks/peers/sdcpp_worker.py), atomically."""
-    from export.loading import load_model, save_single_file
+    from export.loading.read import load_model
+    from export.loading.save import save_single_file
 
     t0 = time.perf_counter()
     path = save_single_file(load_model(task["diffusers_dir"]), task["single_file"])

@@ -1,9 +1,7 @@
-"""`build-engine`: turn a model (preset, diffusers folder or single-file checkpoint) into an engine
-folder: the four ONNX graphs, the tokenizer files and `manifest.json` (runtime/folder/manifest.py), plus
-the plans of a backend that needs its own (TensorRT).
-
-    build-engine sd15.safetensors --out engines/sd15 --precision fp16 --tensorrt
-    build-engine sd15.safetensors --out engines/sd15-int8 --quantize int8   # + int8 U-Net for OpenVINO
+"""The build behind `build-engine` (its command line is export/cli.py): turn a model (preset,
+diffusers folder or single-file checkpoint) into an engine folder: the four ONNX graphs, the
+tokenizer files and `manifest.json` (runtime/folder/manifest.py), plus the plans of a backend that
+needs its own (TensorRT).
 
 The build is atomic: everything is written into a temporary sibling folder `.DIR.tmp-PID-XXXX`,
 and renamed over DIR only once every graph has passed its parity check. A build killed midway
@@ -16,7 +14,6 @@ place without exporting again, and a later build without `--quantize` removes it
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import hashlib
@@ -25,7 +22,6 @@ import os
 import platform
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -55,7 +51,7 @@ def source_identity(source: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
     """What the manifest records of a source, computed without loading it: kind, path, sha256 (of
     the file, of the folder's files, or, for random presets, of the preset's config and seed)."""
     from export.configs import PRESETS, preset
-    from export.loading import TINY_DIR, CheckpointError
+    from export.loading.read import TINY_DIR, CheckpointError
 
     name = str(source)
     path = Path(source).expanduser()
@@ -78,7 +74,7 @@ def source_identity(source: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
 
 def load_source(identity: dict[str, Any], prediction_type: str | None = None) -> Any:
     """The `LoadedModel` an identity from `source_identity` names (random presets with its seed)."""
-    from export.loading import load_model, random_model
+    from export.loading.read import load_model, random_model
 
     if identity["kind"] == "preset" and identity.get("preset") != "tiny":
         model = random_model(identity["preset"], seed=identity["seed"])
@@ -536,119 +532,3 @@ def _build_tensorrt(folder: Path, manifest: Manifest, precision: str, progress: 
     with _stage(progress, f"building TensorRT plans ({precision})"):
         entry = build_tensorrt_engines(folder, manifest, precision=precision, progress=progress)
     return replace(manifest, backends={**manifest.backends, "tensorrt": entry})
-
-
-def verify_folder(folder: str | os.PathLike, progress: Progress = print) -> Any:
-    """`build-engine --verify DIR`: check every file of an engine folder against the full sha256 its
-    manifest records (and every path's containment; runtime/folder/paths.py `check_folder` with verify=True).
-    A folder built before file fingerprints gets its files table recorded once every sha256 matched, so
-    later loads check sizes and fingerprints. Returns the `FolderCheck`; raises ManifestError or
-    IntegrityError naming the first file that does not match."""
-    from runtime.folder.paths import check_folder
-
-    folder = Path(folder)
-    manifest = load_manifest(folder)
-    check = check_folder(folder, manifest, verify=True)
-    progress(f"verified {folder}: {check.files} files, {check.bytes_read / 1e9:.2f} GB hashed in {check.seconds:.1f} s; "
-             "every file matches its sha256 in the manifest")
-    if check.mode == "legacy":
-        write_manifest(folder, manifest, record_files=True)
-        progress(f"recorded the size and fingerprint of every file in {folder / MANIFEST_NAME} (it predated them), "
-                 "so each load now checks them")
-    return check
-
-
-# --- CLI -------------------------------------------------------------------------------------------
-
-def prune_cache(engine_dir: Path, limit_gb: float | None, progress: Callable[[str], None]) -> None:
-    """`build-engine --prune-cache DIR`: trim the folder's OpenVINO compile cache now."""
-    from runtime.engines import ov_cache
-    from runtime.folder.paths import inside
-
-    if (engine_dir / ov_cache.SUBDIR).exists():  # never delete through a symlink that leads elsewhere
-        inside(engine_dir, ov_cache.SUBDIR, "the OpenVINO compile cache", kind="dir")
-    limit = None if limit_gb is None else int(limit_gb * 1e9)
-    freed, left = ov_cache.prune(engine_dir, limit)
-    progress(f"{engine_dir / ov_cache.SUBDIR}: freed {freed / 1e6:.1f} MB, {left / 1e6:.1f} MB left")
-
-
-def main(argv: list[str] | None = None) -> int:  # long: one argparse declaration per build option
-    parser = argparse.ArgumentParser(prog="build-engine", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", nargs="?", help="diffusers folder, single-file checkpoint (.safetensors/.ckpt) or "
-                                                  "preset name (`tiny` = embedded demo model; other presets get "
-                                                  "random weights)")
-    parser.add_argument("--out", type=Path, help="engine folder to write")
-    parser.add_argument("--verify", type=Path, metavar="DIR",
-                        help="instead of building, check every file of the engine folder DIR against its sha256 in "
-                             "the manifest (see docs/security.md); exit status 1 names the first mismatch")
-    parser.add_argument("--prune-cache", type=Path, metavar="DIR",
-                        help="instead of building, trim the OpenVINO compile cache of the engine folder DIR to "
-                             "--cache-limit-gb (default: 29%% of its graphs' size), least recently used first")
-    parser.add_argument("--cache-limit-gb", type=float, default=None, metavar="GB",
-                        help="with --prune-cache: the size to trim to (0 empties the cache)")
-    parser.add_argument("--tensorrt", action="store_true",
-                        help="also build TensorRT plans for this machine's NVIDIA GPU (needs sd-runtime[tensorrt]); "
-                             "the folder runs on every CPU backend either way")
-    parser.add_argument("--backend", default=None, help=argparse.SUPPRESS)  # deprecated: see _deprecated_backend
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    for key in ("min-image", "opt-image", "max-image"):
-        parser.add_argument(f"--{key}", type=int, default=None, help="pixels (default: from the model's size)")
-    parser.add_argument("--min-batch", type=int, default=1)
-    parser.add_argument("--opt-batch", type=int, default=1)
-    parser.add_argument("--max-batch", type=int, default=4)
-    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
-    parser.add_argument("--quantize", choices=("int8", "int8-weights"), default=None,
-                        help="int8: also build an int8 U-Net for the OpenVINO CPU engine, calibrated on denoising "
-                             "runs (faster, less exact); int8-weights: int8 weights for the U-Net and text encoder "
-                             "(about 4x less weight memory). Needs sd-runtime[quantize]; fp32 only; see "
-                             "docs/benchmarks.md")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                        help="merge a LoRA (.safetensors, kohya or diffusers layout) into the weights, scaled by "
-                             "SCALE (default 1); repeatable")
-    parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
-                        help="add a textual-inversion embedding (.pt or .safetensors) as TOKEN (default: the file's "
-                             "stem); repeatable")
-    parser.add_argument("--step-cache", action=argparse.BooleanOptionalAction, default=STEP_CACHE_DEFAULT,
-                        help="also export the DeepCache U-Nets (unet_deep, unet_shallow) that runs with a cache "
-                             "interval > 1 need; they share the unet's weights file")
-    parser.add_argument("--cache-branch", type=int, default=0, metavar="N",
-                        help="skip branch the step cache keeps (0, the default: the shallowest, DeepCache's "
-                             "cache_branch_id)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
-    args = parser.parse_args(argv)
-    if args.verify is None and args.prune_cache is None and (args.source is None or args.out is None):
-        parser.error("SOURCE and --out are required (or --verify DIR, or --prune-cache DIR)")
-    if args.cache_limit_gb is not None and (args.prune_cache is None or args.cache_limit_gb < 0):
-        parser.error("--cache-limit-gb goes with --prune-cache DIR and is >= 0")
-
-    from export.loading import CheckpointError
-    from export.onnx_export import ParityError
-    from export.quantize import QuantizeError
-
-    def progress(line: str) -> None:
-        print(line, flush=True)
-
-    try:
-        if args.verify is not None:
-            verify_folder(args.verify, progress)
-            return 0
-        if args.prune_cache is not None:
-            prune_cache(args.prune_cache, args.cache_limit_gb, progress)
-            return 0
-        build_engine(args.source, args.out, tensorrt=args.tensorrt, backend=args.backend, precision=args.precision,
-                     min_image=args.min_image,
-                     opt_image=args.opt_image, max_image=args.max_image, min_batch=args.min_batch,
-                     opt_batch=args.opt_batch, max_batch=args.max_batch, prediction_type=args.prediction_type,
-                     seed=args.seed, quantize=args.quantize, force=args.force, progress=progress,
-                     loras=args.lora, embeddings=args.embedding, step_cache=args.step_cache,
-                     cache_branch=args.cache_branch)
-    except (BuildError, CheckpointError, ParityError, QuantizeError, ManifestError, OSError, ValueError,
-            RuntimeError) as e:
-        print(f"build-engine: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

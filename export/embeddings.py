@@ -240,7 +240,7 @@ def _grown_table(table: nn.Embedding, base: int, vectors: torch.Tensor) -> nn.Em
 
 
 def apply_embeddings(model: Any, specs: Sequence[EmbeddingSpec], progress: Any = None) -> Any:
-    """`model` (an export.loading.LoadedModel) with every embedding of `specs` added: a new
+    """`model` (an export.loading.read.LoadedModel) with every embedding of `specs` added: a new
     tokenizer folder, and the text encoder's token table grown by the vectors (the text encoder
     itself is updated in place; the returned model carries the new tokenizer folder and spec)."""
     if not specs:

@@ -382,7 +382,7 @@ def merge_layers(networks: Mapping[str, nn.Module], layers: Iterable[LoraLayer],
 
 
 def apply_loras(model: Any, specs: Sequence[LoraSpec], progress: Any = None) -> Any:
-    """Merge each LoRA of `specs` into `model` (an export.loading.LoadedModel), in order; every file
+    """Merge each LoRA of `specs` into `model` (an export.loading.read.LoadedModel), in order; every file
     is parsed and checked before any weight changes. Returns the model (its weights updated in place)."""
     networks = {"unet": model.unet, "text_encoder": model.text_encoder}
     parsed = []

@@ -3,7 +3,7 @@
 Per network: check the graph offline against TensorRT's documented operator support
 (`export/trt_compat.py`), parse it with `trt.OnnxParser.parse_from_file` (which reads external
 weight files beside the graph), add one optimization profile derived from the manifest's shape
-range (`runtime.engines.tensorrt.network_profile`), set the builder optimization level, the
+range (`runtime.engines.trt_plans.network_profile`), set the builder optimization level, the
 workspace limit and a persistent timing cache (`ENGINE_DIR/tensorrt/timing.cache`), and
 `build_serialized_network`.
 
@@ -43,20 +43,16 @@ import onnx
 
 from export.hashing import files_sha256
 from export.trt_compat import check_graph, is_fp16_graph
-from runtime.engines.tensorrt import (
+from runtime.engines.tensorrt import INSTALL_HINT, TensorRTUnavailable, cuda_environment, import_tensorrt, trt_logger
+from runtime.engines.trt_plans import (
     DEFAULT_PROMPT_CHUNKS,
-    INSTALL_HINT,
     SUBDIR,
-        TensorRTUnavailable,
-    cuda_environment,
-    import_tensorrt,
     key_hash,
     network_profile,
     plan_key,
     plan_paths,
     profile_to_json,
     stale_reasons,
-    trt_logger,
 )
 from runtime.folder.manifest import Manifest
 from runtime.folder.networks import PRECISIONS, float_dtype

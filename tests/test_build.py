@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.build import _reuse_problem, build_engine, main, tool_versions
-from export.loading import random_model, save_diffusers, save_single_file
+from export.build import _reuse_problem, build_engine, tool_versions
+from export.cli import main
+from export.loading.read import random_model
+from export.loading.save import save_diffusers, save_single_file
 from export.onnx_export import Shape, sample_inputs
 from runtime.engines import open_engines
 from runtime.folder.manifest import load_manifest
@@ -96,7 +98,7 @@ def test_failed_stage_keeps_old_folder(engine_copy):
 
 def test_killed_build_keeps_old_folder(engine_copy):
     before = _snapshot(engine_copy)
-    proc = subprocess.Popen([sys.executable, "-m", "export.build", "tiny-sd1", "--out", str(engine_copy), "--force"],
+    proc = subprocess.Popen([sys.executable, "-m", "export.cli", "tiny-sd1", "--out", str(engine_copy), "--force"],
                             cwd=REPO, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:

@@ -25,7 +25,8 @@ import torch
 import runtime
 from export.build import build_engine
 from export.embeddings import EmbeddingError, EmbeddingSpec, apply_embeddings, embedding_specs, read_embedding
-from export.loading import random_model, save_diffusers
+from export.loading.read import random_model
+from export.loading.save import save_diffusers
 from runtime.folder.manifest import load_manifest
 from runtime.text.tokens import expand_embeddings, load_tokenizer, token_ids
 

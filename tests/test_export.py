@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from export.build import build_engine
-from export.loading import random_model
+from export.loading.read import random_model
 from export.onnx_export import (
     PARITY_THRESHOLDS,
     ParityError,

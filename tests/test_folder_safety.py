@@ -281,7 +281,7 @@ def test_check_folder_reports_what_it_read(folder):
 
 
 def test_a_legacy_folder_loads_with_a_warning_and_verify_records_its_table(folder, caplog):
-    from export.build import main as build_engine_main
+    from export.cli import main as build_engine_main
 
     _edit_manifest(folder, lambda d: d.pop("files"))
     with caplog.at_level(logging.WARNING, logger="runtime.folder.paths"):
@@ -298,7 +298,7 @@ def test_a_legacy_folder_loads_with_a_warning_and_verify_records_its_table(folde
 
 
 def test_build_engine_verify_names_the_changed_file(folder, capsys):
-    from export.build import main as build_engine_main
+    from export.cli import main as build_engine_main
 
     assert build_engine_main(["--verify", str(folder)]) == 0
     assert "every file matches its sha256" in capsys.readouterr().out

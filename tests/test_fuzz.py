@@ -10,7 +10,7 @@ appends each target's outcome counts to FILE: the figures in docs/security.md):
               with the onnx package's own parse wherever that succeeds;
 - graph open: the same mutations through the folder check and the ONNX Runtime and OpenVINO engines;
 - safetensors / ckpt: a tiny single-file checkpoint truncated, bit-flipped, its header rewritten
-              (dtypes, shapes, offsets, a huge declared header length), then loaded by export/loading.py.
+              (dtypes, shapes, offsets, a huge declared header length), then loaded by export/loading/read.py.
 Every example must end in the target's own error kind or in a correct load, never in another
 exception or a crash."""
 
@@ -386,13 +386,14 @@ def test_fuzz_graph_bytes_through_the_engines(small_graph, tmp_path):
     assert outcomes["opened and ran"] > 0 and outcomes["backend refused"] > 0, outcomes
 
 
-# --- target: checkpoints (export/loading.py) ----------------------------------------------------------------------
+# --- target: checkpoints (export/loading/) -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     import torch
 
-    from export.loading import random_model, save_single_file, to_single_file_state_dict
+    from export.loading.read import random_model
+    from export.loading.save import save_single_file, to_single_file_state_dict
 
     folder = tmp_path_factory.mktemp("checkpoints")
     model = random_model("tiny-sd1")
@@ -440,7 +441,7 @@ def mutated_safetensors(draw, base: bytes):
 
 
 def _load_checkpoint(path: Path) -> str:
-    from export.loading import CheckpointError, load_model
+    from export.loading.read import CheckpointError, load_model
 
     try:
         model = load_model(path)
@@ -487,7 +488,7 @@ def test_fuzz_ckpt_checkpoints(tiny_checkpoints, tmp_path):
 def test_a_header_bomb_is_refused_without_allocating(tiny_checkpoints, tmp_path):
     import resource
 
-    from export.loading import CheckpointError, load_model
+    from export.loading.read import CheckpointError, load_model
 
     header, body = _split_safetensors(tiny_checkpoints["safetensors"].read_bytes())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -499,7 +500,7 @@ def test_a_header_bomb_is_refused_without_allocating(tiny_checkpoints, tmp_path)
 
 
 def test_integer_weights_are_refused(tiny_checkpoints, tmp_path):
-    from export.loading import CheckpointError, load_model
+    from export.loading.read import CheckpointError, load_model
 
     header, body = _split_safetensors(tiny_checkpoints["safetensors"].read_bytes())
     name = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")

@@ -1,4 +1,4 @@
-"""Checkpoint loading (export/loading.py, export/convert_ldm.py): both layouts round trip, diffusers'
+"""Checkpoint loading (export/loading/, export/convert_ldm.py): both layouts round trip, diffusers'
 own save_pretrained folders load to diffusers' outputs, family / config inference from shapes, and
 bad inputs give `CheckpointError` messages that name the problem."""
 
@@ -15,18 +15,9 @@ import torch
 
 from export import convert_ldm
 from export.configs import preset
-from export.loading import (
-    TINY_DIR,
-    CheckpointError,
-    LoadedModel,
-    infer_spec,
-    load_model,
-    random_model,
-    save_diffusers,
-    save_single_file,
-    split_single_file,
-    to_single_file_state_dict,
-)
+from export.loading.infer import infer_spec, split_single_file
+from export.loading.read import TINY_DIR, CheckpointError, LoadedModel, load_model, random_model
+from export.loading.save import save_diffusers, save_single_file, to_single_file_state_dict
 from export.text_encoder import build_text_encoder
 from export.unet import UNet2DConditionModel
 from export.vae import AutoencoderKL

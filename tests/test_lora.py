@@ -27,8 +27,10 @@ import safetensors.torch
 import torch
 
 import runtime
-from export.build import build_engine, main
-from export.loading import CheckpointError, random_model, save_diffusers
+from export.build import build_engine
+from export.cli import main
+from export.loading.read import CheckpointError, random_model
+from export.loading.save import save_diffusers
 from export.lora import LoraError, LoraSpec, apply_loras, parse_lora, read_lora
 from runtime.folder.manifest import load_manifest
 

@@ -88,7 +88,7 @@ def test_released_sweeps_while_the_block_runs(weights_file):
 
 def test_openvino_engine_releases_its_external_weights(tmp_path, monkeypatch):
     pytest.importorskip("openvino")
-    from export.loading import random_model
+    from export.loading.read import random_model
     from export.onnx_export import default_parity_shapes, export_network
     from runtime.engines.openvino import OpenVinoEngine, is_available
     from runtime.folder.networks import network_io

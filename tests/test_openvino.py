@@ -55,7 +55,7 @@ def engine_dir(request, tmp_path_factory) -> Path:
 
 def _export_engine_folder(preset_name: str, out: Path) -> Path:
     """A minimal engine folder from the export functions (used only where export/build.py is absent)."""
-    from export.loading import random_model
+    from export.loading.read import random_model
     from export.onnx_export import Shape, export_network
     from export.text_encoder import write_tokenizer_files
     from runtime.folder.manifest import Manifest, write_manifest

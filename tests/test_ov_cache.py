@@ -90,7 +90,7 @@ def test_leftovers_of_a_killed_compile_are_removed(tmp_path):
 
 
 def _build_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from export.build import main
+    from export.cli import main
 
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()

@@ -2,7 +2,7 @@
 
 - one engine folder through the PyTorch reference engine and the ONNX Runtime engine, fp32:
   txt2img, img2img and inpainting agree to PSNR >= 60 dB;
-- a tiny model that diffusers loads too (export.loading.save_diffusers of random_model, then
+- a tiny model that diffusers loads too (export.loading.save.save_diffusers of random_model, then
   export.build.build_engine from that folder) against diffusers' StableDiffusionPipeline for every
   deterministic sampler, and StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline with
   their random draws matched, at PSNR >= 60 dB;
@@ -183,7 +183,8 @@ def diffusers_models(tmp_path_factory, tiny_inpaint_engine):
     weights (a mismatch would fail the comparison loudly); this saves a second build."""
     pytest.importorskip("diffusers")
     from export.build import build_engine
-    from export.loading import random_model, save_diffusers
+    from export.loading.read import random_model
+    from export.loading.save import save_diffusers
 
     root = tmp_path_factory.mktemp("diffusers-parity")
     folder = save_diffusers(random_model("tiny-sd1", seed=0), root / "tiny-sd1" / "diffusers")

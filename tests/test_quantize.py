@@ -15,7 +15,8 @@ import pytest
 pytest.importorskip("nncf", reason="int8 quantization needs sd-runtime[quantize] (nncf)")
 
 import runtime  # noqa: E402
-from export.build import BuildError, build_engine, main  # noqa: E402
+from export.build import BuildError, build_engine  # noqa: E402
+from export.cli import main  # noqa: E402
 from export.hashing import file_sha256  # noqa: E402
 from export.quantize import CALIBRATION_PROMPTS, DEFAULT_STEPS, QuantizeError, quantize_unet  # noqa: E402
 from runtime.compare import psnr  # noqa: E402

@@ -34,7 +34,8 @@ from PIL import Image
 
 from export.build import BuildError, _reuse_problem, build_engine
 from export.configs import preset
-from export.loading import random_model, save_diffusers
+from export.loading.read import random_model
+from export.loading.save import save_diffusers
 from export.onnx_export import (
     STEP_CACHE_DATA,
     Shape,
@@ -258,7 +259,7 @@ def test_graphs_pass_the_offline_tensorrt_check(step_cache_engine):
 def test_tensorrt_profiles_of_the_step_cache_unets(step_cache_engine):
     """TensorRT optimization profiles from the contract: the guidance batch (2 x max_batch) and the
     feature's channels and latent size (tiny-sd1 folder: 32-128 px, latents 16-64, max batch 4)."""
-    from runtime.engines.tensorrt import network_profile
+    from runtime.engines.trt_plans import network_profile
 
     manifest = load_manifest(step_cache_engine)
     unet = network_profile("unet", manifest.dims, manifest.shapes)

@@ -23,11 +23,10 @@ from runtime.engines.ort_tensorrt import (
     ort_tensorrt_providers,
     shapes_option,
 )
-from runtime.engines.tensorrt import (
+from runtime.engines.tensorrt import StalePlanError, TensorRTUnavailable
+from runtime.engines.trt_plans import (
     ProfileRangeError,
     ShapeRange,
-    StalePlanError,
-    TensorRTUnavailable,
     axis_ranges,
     check_profile,
     key_hash,
@@ -279,7 +278,7 @@ def test_shapes_option_rejects_unknown_bound():
 def tiny_engine_dir(tmp_path_factory) -> tuple[Path, Manifest, object]:
     """Tiny fp32 graphs from the project's exporter, with a manifest (no plans yet)."""
     pytest.importorskip("torch")
-    from export.loading import random_model
+    from export.loading.read import random_model
     from export.onnx_export import Shape, export_network
 
     model = random_model("tiny-sd1")

@@ -33,7 +33,7 @@ def errors(problems: list[Problem]) -> list[Problem]:
 def export_graphs(preset: str, out: Path, precision: str, networks=NETWORKS,
                   image: int | None = None) -> dict[str, Path]:
     """The project's ONNX export (export/onnx_export.py) of a random-weight preset."""
-    from export.loading import random_model
+    from export.loading.read import random_model
     from export.onnx_export import Shape, export_network
 
     model = random_model(preset)

@@ -15,7 +15,7 @@ counts, not the clocks (--vae-time-limit, --unet-time-limit), end both stages.
              arXiv:2207.12598). The EMA of the weights is what gets saved.
 
 At the end the model is saved as a diffusers folder (float16 safetensors) with
-`export.loading.save_diffusers`, TRAINING.json records settings, losses and times, and a DDIM
+`export.loading.save.save_diffusers`, TRAINING.json records settings, losses and times, and a DDIM
 sanity check (through the freshly saved folder) prints whether each prompt's colours came out.
 
     python tools/train_demo.py --threads 1          # the shipped model (docs/demo-model.md), ~27 min
@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from export.configs import ModelSpec, UNetConfig, VAEConfig, scheduler_config  # noqa: E402
-from export.loading import LoadedModel, load_model, save_diffusers  # noqa: E402
+from export.loading.read import LoadedModel, load_model  # noqa: E402
+from export.loading.save import save_diffusers  # noqa: E402
 from export.text_encoder import EOS_TOKEN, build_text_encoder, write_tokenizer_files  # noqa: E402
 from export.unet import UNet2DConditionModel  # noqa: E402
 from export.vae import AutoencoderKL  # noqa: E402

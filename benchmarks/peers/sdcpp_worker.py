@@ -1,7 +1,7 @@
 """The stable-diffusion.cpp peer, run with the sdcpp venv's Python (benchmarks/peers/setup-sdcpp.sh):
 `.venv-sdcpp/bin/python -m benchmarks.peers.sdcpp_worker TASK.json RESULT.json`.
 
-Loads the single-file checkpoint (`export.loading.save_single_file` of the benchmark's diffusers
+Loads the single-file checkpoint (`export.loading.save.save_single_file` of the benchmark's diffusers
 folder, written by the suite) with `stable_diffusion_cpp.StableDiffusion` and times txt2img end to
 end only: stable-diffusion.cpp has no per-network call. Settings that differ from the other targets
 because stable-diffusion.cpp lacks them, all recorded in the result:

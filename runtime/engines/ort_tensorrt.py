@@ -1,7 +1,7 @@
 """ONNX Runtime's TensorRT execution provider as a route to TensorRT: provider options for
 `OrtEngine(..., providers=...)`, with ORT's engine and timing caches under
 `ENGINE_DIR/tensorrt/ort-cache` and the same optimization profile as our own plans
-(`runtime.engines.tensorrt.network_profile`).
+(`runtime.engines.trt_plans.network_profile`).
 
 Option names and formats are those of the ONNX Runtime TensorRT EP documentation
 (onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html): `trt_profile_*_shapes`
@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runtime.engines.tensorrt import (DEFAULT_PROMPT_CHUNKS, SUBDIR, ShapeRange, network_profile,
-                                      tensorrt_cuda_major)
+from runtime.engines.tensorrt import tensorrt_cuda_major
+from runtime.engines.trt_plans import DEFAULT_PROMPT_CHUNKS, SUBDIR, ShapeRange, network_profile
 from runtime.errors import BackendError
 from runtime.folder.manifest import Manifest
 from runtime.folder.networks import PRECISIONS, float_dtype

@@ -102,7 +102,7 @@ def render(engines_dir: Path) -> dict[str, np.ndarray]:
 def make_lora(path: Path) -> Path:
     """A kohya-layout LoRA (rank 2) on tiny-sd1's U-Net attention projections and text encoder
     q/v projections, from a fixed seed."""
-    from export.loading import random_model
+    from export.loading.read import random_model
     from safetensors.numpy import save_file
 
     model = random_model("tiny-sd1", seed=0)
