@@ -17,7 +17,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import runtime
 from export.build import build_engine, main
 from export.loading import CheckpointError, random_model, save_diffusers
 from export.lora import LoraError, LoraSpec, apply_loras, parse_lora, read_lora
+from runtime.compare import psnr
 from runtime.folder.manifest import load_manifest
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,6 @@ TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 
 # --------------------------------------------------------------------------------- making LoRAs
