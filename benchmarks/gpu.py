@@ -257,7 +257,7 @@ def _child(task: dict[str, Any], settings: Settings, timeout_s: float, log) -> d
 
 def add_parity(report: dict[str, Any]) -> None:
     """Each measured route's outputs against the reference route's, max|out - ref| / max|ref|."""
-    from runtime.compare import max_errors, psnr
+    from runtime.compare import psnr, rel_err
 
     ref = report["routes"].get(REFERENCE, {})
     if not ref.get("outputs"):
@@ -266,7 +266,7 @@ def add_parity(report: dict[str, Any]) -> None:
     for result in report["routes"].values():
         if result.get("status") == "ok" and result.get("outputs"):
             got = np.load(result["outputs"])
-            result["parity"] = {key: max_errors(got[key], reference[key])[1] for key in got.files
+            result["parity"] = {key: rel_err(got[key], reference[key]) for key in got.files
                                 if key in reference.files}
         if result.get("status") == "ok" and result.get("image") and ref.get("image"):
             result["psnr_db"] = psnr(np.load(result["image"]), np.load(ref["image"]))

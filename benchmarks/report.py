@@ -21,11 +21,17 @@ def _ratio(x: float | None) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    return "\n".join([*_header_lines(report), *_target_rows(report), *_cached_lines(report),
+                      *_summary_lines(report)])
+
+
+def _header_lines(report: dict[str, Any]) -> list[str]:
+    """Title, command, machine, versions, how timing was done, the default engine; the table's head."""
     s = report["settings"]
     cpu = report["machine"]["cpu"]
     flags = ", ".join(f for f, on in cpu.get("flags", {}).items() if on) or "unknown"
     v = report["versions"]
-    lines = [
+    return [
         f"## {s['model']} at {s['resolution']}x{s['resolution']}, batch {s['batch']}, {s['steps']} steps, "
         f"guidance {s['guidance_scale']}",
         "",
@@ -47,6 +53,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| target | " + " | ".join(title for _, title in COLUMNS) + " | txt2img end to end | peak RSS MiB | U-Net parity | U-Net CPU s |",
         "| --- | " + " | ".join("---:" for _ in COLUMNS) + " | ---: | ---: | ---: | ---: |",
     ]
+
+
+def _target_rows(report: dict[str, Any]) -> list[str]:
+    """One table row per target (a failed or skipped one with its reason), then the U-Net medians of
+    each fresh process where the run repeated processes."""
+    lines = []
     for name, r in report["results"].items():
         if r.get("status") != "ok":
             lines.append(f"| {name} | {r.get('status')}: {r.get('reason', '')[:160]} |" + " |" * (len(COLUMNS) + 3))
@@ -63,10 +75,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     if spread:
         lines += ["", "U-Net median per fresh process, s: " + "; ".join(
             f"{name} {', '.join(f'{t:.3g}' for t in times)}" for name, times in spread.items())]
-    lines += _cached_lines(report)
+    return lines
+
+
+def _summary_lines(report: dict[str, Any]) -> list[str]:
+    """The default engine's speed-ups (plain, with step caching, int8), scheduler overhead, fastest."""
     summ = report.get("summary", {})
     so = report.get("scheduler_overhead", {})
-    lines += [
+    lines = [
         "",
         f"- default engine U-Net call: {_ratio(summ.get('unet_speedup_vs_diffusers-fp32'))} faster than PyTorch fp32 "
         f"eager, {_ratio(summ.get('unet_speedup_vs_diffusers-bf16'))} than PyTorch bf16 eager; parity "
@@ -97,7 +113,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- fastest: U-Net {summ.get('fastest', {}).get('unet')}, end to end {summ.get('fastest', {}).get('e2e')}",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def _cached_lines(report: dict[str, Any]) -> list[str]:

@@ -496,9 +496,9 @@ def _networks_in_processes(task: dict[str, Any], workdir: Path, settings: Settin
 
 
 def parity(workdir: Path, results: dict[str, Any], reference: str) -> None:
-    """Add, per target and network, max|out - ref| / max|ref| (runtime.compare.max_errors) against
+    """Add, per target and network, max|out - ref| / max|ref| (runtime.compare.rel_err) against
     `reference`'s outputs."""
-    from runtime.compare import max_errors
+    from runtime.compare import rel_err
 
     ref_path = workdir / f"{reference}.outputs.npz"
     if not ref_path.is_file():
@@ -513,7 +513,7 @@ def parity(workdir: Path, results: dict[str, Any], reference: str) -> None:
             errs = {}
             for key, value in outs.items():
                 if key.split("/")[0] == network and key in ref and ref[key].shape == value.shape:
-                    errs[key.split("/")[1]] = max_errors(value, ref[key])[1]
+                    errs[key.split("/")[1]] = rel_err(value, ref[key])
             if errs:
                 stats["parity"] = {"reference": reference, "max_rel_err": max(errs.values()), "per_output": errs}
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.timing import measure
+from runtime.compare import rel_err
 
 FORMS = ("upsample+conv", "transposed")
 SEED = 0
@@ -149,12 +150,12 @@ def run(sizes: list[int], repeats: int, scratch: Path) -> dict[str, Any]:
                     if reference is None:
                         reference = image  # as diffusers, OpenVINO f32, no rewrite: the first row
                     row.update(size=size, form=form, engine="openvino", precision=precision, group_norm_rewrite=rewrite)
-                    row["rel_diff"] = float(np.abs(image - reference).max() / np.abs(reference).max())
+                    row["rel_diff"] = rel_err(image, reference)
                     rows.append(row)
                     print(_line(row), flush=True)
             row, image = onnxruntime_run(paths[form], latent, repeats)
             row.update(size=size, form=form, engine="onnxruntime", precision="f32", group_norm_rewrite=False,
-                       rel_diff=float(np.abs(image - reference).max() / np.abs(reference).max()))
+                       rel_diff=rel_err(image, reference))
             rows.append(row)
             print(_line(row), flush=True)
     for row in rows:

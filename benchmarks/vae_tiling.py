@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.compare import psnr, rel_err
+
 
 def _ort_engine(folder: Path, network: str, dims):
     from runtime.engines.onnxruntime import OrtEngine
@@ -77,8 +79,7 @@ def export(out: Path, seed: int) -> None:
             reference = module(example)
         got = _ort_engine(out, network, spec.dims).run({inputs[0].name: example.numpy()})
         ref = reference if isinstance(reference, tuple) else (reference,)
-        err = max(float(np.abs(got[t.name] - r.numpy()).max() / (np.abs(r.numpy()).max() + 1e-12))
-                  for t, r in zip(outputs, ref))
+        err = max(rel_err(got[t.name], r.numpy()) for t, r in zip(outputs, ref))
         print(f"{network}: exported, ONNX Runtime vs torch max relative error {err:.2e}")
 
 
@@ -93,10 +94,9 @@ def _discs(size: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of images in [-1, 1] after clipping (peak-to-peak 2, as the 8-bit image would be)."""
-    err = np.mean((np.clip(a, -1, 1).astype(np.float64) - np.clip(b, -1, 1)) ** 2)
-    return float("inf") if err == 0 else float(10 * np.log10(4.0 / err))
+def signed_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of decoder outputs in [-1, 1] after clipping there (peak-to-peak 2, as the 8-bit image would be)."""
+    return psnr(a, b, data_range=2.0, clip=(-1.0, 1.0))
 
 
 def measure_psnr(folder: Path, size: int, scale: int, tiles: list[int], overlap: int, scaling_factor: float) -> dict:
@@ -120,7 +120,7 @@ def measure_psnr(folder: Path, size: int, scale: int, tiles: list[int], overlap:
         for tile in tiles:
             t0 = time.perf_counter()
             tiled = decode_tiled(run, z, tile=tile, overlap=overlap, scale=scale)
-            out[name][f"tile{tile}_overlap{overlap}"] = {"psnr_db": round(psnr(full, tiled), 2),
+            out[name][f"tile{tile}_overlap{overlap}"] = {"psnr_db": round(signed_psnr(full, tiled), 2),
                                                         "tiled_s": round(time.perf_counter() - t0, 2)}
     return out
 
@@ -179,7 +179,7 @@ def _hooked_psnr(vae, z: np.ndarray, scale: int, tile: int, overlap: int, shared
     try:
         full = decode(z)  # with shared_norm: records the whole image's statistics
         tiling[0] = True
-        return psnr(full, decode_tiled(decode, z, tile=tile, overlap=overlap, scale=scale))
+        return signed_psnr(full, decode_tiled(decode, z, tile=tile, overlap=overlap, scale=scale))
     finally:
         for h in handles:
             h.remove()

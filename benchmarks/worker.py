@@ -2,7 +2,8 @@
 
 A fresh process per target keeps the peak-RSS figure that target's own (ru_maxrss is a per-process
 high-water mark) and stops thread pools, allocator caches and compiled kernels of one framework
-from slowing the next. The parent (`benchmarks/suite.py`) writes the task, reads the result.
+from slowing the next. The parent (`benchmarks/suite.py`) writes the task, reads the result; the
+exchange and the timing loops every worker shares are `benchmarks/protocol.py`.
 
 Targets:
   engine  one of our backends over the engine folder: per-network calls through
@@ -23,16 +24,15 @@ from __future__ import annotations
 
 import gc
 import importlib
-import json
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.timing import measure, peak_rss_mb, summarize
+from benchmarks.protocol import finish, save_image, save_outputs, serve, time_e2e, time_network
+from benchmarks.timing import summarize
 from runtime.folder.networks import ModelDims, axis_values, concrete_shape, network_io
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -88,13 +88,8 @@ def _engine_networks(task: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np
         t0 = time.perf_counter()
         engine = module.open_engine(engine_dir, manifest, network, **task["options"])
         load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = engine.run(feeds)  # first call: compiles / allocates; timed separately from the warm calls
-        first_s = time.perf_counter() - t0
-        stats = measure(lambda: engine.run(feeds), repeats=task["repeats"], warmup=task["warmup"])
-        stats.update(load_s=load_s, first_call_s=first_s, batch=b,
-                     shapes={k: list(v.shape) for k, v in feeds.items()})
-        results[network] = stats
+        # the first call compiles / allocates: timed separately from the warm calls
+        out, results[network] = time_network(lambda: engine.run(feeds), feeds, task, batch=b, load_s=load_s)
         for name, value in out.items():
             outputs[f"{network}/{name}"] = np.asarray(value, dtype=np.float32)
         for attr in ("inference_precision", "threads", "providers"):
@@ -134,8 +129,7 @@ def _engine_e2e(task: dict[str, Any]) -> dict[str, Any]:
             timed[every]["cpu"].append(time.process_time() - c0)
             timed[every]["stages"].append(dict(last[every].timings))
     result, own = last[interval], timed[interval]
-    if task.get("image_path"):
-        np.save(task["image_path"], np.asarray(result.images, np.float32))
+    save_image(task, result.images)
     stats = summarize(own["times"], warmup=task["e2e_warmup"], cpu_times=own["cpu"])
     stats.update(load_s=load_s, backend=pipe.backend, backend_reason=pipe.backend_reason, steps=steps,
                  cache_interval=interval, stage_timings=own["stages"],
@@ -144,8 +138,7 @@ def _engine_e2e(task: dict[str, Any]) -> dict[str, Any]:
         paired = timed[1]
         stats["paired_uncached"] = {**summarize(paired["times"], warmup=task["e2e_warmup"], cpu_times=paired["cpu"]),
                                     "stage_timings": paired["stages"]}
-        if task.get("paired_image_path"):
-            np.save(task["paired_image_path"], np.asarray(last[1].images, np.float32))
+        save_image(task, last[1].images, "paired_image_path")
     return stats
 
 
@@ -199,12 +192,7 @@ def _peer_networks(task: dict[str, Any], pipe, dtype, device) -> tuple[dict[str,
                 sync()
                 return out
 
-            t0 = time.perf_counter()
-            out = call()
-            first_s = time.perf_counter() - t0
-            stats = measure(call, repeats=task["repeats"], warmup=task["warmup"])
-            stats.update(first_call_s=first_s, batch=b, shapes={k: list(v.shape) for k, v in feeds.items()})
-            results[network] = stats
+            out, results[network] = time_network(call, feeds, task, batch=b)
             for name, value in out.items():
                 outputs[f"{network}/{name}"] = value.float().cpu().numpy()
     return results, outputs
@@ -213,7 +201,7 @@ def _peer_networks(task: dict[str, Any], pipe, dtype, device) -> tuple[dict[str,
 def _peer_e2e(task: dict[str, Any], pipe, device) -> dict[str, Any]:
     import torch
 
-    res, steps = task["resolution"], task["steps"]
+    res = task["resolution"]
 
     # the suite's initial noise, shared with the benchmarks/peers targets (image PSNR between them)
     latents = torch.from_numpy(np.load(task["latents_path"])) if task.get("latents_path") else None
@@ -228,18 +216,9 @@ def _peer_e2e(task: dict[str, Any], pipe, device) -> dict[str, Any]:
         return out
 
     with torch.inference_mode():
-        for _ in range(task["e2e_warmup"]):
-            run(min(2, steps))
-        times, cpu = [], []
-        for _ in range(task["e2e_repeats"]):
-            c0, t0 = time.process_time(), time.perf_counter()
-            out = run(steps)
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    if task.get("image_path"):
-        np.save(task["image_path"], np.asarray(out.images, np.float32))
-    stats = summarize(times, warmup=task["e2e_warmup"], cpu_times=cpu)
-    stats.update(steps=steps, sampler=type(pipe.scheduler).__name__)
+        out, stats = time_e2e(run, task)
+    save_image(task, out.images)
+    stats.update(sampler=type(pipe.scheduler).__name__)
     return stats
 
 
@@ -300,7 +279,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         if task["networks"]:
             networks, outputs, info = _engine_networks(task)
             result.update(networks=networks, info=info)
-            _save_outputs(task, outputs)
+            save_outputs(task, outputs)
         if task["e2e"]:
             result["e2e"] = _engine_e2e(task)
     elif task["kind"] == "peer":
@@ -310,14 +289,12 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         if task["networks"]:
             networks, outputs = _peer_networks(task, pipe, dtype, device)
             result["networks"] = networks
-            _save_outputs(task, outputs)
+            save_outputs(task, outputs)
         if task["e2e"]:
             result["e2e"] = _peer_e2e(task, pipe, device)
     else:
         raise ValueError(f"unknown task kind {task['kind']!r}")
-    result["wall_s"] = time.perf_counter() - t0
-    result["peak_rss_mb"] = peak_rss_mb()
-    return result
+    return finish(result, t0)
 
 
 def _torch_threads() -> int:
@@ -326,30 +303,8 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _save_outputs(task: dict[str, Any], outputs: dict[str, np.ndarray]) -> None:
-    if task.get("outputs_path") and outputs:
-        np.savez(task["outputs_path"], **outputs)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m benchmarks.worker TASK.json RESULT.json", file=sys.stderr)
-        return 2
-    task = json.loads(Path(args[0]).read_text())
-    try:
-        result = run_task(task)
-    except Exception as e:  # reported to the parent, which records the target as failed
-        result = {"target": task.get("target"), "status": "failed", "reason": f"{type(e).__name__}: {e}",
-                  "traceback": traceback.format_exc(limit=8), "peak_rss_mb": peak_rss_mb()}
-    Path(args[1]).write_text(json.dumps(result, indent=1, default=_jsonable))
-    return 0 if result["status"] == "ok" else 1
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return str(value)
+    return serve(run_task, "benchmarks.worker", argv)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from export.external_data import share_weights
 from export.fp16 import reduced_precision
 from export.unet import cache_split
 from export.upsample import transposed_upsamplers
-from runtime.compare import max_errors
+from runtime.compare import max_errors, rel_err
 from runtime.folder.networks import (
     NETWORKS,
     STEP_CACHE_NETWORKS,
@@ -379,8 +379,8 @@ def check_step_cache(folder: str | Path, dims: ModelDims, precision: str, shapes
                                     {**feeds, "cache_feature": out["unet_deep"][i][1]})
                         for i, feeds in enumerate(cases)]
         del session
-    worst = {"deep_vs_unet": max(max_errors(d[0], u[0])[1] for d, u in zip(out["unet_deep"], out["unet"])),
-             "shallow_vs_deep": max(max_errors(s[0], d[0])[1] for s, d in zip(out["unet_shallow"], out["unet_deep"]))}
+    worst = {"deep_vs_unet": max(rel_err(d[0], u[0]) for d, u in zip(out["unet_deep"], out["unet"])),
+             "shallow_vs_deep": max(rel_err(s[0], d[0]) for s, d in zip(out["unet_shallow"], out["unet_deep"]))}
     bad = {k: v for k, v in worst.items() if not v <= threshold}
     if bad:
         raise ParityError(f"step-cache graphs in {folder} ({precision}) disagree: "

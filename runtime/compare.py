@@ -1,8 +1,13 @@
-"""The two numeric comparisons every parity check and benchmark in this project uses. NumPy only.
+"""The numeric comparisons every parity check, test and benchmark in this project uses. NumPy only.
 
 - `max_errors(out, ref)`: (max|out - ref|, that divided by max|ref|): export parity, the int8 check,
   the benchmark suite's per-network parity.
-- `psnr(image, reference)`: PSNR in dB of images in [0, 1] (peak 1.0): image-level comparisons.
+- `rel_err(out, ref)`: the second of those alone, max|out - ref| / max|ref|: the tests' parity bounds.
+- `psnr(image, reference)`: PSNR in dB, of images in [0, 1] (peak 1.0) by default; the VAE tiling
+  checks pass `data_range=2.0, clip=(-1.0, 1.0)` for decoder outputs in [-1, 1].
+
+Arguments are anything `np.asarray` takes (a CPU torch tensor that needs no grad included) and are
+compared in float64.
 """
 
 from __future__ import annotations
@@ -25,7 +30,27 @@ def max_errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return err, rel
 
 
-def psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR in dB of images in [0, 1]; infinite when they are equal."""
-    mse = float(np.mean((np.asarray(image, np.float64) - np.asarray(reference, np.float64)) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
+def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
+    """max|out - ref| / max|ref| in float64: `max_errors(out, ref)[1]`.
+
+    The tests' own copies it replaces divided without the REL_FLOOR, some in the inputs' float32,
+    and gave NaN for a NaN difference. Against any bound `rel_err(...) <= tol` they agree except
+    where max|ref| < 1e-12: identical all-zero arrays give 0 here (NaN there, a failure), a nonzero
+    error over such a reference gives err / 1e-12 (inf there), still far past any bound. A NaN
+    anywhere gives inf here: an upper bound fails as it did; a lower bound (`> x`) must check
+    `math.isfinite` itself."""
+    return max_errors(out, ref)[1]
+
+
+def psnr(image: np.ndarray, reference: np.ndarray, *, data_range: float = 1.0,
+         clip: tuple[float, float] | None = None) -> float:
+    """PSNR in dB, 10 log10(data_range^2 / MSE), in float64; infinite when the images are equal.
+
+    `data_range` is the peak-to-peak range of the images: 1.0 for [0, 1] (output_type "np"), 2.0
+    for VAE outputs in [-1, 1]. `clip` = (lo, hi) clips both images first, as converting them to
+    8 bits would (the tiling checks compare decoder outputs that overshoot [-1, 1])."""
+    a, b = np.asarray(image, np.float64), np.asarray(reference, np.float64)
+    if clip is not None:
+        a, b = np.clip(a, *clip), np.clip(b, *clip)
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(data_range ** 2 / mse)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import stat
+import subprocess
 import sys
 import textwrap
 from dataclasses import asdict
@@ -20,6 +21,8 @@ import pytest
 
 from benchmarks import peers, suite
 from benchmarks.report import render_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OPTIMUM_STUB = '''
 """Stand-in for optimum.intel: records every call to ov_dir's parent / optimum-calls.jsonl."""
@@ -166,6 +169,56 @@ def test_absent_venv_is_a_skip_with_its_reason(tmp_path):
     # stable-diffusion.cpp has no per-network call: a run without end to end has nothing of it to measure
     ok, why = suite.target_availability(suite.PEERS["sdcpp"], suite.Settings(e2e=False))
     assert not ok and "end to end only" in why
+
+
+# What a fresh interpreter loads for an import, beyond what it started with: (module names, file of the
+# first argument's module). Run from the repository root so this checkout's benchmarks/ is the one found.
+_NEW_MODULES = ("import importlib, json, sys\n"
+                "before = set(sys.modules)\n"
+                "for name in sys.argv[1:]:\n"
+                "    importlib.import_module(name)\n"
+                "print(json.dumps([sorted(set(sys.modules) - before), sys.modules[sys.argv[1]].__file__]))\n")
+# benchmarks/ modules a peer's venv may load: the protocol, the timing it uses, the packages' __init__s
+# (a docstring, and benchmarks/peers/__init__.py's standard-library runner table) and the workers.
+PEER_SAFE = {"benchmarks", "benchmarks.protocol", "benchmarks.timing", "benchmarks.peers",
+             "benchmarks.peers.optimum_worker", "benchmarks.peers.sdcpp_worker"}
+
+
+@pytest.mark.parametrize("modules", [("benchmarks.protocol",),
+                                     ("benchmarks.peers.optimum_worker", "benchmarks.peers.sdcpp_worker")])
+def test_worker_protocol_imports_only_stdlib_and_numpy(modules):
+    """The peers' venvs have NumPy and the peer's own packages, not runtime/, export/, torch or this
+    env's other packages: the protocol and the peer workers load nothing else at import time."""
+    proc = subprocess.run([sys.executable, "-c", _NEW_MODULES, *modules], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded, where = json.loads(proc.stdout)
+    assert Path(where).resolve().is_relative_to(ROOT)  # this checkout's benchmarks/, not an installed one
+    assert set(modules) <= set(loaded) and "benchmarks.protocol" in loaded  # the walk sees the imports
+    outside = [m for m in loaded if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] != "numpy"
+               and m not in PEER_SAFE]
+    assert outside == []
+
+
+def test_serve_writes_ok_and_failed_results(tmp_path, capsys):
+    from benchmarks import protocol
+
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"target": "t", "n": 3}))
+    result = tmp_path / "result.json"
+    assert protocol.serve(lambda t: {"status": "ok", "n": np.int64(t["n"]), "x": np.float32(0.5)},
+                          "m", [str(task), str(result)]) == 0
+    assert json.loads(result.read_text()) == {"status": "ok", "n": 3, "x": 0.5}  # NumPy scalars as numbers
+
+    def fail(t):
+        raise RuntimeError("no engine")
+
+    assert protocol.serve(fail, "m", [str(task), str(result)]) == 1
+    failed = json.loads(result.read_text())
+    assert (failed["target"], failed["status"], failed["reason"]) == ("t", "failed", "RuntimeError: no engine")
+    assert "raise RuntimeError" in failed["traceback"] and failed["peak_rss_mb"] > 0
+    assert protocol.serve(fail, "benchmarks.x", []) == 2
+    assert "usage: python -m benchmarks.x TASK.json RESULT.json" in capsys.readouterr().err
 
 
 def test_skipped_peer_row_in_the_report(tmp_path):

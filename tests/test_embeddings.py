@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from export.build import build_engine
 from export.embeddings import EmbeddingError, EmbeddingSpec, apply_embeddings, embedding_specs, read_embedding
 from export.loading.read import random_model
 from export.loading.save import save_diffusers
+from runtime.compare import psnr
 from runtime.folder.manifest import load_manifest
 from runtime.text.tokens import expand_embeddings, load_tokenizer, token_ids
 
@@ -45,11 +45,6 @@ PROMPTS = [  # (prompt, negative prompt)
 ]
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 
 def _vectors(n: int, width: int, seed: int) -> torch.Tensor:

@@ -20,13 +20,10 @@ from export.onnx_export import (
     sample_inputs,
     size_multiple,
 )
+from runtime.compare import rel_err
 from runtime.engines import open_engines
 from runtime.folder.manifest import load_manifest
 from runtime.folder.networks import NETWORKS, network_io
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b)))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +64,7 @@ def test_onnxruntime_matches_torch_fp32(tiny_sd1_engine, shape):
         got, want = ort[name].run(feeds), pt[name].run(feeds)
         for key in want:
             assert got[key].shape == want[key].shape
-            assert _rel(got[key], want[key]) <= 1e-4, (name, key)
+            assert rel_err(got[key], want[key]) <= 1e-4, (name, key)
 
 
 def test_fp16_graphs_within_1e_2(tiny_sd1, tmp_path):

@@ -21,6 +21,7 @@ from export.loading.save import save_diffusers, save_single_file, to_single_file
 from export.text_encoder import build_text_encoder
 from export.unet import UNet2DConditionModel
 from export.vae import AutoencoderKL
+from runtime.compare import rel_err
 
 torch.set_num_threads(1)  # the CI machine's cores are shared
 
@@ -32,10 +33,6 @@ PARITY_RTOL = 1e-5
 # float16 storage: each weight rounds with relative error <= 2^-11; outputs of the tiny random
 # networks stay within this relative error.
 FP16_RTOL = 1e-2
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def perturbed(model: LoadedModel, seed: int = 1) -> LoadedModel:

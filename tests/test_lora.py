@@ -17,7 +17,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from export.cli import main
 from export.loading.read import CheckpointError, random_model
 from export.loading.save import save_diffusers
 from export.lora import LoraError, LoraSpec, apply_loras, parse_lora, read_lora
+from runtime.compare import psnr
 from runtime.folder.manifest import load_manifest
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,6 @@ TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 
 # --------------------------------------------------------------------------------- making LoRAs

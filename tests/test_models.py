@@ -12,6 +12,7 @@ from export.configs import PRESETS, UNetConfig, VAEConfig, infer_family, preset,
 from export.text_encoder import CLIP_BPE_DIR, build_text_encoder, write_tokenizer_files
 from export.unet import UNet2DConditionModel
 from export.vae import AutoencoderKL
+from runtime.compare import rel_err
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -21,10 +22,6 @@ torch.set_num_threads(1)  # the CI machine's cores are shared
 # Outputs of our modules and diffusers' on the same weights, max|a - b| / max|b|.
 PARITY_RTOL = 1e-5
 TINY = ("tiny-sd1", "tiny-sd2", "tiny-inpaint")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def n_params(module: torch.nn.Module) -> int:

@@ -22,6 +22,7 @@ pytest.importorskip("openvino")
 ort = pytest.importorskip("onnxruntime")
 
 from benchmarks.worker import network_feeds  # noqa: E402
+from runtime.compare import rel_err  # noqa: E402
 from runtime.engines import openvino as ov_engine  # noqa: E402
 from runtime.engines.base import EngineInputError  # noqa: E402
 from runtime.errors import BackendError, EngineLoadError  # noqa: E402
@@ -86,10 +87,6 @@ def _ort_run(engine_dir: Path, manifest, network: str, feeds: dict[str, np.ndarr
     return dict(zip(names, session.run(names, feeds)))
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - b).max() / max(float(np.abs(b).max()), 1e-12))
-
-
 @pytest.mark.parametrize("precision,tol", [("f32", F32_TOL), pytest.param(
     "bf16", BF16_TOL, marks=pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 hardware"))])
 @pytest.mark.parametrize("network", NETWORKS)
@@ -104,7 +101,7 @@ def test_matches_onnxruntime(engine_dir, network, precision, tol, tmp_path):
         assert set(got) == {t.name for t in engine.outputs}
         for name, value in want.items():
             assert got[name].shape == value.shape and got[name].dtype == value.dtype
-            err = _rel(got[name], value)
+            err = rel_err(got[name], value)
             assert err <= tol, f"{network}/{name} at batch {batch}, {precision}: relative error {err:.3g} > {tol:g}"
 
 
@@ -117,7 +114,7 @@ def test_shapes_change_between_calls(engine_dir, static_shapes, tmp_path):
         feeds = network_feeds("unet", manifest.dims, batch, res)
         out = engine.run(feeds)["noise_pred"]
         assert out.shape == feeds["sample"].shape[:1] + (manifest.dims.latent_channels,) + feeds["sample"].shape[2:]
-        assert _rel(out, _ort_run(engine_dir, manifest, "unet", feeds)["noise_pred"]) <= F32_TOL
+        assert rel_err(out, _ort_run(engine_dir, manifest, "unet", feeds)["noise_pred"]) <= F32_TOL
 
 
 def test_model_cache_is_written_and_reused(engine_dir, tmp_path):
@@ -148,7 +145,7 @@ def test_unwritable_cache_dir_falls_back_to_no_cache(engine_dir, tmp_path):
     assert engine.cache_dir is None
     feeds = network_feeds("text_encoder", manifest.dims, 1, RESOLUTION)
     got = engine.run(feeds)["last_hidden_state"]
-    assert _rel(got, _ort_run(folder, manifest, "text_encoder", feeds)["last_hidden_state"]) <= F32_TOL
+    assert rel_err(got, _ort_run(folder, manifest, "text_encoder", feeds)["last_hidden_state"]) <= F32_TOL
 
 
 def test_default_precision_follows_the_cpu():
@@ -219,7 +216,7 @@ def test_group_norm_rewrite_on_the_exported_decoder(engine_dir):
         assert rewritten == groupnorms > 0
         assert not [op for op in model.get_ordered_ops() if op.get_type_name() == "MVN"]
         got = _compiled_output(model, feeds)
-        assert _rel(got, want) <= 1e-5, (static, _rel(got, want))
+        assert rel_err(got, want) <= 1e-5, (static, rel_err(got, want))
         assert layout_free_group_norms(model) == 0  # nothing left to rewrite
 
 
@@ -275,10 +272,10 @@ def test_group_norm_rewrite_folds_per_group_scale_and_keeps_variants_it_does_not
     n = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5))
     n = n * args[0][None, :, None] + args[1][None, :, None]
     ref = n.reshape(x.shape) * args[2][None, :, None, None] + args[3][None, :, None, None]
-    assert _rel(want, ref) < 1e-5
+    assert rel_err(want, ref) < 1e-5
     model = _read_onnx(proto, tmp_path)
     assert layout_free_group_norms(model) == 1
-    assert _rel(_compiled_output(model, {"x": x}), ref) < 1e-5
+    assert rel_err(_compiled_output(model, {"x": x}), ref) < 1e-5
     # the normalized tensor used elsewhere too: not the exporter's GroupNorm, left alone
     model = _read_onnx(_group_norm_graph(*args, groups, extra_output=True), tmp_path)
     assert layout_free_group_norms(model) == 0

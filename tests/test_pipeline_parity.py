@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image
 
 import runtime
 from runtime import scheduler as sch
+from runtime.compare import psnr
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,6 @@ STRICT_PSNR_DB = 90.0  # what fp32 tiny-model parity must also reach (module doc
 STEPS = 4
 PROMPT = "a watercolor painting of a lighthouse at dusk"
 NEGATIVE = "blurry, low quality"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 
 def assert_psnr(ours: np.ndarray, ref: np.ndarray, what: str) -> None:

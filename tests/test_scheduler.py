@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from runtime import scheduler as R
+from runtime.compare import rel_err
 from runtime.sampling import schedules as S
 from runtime.scheduler import SchedulerError
 
@@ -65,10 +66,6 @@ class TorchNoise:
 
     def standard_normal(self, shape, dtype=np.float32):
         return torch.randn(tuple(shape), generator=self.g, dtype=torch.float32).numpy()
-
-
-def rel_err(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / np.abs(b).max())
 
 
 def arrays(seed=0, shape=SHAPE):

@@ -47,6 +47,7 @@ from export.onnx_export import (
 from export.trt_compat import check_graph
 from export.unet import UNet2DConditionModel, cache_split
 from runtime import scheduler as sch
+from runtime.compare import psnr, rel_err
 from runtime.sampling.deepcache import cached_unet, engine_calls, plan
 from runtime.engines import open_engines
 from runtime.folder.manifest import load_manifest
@@ -62,16 +63,6 @@ PROMPT, NEGATIVE = "a watercolor painting of a lighthouse at dusk", "blurry, low
 THREE_LEVELS = replace(preset("tiny-sd1").unet, layers_per_block=2, block_out_channels=(32, 32, 64),
                        down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
                        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def psnr(a, b) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -117,7 +108,7 @@ def test_deep_path_is_forward_and_shallow_path_reproduces_it(cfg):
             down = 2 ** split.level
             assert feature.shape == (2, split.channels, -(-9 // down), -(-7 // down)), branch
             assert torch.equal(noise, plain), branch  # same operations in the same order
-            assert rel(unet.forward_shallow(x, t, c, feature, branch), plain) <= 1e-6, branch
+            assert rel_err(unet.forward_shallow(x, t, c, feature, branch), plain) <= 1e-6, branch
 
 
 def _deepcache_retrieval(unet, timesteps, branch, calls):
@@ -157,8 +148,9 @@ def test_split_caches_what_deepcache_caches(cfg, branches):
             got = [noise] + [ours.forward_shallow(x, t, c, feature, branch) for x, t, c in calls[1:]]
             uncached = ours(*calls[2])
         for i, (a, b) in enumerate(zip(got, ref)):
-            assert rel(a, b) <= 1e-5, (branch, i, rel(a, b))
-        assert rel(uncached, ref[2]) > 0.05, branch  # the retrieval step really reuses stale features
+            assert rel_err(a, b) <= 1e-5, (branch, i, rel_err(a, b))
+        stale = rel_err(uncached, ref[2])  # finite: a NaN would read as inf, above any lower bound
+        assert math.isfinite(stale) and stale > 0.05, branch  # the retrieval step really reuses stale features
 
 
 # --- graphs ----------------------------------------------------------------------------------------
@@ -218,16 +210,16 @@ def test_engines_match_the_reference_split(step_cache_engine, backend, options):
     full, retrieve = (sample_inputs("unet", manifest.dims, shape, vocab_size=49408, rng=rng) for _ in range(2))
     retrieve["encoder_hidden_states"] = full["encoder_hidden_states"]
     deep = engines["unet_deep"].run(full)
-    assert rel(deep["noise_pred"], engines["unet"].run(full)["noise_pred"]) <= 1e-4
+    assert rel_err(deep["noise_pred"], engines["unet"].run(full)["noise_pred"]) <= 1e-4
     shallow = engines["unet_shallow"].run({**retrieve, "cache_feature": deep["cache_feature"]})["noise_pred"]
     with torch.no_grad():
         t = {k: torch.from_numpy(v) for k, v in full.items()}
         noise, feature = unet.forward_deep(t["sample"], t["timestep"], t["encoder_hidden_states"], 0)
         r = {k: torch.from_numpy(v) for k, v in retrieve.items()}
         want = unet.forward_shallow(r["sample"], r["timestep"], r["encoder_hidden_states"], feature, 0)
-    assert rel(deep["noise_pred"], noise.numpy()) <= 1e-4
-    assert rel(deep["cache_feature"], feature.numpy()) <= 1e-4
-    assert rel(shallow, want.numpy()) <= 1e-4
+    assert rel_err(deep["noise_pred"], noise.numpy()) <= 1e-4
+    assert rel_err(deep["cache_feature"], feature.numpy()) <= 1e-4
+    assert rel_err(shallow, want.numpy()) <= 1e-4
 
 
 def test_reuse_follows_the_step_cache_request(step_cache_engine):

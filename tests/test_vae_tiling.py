@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.compare import psnr
 from runtime.imaging.tiling import decode_tiled, encode_tiled, needs_tiling, tile_starts
 
 TINY_VAE = Path(__file__).resolve().parents[1] / "export" / "assets" / "tiny" / "vae"
@@ -143,10 +144,6 @@ def _discs(size, rng):
     return img * 2 - 1
 
 
-def _psnr(a, b):
-    return 10 * np.log10(4.0 / np.mean((np.clip(a, -1, 1).astype(np.float64) - np.clip(b, -1, 1)) ** 2))
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     from export.build import build_engine
@@ -178,15 +175,19 @@ def test_tiny_model_tiled_decode_psnr(tiny):
     scaling = 0.75135  # export/assets/tiny/vae/config.json
     z = tiny["vae_encoder"].run({"image": images})["latent_mean"] * np.float32(scaling)
     full = run(z)
-    ours = {tile: _psnr(full, decode_tiled(run, z, tile=tile, overlap=ov, scale=4)) for tile, ov in ((16, 4), (24, 8))}
-    seams = _psnr(full, decode_tiled(run, z, tile=16, overlap=0, scale=4))
+
+    def signed_psnr(a, b):  # decoder outputs in [-1, 1], clipped there as the 8-bit image would be
+        return psnr(a, b, data_range=2.0, clip=(-1.0, 1.0))
+
+    ours = {tile: signed_psnr(full, decode_tiled(run, z, tile=tile, overlap=ov, scale=4)) for tile, ov in ((16, 4), (24, 8))}
+    seams = signed_psnr(full, decode_tiled(run, z, tile=16, overlap=0, scale=4))
     vae = AutoencoderKL.from_pretrained(str(TINY_VAE), torch_dtype=torch.float32).eval()
     vae.enable_tiling()
     theirs = {}
     with torch.no_grad():
         for tile in (16, 24):
             vae.tile_latent_min_size, vae.tile_sample_min_size = tile, tile * 4
-            theirs[tile] = _psnr(full, vae.tiled_decode(torch.from_numpy(z / scaling)).sample.numpy())
+            theirs[tile] = signed_psnr(full, vae.tiled_decode(torch.from_numpy(z / scaling)).sample.numpy())
     assert ours[16] > 21.0 and ours[24] > 27.0, ours
     assert all(ours[t] > theirs[t] - 0.5 for t in ours), (ours, theirs)
     assert seams < ours[16] - 1.0, (seams, ours)

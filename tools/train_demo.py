@@ -406,8 +406,26 @@ def main(argv=None) -> int:
 
     tokenizer_dir = write_tokenizer_files(tempfile.mkdtemp(prefix="train-demo-tokenizer-"), EOS_TOKEN)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    empty_ids = tokenize(tokenizer, [""])[0]
+    trained, stats = train(args, rng, tokenizer, tokenizer_dir)
+    train_wall = time.perf_counter() - t_start
+    acc_fp32 = sanity_check(trained, tokenizer, "fp32, in memory", args.guidance)
 
+    out = args.out.resolve()
+    staging, acc_fp16 = save_staged(trained, tokenizer, out, args.guidance)
+    accuracy = {"fp32": acc_fp32, "fp16": acc_fp16, "images": 2 * len(SANITY_PROMPTS),
+                "sampler": "DDIM 20 steps", "guidance": args.guidance}
+    record = training_record(args, argv, trained.spec, stats, accuracy,
+                             {"training": round(train_wall, 1), "total": round(time.perf_counter() - t_start, 1)})
+    publish(staging, out, record)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"saved {out} ({size / 2**20:.1f} MiB); total {record['wall_time_s']['total'] / 60:.1f} min")
+    return 0
+
+
+def train(args, rng: np.random.Generator, tokenizer, tokenizer_dir: Path) -> tuple[LoadedModel, dict]:
+    """Stage 1 (the VAE), the latent pool and its scaling factor, stage 2 (U-Net and text encoder).
+    Returns the EMA model, ready to save, and {"parameters", "vae", "unet"} statistics."""
+    empty_ids = tokenize(tokenizer, [""])[0]
     vae = AutoencoderKL(VAE)
     unet = UNet2DConditionModel(UNET)
     text_encoder = build_text_encoder(TEXT_ENCODER)
@@ -435,35 +453,43 @@ def main(argv=None) -> int:
     vae.requires_grad_(False)
     trained = LoadedModel(spec, ema_unet, vae, ema_text, tokenizer_dir,
                           {"kind": "trained", "path": None, "sha256": None})
-    train_wall = time.perf_counter() - t_start
-    acc_fp32 = sanity_check(trained, tokenizer, "fp32, in memory", args.guidance)
+    return trained, {"parameters": sizes, "vae": vae_stats, "unet": unet_stats}
 
-    # Write next to the destination, then swap it in, so a reader never sees a half-written model.
-    out = args.out.resolve()
+
+def save_staged(trained: LoadedModel, tokenizer, out: Path, guidance: float) -> tuple[Path, float]:
+    """Save `trained` (float16) into a staging folder beside `out`, and sanity-check it read back from
+    there: (the staging folder, its accuracy). The folder is removed if either fails; `publish` swaps
+    it in, so a reader never sees a half-written model."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         save_diffusers(trained, staging, fp16=True)
-        acc_fp16 = sanity_check(load_model(staging), tokenizer, "fp16, saved folder", args.guidance)
+        acc_fp16 = sanity_check(load_model(staging), tokenizer, "fp16, saved folder", guidance)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return staging, acc_fp16
 
-    record = {
+
+def training_record(args, argv, spec: ModelSpec, stats: dict, accuracy: dict, wall_time_s: dict) -> dict:
+    """TRAINING.json: the command and settings, data and configs, training statistics, sanity accuracy,
+    wall times and versions."""
+    return {
         "command": "python tools/train_demo.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "seed": args.seed,
         "data": {"image_size": IMAGE_SIZE, "shapes": list(SHAPES), "colours": COLOURS,
                  "caption": caption("{shape}", "{colour}", "{background}")},
         "configs": {"unet": UNET.to_dict(), "vae": spec.vae.to_dict(), "text_encoder": TEXT_ENCODER},
-        "parameters": sizes,
-        "vae": vae_stats,
-        "unet": unet_stats,
-        "sanity_accuracy": {"fp32": acc_fp32, "fp16": acc_fp16, "images": 2 * len(SANITY_PROMPTS),
-                            "sampler": "DDIM 20 steps", "guidance": args.guidance},
-        "wall_time_s": {"training": round(train_wall, 1), "total": round(time.perf_counter() - t_start, 1)},
+        **stats,
+        "sanity_accuracy": accuracy,
+        "wall_time_s": wall_time_s,
         "versions": {"torch": torch.__version__, "python": platform.python_version(), "numpy": np.__version__},
     }
+
+
+def publish(staging: Path, out: Path, record: dict) -> None:
+    """Write TRAINING.json into `staging`, make its files world-readable, and swap it in for `out`."""
     (staging / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors create owner-only files
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -474,9 +500,6 @@ def main(argv=None) -> int:
         shutil.rmtree(old)
     else:
         staging.rename(out)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log(f"saved {out} ({size / 2**20:.1f} MiB); total {record['wall_time_s']['total'] / 60:.1f} min")
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@
 optimum-intel pulls torch 2.14.1 (a CUDA build) and transformers 5.5.4, which must not replace the
 project's pinned torch 2.13.0 CPU build; stable-diffusion-cpp-python compiles ggml at install time.
 So each has its own venv, and the suite runs its worker module (`benchmarks/peers/<runner>_worker.py`,
-the same TASK.json / RESULT.json protocol as `benchmarks/worker.py`) with that venv's interpreter, from
-the repository root. The workers import nothing of `runtime/` or `export/`: the suite hands them
-everything they need (prompt, feeds, latents, paths) in the task.
+speaking the TASK.json / RESULT.json protocol of `benchmarks/protocol.py` as `benchmarks/worker.py` does)
+with that venv's interpreter, from the repository root. The workers import nothing of `runtime/` or
+`export/` (benchmarks.protocol is standard library and NumPy only): the suite hands them everything they
+need (prompt, feeds, latents, paths) in the task.
 """
 
 from __future__ import annotations

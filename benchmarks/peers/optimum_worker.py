@@ -11,24 +11,21 @@ Task kinds:
 
 `precision` "default" leaves OpenVINO's CPU plugin to choose (bf16 where the CPU has it, as a user of
 optimum gets); "f32" passes INFERENCE_PRECISION_HINT=f32. Imports only numpy, torch, optimum and
-benchmarks.timing (the standard library), never runtime/ or export/.
+benchmarks.protocol (the standard library), never runtime/ or export/.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import sys
 import time
-import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.timing import measure, peak_rss_mb, summarize
+from benchmarks.protocol import finish, save_image, save_outputs, serve, time_e2e, time_network, versions
 
 PACKAGES = ("optimum-intel", "optimum", "openvino", "diffusers", "transformers", "torch", "numpy")
 # Per-network calls at the shapes the static reshape compiles: the U-Net at the guidance batch
@@ -36,16 +33,6 @@ PACKAGES = ("optimum-intel", "optimum", "openvino", "diffusers", "transformers",
 # encodes the prompt and the negative prompt in two calls), so it is not timed at the suite's batch 2.
 NETWORKS = ("unet", "vae_decoder", "vae_encoder")
 COMPILED_PROPERTIES = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS")
-
-
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def ov_config(precision: str) -> dict[str, str]:
@@ -97,7 +84,7 @@ def load(task: dict[str, Any]):
             "unet_compiled": {p: str(request.get_property(p)) for p in COMPILED_PROPERTIES},
             "unet_inputs": {i.get_any_name(): [str(i.get_element_type()), str(i.get_partial_shape())]
                             for i in pipe.unet.model.inputs},
-            "versions": versions()}
+            "versions": versions(PACKAGES)}
     return pipe, load_s, info
 
 
@@ -139,13 +126,7 @@ def networks(task: dict[str, Any], pipe) -> tuple[dict[str, Any], dict[str, np.n
     for network in (n for n in task["networks"] if n in NETWORKS):
         feeds = {k.split("/", 1)[1]: v for k, v in all_feeds.items() if k.split("/", 1)[0] == network}
         call = _network_call(pipe, network, feeds, sf)
-        t0 = time.perf_counter()
-        out = call()
-        first_s = time.perf_counter() - t0
-        stats = measure(call, repeats=task["repeats"], warmup=task["warmup"])
-        stats.update(first_call_s=first_s, batch=int(next(iter(feeds.values())).shape[0]),
-                     shapes={k: list(v.shape) for k, v in feeds.items()})
-        results[network] = stats
+        out, results[network] = time_network(call, feeds, task, batch=int(next(iter(feeds.values())).shape[0]))
         outputs.update({f"{network}/{name}": value for name, value in out.items()})
     return results, outputs, skipped
 
@@ -154,25 +135,16 @@ def e2e(task: dict[str, Any], pipe) -> dict[str, Any]:
     """txt2img from the suite's latents: one 2-step warm-up, then `e2e_repeats` timed runs."""
     import torch
 
-    res, steps = task["resolution"], task["steps"]
+    res = task["resolution"]
     latents = torch.from_numpy(np.load(task["latents_path"]))
 
     def run(n: int):
         return pipe(task["prompt"], negative_prompt="", height=res, width=res, num_inference_steps=n,
                     guidance_scale=task["guidance_scale"], latents=latents.clone(), output_type="np")
 
-    for _ in range(task["e2e_warmup"]):
-        run(min(2, steps))
-    times, cpu = [], []
-    for _ in range(task["e2e_repeats"]):
-        c0, t0 = time.process_time(), time.perf_counter()
-        out = run(steps)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    if task.get("image_path"):
-        np.save(task["image_path"], np.asarray(out.images, np.float32))
-    stats = summarize(times, warmup=task["e2e_warmup"], cpu_times=cpu)
-    stats.update(steps=steps, sampler=type(pipe.scheduler).__name__)
+    out, stats = time_e2e(run, task)
+    save_image(task, out.images)
+    stats.update(sampler=type(pipe.scheduler).__name__)
     return stats
 
 
@@ -187,30 +159,16 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
             result["networks"], outputs, skipped = networks(task, pipe)
             if skipped:
                 result["info"]["networks_not_timed"] = skipped
-            if task.get("outputs_path") and outputs:
-                np.savez(task["outputs_path"], **outputs)
+            save_outputs(task, outputs)
         if task["e2e"]:
             result["e2e"] = e2e(task, pipe)
     else:
         raise ValueError(f"unknown task kind {task['kind']!r} for the optimum peer")
-    result["wall_s"] = time.perf_counter() - t0
-    result["peak_rss_mb"] = peak_rss_mb()
-    return result
+    return finish(result, t0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m benchmarks.peers.optimum_worker TASK.json RESULT.json", file=sys.stderr)
-        return 2
-    task = json.loads(Path(args[0]).read_text())
-    try:
-        result = run_task(task)
-    except Exception as e:  # reported to the parent, which records the target as failed
-        result = {"target": task.get("target"), "status": "failed", "reason": f"{type(e).__name__}: {e}",
-                  "traceback": traceback.format_exc(limit=8), "peak_rss_mb": peak_rss_mb()}
-    Path(args[1]).write_text(json.dumps(result, indent=1, default=str))
-    return 0 if result["status"] == "ok" else 1
+    return serve(run_task, "benchmarks.peers.optimum_worker", argv)
 
 
 if __name__ == "__main__":

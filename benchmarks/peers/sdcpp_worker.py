@@ -13,35 +13,22 @@ because stable-diffusion.cpp lacks them, all recorded in the result:
   - threads: `n_threads` (default: every usable CPU; the binding's own default is half of them).
 Verbose by default: the binding hides stable-diffusion.cpp's own errors otherwise (a checkpoint it
 cannot read ends in a crash whose only explanation is that log, which the suite keeps the tail of).
-Imports only numpy, stable_diffusion_cpp and benchmarks.timing (the standard library).
+Imports only numpy, stable_diffusion_cpp and benchmarks.protocol (the standard library).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-import traceback
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.timing import peak_rss_mb, summarize
+from benchmarks.protocol import finish, save_image, serve, time_e2e, versions
 
 DEFAULT_SAMPLER = "ipndm"
-
-
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in ("stable_diffusion_cpp_python", "numpy", "pillow"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+PACKAGES = ("stable_diffusion_cpp_python", "numpy", "pillow")
 
 
 def usable_cpus() -> int:
@@ -61,14 +48,14 @@ def load(task: dict[str, Any]):
                          verbose=bool(task.get("verbose", True)))
     load_s = time.perf_counter() - t0
     info = {"wtype": task["wtype"], "threads": threads, "sampler": task.get("sampler", DEFAULT_SAMPLER),
-            "scheduler": "discrete", "checkpoint": task["single_file"], "versions": versions()}
+            "scheduler": "discrete", "checkpoint": task["single_file"], "versions": versions(PACKAGES)}
     return sd, load_s, info
 
 
 def e2e(task: dict[str, Any], sd) -> dict[str, Any]:
     """txt2img: one 2-step warm-up, then `e2e_repeats` timed runs (PIL image to float32 included,
     as the other targets return float32 arrays)."""
-    res, steps = task["resolution"], task["steps"]
+    res = task["resolution"]
     sampler = task.get("sampler", DEFAULT_SAMPLER)
 
     def run(n: int) -> np.ndarray:
@@ -77,18 +64,9 @@ def e2e(task: dict[str, Any], sd) -> dict[str, Any]:
                                    sample_steps=n, seed=task["seed"], batch_count=task["batch"])
         return np.stack([np.asarray(im.convert("RGB"), np.float32) / 255.0 for im in images])
 
-    for _ in range(task["e2e_warmup"]):
-        run(min(2, steps))
-    times, cpu = [], []
-    for _ in range(task["e2e_repeats"]):
-        c0, t0 = time.process_time(), time.perf_counter()
-        image = run(steps)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    if task.get("image_path"):
-        np.save(task["image_path"], image)
-    stats = summarize(times, warmup=task["e2e_warmup"], cpu_times=cpu)
-    stats.update(steps=steps, sampler=f"{sampler} (stable-diffusion.cpp, discrete schedule)")
+    image, stats = time_e2e(run, task)
+    save_image(task, image)
+    stats.update(sampler=f"{sampler} (stable-diffusion.cpp, discrete schedule)")
     return stats
 
 
@@ -102,24 +80,11 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     sd, result["load_s"], result["info"] = load(task)
     if task["e2e"]:
         result["e2e"] = e2e(task, sd)
-    result["wall_s"] = time.perf_counter() - t0
-    result["peak_rss_mb"] = peak_rss_mb()
-    return result
+    return finish(result, t0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m benchmarks.peers.sdcpp_worker TASK.json RESULT.json", file=sys.stderr)
-        return 2
-    task = json.loads(Path(args[0]).read_text())
-    try:
-        result = run_task(task)
-    except Exception as e:  # reported to the parent, which records the target as failed
-        result = {"target": task.get("target"), "status": "failed", "reason": f"{type(e).__name__}: {e}",
-                  "traceback": traceback.format_exc(limit=8), "peak_rss_mb": peak_rss_mb()}
-    Path(args[1]).write_text(json.dumps(result, indent=1, default=str))
-    return 0 if result["status"] == "ok" else 1
+    return serve(run_task, "benchmarks.peers.sdcpp_worker", argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""The worker protocol every benchmark worker speaks: `python -m MODULE TASK.json RESULT.json`.
+
+The suite (`benchmarks/suite.py` `_run_worker`) writes a task, runs a worker module in a fresh
+process (`benchmarks/worker.py` in this env; `benchmarks/peers/<runner>_worker.py` with its peer's
+venv Python, from the repository root) and reads the result back. This module is that exchange,
+written once:
+  - `serve(run_task, module)`: the worker's main(): read TASK.json, call `run_task(task)`, write
+    RESULT.json; an exception becomes a result with status "failed", its reason and traceback, and
+    exit code 1;
+  - `finish(result, t0)`: the fields every result ends with (`wall_s`, `peak_rss_mb`);
+  - `time_network(call, feeds, task, ...)`: one network timed as every target times it (a first call
+    timed apart, then `measure` over the task's repeats / warmup);
+  - `time_e2e(run, task)`: txt2img end to end as every peer times it (`e2e_warmup` runs at 2 steps,
+    then `e2e_repeats` timed runs of `steps` steps, wall and CPU seconds);
+  - `save_outputs` / `save_image`: the arrays the suite reads back for parity and image PSNR;
+  - `versions(packages)`: the installed versions a peer records.
+
+Standard library and NumPy only (with `benchmarks.timing`, itself standard library only): the peers'
+venvs have NumPy and their own packages, not this project's (tests/test_benchmark_peers.py checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.timing import measure, peak_rss_mb, summarize
+
+Task = dict[str, Any]
+
+
+def serve(run_task: Callable[[Task], dict[str, Any]], module: str, argv: list[str] | None = None) -> int:
+    """A worker's main(): `argv` (default sys.argv[1:]) is TASK.json RESULT.json. Returns the exit
+    code: 0 when the result's status is "ok", 1 when the task failed, 2 for a wrong command line."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print(f"usage: python -m {module} TASK.json RESULT.json", file=sys.stderr)
+        return 2
+    task = json.loads(Path(args[0]).read_text())
+    try:
+        result = run_task(task)
+    except Exception as e:  # reported to the parent, which records the target as failed
+        result = {"target": task.get("target"), "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc(limit=8), "peak_rss_mb": peak_rss_mb()}
+    Path(args[1]).write_text(json.dumps(result, indent=1, default=jsonable))
+    return 0 if result["status"] == "ok" else 1
+
+
+def jsonable(value: Any) -> Any:
+    """`json.dumps` default: NumPy scalars as numbers, anything else as its str()."""
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)
+
+
+def finish(result: dict[str, Any], t0: float) -> dict[str, Any]:
+    """Close `result`: wall seconds since `t0` (perf_counter) and this process's peak RSS."""
+    result["wall_s"] = time.perf_counter() - t0
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def time_network(call: Callable[[], Any], feeds: dict[str, np.ndarray], task: Task, *, batch: int,
+                 **fields: Any) -> tuple[Any, dict[str, Any]]:
+    """Time one network: a first call (compiles / allocates) timed apart, then `task["repeats"]`
+    timed calls after `task["warmup"]` untimed ones. Returns (the first call's output, stats with
+    `fields`, first_call_s, batch and the feeds' shapes)."""
+    t0 = time.perf_counter()
+    out = call()
+    first_s = time.perf_counter() - t0
+    stats = measure(call, repeats=task["repeats"], warmup=task["warmup"])
+    stats.update(fields, first_call_s=first_s, batch=batch, shapes={k: list(v.shape) for k, v in feeds.items()})
+    return out, stats
+
+
+def time_e2e(run: Callable[[int], Any], task: Task) -> tuple[Any, dict[str, Any]]:
+    """txt2img end to end: `run(n)` generates at n steps. `task["e2e_warmup"]` runs at 2 steps (or
+    fewer, never more than `steps`) compile every shape, then `task["e2e_repeats"]` runs at
+    `task["steps"]` are timed (wall and process CPU seconds). Returns (the last run's output, stats
+    with `steps`)."""
+    steps = task["steps"]
+    for _ in range(task["e2e_warmup"]):
+        run(min(2, steps))
+    times, cpu = [], []
+    out = None
+    for _ in range(task["e2e_repeats"]):
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = run(steps)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    stats = summarize(times, warmup=task["e2e_warmup"], cpu_times=cpu)
+    stats.update(steps=steps)
+    return out, stats
+
+
+def save_outputs(task: Task, outputs: dict[str, np.ndarray]) -> None:
+    """Network outputs (keys NETWORK/OUTPUT) to `task["outputs_path"]`, for the suite's parity."""
+    if task.get("outputs_path") and outputs:
+        np.savez(task["outputs_path"], **outputs)
+
+
+def save_image(task: Task, images: Any, key: str = "image_path") -> None:
+    """Images as a float32 array to `task[key]` when the task asks, for the suite's image PSNR."""
+    if task.get(key):
+        np.save(task[key], np.asarray(images, np.float32))
+
+
+def versions(packages: Iterable[str]) -> dict[str, str | None]:
+    """Python's version and each installed distribution's (None when absent)."""
+    found: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
