@@ -16,7 +16,7 @@ import math
 import numbers
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,10 @@ from runtime.folder.networks import STEP_CACHE_NETWORKS
 from runtime.text.prompt_syntax import SYNTAXES
 from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
+
+if TYPE_CHECKING:
+    from runtime.scheduler import Schedule
+    from runtime.stages import PromptTokens
 
 MODES = ("txt2img", "img2img", "inpaint")
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -101,8 +105,8 @@ class Request:
     memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
-    tokens: Any = field(default=None, repr=False)
-    schedule: Any = field(default=None, repr=False)
+    tokens: PromptTokens | None = field(default=None, repr=False)
+    schedule: Schedule | None = field(default=None, repr=False)
 
     @property
     def prompt_chunks(self) -> int | None:
