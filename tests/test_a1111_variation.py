@@ -215,3 +215,18 @@ def test_http_random_subseed_is_reported(server):
 def test_http_bad_variation_values_are_named(server, body, message):
     r = server.post("/sdapi/v1/txt2img", {"prompt": "a", "steps": STEPS, "width": 64, "height": 64, **body})
     assert r.status_code == 422 and message in r.json()["detail"], r.text
+
+
+def test_webuiapi_variation_and_its_defaults(server, sd1_pipe):
+    webuiapi = pytest.importorskip("webuiapi", reason="the dev extra installs webuiapi")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=STEPS)
+    common = dict(prompt="a red circle", seed=11, width=64, height=64, cfg_scale=7.0)
+    r = api.txt2img(subseed=31, subseed_strength=0.6, **common)
+    want = sd1_pipe.txt2img("a red circle", seed=11, subseed=31, subseed_strength=0.6, scheduler="euler_a",
+                            karras=False, **SETTINGS)
+    np.testing.assert_array_equal(as_array(r.image), as_array(want.images[0]))
+    assert r.info["all_subseeds"] == [31]
+    r = api.txt2img(**common)  # the client's defaults: subseed -1, strength 0, seed_resize_from 0 x 0
+    plain = sd1_pipe.txt2img("a red circle", seed=11, scheduler="euler_a", karras=False, **SETTINGS)
+    np.testing.assert_array_equal(as_array(r.image), as_array(plain.images[0]))
+    assert r.info["all_subseeds"] == [-1] and r.info["subseed_strength"] == 0
