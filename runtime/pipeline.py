@@ -136,7 +136,8 @@ class Pipeline:
                 seed=None, latents: np.ndarray | None = None, num_images_per_prompt: int = 1,
                 eta: float = 0.0, output_type: str = "pil", callback: Callback | None = None,
                 progress: bool = True, cache_interval: int = 1, cache_schedule: str = "uniform",
-                prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None) -> GenerationResult:
+                prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
+                subseed_strength: float = 0.0, seed_resize_from=None) -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
@@ -146,13 +147,18 @@ class Pipeline:
         prompt without them encodes exactly as before), "none" reads prompts literally. `vae_tiling`
         True (or a tile size in pixels) decodes and encodes in blended tiles, for big images in
         bounded memory (runtime/imaging/tiling.py); None tiles only where the folder's VAE cannot take
-        the size whole."""
+        the size whole. Variation seeds (all three modes; A1111's, runtime/variation.py): `subseed_strength`
+        in [0, 1] mixes the noise of `subseed` (an int gives image i subseed + i; a list one per image;
+        None a random one) into the seed's by A1111's slerp, and a single `seed` is then every image's
+        seed; `seed_resize_from` (height, width) draws the seed's noise at that size and pastes it
+        centred. Strength 0 without a resize changes nothing."""
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
                                num_images_per_prompt=num_images_per_prompt, eta=eta, output_type=output_type,
                                noise=latents, cache_interval=cache_interval, cache_schedule=cache_schedule,
-                               prompt_syntax=prompt_syntax, vae_tiling=vae_tiling)
+                               prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
+                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
@@ -163,18 +169,21 @@ class Pipeline:
                 callback: Callback | None = None, progress: bool = True, noise: np.ndarray | None = None,
                 encode_noise: np.ndarray | None = None, cache_interval: int = 1,
                 cache_schedule: str = "uniform",
-                prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None) -> GenerationResult:
+                prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
+                subseed_strength: float = 0.0, seed_resize_from=None) -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
-        VAE-encode sample noise (each [batch, 4, lh, lw])."""
+        VAE-encode sample noise (each [batch, 4, lh, lw]). `subseed`, `subseed_strength`,
+        `seed_resize_from`: as txt2img's (the VAE-encode noise stays the seed's)."""
         request = self.request("img2img", prompt, image=image, strength=strength, negative_prompt=negative_prompt,
                                height=height, width=width, num_inference_steps=num_inference_steps,
                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, scheduler=scheduler,
                                karras=karras, seed=seed, num_images_per_prompt=num_images_per_prompt, eta=eta,
                                output_type=output_type, noise=noise, encode_noise=encode_noise,
                                cache_interval=cache_interval, cache_schedule=cache_schedule,
-                               prompt_syntax=prompt_syntax, vae_tiling=vae_tiling)
+                               prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
+                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
@@ -185,12 +194,14 @@ class Pipeline:
                 callback: Callback | None = None, progress: bool = True, noise: np.ndarray | None = None,
                 encode_noise: np.ndarray | None = None, masked_encode_noise: np.ndarray | None = None,
                 cache_interval: int = 1, cache_schedule: str = "uniform",
-                prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None) -> GenerationResult:
+                prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
+                subseed_strength: float = 0.0, seed_resize_from=None) -> GenerationResult:
         """Repaint where `mask_image` is white (>= 0.5). With the 9-channel inpainting U-Net the
         mask and the masked image's latents go into the U-Net (diffusers'
         StableDiffusionInpaintPipeline); with a plain 4-channel U-Net the known region is blended back
         after every step. `encode_noise` / `masked_encode_noise` replace the seeded VAE-encode noise
-        of the image / of the masked image (the latter only used by the 9-channel U-Net)."""
+        of the image / of the masked image (the latter only used by the 9-channel U-Net). `subseed`,
+        `subseed_strength`, `seed_resize_from`: as txt2img's (the VAE-encode noise stays the seed's)."""
         request = self.request("inpaint", prompt, image=image, mask_image=mask_image, strength=strength,
                                negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -198,7 +209,8 @@ class Pipeline:
                                num_images_per_prompt=num_images_per_prompt, eta=eta, output_type=output_type,
                                noise=noise, encode_noise=encode_noise, masked_encode_noise=masked_encode_noise,
                                cache_interval=cache_interval, cache_schedule=cache_schedule,
-                               prompt_syntax=prompt_syntax, vae_tiling=vae_tiling)
+                               prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
+                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def request(self, mode: str, prompt: Any, **settings: Any) -> Request:

@@ -28,6 +28,7 @@ from runtime.folder.networks import STEP_CACHE_NETWORKS
 from runtime.text.prompt_syntax import SYNTAXES
 from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
+from runtime.variation import Variation, make_variation
 
 if TYPE_CHECKING:
     from runtime.scheduler import Schedule
@@ -103,6 +104,7 @@ class Request:
     prompt_syntax: str = "a1111"  # A1111 emphasis and BREAK where a prompt uses them; "none": literal
     vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/imaging/tiling.py); None: whole
     memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
+    variation: Variation | None = None  # variation seeds / seed resizing (runtime/variation.py); None: off
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
@@ -146,6 +148,8 @@ class Request:
             params["prompt_syntax"] = self.prompt_syntax
         if self.vae_tile is not None:
             params["vae_tile"] = self.vae_tile
+        if self.variation is not None:
+            params.update(self.variation.parameters())
         return params
 
 
@@ -155,7 +159,8 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  seed: Any = None, num_images_per_prompt: Any = 1, eta: Any = 0.0, output_type: str = "pil",
                  image: Any = None, mask_image: Any = None, strength: Any = None, noise: Any = None,
                  encode_noise: Any = None, masked_encode_noise: Any = None, cache_interval: Any = 1,
-                 cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None) -> Request:
+                 cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None,
+                 subseed: Any = None, subseed_strength: Any = 0.0, seed_resize_from: Any = None) -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem."""
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -192,16 +197,21 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     if masks is not None:
         masks = tuple(_frozen(imgs.load_mask(mk, height, width)) for mk in masks)
     shape = (batch, limits.latent_channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
+    seeds, variation = make_variation(_seeds(seed, batch), seed, subseed, subseed_strength, seed_resize_from,
+                                      scale=limits.vae_scale_factor, max_image=limits.max_image)
+    if variation is not None and noise is not None:
+        raise PipelineError("explicit latents / noise replace the seeded initial noise, which variation seeds and "
+                            "seed_resize_from make: send one or the other", field="subseed_strength")
     return Request(
         mode=mode, prompts=prompts, negative_prompts=negatives, images_per_prompt=n_per, height=height, width=width,
         steps=steps, guidance_scale=scale, guidance_rescale=rescale, sampler=sampler, karras=karras, eta=eta,
-        strength=strength, seeds=_seeds(seed, batch), output_type=output_type, images=images, masks=masks,
+        strength=strength, seeds=seeds, output_type=output_type, images=images, masks=masks,
         noise=_explicit(noise, shape, "latents" if mode == "txt2img" else "noise"),
         encode_noise=_explicit(encode_noise, shape, "encode_noise") if mode != "txt2img" else None,
         masked_encode_noise=(_explicit(masked_encode_noise, shape, "masked_encode_noise")
                              if mode == "inpaint" and limits.inpainting_unet else None),
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
-        memory=memory,
+        memory=memory, variation=variation,
     )
 
 

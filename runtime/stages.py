@@ -14,7 +14,9 @@ Randomness. Each image has its own `np.random.Generator(np.random.PCG64(seed))`,
 this fixed order, float32 standard normals of shape [latent_channels, lh, lw]: (1) the initial
 noise, (2) for img2img / inpaint the VAE-encode noise of the init image, (3) for the 9-channel
 inpainting U-Net the VAE-encode noise of the masked image. A draw is made even where an explicit
-array replaces it, so the later draws do not move. Stochastic samplers then draw their step noise
+array replaces it, so the later draws do not move. Variation seeds and seed resizing
+(runtime/variation.py) take their extra draws from separate generators (`PCG64(subseed)`, a fresh
+`PCG64(seed)`) and only replace draw (1), so this order stays as it is. Stochastic samplers then draw their step noise
 from the same generators, image by image (`BatchRNG`). The draws are NumPy's, never a backend's,
 so one seed gives the same image on every backend, alone or in any batch.
 """
@@ -158,6 +160,8 @@ def initial_noise(request: "Request", latent_shape: tuple[int, int, int], inpain
         return np.array(explicit)
 
     noise = draw(request.noise, "latents" if request.mode == "txt2img" else "noise")
+    if request.variation is not None:  # variation seeds / seed resizing: runtime/variation.py
+        noise = request.variation.noise(request.seeds, noise, request.height // latent_shape[1])
     encode = masked = None
     if request.mode != "txt2img":
         encode = draw(request.encode_noise, "encode_noise")

@@ -120,7 +120,7 @@ BAD = [
     ("txt2img", {"prompt": "a cat", "sampler_name": "LCM", "scheduler": "Karras"}, 422, "sampler_name: scheduler 'lcm': karras sigmas do not apply to 'lcm'"),
     ("txt2img", {"prompt": "a cat", "enable_hr": True}, 422, "enable_hr: hires fix is not implemented"),
     ("txt2img", {"prompt": "a cat", "restore_faces": True}, 422, "restore_faces: face restoration is not implemented"),
-    ("txt2img", {"prompt": "a cat", "subseed_strength": 0.5}, 422, "subseed_strength: variation seeds"),
+    ("txt2img", {"prompt": "a cat", "subseed_strength": 1.5}, 422, "subseed_strength: 1.5 is outside [0, 1]"),
     ("txt2img", {"prompt": "a cat", "sampler_name": "Euler a", "eta": 0.5}, 422, "eta: the ancestral sampler runs with eta 1"),
     ("txt2img", {"prompt": "a cat", "alwayson_scripts": {"ControlNet": {"args": []}}}, 422, "alwayson_scripts.ControlNet"),
     ("txt2img", {"prompt": "a cat", "override_settings": {"sd_model_checkpoint": "sdxl"}}, 422, "override_settings.sd_model_checkpoint: model 'sdxl' is not served here"),

@@ -20,8 +20,10 @@ Fields we write: Steps, Sampler, Schedule type (runtime/sampling/names.py), CFG 
 Model hash (the first 10 hex digits of the source checkpoint's sha256, which is A1111's "Model
 hash" for a single-file checkpoint), Model, Denoising strength (img2img, inpaint), Eta DDIM (when
 not 0, A1111's key for DDIM's eta), CFG Rescale (when not 0, the key of the CFG-Rescale extension
-for A1111) and Version. What an A1111 PNG carries and we cannot honour (Clip skip > 1, hires fix,
-variation seeds, other samplers) is reported by `settings_from_fields`, not silently dropped.
+for A1111), Variation seed, Variation seed strength and Seed resize from (runtime/variation.py)
+and Version. What an A1111 PNG carries and we cannot honour (Clip skip > 1, hires fix, other
+samplers; variation seeds, which the command line does not take) is reported by
+`settings_from_fields`, not silently dropped.
 """
 
 from __future__ import annotations
@@ -107,12 +109,16 @@ def parse_infotext(infotext: str) -> dict[str, str]:
 
 
 def infotext_from_parameters(params: Mapping[str, Any], *, seed: int | None = None, karras: bool | None = None,
-                             model_hash: str | None = None, model_name: str | None = None) -> str:
+                             model_hash: str | None = None, model_name: str | None = None,
+                             subseed: int | None = None) -> str:
     """The infotext of one image from our generation parameters (`GenerationResult.parameters`,
     or the CLI's metadata). `seed`: this image's (default params["seed"], else the first of
     params["seeds"]); `karras`: whether Karras sigmas were used (default params["karras"], None
     counting as False; pass the resolved value when the engine's scheduler config decides);
-    `model_hash`: the source checkpoint's sha256 (its first 10 hex digits are written)."""
+    `model_hash`: the source checkpoint's sha256 (its first 10 hex digits are written); `subseed`:
+    this image's variation seed (default the first of params["subseeds"]; written, with "Variation
+    seed strength", only when params["subseed_strength"] is not 0, and "Seed resize from" WxH when
+    params has seed_resize_from, as A1111's create_infotext)."""
     prompt, negative = params["prompt"], params.get("negative_prompt") or ""
     if not isinstance(prompt, str) or not isinstance(negative, str):
         raise ValueError("an infotext describes one image: pass parameters with one prompt and one negative prompt")
@@ -124,11 +130,21 @@ def infotext_from_parameters(params: Mapping[str, Any], *, seed: int | None = No
         "Steps": params["steps"], "Sampler": sampler, "Schedule type": schedule,
         "CFG scale": params["guidance_scale"], "Seed": seed, "Size": f"{params['width']}x{params['height']}",
         "Model hash": model_hash[:10] if model_hash else None, "Model": model_name or None,
+        **_variation_fields(params, subseed),
         "Denoising strength": params.get("strength") if params.get("mode", "txt2img") != "txt2img" else None,
         "Eta DDIM": params.get("eta") or None, "CFG Rescale": params.get("guidance_rescale") or None,
         "Version": VERSION,
     }
     return format_infotext(prompt, negative, fields)
+
+
+def _variation_fields(params: Mapping[str, Any], subseed: int | None) -> dict[str, Any]:
+    """A1111 create_infotext's "Variation seed", "Variation seed strength" (when the strength is not
+    0) and "Seed resize from" (width x height) of our parameters (runtime/variation.py)."""
+    strength, resize = params.get("subseed_strength") or 0, params.get("seed_resize_from")
+    return {"Variation seed": (subseed if subseed is not None else params["subseeds"][0]) if strength else None,
+            "Variation seed strength": strength or None,
+            "Seed resize from": f"{resize[1]}x{resize[0]}" if resize else None}
 
 
 def settings_from_fields(fields: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:

@@ -23,9 +23,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.errors import PipelineError
 from runtime.sampling import names as sampler_names
 from runtime.request import Limits
+from runtime.text.styles import StyleBook
 
+from . import a1111_variation as variation
 from .codec import WireError, decode_image, prepare_mask
 
 __all__ = ["Extension", "Img2ImgRequest", "ImageResponse", "ProgressResponse", "Txt2ImgRequest", "job_settings"]
@@ -156,10 +159,6 @@ _NOT_IMPLEMENTED = "is not implemented by this server"
 
 def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A1111 field, in A1111's order
     checks = [
-        ("styles", not req.styles, "prompt styles are not implemented; put the text in the prompt"),
-        ("subseed_strength", req.subseed_strength == 0, "variation seeds are not implemented (send 0)"),
-        ("seed_resize_from_h", req.seed_resize_from_h <= 0, "seed resizing is not implemented (send -1)"),
-        ("seed_resize_from_w", req.seed_resize_from_w <= 0, "seed resizing is not implemented (send -1)"),
         ("restore_faces", not req.restore_faces, f"face restoration {_NOT_IMPLEMENTED}"),
         ("tiling", not req.tiling, f"tiling {_NOT_IMPLEMENTED}"),
         ("s_min_uncond", req.s_min_uncond in (None, 0), f"s_min_uncond {_NOT_IMPLEMENTED} (send 0)"),
@@ -245,7 +244,7 @@ def _size(req: Txt2ImgRequest, limits: Limits) -> tuple[int, int]:
 # The request layer's fields (runtime/request.py PipelineError.field) under their A1111 wire names.
 FIELDS = {"scheduler": "sampler_name", "cache_interval": "sd_runtime.cache_interval",
           "cache_schedule": "sd_runtime.cache_schedule", "height": "height", "width": "width",
-          "num_images_per_prompt": "batch_size"}
+          "num_images_per_prompt": "batch_size", "subseed": "subseed", "subseed_strength": "subseed_strength"}
 
 
 def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int) -> None:
@@ -273,11 +272,13 @@ def _extension(req: Txt2ImgRequest) -> dict[str, Any]:
     return out
 
 
-def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int
-                 ) -> tuple[str, list[dict[str, Any]]]:
+def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int,
+                 styles: StyleBook | None = None) -> tuple[str, list[dict[str, Any]]]:
     """(mode, one `Pipeline.request` keyword set per engine job: n_iter jobs of batch_size images).
+    `styles`: the server's styles.csv (runtime/text/styles.py), applied to the prompts first.
     Raises WireError naming the first field that cannot be served."""
     _refuse_unsupported(req)
+    req = _styled(req, styles)
     sampler, karras = _sampler(req, limits)
     width, height = _size(req, limits)
     _counts(req, limits, max_steps, max_n_iter)
@@ -290,8 +291,22 @@ def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_i
         base["strength"] = float(req.denoising_strength)
     seed = secrets.randbits(32) if req.seed == -1 else req.seed
     n = per_prompt * (len(prompt) if isinstance(prompt, list) else 1)
-    return mode, [dict(base, **images, prompt=prompt, num_images_per_prompt=per_prompt, seed=seed + k * n)
-                  for k in range(req.n_iter)]
+    return mode, [dict(base, **images, prompt=prompt, num_images_per_prompt=per_prompt, **seeds)
+                  for seeds in variation.job_seeds(req, limits, seed, n)]
+
+
+def _styled(req: Txt2ImgRequest, styles: StyleBook | None) -> Txt2ImgRequest:
+    """The request with its `styles` applied to prompt and negative prompt (A1111 setup_prompts)."""
+    if not req.styles:
+        return req
+    if styles is None:
+        raise WireError("styles", "this server has no styles file (start it with serve --styles FILE); "
+                                  "send [] and put the text in the prompt")
+    try:
+        prompt, negative = styles.apply(req.prompt, req.negative_prompt, req.styles)
+    except PipelineError as e:
+        raise WireError("styles", str(e)) from None
+    return req.model_copy(update={"prompt": prompt, "negative_prompt": negative})
 
 
 def _images(req: Img2ImgRequest, width: int, height: int) -> tuple[str, Any, dict[str, Any], int]:
@@ -337,15 +352,15 @@ def processed_info(req: Txt2ImgRequest, results: list[Any], infotexts: list[str]
     sampler, schedule = sampler_names.to_a1111(first["scheduler"], bool(first.get("karras")))
     return {
         "prompt": prompts[0], "all_prompts": prompts, "negative_prompt": negatives[0],
-        "all_negative_prompts": negatives, "seed": seeds[0], "all_seeds": seeds, "subseed": -1,
-        "all_subseeds": [-1] * len(seeds), "subseed_strength": 0, "width": first["width"], "height": first["height"],
+        "all_negative_prompts": negatives, "seed": seeds[0], "all_seeds": seeds,
+        **variation.info_fields(req, results), "width": first["width"], "height": first["height"],
         "sampler_name": sampler, "cfg_scale": first["guidance_scale"], "steps": first["steps"],
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": first.get("strength") if first.get("mode") != "txt2img" else None,
         "extra_generation_params": {"Schedule type": schedule}, "index_of_first_image": 0,
-        "infotexts": infotexts, "styles": [], "job_timestamp": extra.pop("job_timestamp", ""), "clip_skip": 1,
+        "infotexts": infotexts, "styles": req.styles or [], "job_timestamp": extra.pop("job_timestamp", ""),
+        "clip_skip": 1,
         "is_using_inpainting_conditioning": inpainting, "version": "sd-runtime",
         "sd_runtime": extra,
     }

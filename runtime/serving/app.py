@@ -210,7 +210,7 @@ async def _generate_a1111(svc: Service, body: a1111.Txt2ImgRequest, request: Req
         try:
             a1111.check_override_settings(body.override_settings, svc.model_titles)
             mode, settings = a1111.job_settings(body, svc.pipe.limits, max_steps=svc.config.max_steps,
-                                                max_n_iter=svc.config.max_n_iter)
+                                                max_n_iter=svc.config.max_n_iter, styles=svc.styles)
         except WireError as e:
             raise wire_error(e) from None
         return svc.make_requests(mode, settings, a1111.FIELDS)
@@ -226,8 +226,9 @@ def _a1111_response(svc: Service, body: a1111.Txt2ImgRequest, results: list, sto
     pnginfo = (body.override_settings or {}).get("enable_pnginfo", True)
     karras = [bool(r.parameters.get("karras")) for r in results]
     infotexts = [png_info.infotext_from_parameters({**r.parameters, "seeds": r.seeds}, seed=s, karras=k,
-                                                    model_hash=svc.model_hash, model_name=svc.model_name)
-                 for r, k in zip(results, karras) for s in r.seeds]
+                                                    model_hash=svc.model_hash, model_name=svc.model_name, subseed=sub)
+                 for r, k in zip(results, karras)
+                 for s, sub in zip(r.seeds, r.parameters.get("subseeds") or [None] * len(r.seeds))]
     images = [im for r in results for im in r.images]
     encoded = [encode_png(im, text if pnginfo else None) for im, text in zip(images, infotexts)]
     extra = {"job_timestamp": now_stamp(), "backend": svc.pipe.backend, "scheduler": results[0].parameters["scheduler"],
@@ -311,6 +312,10 @@ def _info_routes(app: FastAPI, svc: Service) -> None:
             if current.get(key, object()) != value:
                 raise ServeError(422, f"{key}: options cannot be changed on this server", field=key)
         return None
+
+    @app.get("/sdapi/v1/prompt-styles")
+    async def prompt_styles():  # A1111's PromptStyleItem list; [] without a styles file (serve --styles)
+        return [style.item() for style in svc.styles.styles.values()] if svc.styles else []
 
     @app.get("/sdapi/v1/scripts")
     async def scripts():

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per documented 
     p.add_argument("--max-n-iter", type=int, default=16, help="most A1111 n_iter per request (default 16)")
     p.add_argument("--batch-wait-ms", type=float, default=0.0,
                    help="how long a lone queued request waits for a compatible one to batch with (default 0)")
+    p.add_argument("--styles", default=None, metavar="FILE",
+                   help="A1111 styles.csv (name, prompt, negative_prompt) for the requests' styles (default: none)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     ray = p.add_argument_group("Ray Serve (the cluster extra)")
     ray.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas")
@@ -62,10 +64,14 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per documented 
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if args.styles:  # a bad styles file fails here, before the model loads (ValueError naming it)
+        from runtime.text.styles import StyleBook
+
+        StyleBook.load(args.styles)
     return ServerConfig(api_key=args.api_key or None, max_queue=args.max_queue, workers=args.workers,
                         timeout=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20),
                         cors_origins=tuple(args.cors_origin), max_steps=args.max_steps, max_n_iter=args.max_n_iter,
-                        batch_wait=args.batch_wait_ms / 1000.0)
+                        batch_wait=args.batch_wait_ms / 1000.0, styles=args.styles)
 
 
 def engine_options(pairs: list[str]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from runtime.imaging import images as imgs
 from runtime.errors import PipelineError, SDRuntimeError
 from runtime.pipeline import GenerationResult, Pipeline
 from runtime.request import Request
+from runtime.text.styles import StyleBook
 
 from .codec import WireError
 from .metrics import Metrics
@@ -41,6 +42,7 @@ class ServerConfig:
     max_n_iter: int = 16
     batch_wait: float = 0.0  # seconds a lone queued request waits for a compatible one
     replica: str | None = None  # set by the Ray Serve deployment: answered in x-sd-runtime-replica
+    styles: str | None = None  # A1111's styles.csv for the requests' `styles` (runtime/text/styles.py); None: none
 
 
 class ServeError(Exception):
@@ -61,6 +63,7 @@ class Service:
     def __init__(self, pipe: Pipeline, config: ServerConfig = ServerConfig(), *, close_pipe: bool = True):
         self.pipe = pipe
         self.config = config
+        self.styles = StyleBook.load(config.styles) if config.styles else None  # ValueError: unreadable
         self._close_pipe = close_pipe
         self.metrics = Metrics(lambda: self.batcher.depth, lambda: len(self.batcher.running))
         self.batcher = Batcher(pipe, max_queue=config.max_queue, workers=config.workers,
