@@ -28,7 +28,9 @@ Differences from A1111, on purpose: the blend between steps is this runtime's (t
 noised to the next level after each step, diffusers' rule) where A1111 blends the denoised
 prediction; the final blend (clean latents outside the mask) is the same. Resizes and the overlay
 run in float (PIL mode "F" per channel), A1111's in uint8; `fill` runs in uint8 as A1111's does.
-A blank mask with `padding_mask_crop` is an error (A1111 falls back to plain img2img).
+A blank mask with `padding_mask_crop` is an error (A1111 falls back to plain img2img). As in A1111,
+denoising always starts from the (modified) init latents noised to the first level, at strength 1
+too (diffusers' inpainting starts from pure noise there).
 """
 
 from __future__ import annotations
