@@ -31,7 +31,7 @@ import numpy as np
 
 from runtime.imaging import images as imgs
 from runtime import scheduler as sch
-from runtime import stages
+from runtime import inpainting, stages
 from runtime.sampling import deepcache as caching
 from runtime.text import tokens as text
 from runtime.engines.registry import backend_module, close_all, network_options, open_engines_why, open_network
@@ -170,12 +170,14 @@ class Pipeline:
                 encode_noise: np.ndarray | None = None, cache_interval: int = 1,
                 cache_schedule: str = "uniform",
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
-                subseed_strength: float = 0.0, seed_resize_from=None) -> GenerationResult:
+                subseed_strength: float = 0.0, seed_resize_from=None,
+                initial_noise_multiplier: float = 1.0) -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
-        VAE-encode sample noise (each [batch, 4, lh, lw]). `subseed`, `subseed_strength`,
-        `seed_resize_from`: as txt2img's (the VAE-encode noise stays the seed's)."""
+        VAE-encode sample noise (each [batch, 4, lh, lw]). `initial_noise_multiplier` scales that
+        noise (A1111's). `subseed`, `subseed_strength`, `seed_resize_from`: as txt2img's (the
+        VAE-encode noise stays the seed's)."""
         request = self.request("img2img", prompt, image=image, strength=strength, negative_prompt=negative_prompt,
                                height=height, width=width, num_inference_steps=num_inference_steps,
                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, scheduler=scheduler,
@@ -183,7 +185,8 @@ class Pipeline:
                                output_type=output_type, noise=noise, encode_noise=encode_noise,
                                cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
-                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from)
+                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
+                               initial_noise_multiplier=initial_noise_multiplier)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
@@ -195,13 +198,23 @@ class Pipeline:
                 encode_noise: np.ndarray | None = None, masked_encode_noise: np.ndarray | None = None,
                 cache_interval: int = 1, cache_schedule: str = "uniform",
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
-                subseed_strength: float = 0.0, seed_resize_from=None) -> GenerationResult:
+                subseed_strength: float = 0.0, seed_resize_from=None,
+                masked_content: str | None = None, padding_mask_crop: int | None = None,
+                mask_blur: int | tuple[int, int] = 0, soft_mask: bool = False, overlay: bool | None = None,
+                initial_noise_multiplier: float = 1.0) -> GenerationResult:
         """Repaint where `mask_image` is white (>= 0.5). With the 9-channel inpainting U-Net the
         mask and the masked image's latents go into the U-Net (diffusers'
         StableDiffusionInpaintPipeline); with a plain 4-channel U-Net the known region is blended back
         after every step. `encode_noise` / `masked_encode_noise` replace the seeded VAE-encode noise
         of the image / of the masked image (the latter only used by the 9-channel U-Net). `subseed`,
-        `subseed_strength`, `seed_resize_from`: as txt2img's (the VAE-encode noise stays the seed's)."""
+        `subseed_strength`, `seed_resize_from`: as txt2img's (the VAE-encode noise stays the seed's).
+
+        A1111's inpainting (runtime/inpainting.py), taken when any of these is given: `masked_content`
+        "fill" | "original" | "latent_noise" | "latent_nothing" (A1111's inpainting_fill 0-3);
+        `padding_mask_crop` N: only masked (the mask's box plus N pixels, at the request's aspect
+        ratio, generated at the request size and pasted back; diffusers' name); `mask_blur` (x, y)
+        or one sigma in pixels; `soft_mask` (the latent mask keeps grey levels: A1111 mask_round
+        false); `overlay` (default True: the original composited back outside the mask)."""
         request = self.request("inpaint", prompt, image=image, mask_image=mask_image, strength=strength,
                                negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -210,7 +223,9 @@ class Pipeline:
                                noise=noise, encode_noise=encode_noise, masked_encode_noise=masked_encode_noise,
                                cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
-                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from)
+                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
+                               masked_content=masked_content, padding_mask_crop=padding_mask_crop, mask_blur=mask_blur,
+                               soft_mask=soft_mask, overlay=overlay, initial_noise_multiplier=initial_noise_multiplier)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def request(self, mode: str, prompt: Any, **settings: Any) -> Request:
@@ -318,6 +333,8 @@ class Pipeline:
                                            inpainting_unet=self.is_inpainting_unet, tile=r.vae_tile)
             if r.mode != "txt2img":
                 _add(timings, "vae_encode", time.perf_counter() - t0)
+            if r.initial_noise_multiplier != 1.0:  # A1111 Img2Img.sample: x *= initial_noise_multiplier
+                draws = replace(draws, noise=draws.noise * np.float32(r.initial_noise_multiplier))
             out.append(_Prepared(r, cond, draws, latents))
         return out
 
@@ -377,6 +394,8 @@ class Pipeline:
         for r in requests:
             own = images[start:start + r.batch]
             start += r.batch
+            if r.inpainting is not None and r.output_type != "latent":  # A1111's overlay (runtime/inpainting.py)
+                own = inpainting.composite(r, own)
             if r.output_type == "pil":
                 own = imgs.to_pil(own)
             params = {**r.parameters(), "engine": str(self.engine_dir), "backend": self.backend,

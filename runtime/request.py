@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from runtime import inpainting
 from runtime.imaging import images as imgs
 from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
@@ -77,7 +78,8 @@ class Limits:
 class Request:
     """One validated generation request. `seeds` has one entry per image; image i uses prompt
     i // images_per_prompt. `images` / `masks` (img2img, inpaint) are float32 arrays at the request
-    size, one per prompt: images [H, W, 3] in [0, 1], masks [H, W] in {0, 1} (1 = repaint)."""
+    size, one per prompt: images [H, W, 3] in [0, 1], masks [H, W] in {0, 1} (1 = repaint; grey levels
+    in [0, 1] under A1111's inpainting, `inpainting`, runtime/inpainting.py)."""
 
     mode: str
     prompts: tuple[str, ...]
@@ -102,6 +104,8 @@ class Request:
     cache_interval: int = 1  # step caching (runtime/sampling/deepcache.py): 1 = off
     cache_schedule: str = "uniform"
     prompt_syntax: str = "a1111"  # A1111 emphasis and BREAK where a prompt uses them; "none": literal
+    inpainting: inpainting.Inpainting | None = None  # A1111's inpainting (runtime/inpainting.py); None: diffusers'
+    initial_noise_multiplier: float = 1.0  # A1111's: the initial noise scaled by it (img2img, inpaint)
     vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/imaging/tiling.py); None: whole
     memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
     variation: Variation | None = None  # variation seeds / seed resizing (runtime/variation.py); None: off
@@ -128,7 +132,8 @@ class Request:
         """Requests with equal keys can share one engine batch."""
         return (self.mode, self.height, self.width, self.steps, self.guidance_scale, self.guidance_rescale,
                 self.sampler, self.karras, self.eta, self.strength, self.output_type, self.cache_interval,
-                self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks)
+                self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks,
+                None if self.inpainting is None else self.inpainting.key(), self.initial_noise_multiplier)
 
     def parameters(self) -> dict[str, Any]:
         """What reproduces the request (the result's `parameters`, the PNG metadata)."""
@@ -150,6 +155,10 @@ class Request:
             params["vae_tile"] = self.vae_tile
         if self.variation is not None:
             params.update(self.variation.parameters())
+        if self.inpainting is not None:
+            params.update(self.inpainting.parameters())
+        if self.initial_noise_multiplier != 1.0:
+            params["initial_noise_multiplier"] = self.initial_noise_multiplier
         return params
 
 
@@ -160,7 +169,9 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  image: Any = None, mask_image: Any = None, strength: Any = None, noise: Any = None,
                  encode_noise: Any = None, masked_encode_noise: Any = None, cache_interval: Any = 1,
                  cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None,
-                 subseed: Any = None, subseed_strength: Any = 0.0, seed_resize_from: Any = None) -> Request:
+                 subseed: Any = None, subseed_strength: Any = 0.0, seed_resize_from: Any = None,
+                 masked_content: Any = None, padding_mask_crop: Any = None, mask_blur: Any = 0, soft_mask: Any = False,
+                 overlay: Any = None, initial_noise_multiplier: Any = 1.0) -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem."""
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -188,14 +199,14 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     interval = _cache(limits, cache_interval, cache_schedule)
     if prompt_syntax not in SYNTAXES:
         raise PipelineError(f"prompt_syntax must be one of {', '.join(SYNTAXES)}; got {prompt_syntax!r}")
+    plan = inpainting.settings(mode, masked_content=masked_content, padding_mask_crop=padding_mask_crop,
+                               mask_blur=mask_blur, soft_mask=soft_mask, overlay=overlay)
+    noise_mult = _noise_multiplier(mode, initial_noise_multiplier)
     images, masks, (dh, dw) = _images(limits, mode, image, mask_image, len(prompts))
     height, width = _size(limits, dh if height is None else height, dw if width is None else width)
     tile = _vae_tile(limits, vae_tiling, height, width)
     memory = check_memory(limits, batch, height, width, guided=scale > 1.0, encodes=mode != "txt2img")
-    if images is not None:
-        images = tuple(_frozen(imgs.load_image(im, height, width)) for im in images)
-    if masks is not None:
-        masks = tuple(_frozen(imgs.load_mask(mk, height, width)) for mk in masks)
+    images, masks, plan = _load_images(images, masks, plan, height, width)
     shape = (batch, limits.latent_channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
     seeds, variation = make_variation(_seeds(seed, batch), seed, subseed, subseed_strength, seed_resize_from,
                                       scale=limits.vae_scale_factor, max_image=limits.max_image)
@@ -211,7 +222,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         masked_encode_noise=(_explicit(masked_encode_noise, shape, "masked_encode_noise")
                              if mode == "inpaint" and limits.inpainting_unet else None),
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
-        memory=memory, variation=variation,
+        memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult,
     )
 
 
@@ -274,6 +285,29 @@ def _strength(mode: str, strength: Any) -> float:
     if not 0.0 < value <= 1.0:
         raise PipelineError(f"strength must be in (0, 1]; got {strength}")
     return value
+
+
+def _load_images(images: list | None, masks: list | None, plan: inpainting.Inpainting | None, height: int,
+                 width: int) -> tuple[tuple | None, tuple | None, inpainting.Inpainting | None]:
+    """The request's images and masks as frozen arrays at its size: A1111's preparation under its
+    inpainting (runtime/inpainting.py), else loaded and resized (masks binarized)."""
+    if plan is not None:
+        return inpainting.prepare(plan, images, masks, height, width)
+    if images is not None:
+        images = tuple(_frozen(imgs.load_image(im, height, width)) for im in images)
+    if masks is not None:
+        masks = tuple(_frozen(imgs.load_mask(mk, height, width)) for mk in masks)
+    return images, masks, None
+
+
+def _noise_multiplier(mode: str, value: Any) -> float:
+    """A1111's initial_noise_multiplier (img2img and inpaint; 1 = off)."""
+    mult = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    if not math.isfinite(mult) or mult <= 0 or (mode == "txt2img" and mult != 1.0):
+        raise PipelineError(f"initial_noise_multiplier must be a number > 0 and applies to img2img and inpaint only; "
+                            f"got {value!r}",
+                            field="initial_noise_multiplier")
+    return mult
 
 
 def _vae_tile(limits: Limits, vae_tiling: Any, height: int, width: int) -> int | None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from runtime import inpainting as a1111_inpainting
 from runtime.imaging import images as imgs
 from runtime.text import prompt_syntax as ps
 from runtime import scheduler as sch
@@ -193,12 +194,14 @@ class ImageLatents:
     init: latents denoising starts from, noised to the first level (None: pure noise).
     keep: 4-channel inpainting: clean image latents blended back outside the mask after each step.
     mask: inpainting: [batch, 1, lh, lw], 1 = repaint.
-    masked: 9-channel inpainting: the masked image's latents, fed to the U-Net with the mask."""
+    masked: 9-channel inpainting: the masked image's latents, fed to the U-Net with the mask.
+    keep_mask: the blend's mask where it is not `mask` (A1111's inpainting on the 9-channel U-Net)."""
 
     init: np.ndarray | None = None
     keep: np.ndarray | None = None
     mask: np.ndarray | None = None
     masked: np.ndarray | None = None
+    keep_mask: np.ndarray | None = None
 
 
 def encode_images(vae_encoder: Engine | None, request: "Request", draws: Draws, *, scaling_factor: float,
@@ -212,6 +215,12 @@ def encode_images(vae_encoder: Engine | None, request: "Request", draws: Draws, 
     src = [i // request.images_per_prompt for i in range(request.batch)]  # image -> prompt index
     pixels = imgs.to_network(request.images)
     nine = request.mode == "inpaint" and inpainting_unet
+    if request.inpainting is not None:  # A1111's inpainting (runtime/inpainting.py)
+        def encode(px: np.ndarray, eps: np.ndarray) -> np.ndarray:
+            return _sample_latents(vae_encoder, px, src, eps, scaling_factor, tile, vae_scale_factor)
+
+        return ImageLatents(**a1111_inpainting.image_latents(
+            request, draws.noise, encode, draws.encode_noise, draws.masked_encode_noise, vae_scale_factor, nine))
     image_latents = None
     # the 9-channel U-Net at strength 1 starts from pure noise and never needs the image's own
     # latents (as diffusers, which skips that encode too)
@@ -289,7 +298,8 @@ def denoise(unet: UnetFn, schedule: sch.Schedule, family: Family, text_embedding
         return guided(x_in, t)
 
     latents = sch.prepare_latents(schedule, noise, image_latents.init)
-    known = None if image_latents.keep is None else (image_latents.keep, image_latents.mask, noise)
+    keep_mask = image_latents.mask if image_latents.keep_mask is None else image_latents.keep_mask
+    known = None if image_latents.keep is None else (image_latents.keep, keep_mask, noise)
     latents = sch.sample(schedule, model, latents, rng=rng, eta=eta, callback=callback, known=known)
     latents = np.asarray(latents, dtype=np.float32)
     warn_nonfinite(latents, "latents", "denoise")

@@ -69,13 +69,11 @@ def test_webuiapi_inpaint_plain_unet(sd1, blur, invert):
     r = api.img2img(images=[init], mask_image=_mask(), prompt="a yellow star", seed=33, denoising_strength=0.9,
                     width=64, height=64, cfg_scale=7.0, inpainting_fill=1, inpaint_full_res=False, mask_blur=blur,
                     inpainting_mask_invert=invert)
-    mask = _mask()
-    if invert:
-        mask = ImageOps.invert(mask)
-    if blur:
-        mask = prepare_mask(_mask(), invert=False, blur_x=blur, blur_y=blur)
+    mask = ImageOps.invert(_mask()) if invert else _mask()
+    # A1111's inpainting (runtime/inpainting.py): blur, latent mask and overlay as A1111 does them
     want = live.pipe.inpaint("a yellow star", image=init, mask_image=mask, strength=0.9, seed=33,
-                             scheduler="euler_a", karras=False, **SETTINGS).images[0]
+                             scheduler="euler_a", karras=False, masked_content="original", mask_blur=blur,
+                             **SETTINGS).images[0]
     np.testing.assert_array_equal(as_array(r.image), as_array(want))
     assert r.info["is_using_inpainting_conditioning"] is False
 
@@ -87,7 +85,7 @@ def test_webuiapi_inpaint_9_channel_unet(inpaint):
                     width=64, height=64, cfg_scale=7.0, inpainting_fill=1, inpaint_full_res=False, mask_blur=0)
     # webuiapi sends A1111's `eta` 1.0 by default, which is DDIM's eta there and here
     want = live.pipe.inpaint("a blue door", image=init, mask_image=_mask(), strength=1.0, seed=5, scheduler="ddim",
-                             eta=1.0, **SETTINGS).images[0]
+                             eta=1.0, masked_content="original", **SETTINGS).images[0]
     np.testing.assert_array_equal(as_array(r.image), as_array(want))
     assert r.info["is_using_inpainting_conditioning"] is True
     # our API's rule: the 9-channel U-Net inpaints only (no plain txt2img / img2img)
@@ -95,13 +93,13 @@ def test_webuiapi_inpaint_9_channel_unet(inpaint):
         api.txt2img(prompt="a cat", seed=1, width=64, height=64)
 
 
-def test_webuiapi_defaults_that_would_change_the_image_are_refused(sd1):
+def test_webuiapi_values_we_cannot_serve_are_refused(sd1):
     live, api = sd1
     init = Image.fromarray(picture(2))
-    with pytest.raises(RuntimeError, match="422.*inpainting_fill: masked content mode 0"):
-        api.img2img(images=[init], mask_image=_mask(), prompt="x", seed=1, width=64, height=64)
-    with pytest.raises(RuntimeError, match="422.*inpaint_full_res"):
-        api.img2img(images=[init], mask_image=_mask(), prompt="x", seed=1, width=64, height=64, inpainting_fill=1)
+    with pytest.raises(RuntimeError, match="422.*inpainting_fill: 4: send 0 \\(fill\\)"):
+        api.img2img(images=[init], mask_image=_mask(), prompt="x", seed=1, width=64, height=64, inpainting_fill=4)
+    with pytest.raises(RuntimeError, match="422.*mask: mask_image 0 is blank"):
+        api.img2img(images=[init], mask_image=Image.new("L", (64, 64)), prompt="x", seed=1, width=64, height=64)
 
 
 def test_mask_blur_is_a1111s_gaussian():

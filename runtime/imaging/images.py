@@ -104,8 +104,9 @@ def load_image(image, height: int, width: int, what: str = "image") -> np.ndarra
     return _resize(arr, height, width)
 
 
-def load_mask(mask, height: int, width: int, what: str = "mask_image") -> np.ndarray:
-    """An accepted mask to a binary float32 [H, W] array at height x width: 1 = repaint, 0 = keep."""
+def load_mask(mask, height: int, width: int, what: str = "mask_image", *, binary: bool = True) -> np.ndarray:
+    """An accepted mask to a binary float32 [H, W] array at height x width: 1 = repaint, 0 = keep
+    (`binary=False`: its grey levels in [0, 1], for A1111's inpainting, runtime/inpainting.py)."""
     if isinstance(mask, Image.Image):
         arr = _as_float_hwc(_resize_pil(mask.convert("L"), height, width), what)[:, :, 0]
     else:
@@ -113,7 +114,7 @@ def load_mask(mask, height: int, width: int, what: str = "mask_image") -> np.nda
         if hwc.shape[2] >= 3:
             hwc = (hwc[:, :, :3] @ _LUMA)[:, :, None]
         arr = _resize(hwc[:, :, :1], height, width)[:, :, 0]
-    return (arr >= 0.5).astype(np.float32)
+    return (arr >= 0.5).astype(np.float32) if binary else arr.astype(np.float32)
 
 
 def to_network(images_hwc: Sequence[np.ndarray]) -> np.ndarray:

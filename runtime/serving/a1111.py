@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.errors import PipelineError
+from runtime.inpainting import MASKED_CONTENT  # A1111's inpainting_fill 0..3, by name
 from runtime.sampling import names as sampler_names
 from runtime.request import Limits
 from runtime.text.styles import StyleBook
@@ -183,19 +184,8 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A11
 
 
 def _refuse_img2img(req: Img2ImgRequest) -> None:
-    if req.initial_noise_multiplier not in (None, 1):
-        raise WireError("initial_noise_multiplier", f"a noise multiplier {_NOT_IMPLEMENTED} (send 1)")
     if req.latent_mask:
         raise WireError("latent_mask", f"a separate latent mask {_NOT_IMPLEMENTED}")
-    if req.mask:
-        if req.inpainting_fill != 1:
-            raise WireError("inpainting_fill", f"masked content mode {req.inpainting_fill} {_NOT_IMPLEMENTED}; "
-                                               "send 1 (original), which is what the pipeline does")
-        if req.inpaint_full_res:
-            raise WireError("inpaint_full_res", "inpainting 'only masked' (crop, upscale, paste back) "
-                                                f"{_NOT_IMPLEMENTED}; send false (whole picture)")
-        if not req.mask_round:
-            raise WireError("mask_round", "an unrounded (soft) mask is not implemented; send true")
 
 
 def check_override_settings(settings: dict[str, Any] | None, model_titles: tuple[str, ...]) -> None:
@@ -244,7 +234,9 @@ def _size(req: Txt2ImgRequest, limits: Limits) -> tuple[int, int]:
 # The request layer's fields (runtime/request.py PipelineError.field) under their A1111 wire names.
 FIELDS = {"scheduler": "sampler_name", "cache_interval": "sd_runtime.cache_interval",
           "cache_schedule": "sd_runtime.cache_schedule", "height": "height", "width": "width",
-          "num_images_per_prompt": "batch_size", "subseed": "subseed", "subseed_strength": "subseed_strength"}
+          "num_images_per_prompt": "batch_size", "subseed": "subseed", "subseed_strength": "subseed_strength",
+          "masked_content": "inpainting_fill", "padding_mask_crop": "inpaint_full_res_padding", "mask_blur": "mask_blur",
+          "soft_mask": "mask_round", "initial_noise_multiplier": "initial_noise_multiplier", "mask_image": "mask"}
 
 
 def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int) -> None:
@@ -330,15 +322,31 @@ def _images(req: Img2ImgRequest, width: int, height: int) -> tuple[str, Any, dic
         if mask.size != images[0].size:
             raise WireError("mask", f"the mask is {mask.width}x{mask.height} but init_images[0] is "
                                     f"{images[0].width}x{images[0].height}; they must have the same size")
-        blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x,
-                                                                                             req.mask_blur_y)
-        out["mask_image"] = prepare_mask(mask, invert=bool(req.inpainting_mask_invert), blur_x=blur_x, blur_y=blur_y)
+        out["mask_image"] = prepare_mask(mask, invert=bool(req.inpainting_mask_invert), round_alpha=req.mask_round)
+        out.update(_inpainting(req))
         mode = "inpaint"
+    if req.initial_noise_multiplier is not None:  # A1111: None is opts.initial_noise_multiplier, 1 by default
+        out["initial_noise_multiplier"] = float(req.initial_noise_multiplier)
     if len(images) == 1:
         return mode, req.prompt, out, req.batch_size
     if "mask_image" in out:
         out["mask_image"] = [out["mask_image"]] * len(images)
     return mode, [req.prompt] * len(images), out, 1
+
+
+def _inpainting(req: Img2ImgRequest) -> dict[str, Any]:
+    """A1111's inpainting fields as the pipeline's A1111 inpainting keywords (runtime/inpainting.py)."""
+    if not 0 <= req.inpainting_fill < len(MASKED_CONTENT):
+        raise WireError("inpainting_fill", f"{req.inpainting_fill}: send 0 (fill), 1 (original), 2 (latent noise) "
+                                           "or 3 (latent nothing)")
+    blur = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x, req.mask_blur_y)
+    for name, value in zip(("mask_blur_x", "mask_blur_y"), blur):
+        if value < 0:
+            raise WireError("mask_blur" if req.mask_blur is not None else name, f"{value}: send 0 or more pixels")
+    if req.inpaint_full_res and req.inpaint_full_res_padding < 0:
+        raise WireError("inpaint_full_res_padding", f"{req.inpaint_full_res_padding}: send 0 or more pixels")
+    return dict(masked_content=MASKED_CONTENT[req.inpainting_fill], mask_blur=blur, soft_mask=not req.mask_round,
+                padding_mask_crop=req.inpaint_full_res_padding if req.inpaint_full_res else None)
 
 
 def processed_info(req: Txt2ImgRequest, results: list[Any], infotexts: list[str], *, model_name: str,

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
+from runtime.inpainting import blur_mask  # A1111's mask blur (cv2.GaussianBlur), re-exported
+
 __all__ = ["WireError", "blur_mask", "decode_image", "encode_png", "prepare_mask"]
 
 MAX_PIXELS = 4096 * 4096  # a decoded image larger than this is refused before decoding
@@ -72,13 +74,17 @@ def encode_png(image: Image.Image, infotext: str | None = None) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def prepare_mask(mask: Image.Image, *, invert: bool, blur_x: int, blur_y: int) -> Image.Image:
-    """A1111's mask: the alpha channel of an RGBA mask that has transparency (> 128 = repaint), else
-    its luminance; inverted if asked; then Gaussian-blurred horizontally by `blur_x` and vertically
-    by `blur_y` (cv2.GaussianBlur with kernel size 2 * int(2.5 * sigma + 0.5) + 1). White repaints;
-    the pipeline binarizes at 0.5."""
+def prepare_mask(mask: Image.Image, *, invert: bool, blur_x: int = 0, blur_y: int = 0,
+                 round_alpha: bool = True) -> Image.Image:
+    """A1111's mask (processing.py `create_binary_mask`): the alpha channel of an RGBA mask that has
+    transparency (> 128 = repaint, or its grey levels when not `round_alpha`: A1111's mask_round
+    false), else its luminance; inverted if asked; then Gaussian-blurred horizontally by `blur_x` and
+    vertically by `blur_y` (cv2.GaussianBlur with kernel size 2 * int(2.5 * sigma + 0.5) + 1; the
+    server leaves the blur to the pipeline's `mask_blur`, runtime/inpainting.py). White repaints."""
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
-        mask = mask.split()[-1].convert("L").point(lambda x: 255 if x > 128 else 0)
+        mask = mask.split()[-1].convert("L")
+        if round_alpha:
+            mask = mask.point(lambda x: 255 if x > 128 else 0)
     else:
         mask = mask.convert("L")
     if invert:
@@ -89,21 +95,3 @@ def prepare_mask(mask: Image.Image, *, invert: bool, blur_x: int, blur_y: int) -
     if blur_y > 0:
         arr = np.round(blur_mask(arr, blur_y, axis=0))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
-
-
-def blur_mask(arr: np.ndarray, sigma: float, axis: int) -> np.ndarray:
-    """1-D Gaussian along `axis` as OpenCV's GaussianBlur: kernel size 2 * int(2.5 * sigma + 0.5) + 1,
-    weights exp(-x^2 / (2 sigma^2)) normalized to 1, border reflected without repeating the edge
-    (BORDER_REFLECT_101, numpy's "reflect")."""
-    radius = int(2.5 * sigma + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-(x * x) / (2.0 * sigma * sigma))
-    kernel /= kernel.sum()
-    n = arr.shape[axis]
-    pad = [(0, 0)] * arr.ndim
-    pad[axis] = (radius, radius)
-    padded = np.pad(arr, pad, mode="reflect" if n > 1 else "edge")
-    out = np.zeros_like(arr, dtype=np.float64)
-    for k, w in enumerate(kernel):
-        out += w * np.take(padded, np.arange(k, k + n), axis=axis)
-    return out
