@@ -31,7 +31,8 @@ import numpy as np
 
 from runtime.imaging import images as imgs
 from runtime import scheduler as sch
-from runtime import inpainting, stages
+from runtime import stages
+from runtime.imaging import inpainting
 from runtime.sampling import deepcache as caching
 from runtime.text import tokens as text
 from runtime.engines.registry import backend_module, close_all, network_options, open_engines_why, open_network
@@ -147,7 +148,7 @@ class Pipeline:
         prompt without them encodes exactly as before), "none" reads prompts literally. `vae_tiling`
         True (or a tile size in pixels) decodes and encodes in blended tiles, for big images in
         bounded memory (runtime/imaging/tiling.py); None tiles only where the folder's VAE cannot take
-        the size whole. Variation seeds (all three modes; A1111's, runtime/variation.py): `subseed_strength`
+        the size whole. Variation seeds (all three modes; A1111's, runtime/sampling/variation.py): `subseed_strength`
         in [0, 1] mixes the noise of `subseed` (an int gives image i subseed + i; a list one per image;
         None a random one) into the seed's by A1111's slerp, and a single `seed` is then every image's
         seed; `seed_resize_from` (height, width) draws the seed's noise at that size and pastes it
@@ -209,7 +210,7 @@ class Pipeline:
         of the image / of the masked image (the latter only used by the 9-channel U-Net). `subseed`,
         `subseed_strength`, `seed_resize_from`: as txt2img's (the VAE-encode noise stays the seed's).
 
-        A1111's inpainting (runtime/inpainting.py), taken when any of these is given: `masked_content`
+        A1111's inpainting (runtime/imaging/inpainting.py), taken when any of these is given: `masked_content`
         "fill" | "original" | "latent_noise" | "latent_nothing" (A1111's inpainting_fill 0-3);
         `padding_mask_crop` N: only masked (the mask's box plus N pixels, at the request's aspect
         ratio, generated at the request size and pasted back; diffusers' name); `mask_blur` (x, y)
@@ -394,7 +395,7 @@ class Pipeline:
         for r in requests:
             own = images[start:start + r.batch]
             start += r.batch
-            if r.inpainting is not None and r.output_type != "latent":  # A1111's overlay (runtime/inpainting.py)
+            if r.inpainting is not None and r.output_type != "latent":  # A1111's overlay (runtime/imaging/inpainting.py)
                 own = inpainting.composite(r, own)
             if r.output_type == "pil":
                 own = imgs.to_pil(own)

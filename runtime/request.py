@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime import inpainting
+from runtime.imaging import inpainting
 from runtime.imaging import images as imgs
 from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
@@ -29,7 +29,7 @@ from runtime.folder.networks import STEP_CACHE_NETWORKS
 from runtime.text.prompt_syntax import SYNTAXES
 from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
-from runtime.variation import Variation, make_variation
+from runtime.sampling.variation import Variation, make_variation
 
 if TYPE_CHECKING:
     from runtime.scheduler import Schedule
@@ -79,7 +79,7 @@ class Request:
     """One validated generation request. `seeds` has one entry per image; image i uses prompt
     i // images_per_prompt. `images` / `masks` (img2img, inpaint) are float32 arrays at the request
     size, one per prompt: images [H, W, 3] in [0, 1], masks [H, W] in {0, 1} (1 = repaint; grey levels
-    in [0, 1] under A1111's inpainting, `inpainting`, runtime/inpainting.py)."""
+    in [0, 1] under A1111's inpainting, `inpainting`, runtime/imaging/inpainting.py)."""
 
     mode: str
     prompts: tuple[str, ...]
@@ -104,11 +104,11 @@ class Request:
     cache_interval: int = 1  # step caching (runtime/sampling/deepcache.py): 1 = off
     cache_schedule: str = "uniform"
     prompt_syntax: str = "a1111"  # A1111 emphasis and BREAK where a prompt uses them; "none": literal
-    inpainting: inpainting.Inpainting | None = None  # A1111's inpainting (runtime/inpainting.py); None: diffusers'
+    inpainting: inpainting.Inpainting | None = None  # A1111's inpainting (runtime/imaging/inpainting.py); None: diffusers'
     initial_noise_multiplier: float = 1.0  # A1111's: the initial noise scaled by it (img2img, inpaint)
     vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/imaging/tiling.py); None: whole
     memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
-    variation: Variation | None = None  # variation seeds / seed resizing (runtime/variation.py); None: off
+    variation: Variation | None = None  # variation seeds / seed resizing (runtime/sampling/variation.py); None: off
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
@@ -290,7 +290,7 @@ def _strength(mode: str, strength: Any) -> float:
 def _load_images(images: list | None, masks: list | None, plan: inpainting.Inpainting | None, height: int,
                  width: int) -> tuple[tuple | None, tuple | None, inpainting.Inpainting | None]:
     """The request's images and masks as frozen arrays at its size: A1111's preparation under its
-    inpainting (runtime/inpainting.py), else loaded and resized (masks binarized)."""
+    inpainting (runtime/imaging/inpainting.py), else loaded and resized (masks binarized)."""
     if plan is not None:
         return inpainting.prepare(plan, images, masks, height, width)
     if images is not None:

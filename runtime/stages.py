@@ -15,7 +15,7 @@ this fixed order, float32 standard normals of shape [latent_channels, lh, lw]: (
 noise, (2) for img2img / inpaint the VAE-encode noise of the init image, (3) for the 9-channel
 inpainting U-Net the VAE-encode noise of the masked image. A draw is made even where an explicit
 array replaces it, so the later draws do not move. Variation seeds and seed resizing
-(runtime/variation.py) take their extra draws from separate generators (`PCG64(subseed)`, a fresh
+(runtime/sampling/variation.py) take their extra draws from separate generators (`PCG64(subseed)`, a fresh
 `PCG64(seed)`) and only replace draw (1), so this order stays as it is. Stochastic samplers then draw their step noise
 from the same generators, image by image (`BatchRNG`). The draws are NumPy's, never a backend's,
 so one seed gives the same image on every backend, alone or in any batch.
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime import inpainting as a1111_inpainting
+from runtime.imaging import inpainting as a1111_inpainting
 from runtime.imaging import images as imgs
 from runtime.text import prompt_syntax as ps
 from runtime import scheduler as sch
@@ -161,7 +161,7 @@ def initial_noise(request: "Request", latent_shape: tuple[int, int, int], inpain
         return np.array(explicit)
 
     noise = draw(request.noise, "latents" if request.mode == "txt2img" else "noise")
-    if request.variation is not None:  # variation seeds / seed resizing: runtime/variation.py
+    if request.variation is not None:  # variation seeds / seed resizing: runtime/sampling/variation.py
         noise = request.variation.noise(request.seeds, noise, request.height // latent_shape[1])
     encode = masked = None
     if request.mode != "txt2img":
@@ -215,7 +215,7 @@ def encode_images(vae_encoder: Engine | None, request: "Request", draws: Draws, 
     src = [i // request.images_per_prompt for i in range(request.batch)]  # image -> prompt index
     pixels = imgs.to_network(request.images)
     nine = request.mode == "inpaint" and inpainting_unet
-    if request.inpainting is not None:  # A1111's inpainting (runtime/inpainting.py)
+    if request.inpainting is not None:  # A1111's inpainting (runtime/imaging/inpainting.py)
         def encode(px: np.ndarray, eps: np.ndarray) -> np.ndarray:
             return _sample_latents(vae_encoder, px, src, eps, scaling_factor, tile, vae_scale_factor)
 

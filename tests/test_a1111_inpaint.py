@@ -1,4 +1,4 @@
-"""A1111's inpainting (runtime/inpainting.py): its crop-region, fill and latent-mask functions
+"""A1111's inpainting (runtime/imaging/inpainting.py): its crop-region, fill and latent-mask functions
 against A1111 v1.10's formulas (modules/masking.py, modules/processing.py) re-derived here, and the
 unchanged `webuiapi` client with its own defaults (inpainting_fill 0, inpaint_full_res true,
 mask_blur 4) for every masked-content mode, whole picture and only masked, on the 4-channel and the
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 import runtime
-from runtime import inpainting as ip
+from runtime.imaging import inpainting as ip
 from runtime.errors import PipelineError
 from runtime.serving.codec import blur_mask
 from test_serve_support import LiveServer, as_array, picture, sd1_pipe  # noqa: F401

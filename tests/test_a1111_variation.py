@@ -1,4 +1,4 @@
-"""Variation seeds and seed resizing (issue 28; runtime/variation.py), checked against
+"""Variation seeds and seed resizing (issue 28; runtime/sampling/variation.py), checked against
 AUTOMATIC1111 v1.10's formulas re-derived here: modules/rng.py `slerp` (per column along the height
 axis, with its linear fallback for near-parallel noises) and `ImageRNG.first`'s centred paste, and
 the seed lists of modules/processing.py `process_images_inner`. The noises are the runtime's
@@ -15,7 +15,7 @@ import torch
 from runtime import stages
 from runtime.errors import PipelineError
 from runtime.imaging import png_info
-from runtime.variation import slerp
+from runtime.sampling.variation import slerp
 from test_serve_support import LiveServer, as_array, pixels, picture, sd1_pipe  # noqa: F401
 
 STEPS = 3

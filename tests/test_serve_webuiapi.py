@@ -70,7 +70,7 @@ def test_webuiapi_inpaint_plain_unet(sd1, blur, invert):
                     width=64, height=64, cfg_scale=7.0, inpainting_fill=1, inpaint_full_res=False, mask_blur=blur,
                     inpainting_mask_invert=invert)
     mask = ImageOps.invert(_mask()) if invert else _mask()
-    # A1111's inpainting (runtime/inpainting.py): blur, latent mask and overlay as A1111 does them
+    # A1111's inpainting (runtime/imaging/inpainting.py): blur, latent mask and overlay as A1111 does them
     want = live.pipe.inpaint("a yellow star", image=init, mask_image=mask, strength=0.9, seed=33,
                              scheduler="euler_a", karras=False, masked_content="original", mask_blur=blur,
                              **SETTINGS).images[0]

@@ -106,7 +106,7 @@ def load_image(image, height: int, width: int, what: str = "image") -> np.ndarra
 
 def load_mask(mask, height: int, width: int, what: str = "mask_image", *, binary: bool = True) -> np.ndarray:
     """An accepted mask to a binary float32 [H, W] array at height x width: 1 = repaint, 0 = keep
-    (`binary=False`: its grey levels in [0, 1], for A1111's inpainting, runtime/inpainting.py)."""
+    (`binary=False`: its grey levels in [0, 1], for A1111's inpainting, runtime/imaging/inpainting.py)."""
     if isinstance(mask, Image.Image):
         arr = _as_float_hwc(_resize_pil(mask.convert("L"), height, width), what)[:, :, 0]
     else:

@@ -20,7 +20,7 @@ Fields we write: Steps, Sampler, Schedule type (runtime/sampling/names.py), CFG 
 Model hash (the first 10 hex digits of the source checkpoint's sha256, which is A1111's "Model
 hash" for a single-file checkpoint), Model, Denoising strength (img2img, inpaint), Eta DDIM (when
 not 0, A1111's key for DDIM's eta), CFG Rescale (when not 0, the key of the CFG-Rescale extension
-for A1111), Variation seed, Variation seed strength and Seed resize from (runtime/variation.py)
+for A1111), Variation seed, Variation seed strength and Seed resize from (runtime/sampling/variation.py)
 and Version. What an A1111 PNG carries and we cannot honour (Clip skip > 1, hires fix, other
 samplers; variation seeds, which the command line does not take) is reported by
 `settings_from_fields`, not silently dropped.
@@ -140,7 +140,7 @@ def infotext_from_parameters(params: Mapping[str, Any], *, seed: int | None = No
 
 def _variation_fields(params: Mapping[str, Any], subseed: int | None) -> dict[str, Any]:
     """A1111 create_infotext's "Variation seed", "Variation seed strength" (when the strength is not
-    0) and "Seed resize from" (width x height) of our parameters (runtime/variation.py)."""
+    0) and "Seed resize from" (width x height) of our parameters (runtime/sampling/variation.py)."""
     strength, resize = params.get("subseed_strength") or 0, params.get("seed_resize_from")
     return {"Variation seed": (subseed if subseed is not None else params["subseeds"][0]) if strength else None,
             "Variation seed strength": strength or None,

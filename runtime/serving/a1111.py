@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.errors import PipelineError
-from runtime.inpainting import MASKED_CONTENT  # A1111's inpainting_fill 0..3, by name
+from runtime.imaging.inpainting import MASKED_CONTENT  # A1111's inpainting_fill 0..3, by name
 from runtime.sampling import names as sampler_names
 from runtime.request import Limits
 from runtime.text.styles import StyleBook
@@ -335,7 +335,7 @@ def _images(req: Img2ImgRequest, width: int, height: int) -> tuple[str, Any, dic
 
 
 def _inpainting(req: Img2ImgRequest) -> dict[str, Any]:
-    """A1111's inpainting fields as the pipeline's A1111 inpainting keywords (runtime/inpainting.py)."""
+    """A1111's inpainting fields as the pipeline's A1111 inpainting keywords (runtime/imaging/inpainting.py)."""
     if not 0 <= req.inpainting_fill < len(MASKED_CONTENT):
         raise WireError("inpainting_fill", f"{req.inpainting_fill}: send 0 (fill), 1 (original), 2 (latent noise) "
                                            "or 3 (latent nothing)")

@@ -1,5 +1,5 @@
 """A1111's variation-seed fields on the wire (`subseed`, `subseed_strength`, `seed_resize_from_h/w`)
-as `Pipeline.request` keywords (runtime/variation.py), and their entries in the response's info.
+as `Pipeline.request` keywords (runtime/sampling/variation.py), and their entries in the response's info.
 
 Seeds follow A1111 v1.10 modules/processing.py `process_images_inner`: with a `subseed_strength`
 other than 0 every image of the request has the seed (`all_seeds = [seed + (x if strength == 0 else

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
-from runtime.inpainting import blur_mask  # A1111's mask blur (cv2.GaussianBlur), re-exported
+from runtime.imaging.inpainting import blur_mask  # A1111's mask blur (cv2.GaussianBlur), re-exported
 
 __all__ = ["WireError", "blur_mask", "decode_image", "encode_png", "prepare_mask"]
 
@@ -80,7 +80,7 @@ def prepare_mask(mask: Image.Image, *, invert: bool, blur_x: int = 0, blur_y: in
     transparency (> 128 = repaint, or its grey levels when not `round_alpha`: A1111's mask_round
     false), else its luminance; inverted if asked; then Gaussian-blurred horizontally by `blur_x` and
     vertically by `blur_y` (cv2.GaussianBlur with kernel size 2 * int(2.5 * sigma + 0.5) + 1; the
-    server leaves the blur to the pipeline's `mask_blur`, runtime/inpainting.py). White repaints."""
+    server leaves the blur to the pipeline's `mask_blur`, runtime/imaging/inpainting.py). White repaints."""
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
         mask = mask.split()[-1].convert("L")
         if round_alpha:
