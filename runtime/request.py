@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from runtime import hires as hires_fix
 from runtime.imaging import images as imgs
 from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
@@ -99,6 +100,7 @@ class Request:
     prompt_syntax: str = "a1111"  # A1111 emphasis and BREAK where a prompt uses them; "none": literal
     vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/imaging/tiling.py); None: whole
     memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
+    hires: Any = None  # txt2img's hires fix (runtime/hires.py HiresPass): a second, img2img pass
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: Any = field(default=None, repr=False)
@@ -122,7 +124,8 @@ class Request:
         """Requests with equal keys can share one engine batch."""
         return (self.mode, self.height, self.width, self.steps, self.guidance_scale, self.guidance_rescale,
                 self.sampler, self.karras, self.eta, self.strength, self.output_type, self.cache_interval,
-                self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks)
+                self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks,
+                None if self.hires is None else self.hires.key())
 
     def parameters(self) -> dict[str, Any]:
         """What reproduces the request (the result's `parameters`, the PNG metadata)."""
@@ -142,6 +145,8 @@ class Request:
             params["prompt_syntax"] = self.prompt_syntax
         if self.vae_tile is not None:
             params["vae_tile"] = self.vae_tile
+        if self.hires is not None:
+            params["hires"] = self.hires.parameters()
         return params
 
 
@@ -151,8 +156,10 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  seed: Any = None, num_images_per_prompt: Any = 1, eta: Any = 0.0, output_type: str = "pil",
                  image: Any = None, mask_image: Any = None, strength: Any = None, noise: Any = None,
                  encode_noise: Any = None, masked_encode_noise: Any = None, cache_interval: Any = 1,
-                 cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None) -> Request:
-    """Validate a request against `limits`; raise PipelineError naming the first problem."""
+                 cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None,
+                 hires: Any = None) -> Request:
+    """Validate a request against `limits`; raise PipelineError naming the first problem. `hires`
+    (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass."""
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if limits.inpainting_unet and mode != "inpaint":
@@ -188,7 +195,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     if masks is not None:
         masks = tuple(_frozen(imgs.load_mask(mk, height, width)) for mk in masks)
     shape = (batch, limits.latent_channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
-    return Request(
+    request = Request(
         mode=mode, prompts=prompts, negative_prompts=negatives, images_per_prompt=n_per, height=height, width=width,
         steps=steps, guidance_scale=scale, guidance_rescale=rescale, sampler=sampler, karras=karras, eta=eta,
         strength=strength, seeds=_seeds(seed, batch), output_type=output_type, images=images, masks=masks,
@@ -199,6 +206,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
         memory=memory,
     )
+    return request if hires is None else replace(request, hires=hires_fix.make_pass(limits, request, hires, vae_tiling))
 
 
 def check_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool) -> int | None:
