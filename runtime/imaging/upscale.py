@@ -7,7 +7,12 @@ NumPy, float32 operation for operation as PyTorch's CPU kernels compute it (aten
 UpSample.h `area_pixel_compute_source_index`, `guard_index_and_lambda`, `nearest_idx`,
 `get_cubic_upsample_coefficients`; cpu/UpSampleKernel.cpp `compute_indices_weights_*`, the generic
 `Interpolate` sum and, for antialias, `_compute_indices_min_size_weights_aa` applied width first,
-then height), so the latents equal torch's bit for bit (tests/test_a1111_hires.py checks every mode).
+then height), with the multiply-adds fused where the compiled kernels fuse them (`_fma`). The result
+equals torch 2.13's CPU output bit for bit for the nearest modes, antialiased bilinear upscaling and
+bilinear through torch's generic 2-D kernel (output height + width > 128, i.e. latents of 1024 px
+and up); elsewhere (bicubic, and torch's separable kernel for small bilinear outputs) it is within
+float32 rounding of it (tests/test_a1111_hires.py checks every mode against torch, exactly or at
+4e-6).
 
 Image upscalers (A1111 modules/upscaler.py `UpscalerNone`, `UpscalerLanczos`, `UpscalerNearest`)
 resize a PIL image; `upscale` is `Upscaler.upscale` and `resize_to` is images.py `resize_image`
