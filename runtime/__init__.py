@@ -11,7 +11,7 @@
 
 _LAZY = {
     "load": "runtime.pipeline", "Pipeline": "runtime.pipeline", "GenerationResult": "runtime.pipeline",
-    "GenerationCancelled": "runtime.pipeline", "Request": "runtime.request",
+    "GenerationCancelled": "runtime.pipeline", "Request": "runtime.request", "HiresFix": "runtime.hires",
     "SDRuntimeError": "runtime.errors", "PipelineError": "runtime.errors", "ManifestError": "runtime.errors",
     "BackendError": "runtime.errors", "EngineLoadError": "runtime.errors", "EngineInputError": "runtime.errors",
     "EngineRunError": "runtime.errors", "EngineClosedError": "runtime.errors", "ImageInputError": "runtime.errors",

@@ -82,10 +82,47 @@ def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", type=_vae_tiling, default=None, metavar="auto|on|off|PIXELS",
                    help="tiled VAE decode/encode: automatic above the folder's VAE size (default), forced on "
                         "(default tile), off, or on with tiles of PIXELS")
+    _hires_args(p)
     p.add_argument("-o", "--output", default=None, help="output PNG (default: COMMAND.png); "
                    "with several images, -0, -1, ... are added before the suffix")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _hires_args(p: argparse.ArgumentParser) -> None:
+    """txt2img's hires fix (runtime/hires.py; A1111's hr_* fields): any of these turns it on."""
+    g = p.add_argument_group("hires fix (txt2img: upscale, then img2img at the larger size, in one run)")
+    g.add_argument("--hr-scale", type=float, default=None, help="upscale factor (default 2 when another --hr-* is given)")
+    g.add_argument("--hr-resize", default=None, metavar="WxH", help="target size instead of --hr-scale (0 keeps the "
+                   "aspect ratio: 1024x0)")
+    g.add_argument("--hr-upscaler", default=None, help="Latent (default), Latent (antialiased|bicubic|bicubic "
+                   "antialiased|nearest|nearest-exact), Lanczos, Nearest or None")
+    g.add_argument("--hr-steps", type=int, default=None, help="second-pass steps (default 0: the first pass's)")
+    g.add_argument("--hr-strength", type=float, default=None, help="second-pass denoising strength (default 0.7)")
+    g.add_argument("--hr-scheduler", default=None, help="second-pass sampler (default: the first pass's)")
+    g.add_argument("--hr-prompt", default=None, help="second-pass prompt (default: the prompt)")
+
+
+def hires_from_args(args: argparse.Namespace) -> Any:
+    """The HiresFix of the --hr-* flags, or None when none is given."""
+    from runtime.hires import HiresFix
+
+    names = ("hr_scale", "hr_resize", "hr_upscaler", "hr_steps", "hr_strength", "hr_scheduler", "hr_prompt")
+    if all(getattr(args, n, None) is None for n in names):
+        return None
+    if args.command != "txt2img":
+        raise ValueError("the --hr-* flags (hires fix) apply to txt2img only")
+    settings: dict[str, Any] = {}
+    if args.hr_resize is not None:
+        w, _, h = args.hr_resize.lower().partition("x")
+        if not (w.isdigit() and h.isdigit()):
+            raise ValueError(f"--hr-resize: expected WxH in pixels (0 for one side keeps the aspect); got {args.hr_resize!r}")
+        settings["resize_width"], settings["resize_height"] = int(w), int(h)
+    for arg, name in (("hr_scale", "scale"), ("hr_upscaler", "upscaler"), ("hr_steps", "steps"),
+                      ("hr_strength", "strength"), ("hr_scheduler", "scheduler"), ("hr_prompt", "prompt")):
+        if getattr(args, arg) is not None:
+            settings[name] = getattr(args, arg)
+    return HiresFix(**settings)
 
 
 def _vae_tiling(text: str) -> bool | int | None:
@@ -247,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "txt2img" and args.strength is not None:
         raise ValueError("--strength applies to img2img and inpaint only")
 
+    hires = hires_from_args(args)  # before load: a bad flag opens nothing
     pipe = load(args.engine_dir, backend=args.backend)
     kwargs: dict[str, Any] = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                                   scheduler=args.scheduler, karras=args.karras, seed=args.seed, output_type="pil",
@@ -259,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
             kwargs[name] = getattr(args, arg)
     with pipe:
         if args.command == "txt2img":
-            result = pipe.txt2img(args.prompt, **kwargs)
+            result = pipe.txt2img(args.prompt, **kwargs, **({"hires": hires} if hires is not None else {}))
         elif args.command == "img2img":
             result = pipe.img2img(args.prompt, _open_image(args.image, "--image"), **kwargs)
         else:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from runtime.imaging import images as imgs
+from runtime import hires as hires_fix
 from runtime import scheduler as sch
 from runtime import stages
 from runtime.imaging import inpainting
@@ -138,7 +139,8 @@ class Pipeline:
                 eta: float = 0.0, output_type: str = "pil", callback: Callback | None = None,
                 progress: bool = True, cache_interval: int = 1, cache_schedule: str = "uniform",
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
-                subseed_strength: float = 0.0, seed_resize_from=None) -> GenerationResult:
+                subseed_strength: float = 0.0, seed_resize_from=None,
+                hires: hires_fix.HiresFix | None = None) -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
@@ -152,14 +154,16 @@ class Pipeline:
         in [0, 1] mixes the noise of `subseed` (an int gives image i subseed + i; a list one per image;
         None a random one) into the seed's by A1111's slerp, and a single `seed` is then every image's
         seed; `seed_resize_from` (height, width) draws the seed's noise at that size and pastes it
-        centred. Strength 0 without a resize changes nothing."""
+        centred. Strength 0 without a resize changes nothing. `hires` (a `HiresFix`) adds A1111's
+        hires fix: the image is upscaled and denoised again as img2img at the larger size, in this
+        one call (runtime/hires.py)."""
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
                                num_images_per_prompt=num_images_per_prompt, eta=eta, output_type=output_type,
                                noise=latents, cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
-                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from)
+                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, hires=hires)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
@@ -235,12 +239,25 @@ class Pipeline:
         limits (its memory estimate included), its sampler schedule built (so steps x strength
         leaving no step, or Karras sigmas for a sampler without them, fail here) and its prompts
         tokenized (the chunk count is part of `batch_key()`). Nothing downstream recomputes these."""
-        r = make_request(self.limits, mode, prompt, **settings)
+        r = self._prepare_request(make_request(self.limits, mode, prompt, **settings))
+        if r.hires is not None:  # the hires fix's second pass: its own schedule (and prompts' tokens)
+            hr = r.hires.request
+            try:
+                hr = self._prepare_request(hr, tokens=r.tokens if hr.prompts == r.prompts and
+                                           hr.negative_prompts == r.negative_prompts else None)
+            except PipelineError as e:
+                raise PipelineError(f"hires: {e}", field="hires.scheduler") from e
+            r = dataclasses.replace(r, hires=dataclasses.replace(r.hires, request=hr))
+        return r
+
+    def _prepare_request(self, r: Request, tokens: Any = None) -> Request:
         try:
             schedule = sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength,
                                          karras=r.karras, prediction_type=self.manifest.prediction_type)
         except sch.SchedulerError as e:
             raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e
+        if tokens is not None:
+            return dataclasses.replace(r, tokens=tokens, schedule=schedule)
         with self._tokenizer_lock:
             tokens = stages.tokenize_prompts(self.tokenizer, r.prompts, r.negative_prompts, guided=r.guided,
                                              max_length=self.manifest.dims.text_max_length, syntax=r.prompt_syntax,
@@ -265,7 +282,11 @@ class Pipeline:
         t_start = time.perf_counter()
         prepared = self._prepare(requests, timings)
         latents = self._denoise(prepared, callbacks, should_stop, progress, timings)
-        images = self._decode(latents, requests[0], timings)
+        final = requests[0]
+        if final.hires is not None:  # equal batch keys: every request has the same hires pass
+            latents = hires_fix.second_pass(self, prepared, latents, callbacks, should_stop, progress, timings)
+            final = final.hires.request
+        images = self._decode(latents, final, timings)
         timings["total"] = time.perf_counter() - t_start
         return self._results(requests, images, timings)
 

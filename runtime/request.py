@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from runtime import hires as hires_fix
 from runtime.imaging import inpainting
 from runtime.imaging import images as imgs
 from runtime.sampling.deepcache import SCHEDULES
@@ -109,6 +110,7 @@ class Request:
     vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/imaging/tiling.py); None: whole
     memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
     variation: Variation | None = None  # variation seeds / seed resizing (runtime/sampling/variation.py); None: off
+    hires: Any = None  # txt2img's hires fix (runtime/hires.py HiresPass): a second, img2img pass
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
@@ -133,7 +135,8 @@ class Request:
         return (self.mode, self.height, self.width, self.steps, self.guidance_scale, self.guidance_rescale,
                 self.sampler, self.karras, self.eta, self.strength, self.output_type, self.cache_interval,
                 self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks,
-                None if self.inpainting is None else self.inpainting.key(), self.initial_noise_multiplier)
+                None if self.inpainting is None else self.inpainting.key(), self.initial_noise_multiplier,
+                None if self.hires is None else self.hires.key())
 
     def parameters(self) -> dict[str, Any]:
         """What reproduces the request (the result's `parameters`, the PNG metadata)."""
@@ -159,6 +162,8 @@ class Request:
             params.update(self.inpainting.parameters())
         if self.initial_noise_multiplier != 1.0:
             params["initial_noise_multiplier"] = self.initial_noise_multiplier
+        if self.hires is not None:
+            params["hires"] = self.hires.parameters()
         return params
 
 
@@ -171,8 +176,9 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None,
                  subseed: Any = None, subseed_strength: Any = 0.0, seed_resize_from: Any = None,
                  masked_content: Any = None, padding_mask_crop: Any = None, mask_blur: Any = 0, soft_mask: Any = False,
-                 overlay: Any = None, initial_noise_multiplier: Any = 1.0) -> Request:
-    """Validate a request against `limits`; raise PipelineError naming the first problem."""
+                 overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None) -> Request:
+    """Validate a request against `limits`; raise PipelineError naming the first problem. `hires`
+    (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass."""
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if limits.inpainting_unet and mode != "inpaint":
@@ -213,7 +219,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     if variation is not None and noise is not None:
         raise PipelineError("explicit latents / noise replace the seeded initial noise, which variation seeds and "
                             "seed_resize_from make: send one or the other", field="subseed_strength")
-    return Request(
+    request = Request(
         mode=mode, prompts=prompts, negative_prompts=negatives, images_per_prompt=n_per, height=height, width=width,
         steps=steps, guidance_scale=scale, guidance_rescale=rescale, sampler=sampler, karras=karras, eta=eta,
         strength=strength, seeds=seeds, output_type=output_type, images=images, masks=masks,
@@ -224,6 +230,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
         memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult,
     )
+    return request if hires is None else replace(request, hires=hires_fix.make_pass(limits, request, hires, vae_tiling))
 
 
 def check_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool) -> int | None:

@@ -135,6 +135,8 @@ def infotext_from_parameters(params: Mapping[str, Any], *, seed: int | None = No
         "Eta DDIM": params.get("eta") or None, "CFG Rescale": params.get("guidance_rescale") or None,
         "Version": VERSION,
     }
+    if params.get("hires"):  # A1111's hires-fix fields (runtime/hires.py infotext_fields)
+        fields = {**{k: v for k, v in fields.items() if k != "Version"}, **hires_infotext(params), "Version": VERSION}
     return format_infotext(prompt, negative, fields)
 
 
@@ -170,3 +172,14 @@ def settings_from_fields(fields: Mapping[str, str]) -> tuple[dict[str, Any], lis
     # e.g. "Eta" (the ancestral samplers' eta; ours is fixed at 1), "Clip skip: 2", "Hires upscale"
     ignored = [f"{k}: {v}" for k, v in fields.items() if k not in _KNOWN and _DEFAULTS.get(k) != v]
     return out, ignored
+
+
+def hires_infotext(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A1111's infotext fields of a hires-fix image (processing.py StableDiffusionProcessingTxt2Img
+    init / calculate_target_resolution): Denoising strength (the second pass's), Hires upscale or
+    Hires resize, Hires steps, Hires upscaler."""
+    hires = params["hires"]
+    size = ({"Hires upscale": hires["scale"]} if "scale" in hires
+            else {"Hires resize": f"{hires['resize_width']}x{hires['resize_height']}"})
+    return {"Denoising strength": hires["strength"], **size, "Hires steps": hires["steps"],
+            "Hires upscaler": hires["upscaler"]}

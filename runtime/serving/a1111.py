@@ -30,6 +30,7 @@ from runtime.request import Limits
 from runtime.text.styles import StyleBook
 
 from . import a1111_variation as variation
+from . import hires_wire
 from .codec import WireError, decode_image, prepare_mask
 
 __all__ = ["Extension", "Img2ImgRequest", "ImageResponse", "ProgressResponse", "Txt2ImgRequest", "job_settings"]
@@ -167,9 +168,6 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A11
         ("s_noise", req.s_noise in (None, 1), f"s_noise {_NOT_IMPLEMENTED} (send 1)"),
         ("refiner_checkpoint", req.refiner_checkpoint in (None, "", "None"), f"a refiner {_NOT_IMPLEMENTED}"),
         ("firstpass_image", not req.firstpass_image, f"firstpass_image {_NOT_IMPLEMENTED}"),
-        ("enable_hr", not req.enable_hr, f"hires fix {_NOT_IMPLEMENTED}"),
-        ("firstphase_width", req.firstphase_width == 0, "firstphase_width changes the size; send 0"),
-        ("firstphase_height", req.firstphase_height == 0, "firstphase_height changes the size; send 0"),
         ("script_name", not req.script_name, f"scripts are not available on this server ({req.script_name!r})"),
         ("save_images", not req.save_images, "this server writes no files; send false"),
         ("infotext", not req.infotext, f"infotext {_NOT_IMPLEMENTED}; send the settings as fields"),
@@ -236,7 +234,8 @@ FIELDS = {"scheduler": "sampler_name", "cache_interval": "sd_runtime.cache_inter
           "cache_schedule": "sd_runtime.cache_schedule", "height": "height", "width": "width",
           "num_images_per_prompt": "batch_size", "subseed": "subseed", "subseed_strength": "subseed_strength",
           "masked_content": "inpainting_fill", "padding_mask_crop": "inpaint_full_res_padding", "mask_blur": "mask_blur",
-          "soft_mask": "mask_round", "initial_noise_multiplier": "initial_noise_multiplier", "mask_image": "mask"}
+          "soft_mask": "mask_round", "initial_noise_multiplier": "initial_noise_multiplier", "mask_image": "mask",
+          **hires_wire.FIELDS}
 
 
 def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int) -> None:
@@ -272,7 +271,7 @@ def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_i
     _refuse_unsupported(req)
     req = _styled(req, styles)
     sampler, karras = _sampler(req, limits)
-    width, height = _size(req, limits)
+    width, height = hires_wire.first_pass_size(req, _size(req, limits), img2img=isinstance(req, Img2ImgRequest))
     _counts(req, limits, max_steps, max_n_iter)
     base = dict(negative_prompt=req.negative_prompt, height=height, width=width, num_inference_steps=req.steps,
                 guidance_scale=float(req.cfg_scale), scheduler=sampler, karras=karras, eta=_eta(req, sampler),
@@ -281,6 +280,8 @@ def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_i
     if isinstance(req, Img2ImgRequest):
         mode, prompt, images, per_prompt = _images(req, width, height)
         base["strength"] = float(req.denoising_strength)
+    elif req.enable_hr:
+        base["hires"] = hires_wire.hires_fix(req)
     seed = secrets.randbits(32) if req.seed == -1 else req.seed
     n = per_prompt * (len(prompt) if isinstance(prompt, list) else 1)
     return mode, [dict(base, **images, prompt=prompt, num_images_per_prompt=per_prompt, **seeds)
@@ -365,8 +366,10 @@ def processed_info(req: Txt2ImgRequest, results: list[Any], infotexts: list[str]
         "sampler_name": sampler, "cfg_scale": first["guidance_scale"], "steps": first["steps"],
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None,
-        "denoising_strength": first.get("strength") if first.get("mode") != "txt2img" else None,
-        "extra_generation_params": {"Schedule type": schedule}, "index_of_first_image": 0,
+        "denoising_strength": (first.get("strength") if first.get("mode") != "txt2img"
+                               else first.get("hires", {}).get("strength")),
+        "extra_generation_params": {"Schedule type": schedule, **hires_wire.extra_params(first)},
+        "index_of_first_image": 0,
         "infotexts": infotexts, "styles": req.styles or [], "job_timestamp": extra.pop("job_timestamp", ""),
         "clip_skip": 1,
         "is_using_inpainting_conditioning": inpainting, "version": "sd-runtime",

@@ -27,7 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from runtime.imaging import png_info
 from runtime.sampling import names as sampler_names
 
-from . import a1111, openai
+from . import a1111, extras, openai
 from .codec import WireError, encode_png
 from .service import ServeError, Service, now_stamp, wire_error
 
@@ -140,6 +140,7 @@ def create_app(service: Service) -> FastAPI:
     _a1111_routes(app, service)
     _info_routes(app, service)
     _other_routes(app, service)
+    extras.add_routes(app, service)  # /upscalers, /latent-upscale-modes, /extra-single-image
     if service.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(service.config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
