@@ -154,21 +154,22 @@ class ProgressResponse(BaseModel):
 
 # --- fields we accept only at values that cannot change the image -----------------------------------------
 
-_HIRES = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
-          "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 _NOT_IMPLEMENTED = "is not implemented by this server"
 
 
 def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A1111 field, in A1111's order
     checks = [
-        ("restore_faces", not req.restore_faces, f"face restoration {_NOT_IMPLEMENTED}"),
-        ("tiling", not req.tiling, f"tiling {_NOT_IMPLEMENTED}"),
+        ("restore_faces", not req.restore_faces, f"face restoration {_NOT_IMPLEMENTED} (it needs weights we do "
+                                                 "not ship); send false"),
+        ("tiling", not req.tiling, f"tiling {_NOT_IMPLEMENTED}; send false"),
         ("s_min_uncond", req.s_min_uncond in (None, 0), f"s_min_uncond {_NOT_IMPLEMENTED} (send 0)"),
         ("s_churn", req.s_churn in (None, 0), f"s_churn {_NOT_IMPLEMENTED} (send 0)"),
         ("s_noise", req.s_noise in (None, 1), f"s_noise {_NOT_IMPLEMENTED} (send 1)"),
-        ("refiner_checkpoint", req.refiner_checkpoint in (None, "", "None"), f"a refiner {_NOT_IMPLEMENTED}"),
-        ("firstpass_image", not req.firstpass_image, f"firstpass_image {_NOT_IMPLEMENTED}"),
-        ("script_name", not req.script_name, f"scripts are not available on this server ({req.script_name!r})"),
+        ("refiner_checkpoint", req.refiner_checkpoint in (None, "", "None"),
+         f"a refiner {_NOT_IMPLEMENTED}; send null"),
+        ("firstpass_image", not req.firstpass_image, f"firstpass_image {_NOT_IMPLEMENTED}; send null"),
+        ("script_name", not req.script_name,
+         f"scripts are not available on this server ({req.script_name!r}); send null"),
         ("save_images", not req.save_images, "this server writes no files; send false"),
         ("infotext", not req.infotext, f"infotext {_NOT_IMPLEMENTED}; send the settings as fields"),
     ]
@@ -176,14 +177,15 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A11
         if not ok:
             raise WireError(name, message)
     for name in req.alwayson_scripts or {}:
-        raise WireError(f"alwayson_scripts.{name}", "scripts are not available on this server")
+        raise WireError(f"alwayson_scripts.{name}", "scripts are not available on this server; send {}")
     if isinstance(req, Img2ImgRequest):
         _refuse_img2img(req)
 
 
 def _refuse_img2img(req: Img2ImgRequest) -> None:
     if req.latent_mask:
-        raise WireError("latent_mask", f"a separate latent mask {_NOT_IMPLEMENTED}")
+        raise WireError("latent_mask", f"a separate latent mask {_NOT_IMPLEMENTED}; send null (the mask serves as "
+                                       "the latent mask, as in A1111)")
 
 
 def check_override_settings(settings: dict[str, Any] | None, model_titles: tuple[str, ...]) -> None:
