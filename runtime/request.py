@@ -24,7 +24,7 @@ from runtime.imaging import images as imgs
 from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
 from runtime.folder.manifest import Manifest
-from runtime.folder.networks import STEP_CACHE_NETWORKS
+from runtime.folder.networks import STEP_CACHE_NETWORKS, TILING_NETWORKS
 from runtime.text.prompt_syntax import SYNTAXES
 from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
@@ -53,6 +53,7 @@ class Limits:
     vae_max_image: int | None = None  # the largest side the VAE graphs take whole (manifest shapes "vae_max_image")
     memory: MemoryModel | None = None  # runtime/memory.py: the folder's memory estimate (None: no check)
     max_memory: int | None = None  # bytes a request's estimate may reach (None: no limit)
+    tiling: bool = False  # the folder has the circular-padded graphs (build-engine --tiling)
 
     @classmethod
     def from_manifest(cls, m: Manifest, default_sampler: str, samplers: tuple[str, ...]) -> "Limits":
@@ -65,7 +66,8 @@ class Limits:
                    latent_channels=m.dims.latent_channels, default_size=default,
                    inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1, default_sampler=default_sampler,
                    samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS),
-                   vae_max_image=m.shapes.get("vae_max_image", hi))
+                   vae_max_image=m.shapes.get("vae_max_image", hi),
+                   tiling=all(n in m.networks for n in TILING_NETWORKS))
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,6 +100,7 @@ class Request:
     cache_schedule: str = "uniform"
     prompt_syntax: str = "a1111"  # A1111 emphasis and BREAK where a prompt uses them; "none": literal
     vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/imaging/tiling.py); None: whole
+    tiling: bool = False  # seamless textures: the circular-padded graphs (runtime/folder/networks.py TILING_NETWORKS)
     memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
@@ -122,7 +125,7 @@ class Request:
         """Requests with equal keys can share one engine batch."""
         return (self.mode, self.height, self.width, self.steps, self.guidance_scale, self.guidance_rescale,
                 self.sampler, self.karras, self.eta, self.strength, self.output_type, self.cache_interval,
-                self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks)
+                self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks, self.tiling)
 
     def parameters(self) -> dict[str, Any]:
         """What reproduces the request (the result's `parameters`, the PNG metadata)."""
@@ -142,6 +145,8 @@ class Request:
             params["prompt_syntax"] = self.prompt_syntax
         if self.vae_tile is not None:
             params["vae_tile"] = self.vae_tile
+        if self.tiling:
+            params["tiling"] = True
         return params
 
 
@@ -151,7 +156,8 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  seed: Any = None, num_images_per_prompt: Any = 1, eta: Any = 0.0, output_type: str = "pil",
                  image: Any = None, mask_image: Any = None, strength: Any = None, noise: Any = None,
                  encode_noise: Any = None, masked_encode_noise: Any = None, cache_interval: Any = 1,
-                 cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None) -> Request:
+                 cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None,
+                 tiling: Any = False) -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem."""
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -182,6 +188,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     images, masks, (dh, dw) = _images(limits, mode, image, mask_image, len(prompts))
     height, width = _size(limits, dh if height is None else height, dw if width is None else width)
     tile = _vae_tile(limits, vae_tiling, height, width)
+    tiling = _tiling(limits, tiling, interval, tile)
     memory = check_memory(limits, batch, height, width, guided=scale > 1.0, encodes=mode != "txt2img")
     if images is not None:
         images = tuple(_frozen(imgs.load_image(im, height, width)) for im in images)
@@ -197,7 +204,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         masked_encode_noise=(_explicit(masked_encode_noise, shape, "masked_encode_noise")
                              if mode == "inpaint" and limits.inpainting_unet else None),
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
-        memory=memory,
+        memory=memory, tiling=tiling,
     )
 
 
@@ -277,6 +284,23 @@ def _vae_tile(limits: Limits, vae_tiling: Any, height: int, width: int) -> int |
     if pixels % s or pixels < 4 * s:
         raise PipelineError(f"vae_tiling: a tile of {pixels} pixels must be a multiple of {s} and at least {4 * s}")
     return pixels // s
+
+
+def _tiling(limits: Limits, tiling: Any, cache_interval: int, vae_tile: int | None) -> bool:
+    """Whether the request runs the circular-padded graphs (A1111's `tiling`: seamless textures)."""
+    if tiling not in (True, False):
+        raise PipelineError(f"tiling must be True or False; got {tiling!r}", field="tiling")
+    if not tiling:
+        return False
+    if not limits.tiling:
+        raise PipelineError("tiling needs the circular-padded graphs (unet_tiled, vae_decoder_tiled, vae_encoder_tiled), "
+                            "which this engine folder lacks: rebuild it with build-engine --tiling", field="tiling")
+    if cache_interval > 1:
+        raise PipelineError("tiling has no step-cache graphs: send cache_interval 1 with tiling", field="tiling")
+    if vae_tile is not None:
+        raise PipelineError("tiling wraps the whole image around; a VAE decoded in tiles cannot: send vae_tiling False "
+                            "(or a size the folder's VAE takes whole) with tiling", field="tiling")
+    return True
 
 
 def _cache(limits: Limits, interval: Any, schedule: str) -> int:
