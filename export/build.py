@@ -10,6 +10,7 @@ manifest already matches the request (source sha256, precision, shape range, pre
 versions, every file's sha256) is reused as is unless `force=True`. `--quantize int8` adds an int8
 U-Net for the OpenVINO engine (export/quantize.py); asked of an up-to-date folder, it quantizes in
 place without exporting again, and a later build without `--quantize` removes it again.
+`--tiling` adds the circular-padded graphs (export/circular.py) beside the U-Net and the VAE.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from export.adapters import Adapters, adapters as parse_adapters, comparable
 from export.hashing import file_sha256, tree_sha256
 from runtime.engines.ov_cache import pid_alive
 from runtime.folder.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
-from runtime.folder.networks import NETWORKS, PRECISIONS
+from runtime.folder.networks import NETWORKS, PRECISIONS, TILING_NETWORKS
 
 Progress = Callable[[str], Any]
 # Whether folders get the step-cache U-Nets (unet_deep, unet_shallow) unless told (--step-cache).
@@ -128,7 +129,8 @@ def _same_source(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
 
 
 def _reuse_problem(out_dir: Path, identity: dict[str, Any], precision: str, shapes: dict[str, int],
-                   tools: dict[str, str], tensorrt: bool, cache_branch: int | None = None) -> str | None:
+                   tools: dict[str, str], tensorrt: bool, cache_branch: int | None = None,
+                   tiling: bool = False) -> str | None:
     """Why the folder at `out_dir` cannot serve this request, or None if it can as it is."""
     try:
         manifest = load_manifest(out_dir)
@@ -149,6 +151,9 @@ def _reuse_problem(out_dir: Path, identity: dict[str, Any], precision: str, shap
     if have_branch != cache_branch:
         return (f"step cache: the folder has {'none' if have_branch is None else f'branch {have_branch}'}, "
                 f"the request {'none' if cache_branch is None else f'branch {cache_branch}'}")
+    if all(n in manifest.networks for n in TILING_NETWORKS) != tiling:
+        return f"tiling: the folder has {'no ' if tiling else ''}circular-padded graphs, the request " \
+               f"{'asks for them' if tiling else 'none'}"
     if tensorrt and "tensorrt" not in manifest.backends:
         return "it has no TensorRT plans"
     try:
@@ -222,7 +227,7 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
                  prediction_type: str | None = None, seed: int = 0, quantize: str | None = None,
                  force: bool = False, progress: Progress = print, backend: str | None = None,
                  loras: Sequence[Any] = (), embeddings: Sequence[Any] = (), step_cache: bool = STEP_CACHE_DEFAULT,
-                 cache_branch: int = 0) -> Path:
+                 cache_branch: int = 0, tiling: bool = False) -> Path:
     """Build (or reuse) the engine folder `out_dir` for `source`; return its path.
 
     Every folder runs on every CPU backend (OpenVINO, ONNX Runtime, the PyTorch reference): the
@@ -233,7 +238,9 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     ("FILE[:SCALE]" or (path, scale)) are merged and `embeddings` ("FILE[:TOKEN]" or (path, token))
     added before export (export/adapters.py); their files' sha256 join the reuse key. `step_cache`
     adds the DeepCache U-Nets unet_deep and unet_shallow for skip `cache_branch` (0: the shallowest;
-    export/unet.py `cache_split`), sharing the unet's weights file (runtime/sampling/deepcache.py runs them). Raises
+    export/unet.py `cache_split`), sharing the unet's weights file (runtime/sampling/deepcache.py runs them).
+    `tiling` adds unet_tiled, vae_decoder_tiled and vae_encoder_tiled: circular padding for seamless
+    textures (A1111's `tiling`; export/circular.py), each sharing its base network's weights file. Raises
     `BuildError`, `CheckpointError` (source), `ParityError` (a graph differs from PyTorch),
     `QuantizeError` or the TensorRT builder's error; `out_dir` is then left as it was."""
     tensorrt = _deprecated_backend(backend, tensorrt, progress)
@@ -250,7 +257,7 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     plan = _plan(source, out_dir, seed, prediction_type, sizes, progress, parse_adapters(loras, embeddings))
     if plan.existing is not None or (out_dir / MANIFEST_NAME).is_file():
         problem = "--force given" if force else _reuse_problem(out_dir, plan.identity, precision, plan.shapes,
-                                                               plan.tools, tensorrt, branch)
+                                                               plan.tools, tensorrt, branch, bool(tiling))
         if problem is None:
             if _update_quantization(out_dir, quantize, progress):
                 progress(f"updated {out_dir} in {time.perf_counter() - start:.1f} s")
@@ -259,7 +266,7 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
                          "tools and every file's sha256); nothing to do")
             return out_dir
         progress(f"rebuilding {out_dir}: {problem}")
-    _build_into(out_dir, plan, precision, quantize, tensorrt, prediction_type, progress, branch)
+    _build_into(out_dir, plan, precision, quantize, tensorrt, prediction_type, progress, branch, bool(tiling))
     what = f"{precision}{', ' + quantize + ' U-Net' if quantize else ''}{', TensorRT plans' if tensorrt else ''}"
     progress(f"built {out_dir} ({what}) in {time.perf_counter() - start:.1f} s")
     return out_dir
@@ -352,7 +359,8 @@ def _plan(source: str | os.PathLike, out_dir: Path, seed: int, prediction_type: 
 
 
 def _build_into(out_dir: Path, plan: _Plan, precision: str, quantize: str | None, tensorrt: bool,
-                prediction_type: str | None, progress: Progress, cache_branch: int | None = None) -> None:
+                prediction_type: str | None, progress: Progress, cache_branch: int | None = None,
+                tiling: bool = False) -> None:
     """Export everything into a temporary sibling folder, then swap it in atomically."""
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -365,7 +373,7 @@ def _build_into(out_dir: Path, plan: _Plan, precision: str, quantize: str | None
         model = plan.adapters.apply(model, progress)
         _check_shapes(model.spec, plan.shapes)
         manifest = plan.adapters.annotate(_export_all(model, plan.identity, tmp, precision, plan.shapes, plan.tools,
-                                                      progress, cache_branch))
+                                                      progress, cache_branch, tiling))
         del model
         gc.collect()
         if quantize is not None:
@@ -400,7 +408,8 @@ def network_precision(spec: Any, network: str, precision: str) -> str:
 
 
 def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: str, shapes: dict[str, int],
-                tools: dict[str, str], progress: Progress, cache_branch: int | None = None) -> Manifest:
+                tools: dict[str, str], progress: Progress, cache_branch: int | None = None,
+                tiling: bool = False) -> Manifest:
     from export.onnx_export import default_parity_shapes, export_network, step_cache_dims
 
     spec = model.spec
@@ -424,6 +433,8 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
     if cache_branch is not None:
         networks.update(_export_step_cache(model, folder, networks["unet"], precision, parity_shapes, cache_branch,
                                            progress))
+    if tiling:
+        networks.update(_export_tiling(model, folder, networks, precision, parity_shapes, progress))
     tok_dir = folder / "tokenizer"
     tok_dir.mkdir()
     tok_files = {}
@@ -462,6 +473,31 @@ def _export_step_cache(model: Any, folder: Path, unet_entry: dict[str, Any], pre
         entries[name] = {"file": r.file, "precision": graph_precision, "sha256": file_sha256(folder / r.file),
                          "parity": {**r.parity, "step_cache": check}, "export_seconds": round(r.seconds, 2),
                          "branch": branch, **shared, **result.sizes[name]}
+    return entries
+
+
+def _export_tiling(model: Any, folder: Path, networks: dict[str, dict[str, Any]], precision: str, parity_shapes: Any,
+                   progress: Progress) -> dict[str, dict[str, Any]]:
+    """unet_tiled, vae_decoder_tiled and vae_encoder_tiled (export/circular.py `export_tiling`),
+    each sharing its base network's weights file; returns their manifest entries and those of the
+    networks whose files were rewritten (updated), each with its graph and weights sizes in bytes."""
+    from export.circular import export_tiling
+
+    with _stage(progress, "exporting unet_tiled, vae_decoder_tiled, vae_encoder_tiled (circular padding)"):
+        result = export_tiling(model, folder, precision_of=lambda n: network_precision(model.spec, n, precision),
+                               parity_shapes=parity_shapes)
+    entries = {}
+    for name, sizes in result.sizes.items():
+        data = result.data_files[name]
+        r = result.results.get(name)
+        entry = networks[name] if r is None else {
+            "file": r.file, "precision": r.precision, "parity": r.parity, "export_seconds": round(r.seconds, 2),
+            "tiling": True}
+        entries[name] = {**entry, "sha256": file_sha256(folder / entry["file"]), "external_data": data,
+                         "external_data_sha256": file_sha256(folder / data), **sizes}
+        if r is not None:
+            progress(f"  {name}: parity vs PyTorch fp32 with circular padding: relative {r.parity['rel']:.3g} "
+                     f"(threshold {r.parity['threshold']:g}); on the final file {r.parity['final_file']['rel']:.3g}")
     return entries
 
 

@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
     parser.add_argument("--cache-branch", type=int, default=0, metavar="N",
                         help="skip branch the step cache keeps (0, the default: the shallowest, DeepCache's "
                              "cache_branch_id)")
+    parser.add_argument("--tiling", action="store_true",
+                        help="also export the U-Net and VAE with circular padding (unet_tiled, vae_decoder_tiled, "
+                             "vae_encoder_tiled; seamless textures: tiling=True, A1111's `tiling`), sharing their "
+                             "weights files")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
     args = parser.parse_args(argv)
     if args.verify is None and args.prune_cache is None and (args.source is None or args.out is None):
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
                      opt_batch=args.opt_batch, max_batch=args.max_batch, prediction_type=args.prediction_type,
                      seed=args.seed, quantize=args.quantize, force=args.force, progress=progress,
                      loras=args.lora, embeddings=args.embedding, step_cache=args.step_cache,
-                     cache_branch=args.cache_branch)
+                     cache_branch=args.cache_branch, tiling=args.tiling)
     except (BuildError, CheckpointError, ParityError, QuantizeError, ManifestError, OSError, ValueError,
             RuntimeError) as e:
         print(f"build-engine: error: {e}", file=sys.stderr)

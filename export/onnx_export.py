@@ -47,6 +47,7 @@ import onnx
 import torch
 from torch import nn
 
+from export.circular import circular_padding
 from export.external_data import share_weights
 from export.fp16 import reduced_precision
 from export.unet import cache_split
@@ -54,11 +55,14 @@ from export.upsample import transposed_upsamplers
 from runtime.compare import max_errors, rel_err
 from runtime.folder.networks import (
     NETWORKS,
+    OPTIONAL_NETWORKS,
     STEP_CACHE_NETWORKS,
+    TILING_NETWORKS,
     UNET_NETWORKS,
     ModelDims,
     TensorSpec,
     axis_values,
+    base_network,
     concrete_shape,
     network_io,
 )
@@ -76,8 +80,8 @@ EXTERNAL_DATA_BYTES = 2**25
 EXPORTER = f"torch.onnx TorchScript exporter (dynamo=False), opset {OPSET}"
 # Networks whose upsamplers (nearest x2, 3x3 conv) are exported as one stride-2 transposed
 # convolution (export/upsample.py: 16 multiply-adds per input pixel instead of 36, same output to
-# float32 rounding).
-TRANSPOSED_UPSAMPLE_NETWORKS = ("vae_decoder",)
+# float32 rounding). The tiled decoder's too: its transposed convolutions wrap their border taps.
+TRANSPOSED_UPSAMPLE_NETWORKS = ("vae_decoder", "vae_decoder_tiled")
 
 
 class ParityError(RuntimeError):
@@ -164,6 +168,8 @@ def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
     entries)."""
     if network in STEP_CACHE_NETWORKS and branch is None:
         raise ValueError(f"{network} needs the step-cache branch (its manifest entry's 'branch'); got none")
+    if network in TILING_NETWORKS:  # its base network with circular padding (export/circular.py)
+        return circular_padding(wrap(base_network(network), model))
     if network == "text_encoder":
         module = TextEncoderWrapper(model.text_encoder)
     elif network == "unet":
@@ -177,7 +183,7 @@ def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
     elif network == "vae_encoder":
         module = VAEEncoderWrapper(model.vae)
     else:
-        raise ValueError(f"unknown network {network!r}; expected one of {', '.join(NETWORKS + STEP_CACHE_NETWORKS)}")
+        raise ValueError(f"unknown network {network!r}; expected one of {', '.join(NETWORKS + OPTIONAL_NETWORKS)}")
     return module.eval()
 
 
@@ -276,7 +282,7 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
         rng = np.random.default_rng(0)
         # Trace at a small shape with no size-1 or equal axes to specialize on (a float16 forward
         # pass on the CPU is slow: tracing the full-size VAE decoder at 256 px takes minutes).
-        m = size_multiple(model.spec) if network in UNET_NETWORKS else model.spec.vae_scale_factor
+        m = size_multiple(model.spec) if base_network(network) in UNET_NETWORKS else model.spec.vae_scale_factor
         trace_shape = Shape(2, 2 * m, 3 * m, 2 * dims.text_max_length)
         example = _cast_feeds(sample_inputs(network, dims, trace_shape, vocab_size=vocab, rng=rng), inputs)
         module = _traced_module(network, reference, precision, device)

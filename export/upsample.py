@@ -19,6 +19,12 @@ SD 1.5's VAE decoder at 256 px: the three upsamplers are 28% of its multiply-add
 GMAC); transposed, the decoder does 262.8 (`python -m benchmarks.vae_decode`; times in
 docs/benchmarks.md, "VAE decode").
 
+With circular padding (A1111's tiling, export/circular.py) the 3x3 convolution reads x[n-1] for
+x[-1] and x[0] for x[n]: the same sums over indices taken mod n. That is the transposed
+convolution of the input circularly padded by one pixel on each side, cropped by 3 where it was
+cropped by 1 (padding 3: the padded input's first pixel, x[n-1], contributes to the same outputs
+as x[-1] did before), so the tiled decoder's upsamplers stay one transposed convolution each.
+
 Only the exported graph changes: the PyTorch reference keeps diffusers' form and its module names
 (checkpoint keys). `transposed_upsamplers(module)` returns a module that shares every parameter
 with `module` except the upsamplers, which it replaces; `module` itself is not modified.
@@ -55,8 +61,9 @@ class TransposedUpsample2D(nn.Module):
         super().__init__()
         conv = upsample.conv
         if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.dilation != (1, 1) \
-                or conv.groups != 1:
-            raise ValueError(f"expected a 3x3 convolution with stride 1 and padding 1, got {conv}")
+                or conv.groups != 1 or conv.padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"expected a 3x3 convolution with stride 1 and zero or circular padding 1, got {conv}")
+        self.circular = conv.padding_mode == "circular"  # derivation in the module docstring
         self.weight = nn.Parameter(transposed_weight(conv.weight), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
@@ -67,6 +74,9 @@ class TransposedUpsample2D(nn.Module):
             # size multiple never have one (runtime/folder/networks.py); this fails loudly if traced with one.
             raise ValueError(f"a transposed upsampler needs an even-sized skip, got {tuple(like.shape[2:])} for "
                              f"input {tuple(x.shape[2:])}")
+        if self.circular:
+            return F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="circular"), self.weight, self.bias, stride=2,
+                                      padding=3)
         return F.conv_transpose2d(x, self.weight, self.bias, stride=2, padding=1)
 
 

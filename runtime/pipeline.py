@@ -40,6 +40,7 @@ from runtime.engines.registry import backend_module, close_all, network_options,
 from runtime.engines.base import Engine
 from runtime.families import family_of
 from runtime.errors import EngineClosedError, ManifestError, PipelineError, SDRuntimeError
+from runtime.folder.networks import base_network, tiled_network
 from runtime.folder.paths import inside
 from runtime.folder.manifest import Manifest, load_manifest
 from runtime.memory import MemoryModel, memory_limit
@@ -140,7 +141,8 @@ class Pipeline:
                 progress: bool = True, cache_interval: int = 1, cache_schedule: str = "uniform",
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
                 subseed_strength: float = 0.0, seed_resize_from=None,
-                hires: hires_fix.HiresFix | None = None) -> GenerationResult:
+                hires: hires_fix.HiresFix | None = None,
+                tiling: bool = False) -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
@@ -156,14 +158,17 @@ class Pipeline:
         seed; `seed_resize_from` (height, width) draws the seed's noise at that size and pastes it
         centred. Strength 0 without a resize changes nothing. `hires` (a `HiresFix`) adds A1111's
         hires fix: the image is upscaled and denoised again as img2img at the larger size, in this
-        one call (runtime/hires.py)."""
+        one call (runtime/hires.py). `tiling` True makes a seamless
+        texture: the U-Net and VAE run with circular padding (A1111's `tiling`; the folder needs
+        `build-engine --tiling`)."""
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
                                num_images_per_prompt=num_images_per_prompt, eta=eta, output_type=output_type,
                                noise=latents, cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
-                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, hires=hires)
+                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, hires=hires,
+                               tiling=tiling)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
@@ -176,7 +181,8 @@ class Pipeline:
                 cache_schedule: str = "uniform",
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
                 subseed_strength: float = 0.0, seed_resize_from=None,
-                initial_noise_multiplier: float = 1.0) -> GenerationResult:
+                initial_noise_multiplier: float = 1.0,
+                tiling: bool = False) -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
@@ -191,7 +197,7 @@ class Pipeline:
                                cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
-                               initial_noise_multiplier=initial_noise_multiplier)
+                               initial_noise_multiplier=initial_noise_multiplier, tiling=tiling)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
@@ -206,7 +212,8 @@ class Pipeline:
                 subseed_strength: float = 0.0, seed_resize_from=None,
                 masked_content: str | None = None, padding_mask_crop: int | None = None,
                 mask_blur: int | tuple[int, int] = 0, soft_mask: bool = False, overlay: bool | None = None,
-                initial_noise_multiplier: float = 1.0) -> GenerationResult:
+                initial_noise_multiplier: float = 1.0,
+                tiling: bool = False) -> GenerationResult:
         """Repaint where `mask_image` is white (>= 0.5). With the 9-channel inpainting U-Net the
         mask and the masked image's latents go into the U-Net (diffusers'
         StableDiffusionInpaintPipeline); with a plain 4-channel U-Net the known region is blended back
@@ -230,7 +237,8 @@ class Pipeline:
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
                                masked_content=masked_content, padding_mask_crop=padding_mask_crop, mask_blur=mask_blur,
-                               soft_mask=soft_mask, overlay=overlay, initial_noise_multiplier=initial_noise_multiplier)
+                               soft_mask=soft_mask, overlay=overlay, initial_noise_multiplier=initial_noise_multiplier,
+                               tiling=tiling)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def request(self, mode: str, prompt: Any, **settings: Any) -> Request:
@@ -302,8 +310,9 @@ class Pipeline:
         with self._engines_lock:
             if network not in self.engines:
                 module = backend_module(self.backend)
+                # a tiled variant takes its base network's options (runtime/folder/networks.py)
                 self.engines[network] = open_network(module, self.backend, self.engine_dir, self.manifest, network,
-                                                     network_options(self._options, {}, network))
+                                                     network_options(self._options, {}, base_network(network)))
             return self.engines[network]
 
     def close(self) -> None:
@@ -350,7 +359,7 @@ class Pipeline:
             draws = stages.initial_noise(r, (m.dims.latent_channels, r.height // s, r.width // s),
                                          self.is_inpainting_unet)
             t0 = time.perf_counter()
-            encoder = self.engine("vae_encoder") if r.mode != "txt2img" else None
+            encoder = self.engine(tiled_network("vae_encoder", r.tiling)) if r.mode != "txt2img" else None
             latents = stages.encode_images(encoder, r, draws, scaling_factor=m.scaling_factor, vae_scale_factor=s,
                                            inpainting_unet=self.is_inpainting_unet, tile=r.vae_tile)
             if r.mode != "txt2img":
@@ -385,7 +394,7 @@ class Pipeline:
         """The U-Net callable of one run: the unet engine, or with step caching the unet_deep /
         unet_shallow pair routed by the request's plan (runtime/sampling/deepcache.py)."""
         if request.cache_interval == 1:
-            return stages.engine_unet(self.engine("unet"))
+            return stages.engine_unet(self.engine(tiled_network("unet", request.tiling)))
         deep, shallow = caching.engine_calls(self.engine("unet_deep"), self.engine("unet_shallow"))
         return caching.cached_unet(deep, shallow, caching.plan(n_calls, request.cache_interval,
                                                                request.cache_schedule))
@@ -402,7 +411,8 @@ class Pipeline:
         """Latents of `request`'s run (the final ones, or those of an interrupted run) to float32 NHWC
         images in [0, 1], tiled as the request says."""
         s = self.vae_scale_factor
-        images = stages.decode(self.engine("vae_decoder"), latents, tile=request.vae_tile, scale=s)
+        images = stages.decode(self.engine(tiled_network("vae_decoder", request.tiling)), latents, tile=request.vae_tile,
+                               scale=s)
         want = tuple(d * s for d in latents.shape[-2:])
         if tuple(images.shape[1:3]) != want:  # the graph's axes are symbolic: only its output can tell
             raise ManifestError(f"{self.engine_dir}: the VAE decoder made {tuple(images.shape[1:3])} images of "

@@ -26,7 +26,7 @@ from runtime.imaging import images as imgs
 from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
 from runtime.folder.manifest import Manifest
-from runtime.folder.networks import STEP_CACHE_NETWORKS
+from runtime.folder.networks import STEP_CACHE_NETWORKS, TILING_NETWORKS
 from runtime.text.prompt_syntax import SYNTAXES
 from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
@@ -60,6 +60,7 @@ class Limits:
     vae_max_image: int | None = None  # the largest side the VAE graphs take whole (manifest shapes "vae_max_image")
     memory: MemoryModel | None = None  # runtime/memory.py: the folder's memory estimate (None: no check)
     max_memory: int | None = None  # bytes a request's estimate may reach (None: no limit)
+    tiling: bool = False  # the folder has the circular-padded graphs (build-engine --tiling)
 
     @classmethod
     def from_manifest(cls, m: Manifest, default_sampler: str, samplers: tuple[str, ...]) -> "Limits":
@@ -72,7 +73,8 @@ class Limits:
                    latent_channels=m.dims.latent_channels, default_size=default,
                    inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1, default_sampler=default_sampler,
                    samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS),
-                   vae_max_image=m.shapes.get("vae_max_image", hi))
+                   vae_max_image=m.shapes.get("vae_max_image", hi),
+                   tiling=all(n in m.networks for n in TILING_NETWORKS))
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +110,7 @@ class Request:
     inpainting: inpainting.Inpainting | None = None  # A1111's inpainting (runtime/imaging/inpainting.py); None: diffusers'
     initial_noise_multiplier: float = 1.0  # A1111's: the initial noise scaled by it (img2img, inpaint)
     vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/imaging/tiling.py); None: whole
+    tiling: bool = False  # seamless textures: the circular-padded graphs (runtime/folder/networks.py TILING_NETWORKS)
     memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
     variation: Variation | None = None  # variation seeds / seed resizing (runtime/sampling/variation.py); None: off
     hires: Any = None  # txt2img's hires fix (runtime/hires.py HiresPass): a second, img2img pass
@@ -136,7 +139,7 @@ class Request:
                 self.sampler, self.karras, self.eta, self.strength, self.output_type, self.cache_interval,
                 self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks,
                 None if self.inpainting is None else self.inpainting.key(), self.initial_noise_multiplier,
-                None if self.hires is None else self.hires.key())
+                None if self.hires is None else self.hires.key(), self.tiling)
 
     def parameters(self) -> dict[str, Any]:
         """What reproduces the request (the result's `parameters`, the PNG metadata)."""
@@ -164,6 +167,8 @@ class Request:
             params["initial_noise_multiplier"] = self.initial_noise_multiplier
         if self.hires is not None:
             params["hires"] = self.hires.parameters()
+        if self.tiling:
+            params["tiling"] = True
         return params
 
 
@@ -176,7 +181,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None,
                  subseed: Any = None, subseed_strength: Any = 0.0, seed_resize_from: Any = None,
                  masked_content: Any = None, padding_mask_crop: Any = None, mask_blur: Any = 0, soft_mask: Any = False,
-                 overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None) -> Request:
+                 overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None, tiling: Any = False) -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem. `hires`
     (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass."""
     if mode not in MODES:
@@ -211,6 +216,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     images, masks, (dh, dw) = _images(limits, mode, image, mask_image, len(prompts))
     height, width = _size(limits, dh if height is None else height, dw if width is None else width)
     tile = _vae_tile(limits, vae_tiling, height, width)
+    tiling = _tiling(limits, tiling, interval, tile)
     memory = check_memory(limits, batch, height, width, guided=scale > 1.0, encodes=mode != "txt2img")
     images, masks, plan = _load_images(images, masks, plan, height, width)
     shape = (batch, limits.latent_channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
@@ -228,7 +234,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         masked_encode_noise=(_explicit(masked_encode_noise, shape, "masked_encode_noise")
                              if mode == "inpaint" and limits.inpainting_unet else None),
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
-        memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult,
+        memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult, tiling=tiling,
     )
     return request if hires is None else replace(request, hires=hires_fix.make_pass(limits, request, hires, vae_tiling))
 
@@ -332,6 +338,23 @@ def _vae_tile(limits: Limits, vae_tiling: Any, height: int, width: int) -> int |
     if pixels % s or pixels < 4 * s:
         raise PipelineError(f"vae_tiling: a tile of {pixels} pixels must be a multiple of {s} and at least {4 * s}")
     return pixels // s
+
+
+def _tiling(limits: Limits, tiling: Any, cache_interval: int, vae_tile: int | None) -> bool:
+    """Whether the request runs the circular-padded graphs (A1111's `tiling`: seamless textures)."""
+    if tiling not in (True, False):
+        raise PipelineError(f"tiling must be True or False; got {tiling!r}", field="tiling")
+    if not tiling:
+        return False
+    if not limits.tiling:
+        raise PipelineError("tiling needs the circular-padded graphs (unet_tiled, vae_decoder_tiled, vae_encoder_tiled), "
+                            "which this engine folder lacks: rebuild it with build-engine --tiling", field="tiling")
+    if cache_interval > 1:
+        raise PipelineError("tiling has no step-cache graphs: send cache_interval 1 with tiling", field="tiling")
+    if vae_tile is not None:
+        raise PipelineError("tiling wraps the whole image around; a VAE decoded in tiles cannot: send vae_tiling False "
+                            "(or a size the folder's VAE takes whole) with tiling", field="tiling")
+    return True
 
 
 def _cache(limits: Limits, interval: Any, schedule: str) -> int:

@@ -41,7 +41,7 @@ from typing import Any
 
 from runtime.errors import ManifestError
 from runtime.folder.paths import file_records, inside, opened_files
-from runtime.folder.networks import NETWORKS, PRECISIONS, STEP_CACHE_NETWORKS, ModelDims
+from runtime.folder.networks import NETWORKS, OPTIONAL_NETWORKS, PRECISIONS, ModelDims
 from runtime.sampling.samplers import PREDICTION_TYPES
 
 __all__ = ["FAMILIES", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ManifestError", "PREDICTION_TYPES",
@@ -253,10 +253,10 @@ def _tokenizer(value: Any, where: str) -> dict[str, Any]:
 
 def _networks(value: Any, where: str) -> dict[str, dict[str, Any]]:
     networks = _object(value, "networks", where)
-    unknown = [n for n in networks if n not in NETWORKS + STEP_CACHE_NETWORKS]
+    unknown = [n for n in networks if n not in NETWORKS + OPTIONAL_NETWORKS]
     if unknown:
         raise ManifestError(f"{where}: unknown networks {', '.join(map(_short, unknown))}; expected "
-                            f"{', '.join(NETWORKS)} (optional: {', '.join(STEP_CACHE_NETWORKS)})")
+                            f"{', '.join(NETWORKS)} (optional: {', '.join(OPTIONAL_NETWORKS)})")
     for name, entry in networks.items():
         entry = _object(entry, f"networks.{name}", where)
         if not _path_string(entry.get("file")) or not (entry.get("external_data") is None or

@@ -17,7 +17,10 @@ Symbolic axis names:
 
 Optional networks (STEP_CACHE_NETWORKS) exist only in folders built with them: `unet_deep` (the
 U-Net that also outputs the feature DeepCache caches) and `unet_shallow` (the retrieval step that
-takes it); runtime/sampling/deepcache.py routes U-Net calls between them.
+takes it); runtime/sampling/deepcache.py routes U-Net calls between them. `unet_tiled`,
+`vae_decoder_tiled` and `vae_encoder_tiled` (TILING_NETWORKS, `build-engine --tiling`) are their
+networks with circular padding in every padded convolution (seamless textures, A1111's `tiling`);
+each has the contract of the network it varies (`base_network`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ from dataclasses import dataclass
 NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # Optional: the step-cache split of the U-Net (DeepCache, arXiv:2312.00858), same weights as `unet`
 STEP_CACHE_NETWORKS = ("unet_deep", "unet_shallow")
+# Optional: the circular-padded variants (A1111 modules/sd_hijack.py `apply_circular`: every Conv2d's
+# padding_mode "circular"), same weights as the network they vary (export/circular.py)
+TILING_NETWORKS = ("unet_tiled", "vae_decoder_tiled", "vae_encoder_tiled")
+OPTIONAL_NETWORKS = STEP_CACHE_NETWORKS + TILING_NETWORKS
 # The networks a U-Net call may run; each takes the guidance batch ([uncond, cond] stacked)
+# (`unet_tiled` too: test `base_network(name) in UNET_NETWORKS`)
 UNET_NETWORKS = ("unet",) + STEP_CACHE_NETWORKS
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -67,8 +75,20 @@ def float_dtype(precision: str) -> str:
     return "float16" if precision == "fp16" else "float32"
 
 
+def base_network(network: str) -> str:
+    """The network whose contract and weights a variant shares: `unet` for `unet_tiled`; a network
+    that is no variant is its own base."""
+    return network.removesuffix("_tiled") if network in TILING_NETWORKS else network
+
+
+def tiled_network(network: str, tiling: bool) -> str:
+    """The graph to run for `network` with circular padding on (`tiling`) or off."""
+    return f"{network}_tiled" if tiling else network
+
+
 def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """(inputs, outputs) of `network`, in order."""
+    network = base_network(network)
     f = float_dtype(precision)
     c, lat = dims.latent_channels, ("batch", dims.latent_channels, "latent_height", "latent_width")
     if network == "text_encoder":
@@ -107,7 +127,7 @@ def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[
             (TensorSpec("latent_mean", f, ("batch", c, "latent_height", "latent_width")),
              TensorSpec("latent_std", f, ("batch", c, "latent_height", "latent_width"))),
         )
-    raise ValueError(f"unknown network {network!r}; expected one of {', '.join(NETWORKS + STEP_CACHE_NETWORKS)}")
+    raise ValueError(f"unknown network {network!r}; expected one of {', '.join(NETWORKS + OPTIONAL_NETWORKS)}")
 
 
 def cache_feature_spec(dims: ModelDims, precision: str = "fp32") -> TensorSpec:

@@ -20,9 +20,9 @@ Fields we write: Steps, Sampler, Schedule type (runtime/sampling/names.py), CFG 
 Model hash (the first 10 hex digits of the source checkpoint's sha256, which is A1111's "Model
 hash" for a single-file checkpoint), Model, Denoising strength (img2img, inpaint), Eta DDIM (when
 not 0, A1111's key for DDIM's eta), CFG Rescale (when not 0, the key of the CFG-Rescale extension
-for A1111), Variation seed, Variation seed strength and Seed resize from (runtime/sampling/variation.py)
-and Version. What an A1111 PNG carries and we cannot honour (Clip skip > 1, hires fix, other
-samplers; variation seeds, which the command line does not take) is reported by
+for A1111), Variation seed, Variation seed strength and Seed resize from (runtime/sampling/variation.py),
+Tiling (when on) and Version. What an A1111 PNG carries and we cannot honour (Clip skip > 1, hires
+fix, other samplers; variation seeds, which the command line does not take) is reported by
 `settings_from_fields`, not silently dropped.
 """
 
@@ -47,7 +47,7 @@ _NEGATIVE = "Negative prompt:"
 # Fields with a counterpart in our settings, read by `settings_from_fields`
 _KNOWN = ("Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1",
           "Size-2", "Denoising strength", "Eta DDIM", "CFG Rescale", "CFG Rescale φ", "Model hash",
-          "Model", "Version")
+          "Model", "Version", "Tiling")
 # Fields that only restate A1111's defaults (parse_generation_parameters fills some of them in)
 _DEFAULTS = {"Clip skip": "1", "RNG": "GPU", "ENSD": "0", "Schedule max sigma": "0", "Schedule min sigma": "0",
              "Schedule rho": "0", "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable"}
@@ -133,6 +133,7 @@ def infotext_from_parameters(params: Mapping[str, Any], *, seed: int | None = No
         **_variation_fields(params, subseed),
         "Denoising strength": params.get("strength") if params.get("mode", "txt2img") != "txt2img" else None,
         "Eta DDIM": params.get("eta") or None, "CFG Rescale": params.get("guidance_rescale") or None,
+        "Tiling": "True" if params.get("tiling") else None,  # A1111 create_infotext's "Tiling"
         "Version": VERSION,
     }
     if params.get("hires"):  # A1111's hires-fix fields (runtime/hires.py infotext_fields)
@@ -167,6 +168,8 @@ def settings_from_fields(fields: Mapping[str, str]) -> tuple[dict[str, Any], lis
                 raise ValueError(f"infotext field {key}: {fields[key]!r} is not a valid {kind.__name__}") from None
     if "Sampler" in fields:
         out["scheduler"], out["karras"] = sampler_names.from_a1111(fields["Sampler"], fields.get("Schedule type"))
+    if fields.get("Tiling") == "True":  # A1111 writes it only when on
+        out["tiling"] = True
     if "Model" in fields or "Model hash" in fields:  # which checkpoint: for the user to find its engine folder
         out["model"] = f"{fields.get('Model', '?')} [{fields.get('Model hash', '?')}]"
     # e.g. "Eta" (the ancestral samplers' eta; ours is fixed at 1), "Clip skip: 2", "Hires upscale"

@@ -161,7 +161,6 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A11
     checks = [
         ("restore_faces", not req.restore_faces, f"face restoration {_NOT_IMPLEMENTED} (it needs weights we do "
                                                  "not ship); send false"),
-        ("tiling", not req.tiling, f"tiling {_NOT_IMPLEMENTED}; send false"),
         ("s_min_uncond", req.s_min_uncond in (None, 0), f"s_min_uncond {_NOT_IMPLEMENTED} (send 0)"),
         ("s_churn", req.s_churn in (None, 0), f"s_churn {_NOT_IMPLEMENTED} (send 0)"),
         ("s_noise", req.s_noise in (None, 1), f"s_noise {_NOT_IMPLEMENTED} (send 1)"),
@@ -237,7 +236,7 @@ FIELDS = {"scheduler": "sampler_name", "cache_interval": "sd_runtime.cache_inter
           "num_images_per_prompt": "batch_size", "subseed": "subseed", "subseed_strength": "subseed_strength",
           "masked_content": "inpainting_fill", "padding_mask_crop": "inpaint_full_res_padding", "mask_blur": "mask_blur",
           "soft_mask": "mask_round", "initial_noise_multiplier": "initial_noise_multiplier", "mask_image": "mask",
-          **hires_wire.FIELDS}
+          **hires_wire.FIELDS, "tiling": "tiling"}
 
 
 def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int) -> None:
@@ -265,6 +264,13 @@ def _extension(req: Txt2ImgRequest) -> dict[str, Any]:
     return out
 
 
+def _tiling(req: Txt2ImgRequest) -> dict[str, Any]:
+    """A1111's `tiling` (modules/processing.py `process_images_inner`: `apply_circular(p.tiling)`,
+    circular padding in every Conv2d): the pipeline's `tiling`, which needs a folder built with
+    `build-engine --tiling` (refused there, naming `tiling`, otherwise). None and false: off."""
+    return {"tiling": True} if req.tiling else {}
+
+
 def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int,
                  styles: StyleBook | None = None) -> tuple[str, list[dict[str, Any]]]:
     """(mode, one `Pipeline.request` keyword set per engine job: n_iter jobs of batch_size images).
@@ -277,7 +283,7 @@ def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_i
     _counts(req, limits, max_steps, max_n_iter)
     base = dict(negative_prompt=req.negative_prompt, height=height, width=width, num_inference_steps=req.steps,
                 guidance_scale=float(req.cfg_scale), scheduler=sampler, karras=karras, eta=_eta(req, sampler),
-                **_extension(req))
+                **_extension(req), **_tiling(req))
     mode, prompt, images, per_prompt = "txt2img", req.prompt, {}, req.batch_size
     if isinstance(req, Img2ImgRequest):
         mode, prompt, images, per_prompt = _images(req, width, height)
