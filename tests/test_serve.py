@@ -26,7 +26,6 @@ from runtime.serving.service import ServerConfig
 from test_serve_support import (  # noqa: F401
     QUICK_TIMEOUT_S,
     REQUEST_TIMEOUT_S,
-    START_TIMEOUT_S,
     LiveServer,
     as_array,
     free_port,
