@@ -224,10 +224,12 @@ def test_a_chunked_body_over_the_limit_is_refused(small_server):
 
 # --- load: bounded queue, 503 with Retry-After, none lost or duplicated --------------------------------------
 
-# Under load the one engine worker serves the accepted requests one after another, each no slower than
-# alone by more than this factor: 16 client threads decoding answers share the server's process and
-# its two cores (the ratio measured here: 0.95 to 1.13; batching can make it under 1)
-LOAD_SLOWDOWN = 4
+# Under load the one engine worker serves the accepted requests one after another, so the burst takes
+# about their time alone (measured here: 0.95x to 1.13x; batching can make it less). The bound allows
+# this factor more: 16 client threads share the server's process and two cores, the 503s cost a little
+# each, and the machine may be busier during the burst than when one request was timed; a stall (a
+# request left waiting on a timeout) goes past it
+LOAD_SLOWDOWN = 8
 
 
 def _load_body(k: int) -> dict:
