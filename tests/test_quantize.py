@@ -98,6 +98,10 @@ def test_quantized_true_needs_an_int8_unet(tiny_sd1_engine):
         runtime.load(tiny_sd1_engine, backend="openvino", quantized="yes")
 
 
+# One of the suite's slowest tests (71 s on 2 cores shared with another workload, issue 23's run): it
+# adds the int8 U-Net in place by one real quantization of the tiny-sd1 U-Net (8 prompts x 10 steps of
+# calibration, NNCF's statistics, the held-out check), and that in-place addition is what it tests,
+# so the quantization is the build's own, not a smaller one.
 def test_added_and_removed_in_place_without_exporting_again(tiny_sd1_engine, tmp_path):
     folder = shutil.copytree(tiny_sd1_engine, tmp_path / "engine", copy_function=shutil.copy2)
     before = _onnx_mtimes(folder)
