@@ -485,18 +485,47 @@ def test_fuzz_ckpt_checkpoints(tiny_checkpoints, tmp_path):
     assert outcomes["refused"] > 0, outcomes
 
 
-def test_a_header_bomb_is_refused_without_allocating(tiny_checkpoints, tmp_path):
-    import resource
+# Run in a fresh interpreter, whose peak resident size is its own: the pytest process's high-water mark
+# was raised by earlier tests past anything the loader could add. Linux's VmHWM (/proc/self/status) is
+# the peak of this process's own memory map; ru_maxrss would not do, since Linux carries the parent's
+# peak into it across fork and exec.
+_BOMB_LOADS = r"""
+import json, sys
+from export.loading.read import CheckpointError, load_model
+def kib(field):
+    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+    return int(line.split()[1])
+rss, peak = kib("VmRSS"), kib("VmHWM")
+refused = []
+for path in sys.argv[1:]:
+    try:
+        load_model(path)
+    except CheckpointError as e:
+        refused.append(str(e))
+print(json.dumps({"refused": refused, "headroom_kib": peak - rss, "grew_kib": kib("VmHWM") - peak}))
+"""
+BOMB_GROWTH_KIB = 64 * 1024  # a bound far below the smallest claim, 100_000_001 bytes (95 MiB)
 
-    from export.loading.read import CheckpointError, load_model
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak resident size from Linux's /proc")
+def test_a_header_bomb_is_refused_without_allocating(tiny_checkpoints, tmp_path):
+    import subprocess
 
     header, body = _split_safetensors(tiny_checkpoints["safetensors"].read_bytes())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    bombs = []
     for declared in (2**64 - 1, 2**40, 100_000_001):
-        (tmp_path / "bomb.safetensors").write_bytes(_join_safetensors(header, body, declared))
-        with pytest.raises(CheckpointError, match="not a readable .safetensors file"):
-            load_model(tmp_path / "bomb.safetensors")
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: nothing near the claim
+        bombs.append(tmp_path / f"bomb-{declared}.safetensors")
+        bombs[-1].write_bytes(_join_safetensors(header, body, declared))
+    proc = subprocess.run([sys.executable, "-c", _BOMB_LOADS, *map(str, bombs)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["refused"]) == len(bombs), out
+    assert all("not a readable .safetensors file" in why for why in out["refused"]), out
+    # the fresh process's peak is its resident size when the loads start, so an allocation of the claim
+    # would raise it by about the claim: the bound can fail
+    assert out["headroom_kib"] < BOMB_GROWTH_KIB // 4, out
+    assert out["grew_kib"] < BOMB_GROWTH_KIB, f"the loader's peak grew by {out['grew_kib']} KiB: {out}"
 
 
 def test_integer_weights_are_refused(tiny_checkpoints, tmp_path):

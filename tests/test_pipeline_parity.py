@@ -12,7 +12,7 @@ PSNR is over float images in [0, 1] (output_type "np"): 10 log10(1 / MSE). 60 dB
 1e-3, a tenth of one 8-bit level. On these random tiny models 60 dB alone does not discriminate: two
 different samplers (ddim vs euler, 4 steps) already agree to ~69 dB, because a random U-Net's noise
 prediction moves the image little. fp32 parity measures 120-135 dB here, so every comparison must also
-reach STRICT_PSNR_DB = 90 dB, which a wrong sampler fails (test_threshold_tells_samplers_apart). The
+reach PARITY_PSNR_DB = 90 dB (tests/psnr_bounds.py), which a wrong sampler fails (test_threshold_tells_samplers_apart). The
 measured values are logged (pytest -o log_cli=true --log-cli-level=INFO shows them).
 """
 
@@ -29,14 +29,13 @@ import pytest
 from PIL import Image
 
 import runtime
+from psnr_bounds import PARITY_PSNR_DB
 from runtime import scheduler as sch
 from runtime.compare import psnr
 
 log = logging.getLogger(__name__)
 
-MIN_PSNR_DB = 60.0  # the requirement
 BACKEND_STEPS = 3  # the PyTorch engine is the slow side of backend comparisons
-STRICT_PSNR_DB = 90.0  # what fp32 tiny-model parity must also reach (module doc)
 STEPS = 4
 PROMPT = "a watercolor painting of a lighthouse at dusk"
 NEGATIVE = "blurry, low quality"
@@ -46,7 +45,7 @@ def assert_psnr(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     assert ours.shape == ref.shape, f"{what}: shapes {ours.shape} vs {ref.shape}"
     value = psnr(ours, ref)
     log.info("PSNR %s: %.1f dB", what, value)
-    assert value >= max(MIN_PSNR_DB, STRICT_PSNR_DB), f"{what}: PSNR {value:.1f} dB < {STRICT_PSNR_DB} dB"
+    assert value >= PARITY_PSNR_DB, f"{what}: PSNR {value:.1f} dB < {PARITY_PSNR_DB} dB"
 
 
 def make_image(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -135,7 +134,7 @@ def test_threshold_tells_samplers_apart(tiny_sd1_engine):
     ddim, euler = (pipe.txt2img(PROMPT, scheduler=s, **kw).images for s in ("ddim", "euler"))
     value = psnr(ddim, euler)
     log.info("PSNR ddim vs euler (must differ): %.1f dB", value)
-    assert value < STRICT_PSNR_DB
+    assert value < PARITY_PSNR_DB
 
 
 # ---------------------------------------------------------------------------------------- diffusers

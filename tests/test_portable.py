@@ -92,8 +92,10 @@ def test_default_backend_is_measured_once_per_folder_and_machine(tiny_sd1_engine
     with runtime.load(tiny_sd1_engine) as pipe:  # remembered: no second measurement
         assert (pipe.backend, pipe.backend_reason) == first
     assert len(measured) == 1
-    other = {**calibration.machine_key(), "features": ["avx2"], "cap": "AVX2"}
-    monkeypatch.setattr(calibration, "machine_key", lambda: other)  # another machine: measure again
+    # another machine: this one's key with VNNI toggled, so it differs whatever this CPU (or its cap) has
+    here = calibration.machine_key()
+    other = {**here, "features": sorted(set(here["features"]) ^ {"vnni"})}
+    monkeypatch.setattr(calibration, "machine_key", lambda: other)  # measure again
     with runtime.load(tiny_sd1_engine) as pipe:
         assert "fastest measured on this machine" in pipe.backend_reason
     assert len(measured) == 2 and len(list(calibration.cache_dir().glob("*.json"))) == 2

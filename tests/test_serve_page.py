@@ -16,7 +16,7 @@ from PIL import Image
 
 import runtime
 from runtime.serving.codec import decode_image
-from test_serve_support import LiveServer, as_array, pixels
+from test_serve_support import QUICK_TIMEOUT_S, LiveServer, as_array, pixels
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the dev extra installs playwright")
 
@@ -25,6 +25,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 PROMPT = "a red circle on a blue background"
+# the page's generations: 12 steps at 64 px, through the page's own progress polling
+GENERATION_TIMEOUT_S = 180.0
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,10 @@ def browser_page(demo_pipe):
         # bypass_csp: playwright's own wait_for_function evaluates strings, which the page's
         # Content-Security-Policy (no eval) forbids; the page itself runs under its CSP
         page = browser.new_page(viewport={"width": 1180, "height": 900}, bypass_csp=True)
+        page.set_default_timeout(QUICK_TIMEOUT_S * 1000)  # every click, fill and navigation: ms
         page.goto(live.url + "/")
-        page.wait_for_function("document.getElementById('sampler').options.length > 0", timeout=30_000)
+        _wait_for(page, "document.getElementById('sampler').options.length > 0", "the sampler list to load",
+                  QUICK_TIMEOUT_S)
         yield live, page
         browser.close()
     live.stop()
@@ -62,8 +66,19 @@ def _shot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
+def _wait_for(page, expression: str, what: str, timeout: float) -> None:
+    """Wait until the page's `expression` is true; after `timeout` seconds fail, saying what was awaited
+    and the page's status line."""
+    try:
+        page.wait_for_function(expression, timeout=timeout * 1000)
+    except sync_api.TimeoutError:
+        status = page.text_content("#status", timeout=1000)
+        raise AssertionError(f"waited {timeout:g} s for {what} ({expression}); the page's status: {status!r}") from None
+
+
 def _wait_done(page) -> None:
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=180_000)
+    _wait_for(page, "document.getElementById('status').textContent.startsWith('done')", "the generation to finish",
+              GENERATION_TIMEOUT_S)
 
 
 def test_page_generates_an_image_from_a_prompt(browser_page, demo_pipe, tmp_path):
@@ -101,7 +116,8 @@ def test_page_inpaints_with_a_painted_mask(browser_page, demo_pipe, tmp_path):
     init.save(init_path)
     page.click("label:has(input[value=inpaint])")  # the radio itself is hidden behind its label
     page.set_input_files("#init-file", str(init_path))
-    page.wait_for_function("!document.getElementById('init-frame').classList.contains('hidden')")
+    _wait_for(page, "!document.getElementById('init-frame').classList.contains('hidden')",
+              "the uploaded image to show", QUICK_TIMEOUT_S)
     page.fill("#prompt", "a yellow square on a blue background")
     page.fill("#seed", "7")
     page.fill("#brush", "14")

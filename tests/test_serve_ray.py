@@ -16,11 +16,15 @@ import pytest
 import requests
 
 import runtime
-from test_serve_support import as_array, free_port, pixels
+from test_serve_support import REQUEST_TIMEOUT_S, as_array, call_within, free_port, join, pixels
 
 ray = pytest.importorskip("ray", reason="the cluster extra: pip install -e '.[cluster]'")
 
 REPLICA = "x-sd-runtime-replica"
+# Ray's own start-up (a local cluster, Serve's controller and proxy, two replicas loading the pipeline)
+# and the whole run, which bounds every retry and wait below
+RAY_START_TIMEOUT_S = 300.0
+RUN_TIMEOUT_S = 240.0
 
 
 def _request(url: str, seed: int, deadline: float) -> tuple[int, str, list[int], str, int]:
@@ -30,7 +34,7 @@ def _request(url: str, seed: int, deadline: float) -> tuple[int, str, list[int],
     while True:
         tries += 1
         try:
-            r = requests.post(url + "/sdapi/v1/txt2img", json=body, timeout=120)
+            r = requests.post(url + "/sdapi/v1/txt2img", json=body, timeout=REQUEST_TIMEOUT_S)
             if r.status_code == 200:
                 data = r.json()
                 return seed, r.headers[REPLICA], json.loads(data["info"])["all_seeds"], data["images"][0], tries
@@ -64,9 +68,12 @@ def test_two_replicas_serve_and_a_killed_one_is_replaced(tiny_sd1_engine):
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployment(str(tiny_sd1_engine), ServerConfig(max_queue=8), backend="onnxruntime",
-                             options={"threads": 1}, replicas=2, replica_cpus=0.5), name=APP_NAME, route_prefix="/")
-        deadline = time.monotonic() + 240
+        app = deployment(str(tiny_sd1_engine), ServerConfig(max_queue=8), backend="onnxruntime", options={"threads": 1},
+                         replicas=2, replica_cpus=0.5)
+        # serve.run waits for the replicas without a deadline of its own
+        call_within(lambda: serve.run(app, name=APP_NAME, route_prefix="/"), "Ray Serve to run 2 replicas",
+                    RAY_START_TIMEOUT_S)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
         with ThreadPoolExecutor(4) as pool:
             first = list(pool.map(lambda s: _request(url, s, deadline), range(100, 112)))
         served = {replica for _, replica, _, _, _ in first}
@@ -89,7 +96,7 @@ def test_two_replicas_serve_and_a_killed_one_is_replaced(tiny_sd1_engine):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(300)
+            join(t, "a client's requests while a replica is killed", RUN_TIMEOUT_S)
         assert killed.is_set()
         assert sorted(s for s, *_ in answers) == seeds  # every request answered, once
         assert all(all_seeds == [s] for s, _, all_seeds, _, _ in answers)
@@ -97,7 +104,7 @@ def test_two_replicas_serve_and_a_killed_one_is_replaced(tiny_sd1_engine):
         # Serve's status still says 2 RUNNING until the controller's health check sees the death;
         # wait for a replica with a new id, then for both to run
         while not (_replica_ids() - served) or _replicas(APP_NAME) != {"RUNNING": 2}:
-            assert time.monotonic() < deadline, (_replica_ids(), _replicas(APP_NAME))
+            assert time.monotonic() < deadline, f"a new replica and 2 RUNNING: {_replica_ids()}, {_replicas(APP_NAME)}"
             time.sleep(0.5)
         after: list[tuple] = []  # until both replicas answered (the proxy learns of the new one shortly)
         while len({replica for _, replica, _, _, _ in after}) < 2 and len(after) < 64:

@@ -1,5 +1,5 @@
 """Helpers for the server tests (tests/test_serve*.py): a live uvicorn server in a thread on a free
-loopback port, HTTP helpers, base64 PNG decoding. No tests here."""
+loopback port, HTTP helpers, deadlines for every wait, base64 PNG decoding. No tests here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import io
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -18,6 +20,48 @@ from PIL import Image
 import runtime
 from runtime.serving.app import create_app
 from runtime.serving.service import ServerConfig, Service
+
+T = TypeVar("T")
+# Deadlines of the waits: guards against a hang, far above what each takes, never timing assertions
+START_TIMEOUT_S = 30.0  # a live server to start or stop (it loads nothing: the pipeline is handed to it)
+QUICK_TIMEOUT_S = 30.0  # a request that generates nothing (progress, metrics, health, options)
+REQUEST_TIMEOUT_S = 120.0  # a generation on the tiny models
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float, interval: float = 0.05) -> T:
+    """Poll `condition()` until it gives a true value, and return that; after `timeout` seconds fail,
+    saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        time.sleep(interval)
+    return value
+
+
+def join(thread: threading.Thread, what: str, timeout: float) -> None:
+    """Join `thread`, failing (saying what it was doing) if it still runs after `timeout` seconds."""
+    thread.join(timeout)
+    assert not thread.is_alive(), f"waited {timeout:g} s for {what}"
+
+
+def call_within(fn: Callable[[], T], what: str, timeout: float) -> T:
+    """fn() in a thread, for a call that has no deadline of its own: its value, or its exception raised
+    again here; after `timeout` seconds fail, saying what was awaited (the thread is left behind)."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    join(thread, what, timeout)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def free_port() -> int:
@@ -41,17 +85,16 @@ class LiveServer:
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), f"the test server on {self.url} to start",
+                   START_TIMEOUT_S, interval=0.02)
+        assert self.server.started, f"the test server on {self.url} stopped while starting"
 
-    def post(self, path: str, body=None, *, data: bytes | None = None, headers=None, timeout: float = 120):
+    def post(self, path: str, body=None, *, data: bytes | None = None, headers=None,
+             timeout: float = REQUEST_TIMEOUT_S):
         return requests.post(self.url + path, json=body if data is None else None, data=data, headers=headers,
                              timeout=timeout)
 
-    def get(self, path: str, headers=None, timeout: float = 30):
+    def get(self, path: str, headers=None, timeout: float = QUICK_TIMEOUT_S):
         return requests.get(self.url + path, headers=headers, timeout=timeout)
 
     def metric(self, name: str, **labels) -> float:
@@ -65,7 +108,7 @@ class LiveServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(60)
+        join(self.thread, f"the test server on {self.url} to stop", 2 * START_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

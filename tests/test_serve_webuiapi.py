@@ -4,13 +4,15 @@ every image equals what `runtime.load(...)` gives for the same seed and settings
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 import runtime
 from runtime.serving.codec import blur_mask, prepare_mask
-from test_serve_support import LiveServer, as_array, picture, sd1_pipe  # noqa: F401
+from test_serve_support import REQUEST_TIMEOUT_S, LiveServer, as_array, picture, sd1_pipe  # noqa: F401
 
 webuiapi = pytest.importorskip("webuiapi", reason="the dev extra installs webuiapi")
 
@@ -18,10 +20,18 @@ STEPS = 3
 SETTINGS = dict(num_inference_steps=STEPS, guidance_scale=7.0, height=64, width=64, progress=False)
 
 
+def _client(live: LiveServer, sampler: str):
+    """webuiapi's client of the live server. It sends without a timeout (its requests.Session has
+    none), so its session gets one: a request that hangs fails with requests' ReadTimeout, naming the URL."""
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=live.port, sampler=sampler, steps=STEPS)
+    api.session.request = functools.partial(api.session.request, timeout=REQUEST_TIMEOUT_S)
+    return api
+
+
 @pytest.fixture(scope="module")
 def sd1(sd1_pipe):
     live = LiveServer(sd1_pipe)
-    yield live, webuiapi.WebUIApi(host="127.0.0.1", port=live.port, sampler="Euler a", steps=STEPS)
+    yield live, _client(live, "Euler a")
     live.stop()
 
 
@@ -29,7 +39,7 @@ def sd1(sd1_pipe):
 def inpaint(tiny_inpaint_engine):
     with runtime.load(tiny_inpaint_engine, backend="onnxruntime") as pipe:
         live = LiveServer(pipe)
-        yield live, webuiapi.WebUIApi(host="127.0.0.1", port=live.port, sampler="DDIM", steps=STEPS)
+        yield live, _client(live, "DDIM")
         live.stop()
 
 
