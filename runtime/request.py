@@ -199,13 +199,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                                                       (guidance_rescale, "guidance_rescale"), (eta, "eta")))
     if output_type not in OUTPUT_TYPES:
         raise PipelineError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
-    sampler = limits.default_sampler if scheduler is None else scheduler
-    if sampler not in limits.samplers:
-        raise PipelineError(f"unknown scheduler {sampler!r}; expected one of {', '.join(limits.samplers)}")
-    if karras not in (None, True, False):
-        raise PipelineError(f"karras must be True, False or None; got {karras!r}")
-    if eta < 0 or (eta > 0 and sampler != "ddim"):
-        raise PipelineError(f"eta must be >= 0 and applies to the ddim sampler only; got eta={eta} for {sampler!r}")
+    sampler = _sampler(limits, scheduler, karras, eta)
     strength = _strength(mode, strength)
     interval = _cache(limits, cache_interval, cache_schedule)
     if prompt_syntax not in SYNTAXES:
@@ -220,11 +214,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     memory = check_memory(limits, batch, height, width, guided=scale > 1.0, encodes=mode != "txt2img")
     images, masks, plan = _load_images(images, masks, plan, height, width)
     shape = (batch, limits.latent_channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
-    seeds, variation = make_variation(_seeds(seed, batch), seed, subseed, subseed_strength, seed_resize_from,
-                                      scale=limits.vae_scale_factor, max_image=limits.max_image)
-    if variation is not None and noise is not None:
-        raise PipelineError("explicit latents / noise replace the seeded initial noise, which variation seeds and "
-                            "seed_resize_from make: send one or the other", field="subseed_strength")
+    seeds, variation = _variation(limits, seed, batch, subseed, subseed_strength, seed_resize_from, noise)
     request = Request(
         mode=mode, prompts=prompts, negative_prompts=negatives, images_per_prompt=n_per, height=height, width=width,
         steps=steps, guidance_scale=scale, guidance_rescale=rescale, sampler=sampler, karras=karras, eta=eta,
@@ -237,6 +227,29 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult, tiling=tiling,
     )
     return request if hires is None else replace(request, hires=hires_fix.make_pass(limits, request, hires, vae_tiling))
+
+
+def _sampler(limits: Limits, scheduler: str | None, karras: Any, eta: float) -> str:
+    """The request's sampler (the folder's default when None), checked with its karras and eta."""
+    sampler = limits.default_sampler if scheduler is None else scheduler
+    if sampler not in limits.samplers:
+        raise PipelineError(f"unknown scheduler {sampler!r}; expected one of {', '.join(limits.samplers)}")
+    if karras not in (None, True, False):
+        raise PipelineError(f"karras must be True, False or None; got {karras!r}")
+    if eta < 0 or (eta > 0 and sampler != "ddim"):
+        raise PipelineError(f"eta must be >= 0 and applies to the ddim sampler only; got eta={eta} for {sampler!r}")
+    return sampler
+
+
+def _variation(limits: Limits, seed: Any, batch: int, subseed: Any, strength: Any, resize_from: Any,
+               noise: Any) -> tuple[tuple[int, ...], Variation | None]:
+    """(one seed per image, the variation-seed settings or None): runtime/sampling/variation.py."""
+    seeds, variation = make_variation(_seeds(seed, batch), seed, subseed, strength, resize_from,
+                                      scale=limits.vae_scale_factor, max_image=limits.max_image)
+    if variation is not None and noise is not None:
+        raise PipelineError("explicit latents / noise replace the seeded initial noise, which variation seeds and "
+                            "seed_resize_from make: send one or the other", field="subseed_strength")
+    return seeds, variation
 
 
 def check_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool) -> int | None:

@@ -27,8 +27,7 @@ import pytest
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).parent.parent
-sys.path.insert(0, str(GOLDEN))
-import render  # noqa: E402  (tests/golden/render.py)
+from golden import render  # noqa: E402  (tests/golden/render.py)
 
 
 def machine_signature() -> str:

@@ -1,0 +1,1 @@
+"""The golden image set (tests/test_golden.py): render.py renders it."""
