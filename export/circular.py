@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from export.external_data import share_weights
+from export.rewrite import swapped
 from runtime.folder.networks import STEP_CACHE_NETWORKS, TILING_NETWORKS, base_network
 
 # The padding mode A1111's `apply_circular(True)` sets (torch.nn.Conv2d `padding_mode`)
@@ -40,19 +41,17 @@ def _padded(conv: nn.Module) -> bool:
 
 def circular_padding(module: nn.Module) -> nn.Module:
     """`module` with every padded `nn.Conv2d` switched to circular padding: a shallow copy along the
-    path to each such convolution, sharing every parameter; `module` itself is not modified.
-    Returns `module` when it has no padded convolution."""
-    if _padded(module):
-        conv = copy.copy(module)  # shares the parameter dict: same weights
-        conv.padding_mode = CIRCULAR
-        return conv
-    children = {name: circular_padding(child) for name, child in module.named_children()}
-    if all(children[name] is child for name, child in module.named_children()):
-        return module
-    clone = copy.copy(module)
-    clone._modules = dict(module._modules)
-    clone._modules.update(children)
-    return clone
+    path to each such convolution, sharing every parameter (export/rewrite.py); `module` itself is
+    not modified. Returns `module` when it has no padded convolution."""
+    return swapped(module, _circular)
+
+
+def _circular(module: nn.Module) -> nn.Module | None:
+    if not _padded(module):
+        return None
+    conv = copy.copy(module)  # shares the parameter dict: same weights
+    conv.padding_mode = CIRCULAR
+    return conv
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,12 @@ with `module` except the upsamplers, which it replaces; `module` itself is not m
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.rewrite import swapped
 from export.unet import Upsample2D
 
 # Row k of TAPS: which of the 3x3 kernel's taps (w[-1], w[0], w[1]) sum into tap k of the
@@ -82,14 +82,6 @@ class TransposedUpsample2D(nn.Module):
 
 def transposed_upsamplers(module: nn.Module) -> nn.Module:
     """`module` with every `Upsample2D` replaced by a `TransposedUpsample2D`: a shallow copy along
-    the path to each replaced module, sharing all other submodules and parameters; `module` is not
-    modified. Returns `module` itself when it has no `Upsample2D`."""
-    if isinstance(module, Upsample2D):
-        return TransposedUpsample2D(module)
-    children = {name: transposed_upsamplers(child) for name, child in module.named_children()}
-    if all(children[name] is child for name, child in module.named_children()):
-        return module
-    clone = copy.copy(module)
-    clone._modules = dict(module._modules)
-    clone._modules.update(children)
-    return clone
+    the path to each replaced module, sharing all other submodules and parameters (export/rewrite.py);
+    `module` is not modified. Returns `module` itself when it has no `Upsample2D`."""
+    return swapped(module, lambda m: TransposedUpsample2D(m) if isinstance(m, Upsample2D) else None)
