@@ -7,9 +7,10 @@ import os
 import platform
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from benchmarks import protocol
 
 # CPU flags that change which kernels the engines pick (Linux /proc/cpuinfo names).
 INTERESTING_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -61,13 +62,8 @@ def load_average() -> list[float] | None:
 
 
 def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    """Python's version and each of PACKAGES' (None when absent), as the workers report theirs."""
+    return protocol.versions(PACKAGES)
 
 
 def git_commit(root: Path) -> dict[str, Any]:
