@@ -23,11 +23,13 @@ import numpy as np
 from runtime.imaging import images as imgs
 from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
+from runtime.families import family_of
 from runtime.folder.manifest import Manifest
 from runtime.folder.networks import STEP_CACHE_NETWORKS
 from runtime.text.prompt_syntax import SYNTAXES
 from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
+from runtime.scheduler import eta_refusal
 
 if TYPE_CHECKING:
     from runtime.scheduler import Schedule
@@ -57,6 +59,7 @@ class Limits:
     vae_max_image: int | None = None  # the largest side the VAE graphs take whole (manifest shapes "vae_max_image")
     memory: MemoryModel | None = None  # runtime/memory.py: the folder's memory estimate (None: no check)
     max_memory: int | None = None  # bytes a request's estimate may reach (None: no limit)
+    guidance_batch: bool = True  # its family runs an unconditional batch under guidance (runtime/families.py)
 
     @classmethod
     def from_manifest(cls, m: Manifest, default_sampler: str, samplers: tuple[str, ...]) -> "Limits":
@@ -69,7 +72,7 @@ class Limits:
                    latent_channels=m.dims.latent_channels, default_size=default,
                    inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1, default_sampler=default_sampler,
                    samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS),
-                   vae_max_image=m.shapes.get("vae_max_image", hi))
+                   vae_max_image=m.shapes.get("vae_max_image", hi), guidance_batch=family_of(m.family).guidance_batch)
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,6 +106,7 @@ class Request:
     prompt_syntax: str = "a1111"  # A1111 emphasis and BREAK where a prompt uses them; "none": literal
     vae_tile: int | None = None  # VAE tiles of this many latent pixels (runtime/imaging/tiling.py); None: whole
     memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
+    guidance_batch: bool = True  # Limits.guidance_batch of its folder: whether guidance > 1 runs an uncond batch
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
@@ -119,8 +123,9 @@ class Request:
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance on (an unconditional pass runs)."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance on (an unconditional pass runs): never for a family that embeds
+        the scale instead (an LCM-distilled U-Net)."""
+        return self.guidance_batch and self.guidance_scale > 1.0
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine batch."""
@@ -177,8 +182,8 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         raise PipelineError(f"unknown scheduler {sampler!r}; expected one of {', '.join(limits.samplers)}")
     if karras not in (None, True, False):
         raise PipelineError(f"karras must be True, False or None; got {karras!r}")
-    if eta < 0 or (eta > 0 and sampler != "ddim"):
-        raise PipelineError(f"eta must be >= 0 and applies to the ddim sampler only; got eta={eta} for {sampler!r}")
+    if eta_refusal(sampler, eta):  # the sampler's record says which eta it takes (runtime/scheduler.py)
+        raise PipelineError(eta_refusal(sampler, eta), field="eta")
     strength = _strength(mode, strength)
     interval = _cache(limits, cache_interval, cache_schedule)
     if prompt_syntax not in SYNTAXES:
@@ -186,7 +191,11 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     images, masks, (dh, dw) = _images(limits, mode, image, mask_image, len(prompts))
     height, width = _size(limits, dh if height is None else height, dw if width is None else width)
     tile = _vae_tile(limits, vae_tiling, height, width)
-    memory = check_memory(limits, batch, height, width, guided=scale > 1.0, encodes=mode != "txt2img")
+    if rescale and not limits.guidance_batch:
+        raise PipelineError("guidance_rescale applies to classifier-free guidance, which this folder's U-Net does not "
+                            "run (it embeds the guidance scale): leave it at 0", field="guidance_rescale")
+    guided = limits.guidance_batch and scale > 1.0
+    memory = check_memory(limits, batch, height, width, guided=guided, encodes=mode != "txt2img")
     if images is not None:
         images = tuple(_frozen(imgs.load_image(im, height, width)) for im in images)
     if masks is not None:
@@ -201,7 +210,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         masked_encode_noise=(_explicit(masked_encode_noise, shape, "masked_encode_noise")
                              if mode == "inpaint" and limits.inpainting_unet else None),
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
-        memory=memory,
+        memory=memory, guidance_batch=limits.guidance_batch,
     )
 
 
