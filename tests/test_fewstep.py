@@ -154,6 +154,19 @@ def test_lcm_folder_manifest_and_contract(lcm_model):
         assert e.value.field == "guidance_rescale"
 
 
+def test_manifest_family_and_guidance_embedding_agree(lcm_model):
+    from runtime.errors import ManifestError
+    from runtime.folder.manifest import Manifest
+
+    _, engine = lcm_model
+    d = json.loads((engine / "manifest.json").read_text())
+    with pytest.raises(ManifestError, match=r"family 'sd1' with dims.time_cond_proj_dim 32"):
+        Manifest.from_dict(dict(d, family="sd1"))
+    dims = {k: v for k, v in d["dims"].items() if k != "time_cond_proj_dim"}
+    with pytest.raises(ManifestError, match=r"family 'sd1-lcm' with dims.time_cond_proj_dim 0"):
+        Manifest.from_dict(dict(d, dims=dims))
+
+
 def test_reference_unet_matches_diffusers_with_timestep_cond(lcm_model):
     """Our PyTorch reference, loaded from the folder (strict keys: time_embedding.cond_proj.weight),
     against diffusers' U-Net on the same inputs."""

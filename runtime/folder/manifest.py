@@ -150,6 +150,10 @@ class Manifest:
             shapes=_shapes(d["shapes"], where), precision=d["precision"], networks=_networks(d["networks"], where),
             created=d.get("created", ""), **extras,
         )
+        if manifest.family.endswith("-lcm") != bool(manifest.dims.time_cond_proj_dim):
+            raise ManifestError(f"{where}: family {manifest.family!r} with dims.time_cond_proj_dim "
+                                f"{manifest.dims.time_cond_proj_dim}: the LCM families' U-Nets, and only they, take "
+                                "a guidance embedding (time_cond_proj_dim > 0)")
         opened_files(manifest)  # the entries that name files (backends' included) have the right types
         return manifest
 
