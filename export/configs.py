@@ -46,7 +46,6 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
     "projection_class_embeddings_input_dim": (None,),
@@ -119,6 +118,9 @@ class UNetConfig:
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
     sample_size: int = 64
+    # LCM-distilled U-Nets (Luo et al. arXiv:2310.04378 §4.2): the width of the guidance-scale
+    # embedding projected into the timestep embedding (diffusers `time_embedding.cond_proj`); None: none
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
@@ -166,6 +168,8 @@ class UNetConfig:
         d: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
         for k, v in asdict(self).items():
             d[k] = list(v) if isinstance(v, tuple) else v
+        if self.time_cond_proj_dim is None:  # written only where set: configs of other U-Nets stay as they were
+            del d["time_cond_proj_dim"]
         d.update(act_fn="silu", center_input_sample=False, mid_block_type="UNetMidBlock2DCrossAttn")
         return d
 
@@ -248,9 +252,19 @@ def scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
 
 def infer_family(unet: UNetConfig) -> str:
     """SD 2.x U-Nets use linear projections in their transformers (SD 1.x: 1x1 convolutions);
-    inpainting U-Nets take 9 input channels."""
+    inpainting U-Nets take 9 input channels; LCM-distilled U-Nets embed the guidance scale
+    (`time_cond_proj_dim`)."""
     base = "sd2" if unet.use_linear_projection else "sd1"
+    if unet.time_cond_proj_dim:
+        if unet.in_channels == 9:
+            raise ValueError("an inpainting U-Net with a guidance embedding (time_cond_proj_dim) is not supported")
+        return f"{base}-lcm"
     return f"{base}-inpaint" if unet.in_channels == 9 else base
+
+
+def family_base(family: str) -> str:
+    """"sd1" or "sd2" of a family name ("sd1-inpaint" -> "sd1")."""
+    return family.split("-")[0]
 
 
 @dataclass(frozen=True)
@@ -281,6 +295,7 @@ class ModelSpec:
             unet_in_channels=self.unet.in_channels,
             vae_scale_factor=self.vae.vae_scale_factor,
             text_hidden_size=self.text_encoder["hidden_size"],
+            time_cond_proj_dim=self.unet.time_cond_proj_dim or 0,
         )
 
 

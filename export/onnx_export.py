@@ -102,14 +102,16 @@ class TextEncoderWrapper(nn.Module):
 
 
 class UNetWrapper(nn.Module):
-    """sample, timestep [batch], encoder_hidden_states -> noise_pred."""
+    """sample, timestep [batch], encoder_hidden_states (, timestep_cond for an LCM-distilled U-Net)
+    -> noise_pred."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond)
 
 
 class UNetDeepWrapper(nn.Module):
@@ -190,6 +192,9 @@ def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
 def step_cache_dims(spec: Any, branch: int) -> ModelDims:
     """The model dims of a folder with step-cache graphs for `branch`: the spec's, plus the cached
     feature's channels and level (runtime/folder/networks.py `cache_feature_spec`)."""
+    if spec.unet.time_cond_proj_dim:
+        raise ValueError("step caching (--step-cache) is not implemented for LCM-distilled U-Nets "
+                         "(time_cond_proj_dim); build without it")
     split = cache_split(spec.unet, branch)
     return replace(spec.dims, cache_channels=split.channels, cache_level=split.level)
 

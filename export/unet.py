@@ -37,12 +37,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, cin: int, dim: int):
+    """MLP over the sinusoidal timestep embedding. With `cond_dim` (an LCM-distilled U-Net's
+    time_cond_proj_dim), the guidance-scale embedding is first projected, without bias, and added to
+    its input (diffusers TimestepEmbedding `cond_proj`; Luo et al. arXiv:2310.04378 §4.2)."""
+
+    def __init__(self, cin: int, dim: int, cond_dim: int | None = None):
         super().__init__()
+        self.cond_proj = nn.Linear(cond_dim, cin, bias=False) if cond_dim else None
         self.linear_1 = nn.Linear(cin, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
@@ -309,7 +316,7 @@ class UNet2DConditionModel(nn.Module):
         self.config = config
         ch, heads = config.block_out_channels, config.num_heads
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim)
+        self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim, config.time_cond_proj_dim)
         last = len(ch) - 1
         self.down_blocks = nn.ModuleList(
             DownBlock(ch[max(i - 1, 0)], ch[i], heads[i], t == "CrossAttnDownBlock2D", i == last, config)
@@ -324,11 +331,12 @@ class UNet2DConditionModel(nn.Module):
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """sample [b, in_channels, lh, lw], timestep [] or [b] (or [1]), encoder_hidden_states
-        [b, tokens, cross_attention_dim] -> noise prediction [b, out_channels, lh, lw]."""
-        return self._full(sample, timestep, encoder_hidden_states, None)[0]
+        [b, tokens, cross_attention_dim], and for an LCM-distilled U-Net timestep_cond [b,
+        time_cond_proj_dim] (the guidance-scale embedding) -> noise prediction [b, out_channels, lh, lw]."""
+        return self._full(sample, timestep, encoder_hidden_states, None, timestep_cond)[0]
 
     def forward_deep(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                      branch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,15 +355,20 @@ class UNet2DConditionModel(nn.Module):
         skips = self._down(self.conv_in(sample), temb, encoder_hidden_states, limit=split.branch + 1)
         return self._up(feature, skips, temb, encoder_hidden_states, start=split)[0]
 
-    def _time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def _time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor,
+                        timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
+        if (timestep_cond is None) != (cfg.time_cond_proj_dim is None):
+            raise ValueError("an LCM-distilled U-Net (time_cond_proj_dim) takes timestep_cond, and only it does")
         t = timestep.reshape(-1).expand(sample.shape[0])
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        return self.time_embedding(temb.to(sample.dtype))  # [b, time_embed_dim]
+        cond = None if timestep_cond is None else timestep_cond.to(sample.dtype)
+        return self.time_embedding(temb.to(sample.dtype), cond)  # [b, time_embed_dim]
 
     def _full(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-              capture: CacheSplit | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        temb = self._time_embedding(sample, timestep)
+              capture: CacheSplit | None, timestep_cond: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        temb = self._time_embedding(sample, timestep, timestep_cond)
         skips = self._down(self.conv_in(sample), temb, context)
         x = self.mid_block(skips[-1], temb, context)  # the last skip is the down path's output
         return self._up(x, skips, temb, context, capture=capture)

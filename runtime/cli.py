@@ -63,7 +63,7 @@ def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
     karras = p.add_mutually_exclusive_group()
     karras.add_argument("--karras", dest="karras", action="store_true", default=None, help="Karras sigmas")
     karras.add_argument("--no-karras", dest="karras", action="store_false", help="no Karras sigmas")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: 0)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta, or TCD's gamma in [0, 1] (default: 0)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed and stored)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels")
     p.add_argument("--width", type=int, default=None, help="image width in pixels")

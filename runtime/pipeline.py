@@ -384,7 +384,7 @@ class Pipeline:
             out = stages.denoise(self._unet_fn(r, len(schedule.timesteps)), schedule, self.family, cond, noise,
                                  latents, guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, eta=r.eta,
                                  rng=rng, callback=_split_callback(prepared, callbacks),
-                                 on_call=_on_call(bar, should_stop))
+                                 on_call=_on_call(bar, should_stop), dims=self.manifest.dims)
         finally:
             bar.close()
         timings["denoise"] = time.perf_counter() - t0

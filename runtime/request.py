@@ -25,12 +25,14 @@ from runtime.imaging import inpainting
 from runtime.imaging import images as imgs
 from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
+from runtime.families import family_of
 from runtime.folder.manifest import Manifest
 from runtime.folder.networks import STEP_CACHE_NETWORKS, TILING_NETWORKS
 from runtime.text.prompt_syntax import SYNTAXES
 from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
 from runtime.sampling.variation import Variation, make_variation
+from runtime.scheduler import eta_refusal
 
 if TYPE_CHECKING:
     from runtime.scheduler import Schedule
@@ -61,6 +63,7 @@ class Limits:
     memory: MemoryModel | None = None  # runtime/memory.py: the folder's memory estimate (None: no check)
     max_memory: int | None = None  # bytes a request's estimate may reach (None: no limit)
     tiling: bool = False  # the folder has the circular-padded graphs (build-engine --tiling)
+    guidance_batch: bool = True  # its family runs an unconditional batch under guidance (runtime/families.py)
 
     @classmethod
     def from_manifest(cls, m: Manifest, default_sampler: str, samplers: tuple[str, ...]) -> "Limits":
@@ -74,7 +77,7 @@ class Limits:
                    inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1, default_sampler=default_sampler,
                    samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS),
                    vae_max_image=m.shapes.get("vae_max_image", hi),
-                   tiling=all(n in m.networks for n in TILING_NETWORKS))
+                   tiling=all(n in m.networks for n in TILING_NETWORKS), guidance_batch=family_of(m.family).guidance_batch)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +117,7 @@ class Request:
     memory: int | None = None  # its estimated peak bytes (runtime/memory.py), None without a memory model
     variation: Variation | None = None  # variation seeds / seed resizing (runtime/sampling/variation.py); None: off
     hires: Any = None  # txt2img's hires fix (runtime/hires.py HiresPass): a second, img2img pass
+    guidance_batch: bool = True  # Limits.guidance_batch of its folder: whether guidance > 1 runs an uncond batch
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
@@ -130,8 +134,9 @@ class Request:
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance on (an unconditional pass runs)."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance on (an unconditional pass runs): never for a family that embeds
+        the scale instead (an LCM-distilled U-Net)."""
+        return self.guidance_batch and self.guidance_scale > 1.0
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine batch."""
@@ -211,7 +216,8 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     height, width = _size(limits, dh if height is None else height, dw if width is None else width)
     tile = _vae_tile(limits, vae_tiling, height, width)
     tiling = _tiling(limits, tiling, interval, tile)
-    memory = check_memory(limits, batch, height, width, guided=scale > 1.0, encodes=mode != "txt2img")
+    memory = check_memory(limits, batch, height, width, guided=_guided(limits, scale, rescale),
+                          encodes=mode != "txt2img")
     images, masks, plan = _load_images(images, masks, plan, height, width)
     shape = (batch, limits.latent_channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
     seeds, variation = _variation(limits, seed, batch, subseed, subseed_strength, seed_resize_from, noise)
@@ -225,6 +231,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                              if mode == "inpaint" and limits.inpainting_unet else None),
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
         memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult, tiling=tiling,
+        guidance_batch=limits.guidance_batch,
     )
     return request if hires is None else replace(request, hires=hires_fix.make_pass(limits, request, hires, vae_tiling))
 
@@ -236,9 +243,18 @@ def _sampler(limits: Limits, scheduler: str | None, karras: Any, eta: float) -> 
         raise PipelineError(f"unknown scheduler {sampler!r}; expected one of {', '.join(limits.samplers)}")
     if karras not in (None, True, False):
         raise PipelineError(f"karras must be True, False or None; got {karras!r}")
-    if eta < 0 or (eta > 0 and sampler != "ddim"):
-        raise PipelineError(f"eta must be >= 0 and applies to the ddim sampler only; got eta={eta} for {sampler!r}")
+    if eta_refusal(sampler, eta):  # the sampler's record says which eta it takes (runtime/scheduler.py)
+        raise PipelineError(eta_refusal(sampler, eta), field="eta")
     return sampler
+
+
+def _guided(limits: Limits, scale: float, rescale: float) -> bool:
+    """Whether the request runs classifier-free guidance's unconditional batch: never for a family
+    that embeds the guidance scale instead (runtime/families.py), where guidance_rescale is refused."""
+    if rescale and not limits.guidance_batch:
+        raise PipelineError("guidance_rescale applies to classifier-free guidance, which this folder's U-Net does not "
+                            "run (it embeds the guidance scale): leave it at 0", field="guidance_rescale")
+    return limits.guidance_batch and scale > 1.0
 
 
 def _variation(limits: Limits, seed: Any, batch: int, subseed: Any, strength: Any, resize_from: Any,

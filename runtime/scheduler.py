@@ -40,11 +40,12 @@ from runtime.sampling import schedules as S
 from runtime.sampling import timesteps
 from runtime.sampling.samplers import (PREDICTION_TYPES, Model, ab_to_sigma, make_denoiser, no_after, sample_ddim,
                                        sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral,
-                                       sample_heun, sample_lcm, sample_lms, sample_pndm, sample_unipc, sigma_alpha)
+                                       sample_heun, sample_lcm, sample_lms, sample_pndm, sample_tcd, sample_unipc,
+                                       sigma_alpha)
 from runtime.sampling.schedules import SchedulerError
 
 __all__ = ["REGISTRY", "SAMPLERS", "SCHEDULER_CLASSES", "Sampler", "Schedule", "SchedulerError", "default_sampler",
-           "guidance", "inpaint_unet_input", "make_denoiser", "make_schedule", "prepare_latents", "sample",
+           "eta_refusal", "guidance", "inpaint_unet_input", "make_denoiser", "make_schedule", "prepare_latents", "sample",
            "stack_channels"]
 
 BETA_SCHEDULES = S.BETA_SCHEDULES
@@ -75,7 +76,9 @@ class Sampler:
     of that class setting another value is refused, not run as something else; keys a config omits
     take the first value). `a1111`: AUTOMATIC1111's display name then its aliases (v1.10
     modules/sd_samplers_*.py); `a1111_karras_default`: A1111 v1.9+ runs its "Automatic" schedule as
-    Karras; `a1111_timesteps`: A1111 runs it on its own timesteps, ignoring the schedule type."""
+    Karras; `a1111_timesteps`: A1111 runs it on its own timesteps, ignoring the schedule type.
+    `eta_max`: the `eta` it takes, in [0, eta_max] (DDIM's eta, arXiv:2010.02502 eq. 16, unbounded;
+    TCD's gamma, arXiv:2402.19159 §4.3, at most 1 as diffusers' TCDScheduler.step asserts)."""
 
     name: str
     step: Callable[..., np.ndarray]
@@ -89,8 +92,9 @@ class Sampler:
     karras: bool = False  # takes Karras sigmas (karras=True)
     karras_only: bool = False  # always Karras sigmas
     ve: bool = False  # variance-exploding latents, k-diffusion style (module doc)
-    stochastic: bool = False  # draws noise every step (ddim only when eta > 0)
+    stochastic: bool = False  # draws noise every step (ddim and tcd only when eta > 0)
     clipping: bool = False  # its diffusers class has clip_sample
+    eta_max: float = 0.0  # the largest `eta` it takes (0: none); its step reads eta, noising when eta > 0
 
 
 # Step functions: each feeds one pure sampler the arrays its timestep builder planned.
@@ -140,15 +144,24 @@ def _lcm(denoise, x, s, *, rng, eta, after):
                       clip=s.clip, after=after)
 
 
+def _tcd(denoise, x, s, *, rng, eta, after):
+    p = s.plan
+    return sample_tcd(denoise, x, s.timesteps, p["ab"], p["ab_to"], p["t_to"], p["ac"], p["last"], eta=eta, rng=rng,
+                      after=after)
+
+
 _DPMPP_SETTINGS = {"solver_order": (2,), "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint",),
                    "lower_order_final": (True,), "euler_at_final": (False,), "final_sigmas_type": ("zero",),
                    "variance_type": (None,), "use_karras_sigmas": (False, True)}
 _LEADING = {"timestep_spacing": "leading"}
+# LCMScheduler's and TCDScheduler's defaults (diffusers 0.42: the two share their __init__ arguments)
+_LCM_DEFAULTS = {**_LEADING, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                 "set_alpha_to_one": True, "original_inference_steps": 50, "timestep_scaling": 10.0}
 # The registry, in the order samplers are listed (SAMPLERS; A1111's /sdapi/v1/samplers).
 REGISTRY: Mapping[str, Sampler] = MappingProxyType({r.name: r for r in (
     Sampler("ddim", _ddim, timesteps.build_ddim, "DDIMScheduler",
             {**_LEADING, "clip_sample": True, "set_alpha_to_one": True}, a1111=("DDIM", "ddim"), a1111_timesteps=True,
-            clipping=True),
+            clipping=True, eta_max=math.inf),
     Sampler("ddpm", _ddpm, timesteps.build_ddpm, "DDPMScheduler",
             {**_LEADING, "clip_sample": True, "variance_type": "fixed_small"},
             a1111=("DDPM",), stochastic=True, clipping=True),  # DDPM: Forge's name; A1111 has none
@@ -173,10 +186,11 @@ REGISTRY: Mapping[str, Sampler] = MappingProxyType({r.name: r for r in (
                          "lower_order_final": (True,), "disable_corrector": ((), []), "solver_p": (None,),
                          "final_sigmas_type": ("zero",)},
             a1111=("UniPC", "unipc"), a1111_timesteps=True, karras=True),
-    Sampler("lcm", _lcm, timesteps.build_lcm, "LCMScheduler",
-            {**_LEADING, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-             "set_alpha_to_one": True, "original_inference_steps": 50, "timestep_scaling": 10.0},
+    Sampler("lcm", _lcm, timesteps.build_lcm, "LCMScheduler", _LCM_DEFAULTS,
             a1111=("LCM", "k_lcm"), stochastic=True, clipping=True),
+    # TCD: A1111 v1.10 and Forge have none; "TCD" / "tcd" are the names the A1111 extension
+    # licyk/sd-webui-tcd-sampler (scripts: NAME = 'TCD', ALIAS = 'tcd') registers
+    Sampler("tcd", _tcd, timesteps.build_tcd, "TCDScheduler", _LCM_DEFAULTS, a1111=("TCD", "tcd"), eta_max=1.0),
 )})
 SAMPLERS: tuple[str, ...] = tuple(REGISTRY)
 # diffusers scheduler `_class_name` (the manifest's scheduler config) -> our sampler: the first record
@@ -215,6 +229,21 @@ class Schedule:
 
 # ----------------------------------------------------------------------------------------------
 # Schedule construction
+
+
+def eta_refusal(sampler: str, eta: float) -> str | None:
+    """Why `eta` is refused for `sampler` (None where the record takes it): one message for the
+    request layer and `sample`."""
+    top = REGISTRY[sampler].eta_max
+    if 0.0 <= eta <= top:
+        return None
+    if eta < 0:
+        return f"eta must be >= 0; got eta={eta}"
+    takers = ", ".join(f"{r.name} (at most {r.eta_max:g})" if math.isfinite(r.eta_max) else r.name
+                       for r in REGISTRY.values() if r.eta_max > 0)
+    if top == 0:
+        return f"eta applies to {takers} only; got eta={eta} for {sampler!r}: leave it at 0"
+    return f"eta for {sampler!r} must be in [0, {top:g}]; got {eta}"
 
 
 def default_sampler(config: dict | None) -> str:
@@ -419,7 +448,7 @@ def sample(schedule: Schedule, model: Model, latents: np.ndarray, *, rng: np.ran
     """Run the sampler; returns the final latents (float32). ``latents`` is not modified.
 
     ``model(x_in, t)``: raw network output for input-scaled latents x_in (float32) at timestep t (float).
-    ``rng``: noise source of ddpm, euler_a, lcm and ddim with eta > 0 (``rng.standard_normal(shape,
+    ``rng``: noise source of ddpm, euler_a, lcm, and ddim and tcd with eta > 0 (``rng.standard_normal(shape,
     dtype=np.float32)`` per step). ``known=(image_latents, mask, noise)``: after each network call,
     x = (1 - mask) * image_latents noised to the next call's level + mask * x, and the clean image
     latents after the last call (diffusers' inpainting pipeline for 4-channel U-Nets; mask 1 = repaint).
@@ -428,11 +457,9 @@ def sample(schedule: Schedule, model: Model, latents: np.ndarray, *, rng: np.ran
     x = np.array(latents, dtype=np.float64)
     if x.ndim != 4:
         raise SchedulerError(f"latents must be [batch, channels, height, width], got shape {x.shape}")
-    if eta < 0:
-        raise SchedulerError(f"eta must be >= 0, got {eta}")
-    if eta > 0 and schedule.sampler != "ddim":
-        raise SchedulerError(f"eta applies to 'ddim' only, got eta={eta} for {schedule.sampler!r}")
     record = REGISTRY[schedule.sampler]
+    if eta_refusal(schedule.sampler, eta):
+        raise SchedulerError(eta_refusal(schedule.sampler, eta))
     if rng is None and (record.stochastic or eta > 0):
         raise SchedulerError(f"sampler {schedule.sampler!r} draws noise: pass rng=np.random.Generator")
     after = _make_after(schedule, x.shape, known, callback)

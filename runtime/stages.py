@@ -39,6 +39,7 @@ from runtime.imaging import tiling as vae_tiling
 from runtime.engines.base import Engine
 from runtime.errors import ManifestError, PipelineError
 from runtime.families import Family
+from runtime.folder.networks import ModelDims
 
 if TYPE_CHECKING:
     from runtime.request import Request
@@ -275,15 +276,18 @@ def engine_unet(unet: Engine) -> UnetFn:
 def denoise(unet: UnetFn, schedule: sch.Schedule, family: Family, text_embeddings: Conditioning,
             noise: np.ndarray, image_latents: ImageLatents, *, guidance_scale: float, guidance_rescale: float,
             eta: float, rng: Any, callback: Callable[[int, float, np.ndarray], None] | None = None,
-            on_call: Callable[[int], None] | None = None) -> np.ndarray:
+            on_call: Callable[[int], None] | None = None, dims: ModelDims | None = None) -> np.ndarray:
     """Run the sampler from `noise` (and the init latents, if any) to the final latents.
 
     The family (runtime/families.py) turns the text embeddings into the U-Net's conditioning inputs
     and names the image latents stacked onto its sample. `unet(sample, timestep[batch], inputs)` is
     called once per sampler evaluation, on the guidance batch [uncond..., cond...]; `on_call(i)` runs
-    before network call i (progress, cancellation); `callback(i, t, latents)` after it."""
-    cond, uncond = family.unet_inputs(text_embeddings.cond, text_embeddings.uncond)
-    guided = sch.guidance(unet, cond, uncond, guidance_scale, guidance_rescale)
+    before network call i (progress, cancellation); `callback(i, t, latents)` after it. `dims`: the
+    folder's model dims, for families whose inputs need them (an LCM U-Net's guidance embedding)."""
+    cond, uncond = family.unet_inputs(text_embeddings.cond, text_embeddings.uncond, guidance_scale=guidance_scale,
+                                      dims=dims)
+    # a family without a guidance batch takes the scale in its inputs: the U-Net runs once, conditional only
+    guided = sch.guidance(unet, cond, uncond, guidance_scale if family.guidance_batch else 1.0, guidance_rescale)
     extras = {name: getattr(image_latents, name) for name in family.sample_extras}
     if any(v is None for v in extras.values()):
         raise PipelineError(f"the {family.name} U-Net takes {', '.join(family.sample_extras)} with its latents: "

@@ -150,7 +150,7 @@ def test_sampler_names_unsupported():
     from runtime.scheduler import SAMPLERS
 
     assert {s.ours for s in sampler_names.A1111_SAMPLERS} | {"dpmpp_2m_karras"} == set(SAMPLERS)
-    assert "DPM++ 2M" in sampler_names.sampler_names() and len(sampler_names.sampler_names()) == 10
+    assert "DPM++ 2M" in sampler_names.sampler_names() and len(sampler_names.sampler_names()) == 11
 
 
 # --- the command line -------------------------------------------------------------------------

@@ -5,7 +5,7 @@ network. diffusers (test-only reference, 0.42) runs its own scheduler loop the w
 StableDiffusion(Img2Img|Inpaint)Pipeline does (set_timesteps, get_timesteps / set_begin_index,
 scale_model_input, step, add_noise); we run make_schedule / prepare_latents / sample.
 
-Noise of stochastic samplers (ddpm, euler_a, lcm, ddim with eta > 0): diffusers draws
+Noise of stochastic samplers (ddpm, euler_a, lcm; ddim and tcd with eta > 0): diffusers draws
 ``torch.randn(shape, generator=g)`` once per step from a seeded CPU ``torch.Generator``; our samplers
 draw ``rng.standard_normal(shape, dtype=float32)`` once per step. The test passes our sampler a small
 adapter whose ``standard_normal`` returns draws from an identically seeded torch generator, so both
@@ -46,7 +46,7 @@ CLASSES = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
     "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler", "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler", "lcm": "LCMScheduler",
+    "unipc": "UniPCMultistepScheduler", "lcm": "LCMScheduler", "tcd": "TCDScheduler",
 }
 STOCHASTIC = ("ddpm", "euler_a", "lcm")
 
@@ -96,7 +96,7 @@ def reference(sampler, config, n, noise, *, strength=1.0, init=None, known=None,
     x_start = x.numpy().copy()
     gen = torch.Generator().manual_seed(seed)
     kwargs = {"generator": gen} if sampler in STOCHASTIC else {}
-    if sampler == "ddim":
+    if R.REGISTRY[sampler].eta_max > 0:  # ddim, tcd: eta passed always (TCDScheduler.step's default is 0.3)
         kwargs = {"eta": eta, "generator": gen}
     for i, t in enumerate(ts):
         out = torch.from_numpy(unet(sch.scale_model_input(x, t).numpy(), float(t)))
@@ -184,6 +184,16 @@ def test_clip_sample_defaults(sampler):
 @pytest.mark.parametrize("eta", [0.5, 1.0])
 def test_ddim_eta_parity(eta):
     check("ddim", dict(SD_CONFIG, timestep_spacing="trailing"), 10, eta=eta)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("steps", [1, 4, 8])
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_tcd_eta_parity(eta, steps):
+    """TCD's gamma (eta): s = floor((1 - gamma) t') and the forward re-noising, its draws fed as diffusers'."""
+    check("tcd", dict(SD_CONFIG, _class_name="TCDScheduler"), steps, eta=eta)
+    if steps > 1:
+        check("tcd", dict(SD_CONFIG, _class_name="TCDScheduler"), steps, eta=eta, strength=0.6, init=arrays()[1])
 
 
 @needs_diffusers
@@ -400,8 +410,10 @@ def test_sample_errors():
         R.sample(sch, lambda x, t: x[:, :2], lat)
     with pytest.raises(SchedulerError, match=r"draws noise: pass rng"):
         R.sample(R.make_schedule(SD_CONFIG, "euler_a", 4), unet, lat)
-    with pytest.raises(SchedulerError, match=r"eta applies to 'ddim' only"):
+    with pytest.raises(SchedulerError, match=r"eta applies to ddim, tcd \(at most 1\) only; got eta=0.5 for 'eul"):
         R.sample(sch, unet, lat, eta=0.5)
+    with pytest.raises(SchedulerError, match=r"eta for 'tcd' must be in \[0, 1\]; got 1.5"):
+        R.sample(R.make_schedule(SD_CONFIG, "tcd", 4), unet, lat, eta=1.5, rng=np.random.default_rng(0))
     with pytest.raises(SchedulerError, match=r"uncond shape"):
         R.guidance(_unet3, {"c": np.zeros(2, np.float32)}, None, 7.5)
 

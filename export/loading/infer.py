@@ -142,6 +142,8 @@ def infer_unet_fields(sd: StateDict) -> dict[str, Any]:
         "layers_per_block": layout.layers_per_block,
         "transformer_layers_per_block": _count(sd, re.escape(attn) + r"transformer_blocks\.(\d+)\."),
         "use_linear_projection": None if proj_in is None else proj_in.ndim == 2,
+        # an LCM-distilled U-Net's guidance embedding: cond_proj maps it [time_cond_proj_dim] -> [channels]
+        "time_cond_proj_dim": _dim(sd, "time_embedding.cond_proj.weight", 1),
     })
 
 
@@ -187,12 +189,14 @@ def infer_spec(unet_sd: StateDict, vae_sd: StateDict, text_sd: StateDict, text_k
     """
     base = "sd1" if text_kind == "clip" else "sd2"
     unet_fields = infer_unet_fields(unet_sd)
-    family = base + ("-inpaint" if unet_fields.get("in_channels") == 9 else "")
+    family = base + ("-inpaint" if unet_fields.get("in_channels") == 9 else
+                     "-lcm" if unet_fields.get("time_cond_proj_dim") else "")
     candidates = [preset(n) for n in PRESETS if preset(n).family.removesuffix("-inpaint") == base]
     full = next(s for s in candidates if s.unet.block_out_channels == UNetConfig().block_out_channels)
 
     try:
-        unet_base = next((s.unet for s in candidates if _matches(_as_fields(s.unet), unet_fields, ("in_channels",))),
+        unet_base = next((s.unet for s in candidates if _matches(_as_fields(s.unet), unet_fields,
+                                                                       ("in_channels", "time_cond_proj_dim"))),
                          None)
         if unet_base is None:
             channels = unet_fields.get("block_out_channels", full.unet.block_out_channels)

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from export import convert_ldm
-from export.configs import PRESETS, ModelSpec, UNetConfig, VAEConfig, infer_family, preset, scheduler_config
+from export.configs import (PRESETS, ModelSpec, UNetConfig, VAEConfig, family_base, infer_family, preset,
+                            scheduler_config)
 from export.convert_ldm import CheckpointError
 from export.hashing import file_sha256, tree_sha256
 from export.loading.infer import _PAD_TOKEN, StateDict, _key_list, _make_spec, infer_spec, split_single_file
@@ -292,7 +293,7 @@ def _load_diffusers(folder: Path, prediction_type: str | None) -> LoadedModel:
         raise CheckpointError(f"{folder}: {e}") from e
     text_cfg = _text_config(_read_json(folder / "text_encoder" / "config.json"), folder / "text_encoder")
     family = infer_family(unet_cfg)
-    base = family.removesuffix("-inpaint")
+    base = family_base(family)
 
     tokenizer_dir, pad = _folder_tokenizer(folder / "tokenizer", _PAD_TOKEN[base])
     scheduler_file = folder / "scheduler" / "scheduler_config.json"

@@ -4,8 +4,9 @@ source checkpoint. Written by `build-engine` (export/build.py), read by the runt
 Schema (format version 1):
 {
   "format_version": 1,
-  "family": "sd1" | "sd2" | "sd1-inpaint" | "sd2-inpaint",
-  "dims": {"latent_channels", "unet_in_channels", "vae_scale_factor", "text_hidden_size", "text_max_length"},
+  "family": "sd1" | "sd2" | "sd1-inpaint" | "sd2-inpaint" | "sd1-lcm" | "sd2-lcm",
+  "dims": {"latent_channels", "unet_in_channels", "vae_scale_factor", "text_hidden_size", "text_max_length",
+           "time_cond_proj_dim"},        # the last only in LCM folders (their U-Net takes timestep_cond)
   "scaling_factor": 0.18215,
   "prediction_type": "epsilon" | "v_prediction" | "sample",
   "scheduler": {...},                  # the diffusers scheduler_config.json dict
@@ -50,7 +51,7 @@ __all__ = ["FAMILIES", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ManifestE
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Model families an engine folder can hold (export/configs.py builds them; the runtime reads them)
-FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint")
+FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd1-lcm", "sd2-lcm")
 SHAPE_KEYS = ("min_batch", "opt_batch", "max_batch", "min_image", "opt_image", "max_image")
 # Sanity bounds on a manifest's numbers, far above any real folder (SD: 512-1024 px images, batches of a
 # few images, 4-9 channels, hidden sizes 768/1024): a stranger's huge value is refused at load instead
@@ -102,7 +103,7 @@ class Manifest:
         return {
             "format_version": self.format_version,
             "family": self.family,
-            "dims": vars(self.dims).copy(),
+            "dims": _dims_dict(self.dims),
             "scaling_factor": self.scaling_factor,
             "prediction_type": self.prediction_type,
             "scheduler": self.scheduler,
@@ -149,6 +150,10 @@ class Manifest:
             shapes=_shapes(d["shapes"], where), precision=d["precision"], networks=_networks(d["networks"], where),
             created=d.get("created", ""), **extras,
         )
+        if manifest.family.endswith("-lcm") != bool(manifest.dims.time_cond_proj_dim):
+            raise ManifestError(f"{where}: family {manifest.family!r} with dims.time_cond_proj_dim "
+                                f"{manifest.dims.time_cond_proj_dim}: the LCM families' U-Nets, and only they, take "
+                                "a guidance embedding (time_cond_proj_dim > 0)")
         opened_files(manifest)  # the entries that name files (backends' included) have the right types
         return manifest
 
@@ -186,12 +191,22 @@ def _object(value: Any, what: str, where: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _dims_dict(dims: ModelDims) -> dict[str, Any]:
+    """The manifest's dims: time_cond_proj_dim only where the U-Net has a guidance embedding, so
+    other folders' manifests stay as they were."""
+    d = vars(dims).copy()
+    if not d["time_cond_proj_dim"]:
+        del d["time_cond_proj_dim"]
+    return d
+
+
 def _dims(value: Any, where: str) -> ModelDims:
     try:
         dims = ModelDims(**_object(value, "dims", where))
     except TypeError as e:
         raise ManifestError(f"{where}: bad 'dims' {_short(value)}: {e}") from None
-    lows = {"cache_channels": 0, "cache_level": 0, "text_max_length": 3}  # 3: BOS + one token + EOS
+    lows = {"cache_channels": 0, "cache_level": 0, "text_max_length": 3,  # 3: BOS + one token + EOS
+            "time_cond_proj_dim": 0}
     for name, v in vars(dims).items():
         _int_in(v, lows.get(name, 1), MAX_DIM, f"dims.{name}", where)
     # the U-Net takes the latents, or latents + mask + masked-image latents (the inpainting U-Net)

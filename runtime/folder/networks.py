@@ -58,6 +58,9 @@ class ModelDims:
     # 320 channels at level 0.
     cache_channels: int = 0
     cache_level: int = 0
+    # An LCM-distilled U-Net's guidance-embedding width (diffusers `time_cond_proj_dim`): its graphs
+    # take `timestep_cond` [batch, time_cond_proj_dim]; 0 for every other U-Net (no such input)
+    time_cond_proj_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[
             TensorSpec("timestep", "float32", ("batch",)),
             TensorSpec("encoder_hidden_states", f, ("batch", "tokens", dims.text_hidden_size)),
         )
+        if dims.time_cond_proj_dim:  # LCM: the guidance-scale embedding (runtime/families.py SD_LCM)
+            unet_inputs += (TensorSpec("timestep_cond", f, ("batch", dims.time_cond_proj_dim)),)
         noise = TensorSpec("noise_pred", f, lat)
         if network == "unet":
             return unet_inputs, (noise,)

@@ -15,7 +15,8 @@ UniPC) ignore the schedule; we still write ours. The names say which algorithm r
 would draw the same image: its step spacing and its torch random numbers differ from ours.
 
     ddim DDIM | ddpm DDPM (Forge's name; A1111 has none) | pndm PLMS | lms LMS | euler Euler |
-    euler_a Euler a | heun Heun | dpmpp_2m, dpmpp_2m_karras DPM++ 2M | unipc UniPC | lcm LCM
+    euler_a Euler a | heun Heun | dpmpp_2m, dpmpp_2m_karras DPM++ 2M | unipc UniPC | lcm LCM |
+    tcd TCD (the A1111 extension licyk/sd-webui-tcd-sampler's name; A1111 has none)
 """
 
 from __future__ import annotations

@@ -367,3 +367,29 @@ def sample_lcm(denoise, x, timesteps, ab, ab_to, c_skip, c_out, last, *, rng, cl
             x_new += _noise(rng, x.shape, math.sqrt(1.0 - ab_to[i]))
         x = after(i, x_new)
     return x
+
+
+def tcd_noised_timesteps(t_to: np.ndarray, eta: float) -> np.ndarray:
+    """s = floor((1 - gamma) t') of TCD's strategic stochastic sampling, Zheng et al. arXiv:2402.19159
+    §4.3 (gamma = eta), as integer timesteps. float32 product, as diffusers 0.42 TCDScheduler.step
+    computes it (a Python float times a long tensor), so s equals its timestep_s."""
+    return np.floor(np.float32(1.0 - eta) * np.asarray(t_to, dtype=np.float32)).astype(np.int64)
+
+
+def sample_tcd(denoise, x, timesteps, ab, ab_to, t_to, ac, last, *, eta, rng, after=no_after):
+    """Trajectory Consistency Distillation sampling, Zheng et al. arXiv:2402.19159 §4.3: from x0 and
+    eps predicted at t, move deterministically to s = floor((1 - gamma) t') (x_s = sqrt(ab_s) x0 +
+    sqrt(1 - ab_s) eps), then, for gamma > 0 and not after the last step, re-noise forward from s to
+    the next timestep t': x' = sqrt(ab'/ab_s) x_s + sqrt(1 - ab'/ab_s) z. gamma = 0 is deterministic."""
+    ab_s = ac[tcd_noised_timesteps(t_to, eta)]
+    for i, t in enumerate(timesteps):
+        a_t, b_t = math.sqrt(ab[i]), math.sqrt(1.0 - ab[i])
+        x0 = denoise(x, ab_to_sigma(ab[i]), t)
+        k = math.sqrt(1.0 - ab_s[i]) / b_t  # eps = (x - a_t x0) / b_t
+        x_new = _axpby_(x0, math.sqrt(ab_s[i]) - k * a_t, k, x)
+        if eta > 0 and not last[i]:
+            ratio = ab_to[i] / ab_s[i]
+            x_new *= math.sqrt(ratio)
+            x_new += _noise(rng, x.shape, math.sqrt(1.0 - ratio))
+        x = after(i, x_new)
+    return x

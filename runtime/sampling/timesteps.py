@@ -116,15 +116,7 @@ def build_multistep(cfg, n, t_start, ac, train_sigmas, karras, *, unipc=False):
 def build_lcm(cfg, n, t_start, ac, train_sigmas, karras):
     # LCMScheduler.set_timesteps: n timesteps picked evenly from the original_inference_steps skeleton
     # k * i - 1 (k = T // original_inference_steps); the target of each step is the next timestep.
-    T = cfg["num_train_timesteps"]
-    orig = int(cfg["original_inference_steps"])
-    if not 1 <= orig <= T:
-        raise SchedulerError(f"lcm original_inference_steps must be in [1, {T}], got {orig}")
-    k = T // orig
-    skeleton = (np.arange(1, orig + 1) * k - 1)[::-1]
-    if len(skeleton) // n < 1:
-        raise SchedulerError(f"lcm supports at most original_inference_steps={orig} steps, got {n}")
-    ts = skeleton[np.floor(np.linspace(0, len(skeleton), n, endpoint=False)).astype(np.int64)].astype(np.float64)
+    ts = _skeleton_pick(cfg, n, "lcm")
     ab_full = ac[ts.astype(np.int64)]
     ab_to = np.append(ab_full[1:], ab_full[-1])
     scaled = ts * float(cfg["timestep_scaling"])
@@ -134,3 +126,31 @@ def build_lcm(cfg, n, t_start, ac, train_sigmas, karras):
     sl = slice(t_start, None)
     plan = {"ab": ab_full[sl], "ab_to": ab_to[sl], "c_skip": c_skip[sl], "c_out": c_out[sl], "last": last[sl]}
     return ts[sl], ab_to_sigma(ab_full[sl]), plan, 1.0, 1
+
+
+def _skeleton_pick(cfg, n, name):
+    """n timesteps picked evenly (floored indices) from the original_inference_steps skeleton
+    k * i - 1, k = T // original_inference_steps, in descending order: the timesteps of diffusers'
+    LCMScheduler.set_timesteps and TCDScheduler.set_timesteps."""
+    T = cfg["num_train_timesteps"]
+    orig = int(cfg["original_inference_steps"])
+    if not 1 <= orig <= T:
+        raise SchedulerError(f"{name} original_inference_steps must be in [1, {T}], got {orig}")
+    k = T // orig
+    skeleton = (np.arange(1, orig + 1) * k - 1)[::-1]
+    if len(skeleton) // n < 1:
+        raise SchedulerError(f"{name} supports at most original_inference_steps={orig} steps, got {n}")
+    return skeleton[np.floor(np.linspace(0, len(skeleton), n, endpoint=False)).astype(np.int64)].astype(np.float64)
+
+
+def build_tcd(cfg, n, t_start, ac, train_sigmas, karras):
+    # TCDScheduler: LCM's timesteps; each step targets the next timestep, the last one timestep 0
+    # (alphas_cumprod[0], not final_alpha_cumprod: its prev_timestep is 0 there). The intermediate
+    # timestep s depends on eta, so the step function derives it (samplers.tcd_noised_timesteps).
+    ts = _skeleton_pick(cfg, n, "tcd")
+    t_to = np.append(ts[1:], 0.0)
+    ab = ac[ts.astype(np.int64)]
+    sl = slice(t_start, None)
+    plan = {"ab": ab[sl], "ab_to": ac[t_to.astype(np.int64)][sl], "t_to": t_to[sl], "ac": ac,
+            "last": (np.arange(n) == n - 1)[sl]}
+    return ts[sl], ab_to_sigma(ab[sl]), plan, 1.0, 1

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from runtime.errors import PipelineError
 from runtime.imaging.inpainting import MASKED_CONTENT  # A1111's inpainting_fill 0..3, by name
 from runtime.sampling import names as sampler_names
+from runtime.scheduler import REGISTRY
 from runtime.request import Limits
 from runtime.text.styles import StyleBook
 
@@ -214,9 +215,10 @@ def _sampler(req: Txt2ImgRequest, limits: Limits) -> tuple[str, bool]:
 
 
 def _eta(req: Txt2ImgRequest, sampler: str) -> float:
-    """A1111's `eta` is DDIM's eta (default 0) and the ancestral samplers' (default 1, the only value
-    our euler_a runs); the other samplers ignore it."""
-    if sampler == "ddim":
+    """A1111's `eta`: the eta of the samplers whose registry record takes one (DDIM's eta, TCD's
+    gamma; default 0, checked by the request layer) and the ancestral samplers' (default 1, the only
+    value our euler_a runs); the other samplers ignore it."""
+    if REGISTRY[sampler].eta_max > 0:
         return 0.0 if req.eta is None else float(req.eta)
     if sampler == "euler_a" and req.eta not in (None, 1):
         raise WireError("eta", f"the ancestral sampler runs with eta 1 here; got {req.eta}")
@@ -236,7 +238,7 @@ FIELDS = {"scheduler": "sampler_name", "cache_interval": "sd_runtime.cache_inter
           "num_images_per_prompt": "batch_size", "subseed": "subseed", "subseed_strength": "subseed_strength",
           "masked_content": "inpainting_fill", "padding_mask_crop": "inpaint_full_res_padding", "mask_blur": "mask_blur",
           "soft_mask": "mask_round", "initial_noise_multiplier": "initial_noise_multiplier", "mask_image": "mask",
-          **hires_wire.FIELDS, "tiling": "tiling"}
+          **hires_wire.FIELDS, "tiling": "tiling", "eta": "eta"}
 
 
 def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int) -> None:
