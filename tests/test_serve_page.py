@@ -139,7 +139,9 @@ def test_page_inpaints_with_a_painted_mask(browser_page, demo_pipe, tmp_path):
     want = demo_pipe.inpaint("a yellow square on a blue background", image=image,
                              mask_image=Image.fromarray(mask), strength=0.75, seed=7, num_inference_steps=12,
                              guidance_scale=5.0, scheduler="dpmpp_2m", karras=False, height=64, width=64,
-                             progress=False).images[0]
+                             progress=False, masked_content="original", mask_blur=0).images[0]
+    # the page sends A1111's inpainting_fill 1 (original), mask_blur 0, whole picture: the server takes
+    # A1111's inpainting path for every masked request (docs/serving.md)
     np.testing.assert_array_equal(got, as_array(want))
     assert not np.array_equal(got, as_array(init))
     assert _shot(page, tmp_path, "serving-page.png").stat().st_size > 10_000
