@@ -429,6 +429,8 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
                  "export_seconds": round(result.seconds, 2)}
         if result.external_data:
             entry["external_data_sha256"] = file_sha256(folder / result.external_data)
+        if network.startswith("vae_") and getattr(spec.vae, "kind", None):
+            entry["vae"] = spec.vae.kind  # "tiny": an AutoencoderTiny (export/tiny_vae.py); absent: the KL VAE
         networks[network] = entry
     if cache_branch is not None:
         networks.update(_export_step_cache(model, folder, networks["unet"], precision, parity_shapes, cache_branch,

@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from export import convert_ldm
-from export.configs import (PRESETS, ModelSpec, UNetConfig, VAEConfig, family_base, infer_family, preset,
+from export.configs import (PRESETS, ModelSpec, UNetConfig, family_base, infer_family, preset,
                             scheduler_config)
 from export.convert_ldm import CheckpointError
 from export.hashing import file_sha256, tree_sha256
 from export.loading.infer import _PAD_TOKEN, StateDict, _key_list, _make_spec, infer_spec, split_single_file
 from export.text_encoder import build_text_encoder, write_tokenizer_files
+from export.tiny_vae import AutoencoderTiny, build_vae, vae_config
 from export.unet import UNet2DConditionModel
 from export.vae import AutoencoderKL
 
@@ -64,7 +65,7 @@ class LoadedModel:
 
     spec: ModelSpec
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | AutoencoderTiny  # AutoencoderTiny for a folder whose vae/ is one (export/tiny_vae.py)
     text_encoder: nn.Module  # transformers CLIPTextModel
     tokenizer_dir: Path
     source: dict[str, Any]
@@ -146,7 +147,7 @@ def _with_prediction_type(scheduler: dict[str, Any], prediction_type: str | None
 def _build(spec: ModelSpec, weights: tuple[StateDict, StateDict, StateDict] | None, tokenizer_dir: Path,
            source: dict[str, Any]) -> LoadedModel:
     unet = UNet2DConditionModel(spec.unet)
-    vae = AutoencoderKL(spec.vae)
+    vae = build_vae(spec.vae)
     text_encoder = build_text_encoder(spec.text_encoder)
     if weights is not None:
         for module, sd, what in zip((unet, vae, text_encoder), weights, ("U-Net", "VAE", "text encoder")):
@@ -288,7 +289,7 @@ def _load_diffusers(folder: Path, prediction_type: str | None) -> LoadedModel:
     )}
     try:
         unet_cfg = UNetConfig.from_dict(_read_json(folder / "unet" / "config.json"))
-        vae_cfg = VAEConfig.from_dict(_read_json(folder / "vae" / "config.json"))
+        vae_cfg = vae_config(_read_json(folder / "vae" / "config.json"))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{folder}: {e}") from e
     text_cfg = _text_config(_read_json(folder / "text_encoder" / "config.json"), folder / "text_encoder")

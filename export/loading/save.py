@@ -72,7 +72,7 @@ def _write_diffusers(model: LoadedModel, out: Path, fp16: bool) -> None:
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        "vae": ["diffusers", spec.vae.to_dict()["_class_name"]],
     })
     meta = {"format": "pt"}  # transformers refuses safetensors without it
     for name, module, config in (("unet", model.unet, spec.unet), ("vae", model.vae, spec.vae)):
