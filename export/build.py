@@ -429,14 +429,14 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
                  "export_seconds": round(result.seconds, 2)}
         if result.external_data:
             entry["external_data_sha256"] = file_sha256(folder / result.external_data)
-        if network.startswith("vae_") and getattr(spec.vae, "kind", None):
-            entry["vae"] = spec.vae.kind  # "tiny": an AutoencoderTiny (export/tiny_vae.py); absent: the KL VAE
         networks[network] = entry
     if cache_branch is not None:
         networks.update(_export_step_cache(model, folder, networks["unet"], precision, parity_shapes, cache_branch,
                                            progress))
     if tiling:
         networks.update(_export_tiling(model, folder, networks, precision, parity_shapes, progress))
+    for name in (n for n in networks if n.startswith("vae_") and getattr(spec.vae, "kind", None)):
+        networks[name]["vae"] = spec.vae.kind  # "tiny": an AutoencoderTiny (export/tiny_vae.py); absent: KL
     tok_dir = folder / "tokenizer"
     tok_dir.mkdir()
     tok_files = {}

@@ -174,3 +174,25 @@ def test_img2img_with_the_tiny_encoder(taesd_model):
     value = psnr(got, ref)
     log.info("PSNR taesd img2img vs diffusers: %.1f dB", value)
     assert value >= STRICT_PSNR_DB, f"{value:.1f} dB"
+
+
+def test_config_is_checked():
+    """What Stable Diffusion pipelines would not run as they are is refused, naming the key."""
+    from export.tiny_vae import TinyVAEConfig
+
+    base = diffusers.AutoencoderTiny(**TINY_VAE).config
+    assert TinyVAEConfig.from_dict(dict(base)).vae_scale_factor == 2
+    with pytest.raises(ValueError, match="shift_factor"):
+        TinyVAEConfig.from_dict({**base, "shift_factor": 0.1159})
+    with pytest.raises(ValueError, match="encoder downsamples by 2 and the decoder upsamples by 4"):
+        TinyVAEConfig.from_dict({**base, "upsampling_scaling_factor": 4})
+    with pytest.raises(ValueError, match=r"unsupported AutoencoderTiny config keys \['extra'\]"):
+        TinyVAEConfig.from_dict({**base, "extra": 1})
+
+
+def test_single_file_save_is_refused(taesd_model):
+    from export.loading.read import CheckpointError, load_model
+    from export.loading.save import to_single_file_state_dict
+
+    with pytest.raises(CheckpointError, match="AutoencoderTiny"):
+        to_single_file_state_dict(load_model(taesd_model[0]))

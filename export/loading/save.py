@@ -96,6 +96,9 @@ def _write_diffusers(model: LoadedModel, out: Path, fp16: bool) -> None:
 
 def to_single_file_state_dict(model: LoadedModel) -> StateDict:
     """The model's weights in the original LDM layout (what `save_single_file` writes)."""
+    if getattr(model.spec.vae, "kind", None) == "tiny":
+        raise CheckpointError("an LDM single file holds a KL autoencoder; this model's VAE is an AutoencoderTiny "
+                              "(TAESD): save it as a diffusers folder (save_diffusers) instead")
     out: StateDict = {}
     out.update({convert_ldm.UNET_PREFIX + k: v for k, v in convert_ldm.unet_to_ldm(model.unet.state_dict()).items()})
     out.update({convert_ldm.VAE_PREFIX + k: v for k, v in convert_ldm.vae_to_ldm(model.vae.state_dict()).items()})
