@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import runtime
+from psnr_bounds import PARITY_PSNR_DB
 from runtime.compare import psnr
 from runtime.families import SD_LCM, family_of, guidance_embedding
 from runtime.folder.manifest import load_manifest
@@ -29,7 +30,6 @@ diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 log = logging.getLogger(__name__)
-STRICT_PSNR_DB = 90.0  # tests/test_pipeline_parity.py STRICT_PSNR_DB
 PROMPT = "a watercolor painting of a lighthouse at dusk"
 NEGATIVE = "blurry, low quality"
 COND_DIM = 32  # the tiny LCM U-Net's time_cond_proj_dim (LCM-distilled SD 1.5: 256)
@@ -40,7 +40,7 @@ def assert_psnr(ours: np.ndarray, ref: np.ndarray, what: str) -> float:
     assert ours.shape == ref.shape, f"{what}: shapes {ours.shape} vs {ref.shape}"
     value = psnr(ours, ref)
     log.info("PSNR %s: %.1f dB", what, value)
-    assert value >= STRICT_PSNR_DB, f"{what}: PSNR {value:.1f} dB < {STRICT_PSNR_DB} dB"
+    assert value >= PARITY_PSNR_DB, f"{what}: PSNR {value:.1f} dB < {PARITY_PSNR_DB} dB"
     return value
 
 
@@ -87,7 +87,7 @@ def test_tcd_txt2img_matches_diffusers(sd1_folder, tiny_sd1_engine, backend, opt
         # eta is TCD's gamma: 0.3 re-noises between steps, a different image
         noisy = ours.txt2img(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5,
                              scheduler="tcd", eta=0.3, latents=latents, output_type="np", progress=False).images
-        assert np.isfinite(noisy).all() and psnr(noisy, got.images) < STRICT_PSNR_DB
+        assert np.isfinite(noisy).all() and psnr(noisy, got.images) < PARITY_PSNR_DB
 
 
 def test_tcd_eta_is_checked_by_the_record(tiny_sd1_engine):
@@ -208,7 +208,7 @@ def test_lcm_one_step_matches_diffusers(lcm_model, backend, options):
             images[scale] = got.images
     gap = psnr(images[8.0], images[3.0])
     log.info("PSNR guidance 8 vs 3: %.1f dB", gap)
-    assert gap < STRICT_PSNR_DB - 30, f"guidance 8 and 3 give nearly the same image ({gap:.1f} dB)"
+    assert gap < PARITY_PSNR_DB - 30, f"guidance 8 and 3 give nearly the same image ({gap:.1f} dB)"
 
 
 def test_lcm_four_steps_run_and_are_finite(lcm_model):

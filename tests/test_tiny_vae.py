@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 import runtime
+from psnr_bounds import PARITY_PSNR_DB
 from runtime.compare import psnr, rel_err
 from runtime.folder.manifest import load_manifest
 
@@ -26,7 +27,6 @@ diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 log = logging.getLogger(__name__)
-STRICT_PSNR_DB = 90.0  # tests/test_pipeline_parity.py STRICT_PSNR_DB
 PROMPT = "a watercolor painting of a lighthouse at dusk"
 NEGATIVE = "blurry, low quality"
 BACKENDS = [("onnxruntime", {}), ("openvino", {"inference_precision": "f32"})]
@@ -143,12 +143,12 @@ def test_txt2img_matches_diffusers(taesd_model, backend, options):
         got = ours.txt2img(PROMPT, scheduler="euler", latents=latents, progress=False, **kw).images
     value = psnr(got, ref)
     log.info("PSNR taesd txt2img vs diffusers on %s: %.1f dB", backend, value)
-    assert got.shape == ref.shape and value >= STRICT_PSNR_DB, f"{value:.1f} dB"
+    assert got.shape == ref.shape and value >= PARITY_PSNR_DB, f"{value:.1f} dB"
     assert got.std() > 0.01
     kl_pipe = _load(kl_folder)
     kl_pipe.scheduler = ref_pipe.scheduler
     kl = kl_pipe(PROMPT, latents=torch.from_numpy(latents), height=h, width=w, **kw).images
-    assert psnr(kl, ref) < STRICT_PSNR_DB - 40
+    assert psnr(kl, ref) < PARITY_PSNR_DB - 40
 
 
 def test_img2img_with_the_tiny_encoder(taesd_model):
@@ -173,7 +173,7 @@ def test_img2img_with_the_tiny_encoder(taesd_model):
     assert np.isfinite(got).all() and got.std() > 0.01
     value = psnr(got, ref)
     log.info("PSNR taesd img2img vs diffusers: %.1f dB", value)
-    assert value >= STRICT_PSNR_DB, f"{value:.1f} dB"
+    assert value >= PARITY_PSNR_DB, f"{value:.1f} dB"
 
 
 def test_config_is_checked():
