@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.errors import PipelineError
+from runtime.folder.networks import tiled_network
 from runtime.imaging import upscale as up
 
 if TYPE_CHECKING:
@@ -239,8 +241,6 @@ def second_pass(pipe: Any, prepared: list, latents: np.ndarray, callbacks: list,
     """Run the hires pass of a batch (runtime/pipeline.py `Pipeline.generate`, after the first
     pass's denoise): each request's rows upscaled as its HiresPass says, then one img2img denoise
     of the whole batch at the target size. Returns the final latents."""
-    import time
-
     from runtime import stages
     from runtime.pipeline import _Prepared
 
@@ -257,7 +257,8 @@ def second_pass(pipe: Any, prepared: list, latents: np.ndarray, callbacks: list,
         else:
             images = upscaled_images(pipe.decode(r, rows), hp, s)
             hr = dataclasses.replace(hr, images=images, images_per_prompt=1, prompts=_per_image(hr.prompts, r))
-            image_latents = stages.encode_images(pipe.engine("vae_encoder"), hr, draws, scaling_factor=m.scaling_factor,
+            encoder = pipe.engine(tiled_network("vae_encoder", hr.tiling))  # as the first pass's decode
+            image_latents = stages.encode_images(encoder, hr, draws, scaling_factor=m.scaling_factor,
                                                  vae_scale_factor=s, inpainting_unet=False, tile=hr.vae_tile)
         timings["hires_upscale"] = timings.get("hires_upscale", 0.0) + time.perf_counter() - t0
         text = p.text if hr.tokens is r.tokens else stages.encode_prompt(

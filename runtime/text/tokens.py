@@ -73,10 +73,6 @@ def tokenize(tokenizer, prompts: Sequence[str], min_chunks: int = 1,
     return np.stack([chunk_ids(tokenizer, i, n, max_length) for i in ids])
 
 
-def count_chunks(tokenizer, prompts: Sequence[str], max_length: int = TEXT_MAX_LENGTH) -> int:
-    return max(n_chunks_for(len(token_ids(tokenizer, p)), max_length) for p in prompts)
-
-
 def encode(engine: Engine, ids: np.ndarray) -> np.ndarray:
     """Run the text encoder on [batch, n_chunks, 77] ids, one chunk position at a time (the
     engine batch stays the prompt count), and concatenate: float32 [batch, n_chunks * 77, hidden]."""
