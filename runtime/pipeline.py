@@ -35,6 +35,7 @@ from runtime import scheduler as sch
 from runtime import stages
 from runtime.imaging import inpainting
 from runtime.sampling import deepcache as caching
+from runtime.text import lora_tags
 from runtime.text import tokens as text
 from runtime.engines.registry import backend_module, close_all, network_options, open_engines_why, open_network
 from runtime.engines.base import Engine
@@ -108,6 +109,7 @@ class Pipeline:
         self._tokenizer_lock = threading.Lock()
         # textual-inversion names -> their tokens (build-engine --embedding; export/embeddings.py)
         self._embeddings = dict(manifest.tokenizer.get("embeddings") or {})
+        self.loras = lora_tags.folder_loras(manifest.source or {})  # LoRAs fused at build: {name: scale}
         self._engines_lock = threading.Lock()
 
     # -- properties ------------------------------------------------------------------------------
@@ -241,24 +243,47 @@ class Pipeline:
                                tiling=tiling)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
-    def request(self, mode: str, prompt: Any, **settings: Any) -> Request:
+    def request(self, mode: str, prompt: Any, *, prompt_tags: lora_tags.TaggedPrompts | None = None,
+                **settings: Any) -> Request:
         """A validated `Request` for this folder (the keyword arguments of txt2img/img2img/inpaint;
         `noise` is txt2img's `latents`), prepared once for the stages: checked against the folder's
         limits (its memory estimate included), its sampler schedule built (so steps x strength
         leaving no step, or Karras sigmas for a sampler without them, fail here) and its prompts
-        tokenized (the chunk count is part of `batch_key()`). Nothing downstream recomputes these."""
-        r = self._prepare_request(make_request(self.limits, mode, prompt, **settings))
+        tokenized (the chunk count is part of `batch_key()`). Nothing downstream recomputes these.
+        A1111 LoRA tags (`<lora:NAME:WEIGHT>`, runtime/text/lora_tags.py) are honoured when this
+        folder was built with that LoRA at that weight (the encoder then reads the prompt without
+        them), else refused; `prompt_tags` is their parse when the caller (the server's routing)
+        has it already."""
+        r = make_request(self.limits, mode, prompt, **settings)
+        r = self._prepare_request(r, text=self._lora_text(r, prompt_tags))
         if r.hires is not None:  # the hires fix's second pass: its own schedule (and prompts' tokens)
             hr = r.hires.request
+            same = hr.prompts == r.prompts and hr.negative_prompts == r.negative_prompts
             try:
-                hr = self._prepare_request(hr, tokens=r.tokens if hr.prompts == r.prompts and
-                                           hr.negative_prompts == r.negative_prompts else None)
+                hr = self._prepare_request(hr, tokens=r.tokens if same else None,
+                                           text=None if same else self._lora_text(hr, None))
             except PipelineError as e:
+                if e.field in ("prompt", "negative_prompt"):
+                    raise PipelineError(f"hires {e.field}: {e}", field=f"hires.{e.field}") from e
                 raise PipelineError(f"hires: {e}", field="hires.scheduler") from e
             r = dataclasses.replace(r, hires=dataclasses.replace(r.hires, request=hr))
         return r
 
-    def _prepare_request(self, r: Request, tokens: Any = None) -> Request:
+    def _lora_text(self, r: Request, tagged: lora_tags.TaggedPrompts | None) -> tuple[str, ...]:
+        """The prompts the text encoder reads: without their LoRA tags, each one checked against the
+        LoRAs this folder was built with."""
+        if tagged is None:
+            tagged = lora_tags.parse_prompts(r.prompts, r.negative_prompts)
+        elif tagged.source != r.prompts:
+            raise PipelineError("prompt_tags were parsed from other prompts than this request's", field="prompt")
+        bad = lora_tags.missing(tagged.tags, self.loras)
+        if bad:
+            raise PipelineError(f"LoRA tag {bad[0].text} cannot be honoured: engine folder {self.engine_dir.name} "
+                                f"was built with {lora_tags.describe_offer(self.loras)} (LoRAs are fused at build "
+                                "time: build-engine --lora FILE:WEIGHT)", field="prompt")
+        return tagged.text
+
+    def _prepare_request(self, r: Request, tokens: Any = None, text: tuple[str, ...] | None = None) -> Request:
         try:
             schedule = sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength,
                                          karras=r.karras, prediction_type=self.manifest.prediction_type)
@@ -267,8 +292,9 @@ class Pipeline:
         if tokens is not None:
             return dataclasses.replace(r, tokens=tokens, schedule=schedule)
         with self._tokenizer_lock:
-            tokens = stages.tokenize_prompts(self.tokenizer, r.prompts, r.negative_prompts, guided=r.guided,
-                                             max_length=self.manifest.dims.text_max_length, syntax=r.prompt_syntax,
+            tokens = stages.tokenize_prompts(self.tokenizer, r.prompts if text is None else text, r.negative_prompts,
+                                             guided=r.guided, max_length=self.manifest.dims.text_max_length,
+                                             syntax=r.prompt_syntax,
                                              embeddings=self._embeddings)
         return dataclasses.replace(r, tokens=tokens, schedule=schedule)
 

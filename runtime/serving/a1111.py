@@ -188,13 +188,15 @@ def _refuse_img2img(req: Img2ImgRequest) -> None:
                                        "the latent mask, as in A1111)")
 
 
-def check_override_settings(settings: dict[str, Any] | None, model_titles: tuple[str, ...]) -> None:
-    """A1111's override_settings: only settings that leave the image as it is."""
+def check_override_settings(settings: dict[str, Any] | None, model_titles: tuple[str, ...] | None = None) -> None:
+    """A1111's override_settings: only settings that leave the image as it is, and
+    `sd_model_checkpoint` (which folder: the server picks it, runtime/serving/models.py; checked
+    here against `model_titles` when given)."""
     allowed = {"CLIP_stop_at_last_layers": (1,), "eta_noise_seed_delta": (0,), "samples_format": ("png",),
                "sd_vae": ("Automatic", "None"), "enable_pnginfo": (True, False)}
     for key, value in (settings or {}).items():
         if key == "sd_model_checkpoint":
-            if value not in model_titles:
+            if model_titles is not None and value not in model_titles:
                 raise WireError(f"override_settings.{key}", f"model {value!r} is not served here; "
                                                             f"this server serves {model_titles[0]!r}")
         elif key not in allowed or value not in allowed[key]:
@@ -233,7 +235,8 @@ def _size(req: Txt2ImgRequest, limits: Limits) -> tuple[int, int]:
 
 
 # The request layer's fields (runtime/request.py PipelineError.field) under their A1111 wire names.
-FIELDS = {"scheduler": "sampler_name", "cache_interval": "sd_runtime.cache_interval",
+FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "scheduler": "sampler_name",
+          "cache_interval": "sd_runtime.cache_interval",
           "cache_schedule": "sd_runtime.cache_schedule", "height": "height", "width": "width",
           "num_images_per_prompt": "batch_size", "subseed": "subseed", "subseed_strength": "subseed_strength",
           "masked_content": "inpainting_fill", "padding_mask_crop": "inpaint_full_res_padding", "mask_blur": "mask_blur",

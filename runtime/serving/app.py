@@ -2,6 +2,7 @@
 `/v1/images/generations`, `/health`, `/metrics`, the web page at `/`, and our `/sd_runtime/v1/info`.
 
     app = create_app(Service(runtime.load(engine_dir), ServerConfig()))
+    app = create_app(Service(Models.from_folders([dir1, dir2], runtime.load), ServerConfig()))
 
 Errors answer in the shape of the API asked: A1111's `{"error", "detail", "body", "errors"}` (its
 api.py `handle_exception`) under `/sdapi`, OpenAI's `{"error": {"message", "type", "param",
@@ -29,6 +30,7 @@ from runtime.sampling import names as sampler_names
 
 from . import a1111, extras, openai
 from .codec import WireError, encode_png
+from .models import Model
 from .service import ServeError, Service, now_stamp, wire_error
 
 __all__ = ["create_app"]
@@ -191,12 +193,22 @@ def _a1111_routes(app: FastAPI, svc: Service) -> None:
     @app.post("/v1/images/generations", response_model=openai.GenerationsResponse)
     async def generations(body: openai.GenerationsRequest, request: Request):
         t0 = time.monotonic()
-        try:
-            settings = openai.job_settings(body, svc.pipe.limits, svc.model_titles, svc.config.max_steps)
-        except WireError as e:
-            raise wire_error(e) from None
-        requests = await asyncio.to_thread(svc.make_requests, "txt2img", settings, openai.FIELDS, 400)
-        results, stopped = await svc.run(requests, request)
+
+        def prepare():
+            model = svc.select(body.model, "model", 400)
+            try:
+                settings = openai.job_settings(body, model.limits, svc.config.max_steps)
+            except WireError as e:
+                raise wire_error(e) from None
+            target, tagged = svc.route(model, settings, openai.FIELDS, 400)
+            if target is not model:  # a LoRA tag picked another folder: its limits
+                settings = openai.job_settings(body, target.limits, svc.config.max_steps)
+            return target, settings, tagged
+
+        model, settings, tagged = await asyncio.to_thread(prepare)
+        async with svc.using(model) as pipe:
+            requests = await asyncio.to_thread(svc.make_requests, pipe, "txt2img", settings, openai.FIELDS, 400, tagged)
+            results, stopped = await svc.run(pipe, requests, request)
         if stopped:
             raise ServeError(409, f"generation {stopped} (POST /sdapi/v1/interrupt)", outcome=stopped)
         data = await asyncio.to_thread(lambda: [{"b64_json": encode_png(im)} for r in results for im in r.images])
@@ -204,40 +216,54 @@ def _a1111_routes(app: FastAPI, svc: Service) -> None:
         return {"created": int(time.time()), "data": data}
 
 
+def _a1111_prepare(svc: Service, body: a1111.Txt2ImgRequest) -> tuple[Model, str, list, list]:
+    """(the folder, mode, job settings, parsed prompts): the checkpoint the request names (or the
+    default), then the one its LoRA tags need."""
+    field = "override_settings.sd_model_checkpoint"
+    model = svc.select((body.override_settings or {}).get("sd_model_checkpoint"), field)
+
+    def settings(m: Model):
+        return a1111.job_settings(body, m.limits, max_steps=svc.config.max_steps, max_n_iter=svc.config.max_n_iter,
+                                  styles=svc.styles)
+
+    try:
+        a1111.check_override_settings(body.override_settings)
+        mode, jobs = settings(model)
+        target, tagged = svc.route(model, jobs, a1111.FIELDS)
+        if target is not model:  # a LoRA tag picked another folder: its limits (default size, samplers)
+            mode, jobs = settings(target)
+    except WireError as e:
+        raise wire_error(e) from None
+    return target, mode, jobs, tagged
+
+
 async def _generate_a1111(svc: Service, body: a1111.Txt2ImgRequest, request: Request, endpoint: str) -> dict:
     t0 = time.monotonic()
-
-    def prepare():
-        try:
-            a1111.check_override_settings(body.override_settings, svc.model_titles)
-            mode, settings = a1111.job_settings(body, svc.pipe.limits, max_steps=svc.config.max_steps,
-                                                max_n_iter=svc.config.max_n_iter, styles=svc.styles)
-        except WireError as e:
-            raise wire_error(e) from None
-        return svc.make_requests(mode, settings, a1111.FIELDS)
-
-    requests = await asyncio.to_thread(prepare)
-    results, stopped = await svc.run(requests, request, task_id=body.force_task_id)
-    response = await asyncio.to_thread(_a1111_response, svc, body, results, stopped)
+    model, mode, settings, tagged = await asyncio.to_thread(_a1111_prepare, svc, body)
+    async with svc.using(model) as pipe:
+        requests = await asyncio.to_thread(svc.make_requests, pipe, mode, settings, a1111.FIELDS, 422, tagged)
+        results, stopped = await svc.run(pipe, requests, request, task_id=body.force_task_id)
+        response = await asyncio.to_thread(_a1111_response, svc, model, pipe, body, results, stopped)
     svc.metrics.record(endpoint, stopped or "ok", time.monotonic() - t0)
     return response
 
 
-def _a1111_response(svc: Service, body: a1111.Txt2ImgRequest, results: list, stopped: str | None) -> dict:
+def _a1111_response(svc: Service, model: Model, pipe: Any, body: a1111.Txt2ImgRequest, results: list,
+                    stopped: str | None) -> dict:
     pnginfo = (body.override_settings or {}).get("enable_pnginfo", True)
     karras = [bool(r.parameters.get("karras")) for r in results]
     infotexts = [png_info.infotext_from_parameters({**r.parameters, "seeds": r.seeds}, seed=s, karras=k,
-                                                    model_hash=svc.model_hash, model_name=svc.model_name, subseed=sub)
+                                                    model_hash=model.hash, model_name=model.name, subseed=sub)
                  for r, k in zip(results, karras)
                  for s, sub in zip(r.seeds, r.parameters.get("subseeds") or [None] * len(r.seeds))]
     images = [im for r in results for im in r.images]
     encoded = [encode_png(im, text if pnginfo else None) for im, text in zip(images, infotexts)]
-    extra = {"job_timestamp": now_stamp(), "backend": svc.pipe.backend, "scheduler": results[0].parameters["scheduler"],
+    extra = {"job_timestamp": now_stamp(), "backend": pipe.backend, "scheduler": results[0].parameters["scheduler"],
              "timings": results[0].timings, "replica": svc.config.replica}
     if stopped:
         extra["stopped"] = stopped
-    info = a1111.processed_info(body, results, infotexts, model_name=svc.model_name, model_hash=svc.model_hash,
-                                inpainting=svc.pipe.limits.inpainting_unet, extra=extra)
+    info = a1111.processed_info(body, results, infotexts, model_name=model.name, model_hash=model.hash,
+                                inpainting=pipe.limits.inpainting_unet, extra=extra)
     params = body.model_dump()
     if isinstance(body, a1111.Img2ImgRequest) and not body.include_init_images:
         params["init_images"], params["mask"] = None, None
@@ -284,7 +310,7 @@ def _preview(latents: Any) -> str | None:
 def _info_routes(app: FastAPI, svc: Service) -> None:
     @app.get("/sdapi/v1/samplers")
     async def samplers():
-        ours = set(svc.pipe.limits.samplers)
+        ours = set(svc.models.default.limits.samplers)
         return [{"name": s.name, "aliases": list(s.aliases), "options": {}}
                 for s in sampler_names.A1111_SAMPLERS if s.ours in ours]
 
@@ -296,9 +322,7 @@ def _info_routes(app: FastAPI, svc: Service) -> None:
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
-        h = svc.model_hash
-        return [{"title": svc.model_title, "model_name": svc.model_name, "hash": h[:10] if h else None,
-                 "sha256": h, "filename": svc.pipe.engine_dir.name, "config": None}]
+        return [m.item() for m in svc.models.models]
 
     @app.get("/sdapi/v1/options")
     async def get_options():
@@ -306,12 +330,16 @@ def _info_routes(app: FastAPI, svc: Service) -> None:
 
     @app.post("/sdapi/v1/options")
     async def set_options(body: dict[str, Any]):
+        """Only `sd_model_checkpoint` changes (the default folder, as A1111 clients switch models);
+        every other option must be sent at the value it has."""
+        model = svc.select(body["sd_model_checkpoint"], "sd_model_checkpoint") if "sd_model_checkpoint" in body \
+            else None
         current = _options(svc)
         for key, value in body.items():
-            if key == "sd_model_checkpoint" and value in svc.model_titles:
-                continue
-            if current.get(key, object()) != value:
+            if key != "sd_model_checkpoint" and current.get(key, object()) != value:
                 raise ServeError(422, f"{key}: options cannot be changed on this server", field=key)
+        if model is not None:
+            svc.models.set_default(model.title)
         return None
 
     @app.get("/sdapi/v1/prompt-styles")
@@ -325,8 +353,9 @@ def _info_routes(app: FastAPI, svc: Service) -> None:
 
 def _options(svc: Service) -> dict[str, Any]:
     """The A1111 options that describe this server (read-only)."""
-    default = sampler_names.to_a1111(svc.pipe.limits.default_sampler, False)[0]
-    return {"sd_model_checkpoint": svc.model_title, "sd_checkpoint_hash": svc.model_hash, "sd_vae": "Automatic",
+    model = svc.models.default
+    default = sampler_names.to_a1111(model.limits.default_sampler, False)[0]
+    return {"sd_model_checkpoint": model.title, "sd_checkpoint_hash": model.hash, "sd_vae": "Automatic",
             "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "eta_ddim": 0.0, "eta_ancestral": 1.0,
             "s_churn": 0.0, "s_tmin": 0.0, "s_noise": 1.0, "s_min_uncond": 0.0, "samples_format": "png",
             "enable_pnginfo": True, "live_previews_enable": True, "show_progress_every_n_steps": 1,
@@ -336,8 +365,11 @@ def _options(svc: Service) -> dict[str, Any]:
 def _other_routes(app: FastAPI, svc: Service) -> None:
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": svc.model_title, "backend": svc.pipe.backend,
-                "queue_depth": svc.batcher.depth, "running": len(svc.batcher.running), "replica": svc.config.replica}
+        default = svc.models.default
+        pipe = svc.models.pipe_if_open(default)
+        return {"status": "ok", "model": default.title, "backend": pipe.backend if pipe else None,
+                "resident": svc.models.resident(), "queue_depth": svc.batcher.depth,
+                "running": len(svc.batcher.running), "replica": svc.config.replica}
 
     @app.get("/metrics")
     async def metrics():
@@ -345,8 +377,11 @@ def _other_routes(app: FastAPI, svc: Service) -> None:
 
     @app.get("/sd_runtime/v1/info")
     async def info():
-        lim = svc.pipe.limits
-        return {"model": svc.model_title, "backend": svc.pipe.backend, "replica": svc.config.replica,
+        default = svc.models.default
+        lim, pipe = default.limits, svc.models.pipe_if_open(default)
+        return {"model": default.title, "backend": pipe.backend if pipe else None, "replica": svc.config.replica,
+                "models": [m.title for m in svc.models.models], "resident": svc.models.resident(),
+                "max_resident": svc.models.max_resident,
                 "min_image": lim.min_image, "max_image": lim.max_image, "step": lim.vae_scale_factor,
                 "max_batch": lim.max_batch, "default_size": list(lim.default_size), "max_steps": svc.config.max_steps,
                 "inpainting_unet": lim.inpainting_unet, "api_key_required": svc.config.api_key is not None}

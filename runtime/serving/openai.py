@@ -74,16 +74,15 @@ def _size(size: str | None, limits: Limits) -> tuple[int, int]:
 
 
 # The request layer's fields (runtime/request.py PipelineError.field) under their wire names here.
-FIELDS = {"scheduler": "sd_runtime.sampler", "height": "size", "width": "size"}
+FIELDS = {"prompt": "prompt", "negative_prompt": "sd_runtime.negative_prompt", "scheduler": "sd_runtime.sampler",
+          "height": "size", "width": "size"}
 
 
-def job_settings(req: GenerationsRequest, limits: Limits, model_names: tuple[str, ...],
-                 max_steps: int) -> list[dict[str, Any]]:
-    """One `Pipeline.request` keyword set per engine job (n images in jobs of at most max_batch)."""
+def job_settings(req: GenerationsRequest, limits: Limits, max_steps: int) -> list[dict[str, Any]]:
+    """One `Pipeline.request` keyword set per engine job (n images in jobs of at most max_batch), for
+    the folder `model` picked (runtime/serving/models.py; `limits` are that folder's)."""
     if req.response_format == "url":
         raise WireError("response_format", "'url' is not supported: this server stores no files; use 'b64_json'", 400)
-    if req.model not in (None, *model_names):
-        raise WireError("model", f"model {req.model!r} is not served here; this server serves {model_names[0]!r}", 400)
     refused = [("quality", req.quality, ("standard", "auto", "medium")), ("style", req.style, ("natural", "vivid")),
                ("background", req.background, ("auto", "opaque")), ("output_format", req.output_format, ("png",))]
     for name, value, ok in refused:

@@ -4,8 +4,10 @@ timeouts and progress. No HTTP here; runtime/serving/app.py puts jobs in and awa
 A `Job` wraps one validated `runtime.Request`. `Batcher.submit` admits it or raises `QueueFull`
 (the queue holds at most `max_queue` waiting jobs; the HTTP layer answers 503 with Retry-After).
 Worker threads (one by default: on a CPU the engines already use every core) take the oldest job
-and every queued job with the same `Request.batch_key()` behind it, up to the engine's max batch,
-and run them as one `Pipeline.generate` call; each image is what its request gives alone
+and every queued job for the same pipeline (engine folder: a server may serve several,
+runtime/serving/models.py) with the same `Request.batch_key()` behind it, up to the engine's max
+batch, and run them as one `Pipeline.generate` call on that pipeline; jobs of different folders
+never share a batch; each image is what its request gives alone
 (runtime/pipeline.py). A batch that fails is retried one job at a time, so one request that the
 engines refuse never fails the requests it was batched with.
 
@@ -71,6 +73,7 @@ class Job:
     request: Request
     task_id: str
     deadline: float | None  # time.monotonic() after which the job is cancelled ("timeout")
+    pipe: Pipeline | None = None  # the pipeline that prepared the request and runs it
     submitted: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancel_reason: str | None = None
@@ -108,9 +111,10 @@ class Job:
 
 class Batcher:
     """Admits jobs into a bounded queue and runs them on `workers` threads in compatible batches.
-    `on_batch(jobs, results_or_error, seconds)` is called after each engine batch (metrics)."""
+    `pipe`: the pipeline of jobs submitted without one. `on_batch(jobs, results_or_error, seconds)`
+    is called after each engine batch (metrics)."""
 
-    def __init__(self, pipe: Pipeline, *, max_queue: int = 32, workers: int = 1, batch_wait: float = 0.0,
+    def __init__(self, pipe: Pipeline | None = None, *, max_queue: int = 32, workers: int = 1, batch_wait: float = 0.0,
                  on_batch: Callable[[list[Job], Any, float], None] | None = None):
         if max_queue < 1 or workers < 1:
             raise ValueError(f"max_queue and workers must be >= 1; got {max_queue}, {workers}")
@@ -130,11 +134,15 @@ class Batcher:
 
     # -- admission -----------------------------------------------------------------------------------
 
-    def submit(self, request: Request, *, timeout: float | None = None, task_id: str | None = None) -> Job:
-        """Queue a validated request; raises QueueFull past `max_queue` waiting jobs, RuntimeError
-        once closed."""
+    def submit(self, request: Request, *, timeout: float | None = None, task_id: str | None = None,
+               pipe: Pipeline | None = None) -> Job:
+        """Queue a validated request to run on `pipe` (the one that prepared it; default: the
+        batcher's); raises QueueFull past `max_queue` waiting jobs, RuntimeError once closed."""
+        pipe = pipe if pipe is not None else self.pipe
+        if pipe is None:
+            raise ValueError("submit needs the pipeline that prepared the request")
         job = Job(request, task_id or f"task({uuid.uuid4().hex[:12]})",
-                  None if timeout is None else time.monotonic() + timeout)
+                  None if timeout is None else time.monotonic() + timeout, pipe=pipe)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
@@ -235,7 +243,8 @@ class Batcher:
         batch, images = [head], head.images
         key = head.request.batch_key()
         for j in list(self._queue):
-            if j.request.batch_key() == key and images + j.images <= self.pipe.limits.max_batch:
+            same_folder = j.pipe is head.pipe
+            if same_folder and j.request.batch_key() == key and images + j.images <= head.pipe.limits.max_batch:
                 self._queue.remove(j)
                 batch.append(j)
                 images += j.images
@@ -246,7 +255,7 @@ class Batcher:
             return
         t0 = time.monotonic()
         try:
-            results = self.pipe.generate([j.request for j in batch], callbacks=[j.on_step for j in batch],
+            results = batch[0].pipe.generate([j.request for j in batch], callbacks=[j.on_step for j in batch],
                                          should_stop=[j.should_stop for j in batch], progress=False)
         except GenerationCancelled as e:
             self._report(batch, e, t0)

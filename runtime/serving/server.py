@@ -1,5 +1,6 @@
-"""`python -m runtime serve ENGINE_DIR [--host 127.0.0.1] [--port 7860] [--backend ...]`: load the
-engine folder once and serve it over HTTP (uvicorn) until stopped. SIGTERM or SIGINT stop
+"""`python -m runtime serve ENGINE_DIR [ENGINE_DIR ...] [--model DIR] [--max-resident N] [--host 127.0.0.1]
+[--port 7860] [--backend ...]`: serve one engine folder, or several (A1111's checkpoints: the first is
+the default; at most N open at once, runtime/serving/models.py), over HTTP (uvicorn) until stopped. SIGTERM or SIGINT stop
 accepting connections, let the requests in flight finish (their queued jobs run to the end), close
 the engines and exit with status 0. `--ray --replicas N` serves through Ray Serve instead
 (runtime/serving/ray.py). Options: docs/serving.md.
@@ -15,6 +16,7 @@ import signal
 import sys
 from typing import Any
 
+from .models import DEFAULT_MAX_RESIDENT
 from .service import ServerConfig
 
 __all__ = ["build_parser", "main", "serve_forever"]
@@ -30,7 +32,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:  # long: one line per documented option
     p = _Parser(prog="python -m runtime serve", description="Serve an engine folder over HTTP "
                 "(AUTOMATIC1111 /sdapi/v1, OpenAI /v1/images/generations, a web page at /).")
-    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine folder (built by build-engine)")
+    p.add_argument("engine_dir", metavar="ENGINE_DIR", nargs="*",
+                   help="engine folder(s) (built by build-engine); the first is the default model")
+    p.add_argument("--model", action="append", default=[], metavar="DIR",
+                   help="another engine folder to serve (repeatable; A1111 clients pick one by "
+                        "override_settings.sd_model_checkpoint)")
+    p.add_argument("--max-resident", type=int, default=DEFAULT_MAX_RESIDENT, metavar="N",
+                   help=f"engine folders open at once; the least recently used idle one closes for another "
+                        f"(default {DEFAULT_MAX_RESIDENT}, A1111's sd_checkpoints_limit)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, A1111's)")
     p.add_argument("--backend", default=None, help="engine backend (default: best available)")
@@ -63,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:  # long: one line per documented 
     return p
 
 
+def folders_from_args(args: argparse.Namespace) -> list[str]:
+    """The served folders: the positional ones, then each --model; at least one."""
+    folders = [*args.engine_dir, *args.model]
+    if not folders:
+        raise ValueError("name at least one engine folder (ENGINE_DIR or --model DIR)")
+    if args.max_resident < 1:
+        raise ValueError(f"--max-resident must be at least 1; got {args.max_resident}")
+    return folders
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.styles:  # a bad styles file fails here, before the model loads (ValueError naming it)
         from runtime.text.styles import StyleBook
@@ -72,6 +91,20 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         timeout=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20),
                         cors_origins=tuple(args.cors_origin), max_steps=args.max_steps, max_n_iter=args.max_n_iter,
                         batch_wait=args.batch_wait_ms / 1000.0, styles=args.styles)
+
+
+def open_models(folders: list[str], backend: str | None, options: dict[str, Any], max_resident: int) -> Any:
+    """`Models` over `folders` (the first opened now), each opened by runtime.load with `backend`
+    and `options`; a folder that cannot be read is a ValueError naming it."""
+    from runtime.errors import SDRuntimeError
+    from runtime.pipeline import load
+
+    from .models import Models
+
+    try:
+        return Models.from_folders(folders, lambda d: load(d, backend=backend, **options), max_resident=max_resident)
+    except SDRuntimeError as e:
+        raise ValueError(str(e)) from e
 
 
 def engine_options(pairs: list[str]) -> dict[str, Any]:
@@ -110,26 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        folders = folders_from_args(args)
         config = config_from_args(args)
         options = engine_options(args.engine_option)
         if args.ray:
             from .ray import run_ray
 
             return run_ray(args, config, options)
-        from runtime.errors import SDRuntimeError
-        from runtime.pipeline import load
-
         from .app import create_app
         from .service import Service
 
-        try:
-            pipe = load(args.engine_dir, backend=args.backend, **options)
-        except SDRuntimeError as e:
-            raise ValueError(str(e)) from e
-        app = create_app(Service(pipe, config))
+        models = open_models(folders, args.backend, options, args.max_resident)
+        app = create_app(Service(models, config))
     except (ValueError, ImportError) as e:
         print(f"python -m runtime serve: error: {e}", file=sys.stderr)
         return 2
-    logging.getLogger(__name__).info("serving %s on http://%s:%d (backend %s)", args.engine_dir, args.host,
-                                     args.port, pipe.backend)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d (max %d open)", ", ".join(folders), args.host,
+                                     args.port, args.max_resident)
     return serve_forever(app, args.host, args.port, log_level=args.log_level, drain_timeout=config.timeout + 10)

@@ -1,6 +1,7 @@
-"""What the HTTP routes share: the loaded pipeline, the job queue, the metrics and the settings, and
-the request flow common to every generating endpoint (validate at the door, queue, await with
-timeout and disconnect watch, answer). The routes themselves are in runtime/serving/app.py.
+"""What the HTTP routes share: the served engine folders (runtime/serving/models.py: one or several,
+a bounded number open), the job queue, the metrics and the settings, and the request flow common to
+every generating endpoint (pick the folder, validate at the door, queue, await with timeout and
+disconnect watch, answer). The routes themselves are in runtime/serving/app.py.
 """
 
 from __future__ import annotations
@@ -8,19 +9,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from runtime.imaging import images as imgs
 from runtime.errors import PipelineError, SDRuntimeError
 from runtime.pipeline import GenerationResult, Pipeline
 from runtime.request import Request
+from runtime.text import lora_tags
 from runtime.text.styles import StyleBook
 
 from .codec import WireError
 from .metrics import Metrics
+from .models import Model, ModelBusy, Models, UnknownModel
 from .queue import Batcher, Job, JobCancelled, QueueFull
 
 __all__ = ["ServerConfig", "Service", "ServeError"]
@@ -57,63 +60,86 @@ class ServeError(Exception):
 
 
 class Service:
-    """`close_pipe`: whether closing the service closes the pipeline too (False when the caller
-    shares the pipeline with other users and closes it itself)."""
+    """`models`: the served folders (`Models`), or one open Pipeline. `close_pipe`: whether closing
+    the service closes that pipeline too (False when the caller shares it with other users and
+    closes it itself)."""
 
-    def __init__(self, pipe: Pipeline, config: ServerConfig = ServerConfig(), *, close_pipe: bool = True):
-        self.pipe = pipe
+    def __init__(self, models: Models | Pipeline, config: ServerConfig = ServerConfig(), *, close_pipe: bool = True):
+        self.models = models if isinstance(models, Models) else Models.single(models, owned=close_pipe)
         self.config = config
         self.styles = StyleBook.load(config.styles) if config.styles else None  # ValueError: unreadable
-        self._close_pipe = close_pipe
         self.metrics = Metrics(lambda: self.batcher.depth, lambda: len(self.batcher.running))
-        self.batcher = Batcher(pipe, max_queue=config.max_queue, workers=config.workers,
+        self.batcher = Batcher(max_queue=config.max_queue, workers=config.workers,
                                batch_wait=config.batch_wait, on_batch=self.metrics.on_batch)
-        source = pipe.manifest.source or {}
-        self.model_name = (Path(source["path"]).stem if source.get("path") else source.get("preset")
-                           or pipe.engine_dir.name)
-        self.model_hash = source.get("sha256")
-        short = f" [{self.model_hash[:10]}]" if self.model_hash else ""
-        self.model_title = f"{self.model_name}{short}"
-
-    @property
-    def model_titles(self) -> tuple[str, ...]:
-        return (self.model_title, self.model_name)
 
     def close(self) -> None:
         """Finish what is queued, then release the engines."""
         self.batcher.close()
-        if self._close_pipe:
-            self.pipe.close()
+        self.models.close()
+
+    # -- which folder ------------------------------------------------------------------------------
+
+    def select(self, name: str | None, field: str, status: int = 422) -> Model:
+        """The served folder `name` picks (None: the default), or ServeError `status` naming `field`."""
+        try:
+            return self.models.find(name)
+        except UnknownModel as e:
+            raise ServeError(status, f"{field}: {e}", field=field) from None
+
+    def route(self, selected: Model, settings: list[dict[str, Any]], fields: Mapping[str, str],
+              status: int = 422) -> tuple[Model, list[lora_tags.TaggedPrompts]]:
+        """(the folder that honours the jobs' LoRA tags, each job's parsed prompts): the tags are
+        read here, once, and handed to Pipeline.request."""
+        try:
+            tagged = [lora_tags.parse_prompts(_texts(s["prompt"]), _texts(s.get("negative_prompt")))
+                      for s in settings]
+            return self.models.route(selected, tagged[0]), tagged
+        except PipelineError as e:
+            raise _field_error(e, fields, status) from None
+
+    @asynccontextmanager
+    async def using(self, model: Model) -> AsyncIterator[Pipeline]:
+        """The open pipeline of `model` for one HTTP request; the folder stays open until it ends."""
+        try:
+            pipe = await asyncio.to_thread(self.models.acquire, model, self.config.timeout)
+        except ModelBusy as e:
+            raise ServeError(503, str(e), headers={"Retry-After": "5"}, outcome="rejected") from None
+        except SDRuntimeError as e:
+            raise ServeError(500, f"cannot open {model.title}: {e}", outcome="error") from None
+        try:
+            yield pipe
+        finally:
+            self.models.release(model)
 
     # -- the door ------------------------------------------------------------------------------------
 
-    def make_requests(self, mode: str, settings: list[dict[str, Any]], fields: Mapping[str, str],
-                      status: int = 422) -> list[Request]:
-        """Validate each job's settings into a prepared Request (`Pipeline.request`: the one validation
-        layer), or raise ServeError `status` naming the wire field at fault: the error's `field` under
-        its wire name in `fields` (a schedule the sampler refuses names the sampler's field)."""
+    def make_requests(self, pipe: Pipeline, mode: str, settings: list[dict[str, Any]], fields: Mapping[str, str],
+                      status: int = 422, tagged: list[lora_tags.TaggedPrompts] | None = None) -> list[Request]:
+        """Validate each job's settings into a prepared Request (`pipe.request`: the one validation
+        layer; `tagged`: the jobs' prompts as `route` parsed them), or raise ServeError `status`
+        naming the wire field at fault: the error's `field` under its wire name in `fields` (a
+        schedule the sampler refuses names the sampler's field)."""
         out = []
-        for s in settings:
+        for k, s in enumerate(settings):
             s = dict(s)
             prompt = s.pop("prompt")
             try:
-                r = self.pipe.request(mode, prompt, **s)
+                r = pipe.request(mode, prompt, prompt_tags=tagged[k] if tagged else None, **s)
             except PipelineError as e:
-                field = fields.get(e.field or "")
-                raise ServeError(status, f"{field}: {e}" if field else str(e), field=field) from None
+                raise _field_error(e, fields, status) from None
             out.append(r)
         return out
 
     # -- the queue -----------------------------------------------------------------------------------
 
-    async def run(self, requests: list[Request], http_request: Any, task_id: str | None = None
+    async def run(self, pipe: Pipeline, requests: list[Request], http_request: Any, task_id: str | None = None
                   ) -> tuple[list[GenerationResult], str | None]:
         """Queue the requests and wait for them: (results, None), or (partial results, "interrupted")
         when /interrupt stopped them. Raises ServeError for a full queue (503), a timeout (504)."""
         jobs: list[Job] = []
         try:
             for r in requests:
-                jobs.append(self.batcher.submit(r, timeout=self.config.timeout, task_id=task_id))
+                jobs.append(self.batcher.submit(r, timeout=self.config.timeout, task_id=task_id, pipe=pipe))
         except QueueFull as e:
             for j in jobs:
                 j.cancel("rejected")
@@ -159,14 +185,14 @@ class Service:
     def _partial(self, job: Job, error: JobCancelled) -> GenerationResult:
         """A stopped job's result: its latents after the last finished step, decoded (A1111 returns the
         current image of an interrupted job); no images if no step finished."""
-        r = job.request
+        r, pipe = job.request, job.pipe
         images = []
         if error.latents is not None:
-            images = imgs.to_pil(self.pipe.decode(r, error.latents))
-        params = {**r.parameters(), "engine": str(self.pipe.engine_dir), "backend": self.pipe.backend,
+            images = imgs.to_pil(pipe.decode(r, error.latents))
+        params = {**r.parameters(), "engine": str(pipe.engine_dir), "backend": pipe.backend,
                   "interrupted_at_step": job.step}
         return GenerationResult(images=images, seeds=list(r.seeds)[:len(images)], timings={},
-                                backend=self.pipe.backend, parameters=params)
+                                backend=pipe.backend, parameters=params)
 
     # -- progress ------------------------------------------------------------------------------------
 
@@ -191,6 +217,18 @@ async def _watch_disconnect(http_request: Any, jobs: list[Job], every: float = 0
                 j.cancel("disconnected")
             return
         await asyncio.sleep(every)
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    """A job's prompt or negative prompt as a tuple of strings (the request layer checks types)."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(v for v in value if isinstance(v, str))
+
+
+def _field_error(e: PipelineError, fields: Mapping[str, str], status: int) -> ServeError:
+    field = fields.get(e.field or "")
+    return ServeError(status, f"{field}: {e}" if field else str(e), field=field)
 
 
 def wire_error(e: WireError) -> ServeError:
