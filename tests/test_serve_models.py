@@ -284,6 +284,7 @@ def test_a_tag_no_folder_has_is_refused_naming_it_and_the_offers(live, prompt, m
     ({"prompt": "a <lora:ink:0.8> <lora:ink:1>"}, "prompt: LoRA tags <lora:ink:0.8> and <lora:ink:1>: one LoRA at"),
     ({"prompt": "a cat", "negative_prompt": "ugly <lora:ink:0.8>"}, "negative_prompt: LoRA tag <lora:ink:0.8> in "
                                                                     "the negative prompt"),
+    ({"prompt": f"a cat {TAG}", "disable_extra_networks": True}, "disable_extra_networks: LoRA tags are honoured"),
 ])
 def test_bad_tag_syntax_is_a_422_naming_the_field(live, body, message):
     r = live.post("/sdapi/v1/txt2img", {"steps": STEPS, "width": 64, "height": 64, **body})

@@ -28,6 +28,7 @@ from runtime.imaging.inpainting import MASKED_CONTENT  # A1111's inpainting_fill
 from runtime.sampling import names as sampler_names
 from runtime.scheduler import REGISTRY
 from runtime.request import Limits
+from runtime.text import lora_tags
 from runtime.text.styles import StyleBook
 
 from . import a1111_variation as variation
@@ -172,6 +173,9 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A11
          f"scripts are not available on this server ({req.script_name!r}); send null"),
         ("save_images", not req.save_images, "this server writes no files; send false"),
         ("infotext", not req.infotext, f"infotext {_NOT_IMPLEMENTED}; send the settings as fields"),
+        ("disable_extra_networks", not (req.disable_extra_networks and lora_tags.has_tags(req.prompt)),
+         "LoRA tags are honoured here by the folder built with them (a LoRA is fused at build time, it cannot be "
+         "switched off); remove the tags from the prompt or send false"),
     ]
     for name, ok, message in checks:
         if not ok:

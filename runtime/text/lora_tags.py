@@ -29,7 +29,8 @@ from typing import Any
 
 from runtime.errors import PipelineError
 
-__all__ = ["KINDS", "LoraTag", "TaggedPrompts", "describe_offer", "folder_loras", "missing", "parse_prompts"]
+__all__ = ["KINDS", "LoraTag", "TaggedPrompts", "describe_offer", "folder_loras", "has_tags", "missing",
+           "parse_prompts"]
 
 KINDS = ("lora", "lyco")  # A1111's Lora extension registers both names for one network type
 _TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111 modules/extra_networks.py re_extra_net
@@ -141,6 +142,11 @@ def parse_prompts(prompts: Sequence[str], negative_prompts: Sequence[str] = ()) 
         both = " and ".join(t.text for t in distinct.values() if t.name == name)
         raise PipelineError(f"LoRA tags {both}: one LoRA at two weights", field="prompt")
     return TaggedPrompts(tuple(prompts), tuple(text), tuple(distinct.values()))
+
+
+def has_tags(text: str) -> bool:
+    """Whether `text` holds a LoRA tag (or the start of one); a check, not the parse."""
+    return _OPEN.search(text) is not None
 
 
 def folder_loras(source: Mapping[str, Any]) -> dict[str, float]:
