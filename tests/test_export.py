@@ -102,6 +102,43 @@ def test_external_data_single_file(tiny_sd1, tmp_path):
     assert result.parity["rel"] <= 1e-4
 
 
+def test_lean_export_matches_the_plain_graph(tiny_sd1, tmp_path):
+    """The lean path (graph exported without weights, weights streamed to the external file) gives
+    a graph with the contract's inputs only, every large weight in one aligned file, parity with
+    PyTorch, and the plain graph's outputs in ONNX Runtime and OpenVINO."""
+    import onnxruntime as ort
+    import openvino as ov
+
+    from export.external_data import ALIGNMENT
+
+    shapes = default_parity_shapes(tiny_sd1.spec, 32, 32, 64, 2)
+    lean_dir, plain_dir = tmp_path / "lean", tmp_path / "plain"
+    lean_dir.mkdir()
+    plain_dir.mkdir()
+    lean = export_network("unet", tiny_sd1, lean_dir, parity_shapes=shapes, lean=True)
+    export_network("unet", tiny_sd1, plain_dir, parity_shapes=shapes)
+    assert lean.external_data == "unet.onnx.data" and lean.parity["rel"] <= PARITY_THRESHOLDS["fp32"]
+    graph = onnx.load(str(lean_dir / "unet.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input] == [t.name for t in network_io("unet", tiny_sd1.spec.dims, "fp32")[0]]
+    offsets = [int(e.value) for t in graph.initializer for e in t.external_data if e.key == "offset"]
+    assert offsets and all(o % ALIGNMENT == 0 for o in offsets)
+    params = {f"unet.{n}": p.detach().numpy() for n, p in tiny_sd1.unet.named_parameters()}
+    stored = onnx.load(str(lean_dir / "unet.onnx")).graph.initializer  # with the external data
+    assert len(stored) > len(params) // 2
+    for tensor in stored:  # each a parameter, bit for bit (the exporter merges equal-valued ones)
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), params[tensor.name])
+    inputs, _ = network_io("unet", tiny_sd1.spec.dims, "fp32")
+    feeds = sample_inputs("unet", tiny_sd1.spec.dims, Shape(2, 48, 40), vocab_size=1000,
+                          rng=np.random.default_rng(5))
+    feeds = {t.name: feeds[t.name].astype(t.dtype) for t in inputs}
+    want = ort.InferenceSession(str(plain_dir / "unet.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got_ort = ort.InferenceSession(str(lean_dir / "unet.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got_ov = ov.Core().compile_model(str(lean_dir / "unet.onnx"), "CPU",
+                                     {"INFERENCE_PRECISION_HINT": "f32"})(feeds)[0]
+    assert rel_err(got_ort, want) < 1e-5
+    assert rel_err(got_ov, want) < 1e-5
+
+
 def test_parity_failure_leaves_nothing(tiny_sd1, tmp_path):
     shapes = default_parity_shapes(tiny_sd1.spec, 32, 32, 64, 2)
     with pytest.raises(ParityError, match=r"vae_encoder \(fp32\): ONNX Runtime differs from PyTorch by relative "
