@@ -142,7 +142,7 @@ class Pipeline:
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
                 subseed_strength: float = 0.0, seed_resize_from=None,
                 hires: hires_fix.HiresFix | None = None,
-                tiling: bool = False) -> GenerationResult:
+                tiling: bool = False, vae: str = "full") -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
@@ -160,7 +160,9 @@ class Pipeline:
         hires fix: the image is upscaled and denoised again as img2img at the larger size, in this
         one call (runtime/hires.py). `tiling` True makes a seamless
         texture: the U-Net and VAE run with circular padding (A1111's `tiling`; the folder needs
-        `build-engine --tiling`)."""
+        `build-engine --tiling`). `vae` "tiny" decodes (and img2img / inpaint encode) with the folder's
+        tiny autoencoder (TAESD: `build-engine --tiny-vae`, or a folder whose VAE is one); "full", the
+        default, with its own VAE."""
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
@@ -168,7 +170,7 @@ class Pipeline:
                                noise=latents, cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, hires=hires,
-                               tiling=tiling)
+                               tiling=tiling, vae=vae)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
@@ -182,7 +184,7 @@ class Pipeline:
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
                 subseed_strength: float = 0.0, seed_resize_from=None,
                 initial_noise_multiplier: float = 1.0,
-                tiling: bool = False) -> GenerationResult:
+                tiling: bool = False, vae: str = "full") -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
@@ -197,7 +199,8 @@ class Pipeline:
                                cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
-                               initial_noise_multiplier=initial_noise_multiplier, tiling=tiling)
+                               initial_noise_multiplier=initial_noise_multiplier, tiling=tiling,
+                               vae=vae)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
@@ -213,7 +216,7 @@ class Pipeline:
                 masked_content: str | None = None, padding_mask_crop: int | None = None,
                 mask_blur: int | tuple[int, int] = 0, soft_mask: bool = False, overlay: bool | None = None,
                 initial_noise_multiplier: float = 1.0,
-                tiling: bool = False) -> GenerationResult:
+                tiling: bool = False, vae: str = "full") -> GenerationResult:
         """Repaint where `mask_image` is white (>= 0.5). With the 9-channel inpainting U-Net the
         mask and the masked image's latents go into the U-Net (diffusers'
         StableDiffusionInpaintPipeline); with a plain 4-channel U-Net the known region is blended back
@@ -238,7 +241,7 @@ class Pipeline:
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
                                masked_content=masked_content, padding_mask_crop=padding_mask_crop, mask_blur=mask_blur,
                                soft_mask=soft_mask, overlay=overlay, initial_noise_multiplier=initial_noise_multiplier,
-                               tiling=tiling)
+                               tiling=tiling, vae=vae)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def request(self, mode: str, prompt: Any, **settings: Any) -> Request:
@@ -359,8 +362,9 @@ class Pipeline:
             draws = stages.initial_noise(r, (m.dims.latent_channels, r.height // s, r.width // s),
                                          self.is_inpainting_unet)
             t0 = time.perf_counter()
-            encoder = self.engine(tiled_network("vae_encoder", r.tiling)) if r.mode != "txt2img" else None
-            latents = stages.encode_images(encoder, r, draws, scaling_factor=m.scaling_factor, vae_scale_factor=s,
+            graph = m.vae_graph("vae_encoder", r.vae, r.tiling)  # the tiny or circular-padded one where asked
+            encoder = self.engine(graph) if r.mode != "txt2img" else None
+            latents = stages.encode_images(encoder, r, draws, scaling_factor=m.vae_scaling_factor(graph), vae_scale_factor=s,
                                            inpainting_unet=self.is_inpainting_unet, tile=r.vae_tile)
             if r.mode != "txt2img":
                 _add(timings, "vae_encode", time.perf_counter() - t0)
@@ -411,8 +415,8 @@ class Pipeline:
         """Latents of `request`'s run (the final ones, or those of an interrupted run) to float32 NHWC
         images in [0, 1], tiled as the request says."""
         s = self.vae_scale_factor
-        images = stages.decode(self.engine(tiled_network("vae_decoder", request.tiling)), latents, tile=request.vae_tile,
-                               scale=s)
+        decoder = self.engine(self.manifest.vae_graph("vae_decoder", request.vae, request.tiling))
+        images = stages.decode(decoder, latents, tile=request.vae_tile, scale=s)
         want = tuple(d * s for d in latents.shape[-2:])
         if tuple(images.shape[1:3]) != want:  # the graph's axes are symbolic: only its output can tell
             raise ManifestError(f"{self.engine_dir}: the VAE decoder made {tuple(images.shape[1:3])} images of "

@@ -27,7 +27,7 @@ from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
 from runtime.families import family_of
 from runtime.folder.manifest import Manifest
-from runtime.folder.networks import STEP_CACHE_NETWORKS, TILING_NETWORKS
+from runtime.folder.networks import STEP_CACHE_NETWORKS, TILING_NETWORKS, VAE_CHOICES
 from runtime.text.prompt_syntax import SYNTAXES
 from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
@@ -64,6 +64,7 @@ class Limits:
     max_memory: int | None = None  # bytes a request's estimate may reach (None: no limit)
     tiling: bool = False  # the folder has the circular-padded graphs (build-engine --tiling)
     guidance_batch: bool = True  # its family runs an unconditional batch under guidance (runtime/families.py)
+    tiny_vae: str | None = None  # Manifest.tiny_vae: how vae="tiny" runs ("added", "own"), None: it cannot
 
     @classmethod
     def from_manifest(cls, m: Manifest, default_sampler: str, samplers: tuple[str, ...]) -> "Limits":
@@ -77,7 +78,8 @@ class Limits:
                    inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1, default_sampler=default_sampler,
                    samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS),
                    vae_max_image=m.shapes.get("vae_max_image", hi),
-                   tiling=all(n in m.networks for n in TILING_NETWORKS), guidance_batch=family_of(m.family).guidance_batch)
+                   tiling=all(n in m.networks for n in TILING_NETWORKS), guidance_batch=family_of(m.family).guidance_batch,
+                   tiny_vae=m.tiny_vae)
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,6 +120,7 @@ class Request:
     variation: Variation | None = None  # variation seeds / seed resizing (runtime/sampling/variation.py); None: off
     hires: Any = None  # txt2img's hires fix (runtime/hires.py HiresPass): a second, img2img pass
     guidance_batch: bool = True  # Limits.guidance_batch of its folder: whether guidance > 1 runs an uncond batch
+    vae: str = "full"  # which autoencoder decodes and encodes: "full" or "tiny" (runtime/folder/networks.py VAE_CHOICES)
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
@@ -144,7 +147,7 @@ class Request:
                 self.sampler, self.karras, self.eta, self.strength, self.output_type, self.cache_interval,
                 self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks,
                 None if self.inpainting is None else self.inpainting.key(), self.initial_noise_multiplier,
-                None if self.hires is None else self.hires.key(), self.tiling)
+                None if self.hires is None else self.hires.key(), self.tiling, self.vae)
 
     def parameters(self) -> dict[str, Any]:
         """What reproduces the request (the result's `parameters`, the PNG metadata)."""
@@ -174,6 +177,8 @@ class Request:
             params["hires"] = self.hires.parameters()
         if self.tiling:
             params["tiling"] = True
+        if self.vae != "full":
+            params["vae"] = self.vae
         return params
 
 
@@ -186,7 +191,8 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None,
                  subseed: Any = None, subseed_strength: Any = 0.0, seed_resize_from: Any = None,
                  masked_content: Any = None, padding_mask_crop: Any = None, mask_blur: Any = 0, soft_mask: Any = False,
-                 overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None, tiling: Any = False) -> Request:
+                 overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None, tiling: Any = False,
+                 vae: Any = "full") -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem. `hires`
     (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass."""
     if mode not in MODES:
@@ -216,6 +222,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     height, width = _size(limits, dh if height is None else height, dw if width is None else width)
     tile = _vae_tile(limits, vae_tiling, height, width)
     tiling = _tiling(limits, tiling, interval, tile)
+    vae = _vae(limits, vae, tiling)
     memory = check_memory(limits, batch, height, width, guided=_guided(limits, scale, rescale),
                           encodes=mode != "txt2img")
     images, masks, plan = _load_images(images, masks, plan, height, width)
@@ -231,7 +238,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                              if mode == "inpaint" and limits.inpainting_unet else None),
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
         memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult, tiling=tiling,
-        guidance_batch=limits.guidance_batch,
+        guidance_batch=limits.guidance_batch, vae=vae,
     )
     return request if hires is None else replace(request, hires=hires_fix.make_pass(limits, request, hires, vae_tiling))
 
@@ -384,6 +391,18 @@ def _tiling(limits: Limits, tiling: Any, cache_interval: int, vae_tile: int | No
         raise PipelineError("tiling wraps the whole image around; a VAE decoded in tiles cannot: send vae_tiling False "
                             "(or a size the folder's VAE takes whole) with tiling", field="tiling")
     return True
+
+
+def _vae(limits: Limits, vae: Any, tiling: bool) -> str:
+    """The request's autoencoder: "full" (the folder's VAE) or "tiny" (a TAESD: build-engine --tiny-vae)."""
+    if vae not in VAE_CHOICES:
+        raise PipelineError(f"vae must be one of {', '.join(VAE_CHOICES)}; got {vae!r}", field="vae")
+    if vae == "tiny" and limits.tiny_vae is None:
+        raise PipelineError("vae 'tiny' needs a tiny autoencoder (vae_decoder_tiny, vae_encoder_tiny), which this "
+                            "engine folder lacks: rebuild it with build-engine --tiny-vae PATH", field="vae")
+    if vae == "tiny" and tiling and limits.tiny_vae == "added":
+        raise PipelineError("tiling has no circular-padded tiny VAE graphs: send vae 'full' with tiling", field="vae")
+    return vae
 
 
 def _cache(limits: Limits, interval: Any, schedule: str) -> int:

@@ -15,7 +15,10 @@ Schema (format version 1):
   "shapes": {"min_batch", "opt_batch", "max_batch", "min_image", "opt_image", "max_image"},
   "precision": "fp32" | "fp16" | "bf16",
   "networks": {name: {"file": "unet.onnx", "external_data": "unet.onnx.data" | null,
-                      "precision": "fp32", "sha256": "...", "parity": {...}}},
+                      "precision": "fp32", "sha256": "...", "parity": {...}},
+               # build-engine --tiny-vae: vae_decoder_tiny / vae_encoder_tiny entries also hold "vae": "tiny",
+               # their own "scaling_factor", "latent_magnitude", "latent_shift" and "source"
+              },
   "backends": {"tensorrt": {...},         # engine files of other backends, per backend
                "openvino": {"unet_int8": {"file", "weights", "sha256", "weights_sha256", "calibration",
                                           "parity", ...},      # build-engine --quantize int8
@@ -42,7 +45,7 @@ from typing import Any
 
 from runtime.errors import ManifestError
 from runtime.folder.paths import file_records, inside, opened_files
-from runtime.folder.networks import NETWORKS, OPTIONAL_NETWORKS, PRECISIONS, ModelDims
+from runtime.folder.networks import NETWORKS, OPTIONAL_NETWORKS, PRECISIONS, TINY_VAE_NETWORKS, ModelDims
 from runtime.sampling.samplers import PREDICTION_TYPES
 
 __all__ = ["FAMILIES", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ManifestError", "PREDICTION_TYPES",
@@ -98,6 +101,27 @@ class Manifest:
         """The folder's OpenVINO quantization scheme ("int8", "int8-weights"), or None."""
         entry = self.int8_unet or self.weights_int8
         return entry.get("scheme") if entry else None
+
+    @property
+    def tiny_vae(self) -> str | None:
+        """How the folder runs a request's vae="tiny": "added" (its TINY_VAE_NETWORKS, `build-engine
+        --tiny-vae`), "own" (its VAE is itself an AutoencoderTiny), or None (it cannot)."""
+        if all(n in self.networks for n in TINY_VAE_NETWORKS):
+            return "added"
+        return "own" if self.networks.get("vae_decoder", {}).get("vae") == "tiny" else None
+
+    def vae_graph(self, network: str, vae: str = "full", tiling: bool = False) -> str:
+        """The graph that runs VAE `network` ("vae_decoder" / "vae_encoder") for a request's `vae` and
+        `tiling`: its tiny variant for "tiny" where the folder has one, else the folder's own VAE (or
+        its circular-padded variant; a folder whose own VAE is an AutoencoderTiny runs it for both)."""
+        if vae == "tiny" and f"{network}_tiny" in self.networks:
+            return f"{network}_tiny"
+        return f"{network}_tiled" if tiling else network
+
+    def vae_scaling_factor(self, graph: str) -> float:
+        """The latent scaling of VAE graph `graph`: its entry's own (a tiny VAE's, from its config), else
+        the folder's `scaling_factor`."""
+        return float(self.networks.get(graph, {}).get("scaling_factor", self.scaling_factor))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -281,6 +305,8 @@ def _networks(value: Any, where: str) -> dict[str, dict[str, Any]]:
         if entry.get("precision", "fp32") not in PRECISIONS:
             raise ManifestError(f"{where}: networks.{name}.precision {_short(entry['precision'])} is not one of "
                                 f"{', '.join(PRECISIONS)}")
+        if name in TINY_VAE_NETWORKS or "scaling_factor" in entry:  # a tiny VAE's own, never assumed
+            _number(entry.get("scaling_factor"), f"networks.{name}.scaling_factor", where)
     return networks
 
 
