@@ -239,3 +239,61 @@ def test_vae_choice_is_validated_and_keyed(added, tiny_sd1_engine):
         assert a.vae == "full" and a.batch_key() != b.batch_key()
         with pytest.raises(PipelineError):
             ours.generate([a, b], progress=False)
+
+
+def test_wire_fields_select_the_tiny_vae():
+    """A1111's override_settings.sd_vae ("taesd" / "tiny" vs "Automatic" / "None") and the OpenAI
+    route's sd_runtime.vae become the request's `vae`; other sd_vae values are refused by name."""
+    from runtime.request import Limits
+    from runtime.serving import a1111, openai
+    from runtime.serving.codec import WireError
+
+    limits = Limits(min_image=32, max_image=128, max_batch=4, vae_scale_factor=2, latent_channels=4,
+                    default_size=(64, 64), inpainting_unet=False, default_sampler="euler", samplers=("euler",),
+                    tiny_vae="added")
+
+    def jobs(settings):
+        req = a1111.Txt2ImgRequest(prompt="a cat", steps=2, seed=1, override_settings=settings)
+        a1111.check_override_settings(settings, ("tiny",))
+        return a1111.job_settings(req, limits, max_steps=50, max_n_iter=4)[1]
+
+    assert all(j["vae"] == "tiny" for name in a1111.TINY_VAE_NAMES for j in jobs({"sd_vae": name}))
+    assert all("vae" not in j for name in ("Automatic", "None") for j in jobs({"sd_vae": name}))
+    assert "vae" not in jobs(None)[0]
+    with pytest.raises(WireError, match="override_settings.sd_vae"):
+        jobs({"sd_vae": "vae-ft-mse-840000-ema-pruned.safetensors"})
+    assert a1111.FIELDS["vae"] == "override_settings.sd_vae"
+    body = openai.GenerationsRequest(prompt="a cat", sd_runtime={"vae": "tiny"})
+    assert openai.job_settings(body, limits, ("tiny",), 50)[0]["vae"] == "tiny"
+    assert openai.job_settings(openai.GenerationsRequest(prompt="a cat"), limits, ("tiny",), 50)[0]["vae"] == "full"
+
+
+def test_server_sd_vae(added, tiny_sd1_engine):
+    """GET /sdapi/v1/sd-vae lists the tiny VAE; a txt2img with override_settings.sd_vae "taesd" is the
+    Python API's vae="tiny" image; a folder without one answers 422 naming override_settings.sd_vae."""
+    pytest.importorskip("fastapi")
+    from test_serve_support import LiveServer, pixels
+
+    engine = added[3]
+    body = {"prompt": "a cat", "steps": 2, "seed": 3, "sampler_name": "Euler", "width": 64, "height": 64,
+            "cfg_scale": 7.0, "override_settings": {"sd_vae": "taesd"}}
+    with runtime.load(engine, backend="onnxruntime") as pipe:
+        want = pipe.txt2img("a cat", num_inference_steps=2, seed=3, scheduler="euler", guidance_scale=7.0,
+                            vae="tiny", output_type="np", progress=False).images[0]
+        live = LiveServer(pipe)
+        try:
+            assert live.get("/sdapi/v1/sd-vae").json() == [{"model_name": "taesd", "filename": "vae_decoder_tiny.onnx"}]
+            r = live.post("/sdapi/v1/txt2img", body)
+            assert r.status_code == 200, r.text[:300]
+            got = pixels(r.json()["images"][0])
+        finally:
+            live.stop()
+    assert np.abs(got.astype(np.float32) - np.rint(want * 255)).max() <= 1
+    with runtime.load(tiny_sd1_engine, backend="onnxruntime") as plain:
+        live = LiveServer(plain)
+        try:
+            assert live.get("/sdapi/v1/sd-vae").json() == []
+            r = live.post("/sdapi/v1/txt2img", {**body, "width": 32, "height": 32})
+            assert r.status_code == 422 and "override_settings.sd_vae" in r.json()["detail"], r.text[:300]
+        finally:
+            live.stop()

@@ -188,10 +188,18 @@ def _refuse_img2img(req: Img2ImgRequest) -> None:
                                        "the latent mask, as in A1111)")
 
 
+# override_settings.sd_vae values: A1111's "Automatic" / "None" (the checkpoint's own VAE) run the
+# folder's VAE; these names run its tiny one (TAESD, build-engine --tiny-vae; GET /sdapi/v1/sd-vae lists it
+# under the first), refused by the request layer, as `override_settings.sd_vae`, where the folder has none
+FULL_VAE_NAMES = ("Automatic", "None")
+TINY_VAE_NAMES = ("taesd", "tiny")
+
+
 def check_override_settings(settings: dict[str, Any] | None, model_titles: tuple[str, ...]) -> None:
-    """A1111's override_settings: only settings that leave the image as it is."""
+    """A1111's override_settings: only settings that leave the image as it is, and `sd_vae` (the
+    folder's VAE or its tiny one)."""
     allowed = {"CLIP_stop_at_last_layers": (1,), "eta_noise_seed_delta": (0,), "samples_format": ("png",),
-               "sd_vae": ("Automatic", "None"), "enable_pnginfo": (True, False)}
+               "sd_vae": FULL_VAE_NAMES + TINY_VAE_NAMES, "enable_pnginfo": (True, False)}
     for key, value in (settings or {}).items():
         if key == "sd_model_checkpoint":
             if value not in model_titles:
@@ -238,7 +246,7 @@ FIELDS = {"scheduler": "sampler_name", "cache_interval": "sd_runtime.cache_inter
           "num_images_per_prompt": "batch_size", "subseed": "subseed", "subseed_strength": "subseed_strength",
           "masked_content": "inpainting_fill", "padding_mask_crop": "inpaint_full_res_padding", "mask_blur": "mask_blur",
           "soft_mask": "mask_round", "initial_noise_multiplier": "initial_noise_multiplier", "mask_image": "mask",
-          **hires_wire.FIELDS, "tiling": "tiling", "eta": "eta"}
+          **hires_wire.FIELDS, "tiling": "tiling", "eta": "eta", "vae": "override_settings.sd_vae"}
 
 
 def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int) -> None:
@@ -273,6 +281,12 @@ def _tiling(req: Txt2ImgRequest) -> dict[str, Any]:
     return {"tiling": True} if req.tiling else {}
 
 
+def _vae(req: Txt2ImgRequest) -> dict[str, Any]:
+    """override_settings.sd_vae (checked by `check_override_settings`): "taesd" / "tiny" run the
+    folder's tiny VAE; "Automatic", "None" or none its own."""
+    return {"vae": "tiny"} if (req.override_settings or {}).get("sd_vae") in TINY_VAE_NAMES else {}
+
+
 def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int,
                  styles: StyleBook | None = None) -> tuple[str, list[dict[str, Any]]]:
     """(mode, one `Pipeline.request` keyword set per engine job: n_iter jobs of batch_size images).
@@ -285,7 +299,7 @@ def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_i
     _counts(req, limits, max_steps, max_n_iter)
     base = dict(negative_prompt=req.negative_prompt, height=height, width=width, num_inference_steps=req.steps,
                 guidance_scale=float(req.cfg_scale), scheduler=sampler, karras=karras, eta=_eta(req, sampler),
-                **_extension(req), **_tiling(req))
+                **_extension(req), **_tiling(req), **_vae(req))
     mode, prompt, images, per_prompt = "txt2img", req.prompt, {}, req.batch_size
     if isinstance(req, Img2ImgRequest):
         mode, prompt, images, per_prompt = _images(req, width, height)

@@ -300,6 +300,12 @@ def _info_routes(app: FastAPI, svc: Service) -> None:
         return [{"title": svc.model_title, "model_name": svc.model_name, "hash": h[:10] if h else None,
                  "sha256": h, "filename": svc.pipe.engine_dir.name, "config": None}]
 
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae():  # A1111's list of {model_name, filename}: the tiny VAE, where the folder has one
+        m = svc.pipe.manifest
+        return [{"model_name": a1111.TINY_VAE_NAMES[0], "filename": m.networks[m.vae_graph("vae_decoder", "tiny")]["file"]}
+                ] if svc.pipe.limits.tiny_vae else []
+
     @app.get("/sdapi/v1/options")
     async def get_options():
         return _options(svc)

@@ -35,6 +35,8 @@ class OpenAIExtension(BaseModel):
     guidance_scale: float = 7.5
     seed: int | None = Field(None, ge=0, description="image i uses seed + i; default: random")
     sampler: str | None = Field(None, description="our sampler name (GET /sdapi/v1/samplers lists A1111's)")
+    vae: Literal["full", "tiny"] = Field("full", description="the folder's own VAE, or its tiny one (TAESD: "
+                                                           "build-engine --tiny-vae)")
 
 
 class GenerationsRequest(BaseModel):
@@ -74,7 +76,7 @@ def _size(size: str | None, limits: Limits) -> tuple[int, int]:
 
 
 # The request layer's fields (runtime/request.py PipelineError.field) under their wire names here.
-FIELDS = {"scheduler": "sd_runtime.sampler", "height": "size", "width": "size"}
+FIELDS = {"scheduler": "sd_runtime.sampler", "height": "size", "width": "size", "vae": "sd_runtime.vae"}
 
 
 def job_settings(req: GenerationsRequest, limits: Limits, model_names: tuple[str, ...],
@@ -99,6 +101,6 @@ def job_settings(req: GenerationsRequest, limits: Limits, model_names: tuple[str
         k = min(limits.max_batch, req.n - start)
         jobs.append(dict(prompt=req.prompt, negative_prompt=ext.negative_prompt, height=height, width=width,
                          num_inference_steps=ext.steps, guidance_scale=ext.guidance_scale, scheduler=ext.sampler,
-                         seed=seed + start, num_images_per_prompt=k))
+                         seed=seed + start, num_images_per_prompt=k, vae=ext.vae))
         start += k
     return jobs
