@@ -33,7 +33,7 @@ from runtime.imaging import images as imgs
 from runtime import hires as hires_fix
 from runtime import scheduler as sch
 from runtime import stages
-from runtime.imaging import inpainting
+from runtime.imaging import inpainting, preview as live_preview
 from runtime.sampling import deepcache as caching
 from runtime.text import tokens as text
 from runtime.engines.registry import backend_module, close_all, network_options, open_engines_why, open_network
@@ -423,6 +423,15 @@ class Pipeline:
                                 f"{tuple(latents.shape[-2:])} latents, not the {want} the manifest's vae_scale_factor "
                                 f"{s} implies: the manifest does not describe its graphs")
         return images
+
+    def preview(self, latents: np.ndarray) -> np.ndarray:
+        """uint8 RGB live previews [batch, H, W, 3] of latents [batch, C, h, w] as the loop holds them:
+        decoded by the folder's tiny VAE where it has one (image size), else A1111's cheap linear
+        preview (latent size; runtime/imaging/preview.py)."""
+        if self.limits.tiny_vae is None:
+            return live_preview.latents_to_rgb(latents)
+        decoder = self.engine(self.manifest.vae_graph("vae_decoder", "tiny"))
+        return live_preview.decoded_preview(lambda z: stages.decode(decoder, z, scale=self.vae_scale_factor), latents)
 
     def _results(self, requests: list[Request], images: Any, timings: dict[str, float]) -> list[GenerationResult]:
         unet = self.engine("unet").info

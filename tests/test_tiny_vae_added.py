@@ -297,3 +297,30 @@ def test_server_sd_vae(added, tiny_sd1_engine):
             assert r.status_code == 422 and "override_settings.sd_vae" in r.json()["detail"], r.text[:300]
         finally:
             live.stop()
+
+
+def test_live_preview_decodes_with_the_tiny_vae(added, tiny_sd1_engine):
+    """With a tiny VAE the live preview (Pipeline.preview; the server's progress current_image) is
+    diffusers' AutoencoderTiny decode of the latents at the image's size, rounded as a final image;
+    without one, the cheap linear preview at the latents' size."""
+    import base64
+    import io
+    from types import SimpleNamespace
+
+    from runtime.imaging.preview import latents_to_rgb
+    from runtime.serving.app import _preview
+
+    _, tiny, _, engine = added
+    latents = np.random.default_rng(9).standard_normal((2, 4, 16, 12), dtype=np.float32)
+    with torch.no_grad():
+        ref = tiny.decode(torch.from_numpy(latents) / tiny.config.scaling_factor).sample.numpy()
+    want = (np.clip(ref.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1) * 255).round()
+    with runtime.load(engine, backend="onnxruntime") as pipe:
+        got = pipe.preview(latents)
+        wire = _preview(SimpleNamespace(pipe=pipe), latents)
+    assert got.dtype == np.uint8 and got.shape == (2, 32, 24, 3)
+    assert np.abs(got.astype(np.float32) - want).max() <= 1
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(wire))))
+    assert np.array_equal(served, got[0])
+    with runtime.load(tiny_sd1_engine, backend="onnxruntime") as plain:
+        assert np.array_equal(plain.preview(latents), latents_to_rgb(latents))

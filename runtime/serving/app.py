@@ -264,18 +264,18 @@ def _progress(svc: Service, skip_image: bool, task_id: str | None) -> dict:
     eta = elapsed / progress - elapsed if done else svc.batcher.estimate_seconds(job)
     image = None
     if not skip_image and job.latents is not None:
-        image = _preview(job.latents)
+        image = _preview(svc, job.latents)
     return {"progress": progress, "eta_relative": max(0.0, eta), "state": state, "current_image": image,
             "textinfo": f"step {done}/{total}"}
 
 
-def _preview(latents: Any) -> str | None:
+def _preview(svc: Service, latents: Any) -> str | None:
+    """The first image's live preview: the folder's tiny VAE's decode where it has one, else the cheap
+    linear one (Pipeline.preview)."""
     from PIL import Image
 
-    from runtime.imaging.preview import latents_to_rgb
-
     try:
-        rgb = latents_to_rgb(latents[0])
+        rgb = svc.pipe.preview(latents[:1])[0]
     except ValueError:  # a latent space the SD coefficients do not fit
         return None
     return encode_png(Image.fromarray(rgb))
