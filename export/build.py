@@ -37,6 +37,7 @@ from export.hashing import file_sha256, tree_sha256
 from runtime.engines.ov_cache import pid_alive
 from runtime.folder.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
 from runtime.folder.networks import NETWORKS, PRECISIONS, TILING_NETWORKS
+from runtime.sampling.defaults import recommended
 
 Progress = Callable[[str], Any]
 # Whether folders get the step-cache U-Nets (unet_deep, unet_shallow) unless told (--step-cache).
@@ -221,6 +222,7 @@ class _Plan:
     tools: dict[str, str]
     adapters: Adapters = Adapters()  # LoRAs and embeddings to apply before export
     tiny_vae: Any = None  # export/loading/taesd.py TinyVAESource: --tiny-vae, exported beside the VAE
+    defaults: dict[str, Any] | None = None  # --default-steps / --default-guidance / --default-sampler given
 
 
 def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tensorrt: bool = False,
@@ -229,7 +231,9 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
                  prediction_type: str | None = None, seed: int = 0, quantize: str | None = None,
                  force: bool = False, progress: Progress = print, backend: str | None = None,
                  loras: Sequence[Any] = (), embeddings: Sequence[Any] = (), step_cache: bool = STEP_CACHE_DEFAULT,
-                 cache_branch: int = 0, tiling: bool = False, tiny_vae: str | os.PathLike | None = None) -> Path:
+                 cache_branch: int = 0, tiling: bool = False, tiny_vae: str | os.PathLike | None = None,
+                 default_steps: int | None = None, default_guidance: float | None = None,
+                 default_sampler: str | None = None) -> Path:
     """Build (or reuse) the engine folder `out_dir` for `source`; return its path.
 
     Every folder runs on every CPU backend (OpenVINO, ONNX Runtime, the PyTorch reference): the
@@ -245,7 +249,9 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     textures (A1111's `tiling`; export/circular.py), each sharing its base network's weights file.
     `tiny_vae` (a diffusers AutoencoderTiny folder or madebyollin's taesd_encoder / taesd_decoder
     .safetensors; export/loading/taesd.py) adds vae_decoder_tiny and vae_encoder_tiny beside the VAE,
-    their entries recording its own scaling; its files' sha256 join the reuse key. Raises
+    their entries recording its own scaling; its files' sha256 join the reuse key. `default_steps`,
+    `default_guidance`, `default_sampler` set the manifest's recommended settings ("defaults"), over
+    what the scheduler config implies (runtime/sampling/defaults.py: LCM, LCM-LoRA, trailing-spacing Euler). Raises
     `BuildError`, `CheckpointError` (source), `ParityError` (a graph differs from PyTorch),
     `QuantizeError` or the TensorRT builder's error; `out_dir` is then left as it was."""
     tensorrt = _deprecated_backend(backend, tensorrt, progress)
@@ -260,6 +266,9 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     sizes = {"min_image": min_image, "opt_image": opt_image, "max_image": max_image, "min_batch": min_batch,
              "opt_batch": opt_batch, "max_batch": max_batch}
     plan = _plan(source, out_dir, seed, prediction_type, sizes, progress, parse_adapters(loras, embeddings), tiny_vae)
+    plan.defaults = _defaults(default_steps, default_guidance, default_sampler)
+    if plan.defaults:
+        plan.identity["defaults"] = plan.defaults  # joins the reuse key
     if plan.existing is not None or (out_dir / MANIFEST_NAME).is_file():
         problem = "--force given" if force else _reuse_problem(out_dir, plan.identity, precision, plan.shapes,
                                                                plan.tools, tensorrt, branch, bool(tiling))
@@ -275,6 +284,18 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     what = f"{precision}{', ' + quantize + ' U-Net' if quantize else ''}{', TensorRT plans' if tensorrt else ''}"
     progress(f"built {out_dir} ({what}) in {time.perf_counter() - start:.1f} s")
     return out_dir
+
+
+def _defaults(steps: int | None, guidance: float | None, sampler: str | None) -> dict[str, Any]:
+    """The --default-* settings given, checked (runtime/sampling/defaults.py `check_defaults`)."""
+    from runtime.sampling.defaults import check_defaults
+    from runtime.scheduler import SchedulerError
+
+    try:
+        return check_defaults({k: v for k, v in (("steps", steps), ("guidance_scale", guidance), ("sampler", sampler))
+                               if v is not None})
+    except SchedulerError as e:
+        raise BuildError(f"--default-*: {e}") from None
 
 
 def _deprecated_backend(backend: str | None, tensorrt: bool, progress: Progress) -> bool:
@@ -386,6 +407,8 @@ def _build_into(out_dir: Path, plan: _Plan, precision: str, quantize: str | None
         _check_shapes(model.spec, plan.shapes)
         manifest = plan.adapters.annotate(_export_all(model, plan.identity, tmp, precision, plan.shapes, plan.tools,
                                                       progress, cache_branch, tiling, plan.tiny_vae))
+        manifest = replace(manifest, defaults={**recommended(model.spec.scheduler, bool(model.spec.unet.time_cond_proj_dim)),
+                                               **(plan.defaults or {})})
         del model
         gc.collect()
         if quantize is not None:

@@ -134,7 +134,7 @@ class Pipeline:
     # -- public API ------------------------------------------------------------------------------
 
     def txt2img(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
-                num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                num_inference_steps: int | None = None, guidance_scale: float | None = None,
                 guidance_rescale: float = 0.0, scheduler: str | None = None, karras: bool | None = None,
                 seed=None, latents: np.ndarray | None = None, num_images_per_prompt: int = 1,
                 eta: float = 0.0, output_type: str = "pil", callback: Callback | None = None,
@@ -158,7 +158,9 @@ class Pipeline:
         seed; `seed_resize_from` (height, width) draws the seed's noise at that size and pastes it
         centred. Strength 0 without a resize changes nothing. `hires` (a `HiresFix`) adds A1111's
         hires fix: the image is upscaled and denoised again as img2img at the larger size, in this
-        one call (runtime/hires.py). `tiling` True makes a seamless
+        one call (runtime/hires.py). `num_inference_steps`, `guidance_scale` and `scheduler` left at None
+        are the folder's recommended ones (an LCM or Turbo folder's; manifest "defaults",
+        runtime/sampling/defaults.py), else 50 steps, 7.5 and its scheduler's sampler. `tiling` True makes a seamless
         texture: the U-Net and VAE run with circular padding (A1111's `tiling`; the folder needs
         `build-engine --tiling`). `vae` "tiny" decodes (and img2img / inpaint encode) with the folder's
         tiny autoencoder (TAESD: `build-engine --tiny-vae`, or a folder whose VAE is one); "full", the
@@ -174,8 +176,8 @@ class Pipeline:
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
-                width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
-                guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
+                width: int | None = None, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0,
                 scheduler: str | None = None, karras: bool | None = None, seed=None,
                 num_images_per_prompt: int = 1, eta: float = 0.0, output_type: str = "pil",
                 callback: Callback | None = None, progress: bool = True, noise: np.ndarray | None = None,
@@ -204,8 +206,8 @@ class Pipeline:
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
-                height: int | None = None, width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
-                guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
+                height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0,
                 scheduler: str | None = None, karras: bool | None = None, seed=None,
                 num_images_per_prompt: int = 1, eta: float = 0.0, output_type: str = "pil",
                 callback: Callback | None = None, progress: bool = True, noise: np.ndarray | None = None,

@@ -65,6 +65,10 @@ class Limits:
     tiling: bool = False  # the folder has the circular-padded graphs (build-engine --tiling)
     guidance_batch: bool = True  # its family runs an unconditional batch under guidance (runtime/families.py)
     tiny_vae: str | None = None  # Manifest.tiny_vae: how vae="tiny" runs ("added", "own"), None: it cannot
+    # the folder's recommended steps and guidance (manifest "defaults"; runtime/sampling/defaults.py),
+    # used where a request gives none; None: the API's own default
+    default_steps: int | None = None
+    default_guidance: float | None = None
 
     @classmethod
     def from_manifest(cls, m: Manifest, default_sampler: str, samplers: tuple[str, ...]) -> "Limits":
@@ -75,11 +79,13 @@ class Limits:
         default = tuple(min(max(int(d), lo), hi) // s * s for d in m.default_size)
         return cls(min_image=lo, max_image=hi, max_batch=int(m.shapes["max_batch"]), vae_scale_factor=s,
                    latent_channels=m.dims.latent_channels, default_size=default,
-                   inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1, default_sampler=default_sampler,
+                   inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1,
+                   default_sampler=m.defaults.get("sampler", default_sampler),
                    samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS),
                    vae_max_image=m.shapes.get("vae_max_image", hi),
                    tiling=all(n in m.networks for n in TILING_NETWORKS), guidance_batch=family_of(m.family).guidance_batch,
-                   tiny_vae=m.tiny_vae)
+                   tiny_vae=m.tiny_vae, default_steps=m.defaults.get("steps"),
+                   default_guidance=m.defaults.get("guidance_scale"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,7 +189,7 @@ class Request:
 
 
 def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any = None, height: Any = None,
-                 width: Any = None, num_inference_steps: Any = DEFAULT_STEPS, guidance_scale: Any = DEFAULT_GUIDANCE,
+                 width: Any = None, num_inference_steps: Any = None, guidance_scale: Any = None,
                  guidance_rescale: Any = 0.0, scheduler: str | None = None, karras: bool | None = None,
                  seed: Any = None, num_images_per_prompt: Any = 1, eta: Any = 0.0, output_type: str = "pil",
                  image: Any = None, mask_image: Any = None, strength: Any = None, noise: Any = None,
@@ -194,7 +200,13 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None, tiling: Any = False,
                  vae: Any = "full") -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem. `hires`
-    (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass."""
+    (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass. Steps, guidance and
+    sampler left at None are the folder's recommended ones (Limits), else DEFAULT_STEPS, DEFAULT_GUIDANCE
+    and the folder's scheduler's sampler."""
+    if num_inference_steps is None:
+        num_inference_steps = DEFAULT_STEPS if limits.default_steps is None else limits.default_steps
+    if guidance_scale is None:
+        guidance_scale = DEFAULT_GUIDANCE if limits.default_guidance is None else limits.default_guidance
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if limits.inpainting_unet and mode != "inpaint":

@@ -27,6 +27,8 @@ Schema (format version 1):
   "source": {"kind": "preset" | "diffusers" | "single_file", "path": "...", "sha256": "..."},
   "tools": {"torch": "...", "onnx": "...", ...},
   "created": "ISO 8601 time",
+  "defaults": {"steps": 4, "guidance_scale": 8.5, "sampler": "lcm"},   # optional: recommended settings
+                                       # (runtime/sampling/defaults.py; build-engine --default-*)
   "files": {"unet.onnx": {"size": 1794141, "sha256": "...", "fingerprint": "..."}, ...}
 }                                      # every file the runtime opens (runtime/folder/paths.py); absent in
                                        # folders built before it, which load as "legacy" folders
@@ -84,6 +86,8 @@ class Manifest:
     created: str = ""
     format_version: int = FORMAT_VERSION
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # runtime/folder/paths.py `file_records`
+    # recommended steps / guidance_scale / sampler where the caller gives none (runtime/sampling/defaults.py)
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def int8_unet(self) -> dict[str, Any] | None:
@@ -141,6 +145,7 @@ class Manifest:
             "tools": self.tools,
             "created": self.created,
             "files": self.files,
+            **({"defaults": self.defaults} if self.defaults else {}),  # other folders' manifests as they were
         }
 
     @classmethod
@@ -172,7 +177,7 @@ class Manifest:
             prediction_type=d["prediction_type"], scheduler=_scheduler(d["scheduler"], where),
             tokenizer=_tokenizer(d["tokenizer"], where), default_size=_default_size(d["default_size"], where),
             shapes=_shapes(d["shapes"], where), precision=d["precision"], networks=_networks(d["networks"], where),
-            created=d.get("created", ""), **extras,
+            created=d.get("created", ""), defaults=_defaults(d.get("defaults", {}), where), **extras,
         )
         if manifest.family.endswith("-lcm") != bool(manifest.dims.time_cond_proj_dim):
             raise ManifestError(f"{where}: family {manifest.family!r} with dims.time_cond_proj_dim "
@@ -273,6 +278,16 @@ def _scheduler(value: Any, where: str) -> dict[str, Any]:
     except SchedulerError as e:
         raise ManifestError(f"{where}: scheduler: {e}") from None
     return config
+
+
+def _defaults(value: Any, where: str) -> dict[str, Any]:
+    from runtime.sampling.defaults import check_defaults
+    from runtime.scheduler import SchedulerError
+
+    try:
+        return check_defaults(value)
+    except SchedulerError as e:
+        raise ManifestError(f"{where}: {e}") from None
 
 
 def _tokenizer(value: Any, where: str) -> dict[str, Any]:

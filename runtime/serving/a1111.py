@@ -287,13 +287,29 @@ def _vae(req: Txt2ImgRequest) -> dict[str, Any]:
     return {"vae": "tiny"} if (req.override_settings or {}).get("sd_vae") in TINY_VAE_NAMES else {}
 
 
+def _recommended(req: Txt2ImgRequest, limits: Limits) -> Txt2ImgRequest:
+    """`req` with an LCM / Turbo folder's recommended steps, cfg_scale and sampler (manifest "defaults";
+    runtime/sampling/defaults.py) for those it does not send; A1111's defaults (50, 7.0, "Euler") stay
+    for folders that recommend nothing. What the client sends always wins."""
+    if limits.default_steps is None and limits.default_guidance is None:
+        return req
+    sent, update = req.model_fields_set, {}
+    if "steps" not in sent and limits.default_steps is not None:
+        update["steps"] = limits.default_steps
+    if "cfg_scale" not in sent and limits.default_guidance is not None:
+        update["cfg_scale"] = limits.default_guidance
+    if not sent & {"sampler_name", "sampler_index"}:
+        update["sampler_name"] = sampler_names.to_a1111(limits.default_sampler, False)[0]
+    return req.model_copy(update=update)
+
+
 def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int,
                  styles: StyleBook | None = None) -> tuple[str, list[dict[str, Any]]]:
     """(mode, one `Pipeline.request` keyword set per engine job: n_iter jobs of batch_size images).
     `styles`: the server's styles.csv (runtime/text/styles.py), applied to the prompts first.
     Raises WireError naming the first field that cannot be served."""
     _refuse_unsupported(req)
-    req = _styled(req, styles)
+    req = _recommended(_styled(req, styles), limits)
     sampler, karras = _sampler(req, limits)
     width, height = hires_wire.first_pass_size(req, _size(req, limits), img2img=isinstance(req, Img2ImgRequest))
     _counts(req, limits, max_steps, max_n_iter)

@@ -93,6 +93,9 @@ def job_settings(req: GenerationsRequest, limits: Limits, model_names: tuple[str
             raise WireError(name, f"{value!r} is not supported here; accepted: {', '.join(ok)}", 400)
     width, height = _size(req.size, limits)
     ext = req.sd_runtime or OpenAIExtension()
+    recommended = {k: v for k, v in (("steps", limits.default_steps), ("guidance_scale", limits.default_guidance))
+                   if v is not None and k not in ext.model_fields_set}  # the folder's (manifest "defaults")
+    ext = ext.model_copy(update=recommended)
     if ext.steps > max_steps:
         raise WireError("sd_runtime.steps", f"{ext.steps} is over this server's limit {max_steps}", 400)
     seed = secrets.randbits(32) if ext.seed is None else ext.seed
