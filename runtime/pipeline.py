@@ -142,7 +142,8 @@ class Pipeline:
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
                 subseed_strength: float = 0.0, seed_resize_from=None,
                 hires: hires_fix.HiresFix | None = None,
-                tiling: bool = False, vae: str = "full") -> GenerationResult:
+                tiling: bool = False, vae: str = "full",
+                timestep_spacing: str | None = None) -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
@@ -164,7 +165,8 @@ class Pipeline:
         texture: the U-Net and VAE run with circular padding (A1111's `tiling`; the folder needs
         `build-engine --tiling`). `vae` "tiny" decodes (and img2img / inpaint encode) with the folder's
         tiny autoencoder (TAESD: `build-engine --tiny-vae`, or a folder whose VAE is one); "full", the
-        default, with its own VAE."""
+        default, with its own VAE. `timestep_spacing` ("leading", "trailing", "linspace") replaces the
+        folder's scheduler config's for this request (A1111's "SGM Uniform" is "trailing")."""
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
@@ -172,7 +174,8 @@ class Pipeline:
                                noise=latents, cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, hires=hires,
-                               tiling=tiling, vae=vae)
+                               tiling=tiling, vae=vae,
+                               timestep_spacing=timestep_spacing)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
@@ -186,7 +189,8 @@ class Pipeline:
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
                 subseed_strength: float = 0.0, seed_resize_from=None,
                 initial_noise_multiplier: float = 1.0,
-                tiling: bool = False, vae: str = "full") -> GenerationResult:
+                tiling: bool = False, vae: str = "full",
+                timestep_spacing: str | None = None) -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
@@ -202,7 +206,8 @@ class Pipeline:
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
                                initial_noise_multiplier=initial_noise_multiplier, tiling=tiling,
-                               vae=vae)
+                               vae=vae,
+                               timestep_spacing=timestep_spacing)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
@@ -218,7 +223,8 @@ class Pipeline:
                 masked_content: str | None = None, padding_mask_crop: int | None = None,
                 mask_blur: int | tuple[int, int] = 0, soft_mask: bool = False, overlay: bool | None = None,
                 initial_noise_multiplier: float = 1.0,
-                tiling: bool = False, vae: str = "full") -> GenerationResult:
+                tiling: bool = False, vae: str = "full",
+                timestep_spacing: str | None = None) -> GenerationResult:
         """Repaint where `mask_image` is white (>= 0.5). With the 9-channel inpainting U-Net the
         mask and the masked image's latents go into the U-Net (diffusers'
         StableDiffusionInpaintPipeline); with a plain 4-channel U-Net the known region is blended back
@@ -243,7 +249,8 @@ class Pipeline:
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
                                masked_content=masked_content, padding_mask_crop=padding_mask_crop, mask_blur=mask_blur,
                                soft_mask=soft_mask, overlay=overlay, initial_noise_multiplier=initial_noise_multiplier,
-                               tiling=tiling, vae=vae)
+                               tiling=tiling, vae=vae,
+                               timestep_spacing=timestep_spacing)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def request(self, mode: str, prompt: Any, **settings: Any) -> Request:
@@ -265,7 +272,9 @@ class Pipeline:
 
     def _prepare_request(self, r: Request, tokens: Any = None) -> Request:
         try:
-            schedule = sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength,
+            config = self.manifest.scheduler if r.timestep_spacing is None else {
+                **self.manifest.scheduler, "timestep_spacing": r.timestep_spacing}  # A1111's "SGM Uniform"
+            schedule = sch.make_schedule(config, r.sampler, r.steps, strength=r.strength,
                                          karras=r.karras, prediction_type=self.manifest.prediction_type)
         except sch.SchedulerError as e:
             raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e

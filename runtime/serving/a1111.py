@@ -281,6 +281,13 @@ def _tiling(req: Txt2ImgRequest) -> dict[str, Any]:
     return {"tiling": True} if req.tiling else {}
 
 
+def _spacing(req: Txt2ImgRequest) -> dict[str, Any]:
+    """The timestep spacing A1111's schedule type asks for ("SGM Uniform": trailing;
+    runtime/sampling/names.py SPACING_SCHEDULES), else none (the folder's)."""
+    spacing = sampler_names.spacing_from_a1111(req.sampler_name or req.sampler_index, req.scheduler)
+    return {} if spacing is None else {"timestep_spacing": spacing}
+
+
 def _vae(req: Txt2ImgRequest) -> dict[str, Any]:
     """override_settings.sd_vae (checked by `check_override_settings`): "taesd" / "tiny" run the
     folder's tiny VAE; "Automatic", "None" or none its own."""
@@ -315,7 +322,7 @@ def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_i
     _counts(req, limits, max_steps, max_n_iter)
     base = dict(negative_prompt=req.negative_prompt, height=height, width=width, num_inference_steps=req.steps,
                 guidance_scale=float(req.cfg_scale), scheduler=sampler, karras=karras, eta=_eta(req, sampler),
-                **_extension(req), **_tiling(req), **_vae(req))
+                **_extension(req), **_tiling(req), **_vae(req), **_spacing(req))
     mode, prompt, images, per_prompt = "txt2img", req.prompt, {}, req.batch_size
     if isinstance(req, Img2ImgRequest):
         mode, prompt, images, per_prompt = _images(req, width, height)

@@ -292,7 +292,7 @@ def _info_routes(app: FastAPI, svc: Service) -> None:
     async def schedulers():
         return [{"name": key, "label": label, "aliases": None, "default_rho": 7.0 if key == "karras" else None,
                  "need_inner_model": False} for label, key in sampler_names.A1111_SCHEDULES.items()
-                if label in ("Automatic", "Uniform", "Karras")]
+                if label in ("Automatic", "Uniform", "Karras", *sampler_names.SPACING_SCHEDULES)]
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
@@ -355,7 +355,8 @@ def _other_routes(app: FastAPI, svc: Service) -> None:
         return {"model": svc.model_title, "backend": svc.pipe.backend, "replica": svc.config.replica,
                 "min_image": lim.min_image, "max_image": lim.max_image, "step": lim.vae_scale_factor,
                 "max_batch": lim.max_batch, "default_size": list(lim.default_size), "max_steps": svc.config.max_steps,
-                "inpainting_unet": lim.inpainting_unet, "api_key_required": svc.config.api_key is not None}
+                "inpainting_unet": lim.inpainting_unet, "api_key_required": svc.config.api_key is not None,
+                "recommended": svc.pipe.manifest.defaults, "tiny_vae": lim.tiny_vae is not None}
 
     page = PAGE.read_text(encoding="utf-8")
 
