@@ -170,3 +170,47 @@ def test_wire_formats_use_the_folder_defaults():
     assert (job["num_inference_steps"], job["guidance_scale"]) == (8, 1.0)
     job = openai.job_settings(openai.GenerationsRequest(prompt="a cat"), plain, ("m",), 50)[0]
     assert (job["num_inference_steps"], job["guidance_scale"]) == (30, 7.5)
+
+
+def _init_image(h: int, w: int):
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    return Image.fromarray((np.stack([yy, xx, 0.5 * (yy + xx)], -1) * 255).astype(np.uint8))
+
+
+def _img2img_draws(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(encode_noise, noise) as StableDiffusionImg2ImgPipeline draws them from one torch generator:
+    the VAE's latent_dist.sample first, then the noise add_noise takes."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).numpy(), torch.randn(shape, generator=g).numpy()
+
+
+def test_turbo_img2img_two_steps_half_strength_is_one_step(turbo):
+    """Turbo-style img2img, 2 steps at strength 0.5: one Euler step from timestep 499 (trailing), as
+    diffusers' StableDiffusionImg2ImgPipeline runs it (get_timesteps keeps int(2 * 0.5) = 1 step)."""
+    import torch
+    diffusers = pytest.importorskip("diffusers")
+
+    folder, engine, _ = turbo
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(
+        str(folder), safety_checker=None, requires_safety_checker=False, feature_extractor=None,
+        local_files_only=True, dtype=torch.float32)
+    ref_pipe = diffusers.StableDiffusionImg2ImgPipeline(**sd.components)
+    ref_pipe.set_progress_bar_config(disable=True)
+    with runtime.load(engine, backend="onnxruntime") as ours:
+        h, w = ours.default_size
+        s = ours.vae_scale_factor
+        image = _init_image(h, w)
+        encode_noise, noise = _img2img_draws((1, 4, h // s, w // s), 21)
+        r = ours.request("img2img", PROMPT, image=image, strength=0.5, num_inference_steps=2)
+        assert list(r.schedule.timesteps) == [499.0] and r.guidance_scale == 0.0
+        got = ours.img2img(PROMPT, image, strength=0.5, num_inference_steps=2, noise=noise, encode_noise=encode_noise,
+                           output_type="np", progress=False).images
+    ref = ref_pipe(PROMPT, image=image, strength=0.5, num_inference_steps=2, guidance_scale=0.0,
+                   generator=torch.Generator().manual_seed(21), output_type="np").images
+    value = psnr(got, ref)
+    log.info("PSNR turbo img2img 2 steps strength 0.5 vs diffusers: %.1f dB", value)
+    assert value >= PARITY_PSNR_DB, f"{value:.1f} dB"
