@@ -275,6 +275,7 @@ class Pipeline:
             config = self.manifest.scheduler if r.timestep_spacing is None else {
                 **self.manifest.scheduler, "timestep_spacing": r.timestep_spacing}  # A1111's "SGM Uniform"
             schedule = sch.make_schedule(config, r.sampler, r.steps, strength=r.strength,
+                                         strength_in_schedule=self.family.strength_in_schedule,
                                          karras=r.karras, prediction_type=self.manifest.prediction_type)
         except sch.SchedulerError as e:
             raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e
