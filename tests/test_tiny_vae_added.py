@@ -324,3 +324,20 @@ def test_live_preview_decodes_with_the_tiny_vae(added, tiny_sd1_engine):
     assert np.array_equal(served, got[0])
     with runtime.load(tiny_sd1_engine, backend="onnxruntime") as plain:
         assert np.array_equal(plain.preview(latents), latents_to_rgb(latents))
+
+
+def test_torch_reference_engine_runs_the_tiny_vae(added):
+    """The PyTorch reference engine rebuilds vae_decoder_tiny from the recorded tiny VAE files (not
+    the folder's KL VAE): it equals diffusers' AutoencoderTiny decode."""
+    from export.torch_engine import open_engine
+
+    _, tiny, _, engine = added
+    latent = np.random.default_rng(1).standard_normal((1, 4, 8, 10), dtype=np.float32)
+    e = open_engine(engine, load_manifest(engine), "vae_decoder_tiny")
+    try:
+        got = e.run({"latent": latent})["image"]
+    finally:
+        e.close()
+    with torch.no_grad():
+        want = tiny.decode(torch.from_numpy(latent)).sample.numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
