@@ -39,7 +39,7 @@ _ARG_KEYS = {"command": "mode", "engine_dir": "engine", "prompt": "prompt", "neg
              "scheduler": "scheduler", "karras": "karras", "eta": "eta", "seed": "seed", "height": "height",
              "width": "width", "image": "image", "mask": "mask", "strength": "strength", "backend": "backend",
              "cache_interval": "cache_interval", "cache_schedule": "cache_schedule", "prompt_syntax": "prompt_syntax",
-             "tiling": "tiling", "vae": "vae"}
+             "tiling": "tiling", "vae": "vae", "timestep_spacing": "timestep_spacing"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,6 +88,8 @@ def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
     p.add_argument("--tiling", action="store_const", const=True, default=None,
                    help="seamless texture: circular padding in the U-Net and VAE (A1111's Tiling; the folder "
                         "needs build-engine --tiling)")
+    p.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"), default=None,
+                   help="replace the folder's timestep spacing (A1111's schedule type SGM Uniform is trailing)")
     p.add_argument("--vae", choices=("full", "tiny"), default=None,
                    help="autoencoder: the folder's own (full, default) or its tiny one (TAESD: build-engine --tiny-vae)")
     p.add_argument("-o", "--output", default=None, help="output PNG (default: COMMAND.png); "
@@ -300,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
                       ("guidance_rescale", "guidance_rescale"), ("eta", "eta"),
                       ("num_images", "num_images_per_prompt"), ("cache_interval", "cache_interval"),
                       ("cache_schedule", "cache_schedule"), ("prompt_syntax", "prompt_syntax"), ("tiling", "tiling"),
-                      ("vae", "vae")):
+                      ("vae", "vae"), ("timestep_spacing", "timestep_spacing")):
         if getattr(args, arg) is not None:  # otherwise the pipeline's default
             kwargs[name] = getattr(args, arg)
     with pipe:

@@ -96,3 +96,19 @@ def test_euler_sgm_uniform_image_matches_diffusers(tiny_sd1_engine, tmp_path):
     log.info("PSNR euler trailing (A1111 SGM Uniform) vs diffusers: %.1f dB", value)
     assert value >= PARITY_PSNR_DB, f"{value:.1f} dB"
     assert psnr(leading, ref) < value - 20  # the spacing is what changed
+
+
+def test_png_info_round_trips_sgm_uniform():
+    """Our infotext writes a request's trailing spacing as A1111's "Schedule type: SGM Uniform", and
+    reading it back gives the sampler and the spacing (sd-generate --from-png, --timestep-spacing)."""
+    from runtime.imaging import png_info
+
+    params = {"prompt": "a cat", "negative_prompt": "", "steps": 4, "scheduler": "euler_a", "karras": False,
+              "guidance_scale": 1.0, "seeds": [3], "width": 64, "height": 64, "timestep_spacing": "trailing"}
+    text = png_info.infotext_from_parameters(params)
+    assert "Sampler: Euler a, Schedule type: SGM Uniform" in text
+    settings, _ = png_info.settings_from_fields(png_info.parse_infotext(text))
+    assert (settings["scheduler"], settings["timestep_spacing"]) == ("euler_a", "trailing")
+    plain = png_info.infotext_from_parameters({k: v for k, v in params.items() if k != "timestep_spacing"})
+    assert "SGM Uniform" not in plain
+    assert "timestep_spacing" not in png_info.settings_from_fields(png_info.parse_infotext(plain))[0]
