@@ -30,7 +30,8 @@ PROMPT = "a watercolor painting of a lighthouse at dusk"
     ("Euler a", "SGM Uniform", ("euler_a", False, "trailing")), ("Euler", "sgm_uniform", ("euler", False, "trailing")),
     ("Euler a SGM Uniform", None, ("euler_a", False, "trailing")), ("LCM", "SGM Uniform", ("lcm", False, "trailing")),
     ("DDIM", "SGM Uniform", ("ddim", False, None)),  # A1111's timestep samplers ignore the schedule
-    ("Euler a", "Uniform", ("euler_a", False, None)), ("DPM++ 2M", "Karras", ("dpmpp_2m", True, None)),
+    ("Euler a", "Uniform", ("euler_a", False, None)), ("Euler a", "Turbo", ("euler_a", False, "trailing")),
+    ("Euler", "turbo", ("euler", False, "trailing")), ("DPM++ 2M", "Karras", ("dpmpp_2m", True, None)),
 ])
 def test_names(name, schedule, want):
     assert (*names.from_a1111(name, schedule), names.spacing_from_a1111(name, schedule)) == want

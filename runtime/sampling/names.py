@@ -52,7 +52,9 @@ _LEGACY_ALIASES = {"k_lms_ka": "LMS Karras", "k_dpmpp_2m_ka": "DPM++ 2M Karras"}
 A1111_SCHEDULES = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "karras", "Exponential": "exponential",
                    "Polyexponential": "polyexponential", "SGM Uniform": "sgm_uniform", "KL Optimal": "kl_optimal",
                    "Align Your Steps": "align_your_steps", "Simple": "simple", "Normal": "normal", "DDIM": "ddim",
-                   "Beta": "beta"}
+                   "Beta": "beta",
+                   # Forge's (lllyasviel/stable-diffusion-webui-forge modules/sd_schedulers.py `turbo_scheduler`)
+                   "Turbo": "turbo"}
 
 # A1111 schedule types that are a timestep spacing here (the folder's scheduler config's, replaced for
 # the request): A1111 modules/sd_schedulers.py (v1.10) `sgm_uniform` takes n timesteps evenly from
@@ -60,7 +62,8 @@ A1111_SCHEDULES = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "ka
 # diffusers' scheduler overview (docs/source/en/api/schedulers/overview.md, "sgm_uniform: init with
 # timestep_spacing='trailing'") maps to timestep_spacing "trailing": 1000 - i * 1000 / n, rounded, - 1
 # (equal at i = 0, within a timestep after). Turbo / Lightning / Hyper-SD models are trained on it.
-SPACING_SCHEDULES = {"SGM Uniform": "trailing"}
+# Forge's "Turbo" schedule, timesteps round(k * 1000 / n - 1) for k = n..1, is "trailing" exactly.
+SPACING_SCHEDULES = {"SGM Uniform": "trailing", "Turbo": "trailing"}
 
 
 def sampler_names() -> list[str]:
