@@ -11,6 +11,7 @@ versions, every file's sha256) is reused as is unless `force=True`. `--quantize 
 U-Net for the OpenVINO engine (export/quantize.py); asked of an up-to-date folder, it quantizes in
 place without exporting again, and a later build without `--quantize` removes it again.
 `--tiling` adds the circular-padded graphs (export/circular.py) beside the U-Net and the VAE.
+`--tiny-vae PATH` adds a tiny autoencoder (TAESD; export/loading/taesd.py) beside the folder's VAE.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from export.hashing import file_sha256, tree_sha256
 from runtime.engines.ov_cache import pid_alive
 from runtime.folder.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
 from runtime.folder.networks import NETWORKS, PRECISIONS, TILING_NETWORKS
+from runtime.sampling.defaults import recommended
 
 Progress = Callable[[str], Any]
 # Whether folders get the step-cache U-Nets (unet_deep, unet_shallow) unless told (--step-cache).
@@ -219,6 +221,8 @@ class _Plan:
     shapes: dict[str, int]
     tools: dict[str, str]
     adapters: Adapters = Adapters()  # LoRAs and embeddings to apply before export
+    tiny_vae: Any = None  # export/loading/taesd.py TinyVAESource: --tiny-vae, exported beside the VAE
+    defaults: dict[str, Any] | None = None  # --default-steps / --default-guidance / --default-sampler given
 
 
 def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tensorrt: bool = False,
@@ -227,7 +231,9 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
                  prediction_type: str | None = None, seed: int = 0, quantize: str | None = None,
                  force: bool = False, progress: Progress = print, backend: str | None = None,
                  loras: Sequence[Any] = (), embeddings: Sequence[Any] = (), step_cache: bool = STEP_CACHE_DEFAULT,
-                 cache_branch: int = 0, tiling: bool = False) -> Path:
+                 cache_branch: int = 0, tiling: bool = False, tiny_vae: str | os.PathLike | None = None,
+                 default_steps: int | None = None, default_guidance: float | None = None,
+                 default_sampler: str | None = None) -> Path:
     """Build (or reuse) the engine folder `out_dir` for `source`; return its path.
 
     Every folder runs on every CPU backend (OpenVINO, ONNX Runtime, the PyTorch reference): the
@@ -240,7 +246,12 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     adds the DeepCache U-Nets unet_deep and unet_shallow for skip `cache_branch` (0: the shallowest;
     export/unet.py `cache_split`), sharing the unet's weights file (runtime/sampling/deepcache.py runs them).
     `tiling` adds unet_tiled, vae_decoder_tiled and vae_encoder_tiled: circular padding for seamless
-    textures (A1111's `tiling`; export/circular.py), each sharing its base network's weights file. Raises
+    textures (A1111's `tiling`; export/circular.py), each sharing its base network's weights file.
+    `tiny_vae` (a diffusers AutoencoderTiny folder or madebyollin's taesd_encoder / taesd_decoder
+    .safetensors; export/loading/taesd.py) adds vae_decoder_tiny and vae_encoder_tiny beside the VAE,
+    their entries recording its own scaling; its files' sha256 join the reuse key. `default_steps`,
+    `default_guidance`, `default_sampler` set the manifest's recommended settings ("defaults"), over
+    what the scheduler config implies (runtime/sampling/defaults.py: LCM, LCM-LoRA, trailing-spacing Euler). Raises
     `BuildError`, `CheckpointError` (source), `ParityError` (a graph differs from PyTorch),
     `QuantizeError` or the TensorRT builder's error; `out_dir` is then left as it was."""
     tensorrt = _deprecated_backend(backend, tensorrt, progress)
@@ -254,7 +265,10 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     start = time.perf_counter()
     sizes = {"min_image": min_image, "opt_image": opt_image, "max_image": max_image, "min_batch": min_batch,
              "opt_batch": opt_batch, "max_batch": max_batch}
-    plan = _plan(source, out_dir, seed, prediction_type, sizes, progress, parse_adapters(loras, embeddings))
+    plan = _plan(source, out_dir, seed, prediction_type, sizes, progress, parse_adapters(loras, embeddings), tiny_vae)
+    plan.defaults = _defaults(default_steps, default_guidance, default_sampler)
+    if plan.defaults:
+        plan.identity["defaults"] = plan.defaults  # joins the reuse key
     if plan.existing is not None or (out_dir / MANIFEST_NAME).is_file():
         problem = "--force given" if force else _reuse_problem(out_dir, plan.identity, precision, plan.shapes,
                                                                plan.tools, tensorrt, branch, bool(tiling))
@@ -270,6 +284,18 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     what = f"{precision}{', ' + quantize + ' U-Net' if quantize else ''}{', TensorRT plans' if tensorrt else ''}"
     progress(f"built {out_dir} ({what}) in {time.perf_counter() - start:.1f} s")
     return out_dir
+
+
+def _defaults(steps: int | None, guidance: float | None, sampler: str | None) -> dict[str, Any]:
+    """The --default-* settings given, checked (runtime/sampling/defaults.py `check_defaults`)."""
+    from runtime.sampling.defaults import check_defaults
+    from runtime.scheduler import SchedulerError
+
+    try:
+        return check_defaults({k: v for k, v in (("steps", steps), ("guidance_scale", guidance), ("sampler", sampler))
+                               if v is not None})
+    except SchedulerError as e:
+        raise BuildError(f"--default-*: {e}") from None
 
 
 def _deprecated_backend(backend: str | None, tensorrt: bool, progress: Progress) -> bool:
@@ -327,13 +353,20 @@ def _output_folder(out_dir: str | os.PathLike, progress: Progress) -> Path:
 
 
 def _plan(source: str | os.PathLike, out_dir: Path, seed: int, prediction_type: str | None,
-          sizes: dict[str, int | None], progress: Progress, adapters: Adapters = Adapters()) -> _Plan:
+          sizes: dict[str, int | None], progress: Progress, adapters: Adapters = Adapters(),
+          tiny_vae: str | os.PathLike | None = None) -> _Plan:
     """Hash the source, read the folder's manifest, and settle the shape range (loading the model
     only where its configs are needed for the default sizes)."""
     from export.configs import preset
+    from export.loading.taesd import load_tiny_vae
 
     with _stage(progress, f"hashing source {source}"):
         identity = {**source_identity(source, seed), "prediction_type": prediction_type, **adapters.identity()}
+    tiny = None
+    if tiny_vae is not None:
+        with _stage(progress, f"reading the tiny VAE {tiny_vae}"):
+            tiny = load_tiny_vae(tiny_vae)
+        identity["tiny_vae"] = {k: v for k, v in tiny.identity.items() if k != "path"}  # paths may move
     try:
         existing = load_manifest(out_dir) if (out_dir / MANIFEST_NAME).is_file() else None
     except ManifestError:
@@ -355,7 +388,7 @@ def _plan(source: str | os.PathLike, out_dir: Path, seed: int, prediction_type: 
               "max_image": sizes["max_image"] or max(opt, default * 2)}
     if spec is not None:
         _check_shapes(spec, shapes)
-    return _Plan(identity, existing, model, shapes, tool_versions(), adapters)
+    return _Plan(identity, existing, model, shapes, tool_versions(), adapters, tiny)
 
 
 def _build_into(out_dir: Path, plan: _Plan, precision: str, quantize: str | None, tensorrt: bool,
@@ -373,7 +406,9 @@ def _build_into(out_dir: Path, plan: _Plan, precision: str, quantize: str | None
         model = plan.adapters.apply(model, progress)
         _check_shapes(model.spec, plan.shapes)
         manifest = plan.adapters.annotate(_export_all(model, plan.identity, tmp, precision, plan.shapes, plan.tools,
-                                                      progress, cache_branch, tiling))
+                                                      progress, cache_branch, tiling, plan.tiny_vae))
+        manifest = replace(manifest, defaults={**recommended(model.spec.scheduler, bool(model.spec.unet.time_cond_proj_dim)),
+                                               **(plan.defaults or {})})
         del model
         gc.collect()
         if quantize is not None:
@@ -407,9 +442,10 @@ def network_precision(spec: Any, network: str, precision: str) -> str:
     return "fp16"
 
 
+# long: one export per network (and per optional group), then the manifest
 def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: str, shapes: dict[str, int],
                 tools: dict[str, str], progress: Progress, cache_branch: int | None = None,
-                tiling: bool = False) -> Manifest:
+                tiling: bool = False, tiny_vae: Any = None) -> Manifest:
     from export.onnx_export import default_parity_shapes, export_network, step_cache_dims
 
     spec = model.spec
@@ -437,6 +473,8 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         networks.update(_export_tiling(model, folder, networks, precision, parity_shapes, progress))
     for name in (n for n in networks if n.startswith("vae_") and getattr(spec.vae, "kind", None)):
         networks[name]["vae"] = spec.vae.kind  # "tiny": an AutoencoderTiny (export/tiny_vae.py); absent: KL
+    if tiny_vae is not None:
+        networks.update(_export_tiny_vae(model, tiny_vae, folder, precision, parity_shapes, progress))
     tok_dir = folder / "tokenizer"
     tok_dir.mkdir()
     tok_files = {}
@@ -452,6 +490,31 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         default_size=(size, size), shapes=dict(shapes), precision=precision, networks=networks, backends={},
         source=identity, tools=tools, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _export_tiny_vae(model: Any, tiny: Any, folder: Path, precision: str, parity_shapes: Any,
+                     progress: Progress) -> dict[str, dict[str, Any]]:
+    """vae_decoder_tiny and vae_encoder_tiny (runtime/folder/networks.py TINY_VAE_NETWORKS) from the
+    `--tiny-vae` source, each checked against export/tiny_vae.py; their manifest entries, which record
+    the tiny VAE's own scaling (export/loading/taesd.py `manifest_entry`)."""
+    from export.loading.taesd import manifest_entry, with_tiny_vae
+    from export.onnx_export import export_network
+    from runtime.folder.networks import TINY_VAE_NETWORKS
+
+    tiny_model = with_tiny_vae(model, tiny)
+    entries = {}
+    for network in TINY_VAE_NETWORKS:
+        graph_precision = network_precision(tiny_model.spec, network, precision)
+        with _stage(progress, f"exporting {network} ({graph_precision}, the tiny VAE)"):
+            result = export_network(network, tiny_model, folder, precision=graph_precision, parity_shapes=parity_shapes)
+        progress(f"  {network}: parity vs PyTorch fp32: relative {result.parity['rel']:.3g} "
+                 f"(threshold {result.parity['threshold']:g})")
+        entries[network] = {"file": result.file, "external_data": result.external_data, "precision": graph_precision,
+                            "sha256": file_sha256(folder / result.file), "parity": result.parity,
+                            "export_seconds": round(result.seconds, 2), **manifest_entry(tiny)}
+        if result.external_data:
+            entries[network]["external_data_sha256"] = file_sha256(folder / result.external_data)
+    return entries
 
 
 def _export_step_cache(model: Any, folder: Path, unet_entry: dict[str, Any], precision: str, parity_shapes: Any,

@@ -109,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
                         help="also export the U-Net and VAE with circular padding (unet_tiled, vae_decoder_tiled, "
                              "vae_encoder_tiled; seamless textures: tiling=True, A1111's `tiling`), sharing their "
                              "weights files")
+    parser.add_argument("--tiny-vae", default=None, metavar="PATH",
+                        help="add a tiny autoencoder (TAESD) beside the VAE: a diffusers AutoencoderTiny folder, or "
+                             "madebyollin's taesd_encoder.safetensors / taesd_decoder.safetensors (a folder holding "
+                             "them, or either file); runs with vae='tiny' / --vae tiny and decodes live previews")
+    parser.add_argument("--default-steps", type=int, default=None, metavar="N",
+                        help="recommended steps recorded in the folder (default: from its scheduler config: LCM 4, "
+                             "trailing Euler (Turbo, Lightning, Hyper-SD) 1, others none)")
+    parser.add_argument("--default-guidance", type=float, default=None, metavar="G",
+                        help="recommended guidance scale recorded in the folder (default: LCM 8.5, trailing Euler 0)")
+    parser.add_argument("--default-sampler", default=None, metavar="NAME",
+                        help="recommended sampler recorded in the folder (default: its scheduler config's)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
     args = parser.parse_args(argv)
     if args.verify is None and args.prune_cache is None and (args.source is None or args.out is None):
@@ -136,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
                      opt_batch=args.opt_batch, max_batch=args.max_batch, prediction_type=args.prediction_type,
                      seed=args.seed, quantize=args.quantize, force=args.force, progress=progress,
                      loras=args.lora, embeddings=args.embedding, step_cache=args.step_cache,
-                     cache_branch=args.cache_branch, tiling=args.tiling)
+                     cache_branch=args.cache_branch, tiling=args.tiling,
+                     tiny_vae=args.tiny_vae, default_steps=args.default_steps,
+                     default_guidance=args.default_guidance, default_sampler=args.default_sampler)
     except (BuildError, CheckpointError, ParityError, QuantizeError, ManifestError, OSError, ValueError,
             RuntimeError) as e:
         print(f"build-engine: error: {e}", file=sys.stderr)

@@ -50,6 +50,7 @@ from torch import nn
 from export.circular import circular_padding
 from export.external_data import attach_weights, share_weights
 from export.fp16 import reduced_precision
+from export.tiny_vae import AutoencoderTiny
 from export.unet import cache_split
 from export.upsample import transposed_upsamplers
 from runtime.compare import max_errors, rel_err
@@ -58,6 +59,7 @@ from runtime.folder.networks import (
     OPTIONAL_NETWORKS,
     STEP_CACHE_NETWORKS,
     TILING_NETWORKS,
+    TINY_VAE_NETWORKS,
     UNET_NETWORKS,
     ModelDims,
     TensorSpec,
@@ -178,6 +180,11 @@ def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
         raise ValueError(f"{network} needs the step-cache branch (its manifest entry's 'branch'); got none")
     if network in TILING_NETWORKS:  # its base network with circular padding (export/circular.py)
         return circular_padding(wrap(base_network(network), model))
+    if network in TINY_VAE_NETWORKS:  # the base VAE network of a model whose vae is the tiny one
+        if not isinstance(model.vae, AutoencoderTiny):
+            raise ValueError(f"{network} wraps a model whose vae is the tiny VAE (export/loading/taesd.py "
+                             f"`with_tiny_vae`); this one's is a {type(model.vae).__name__}")
+        return wrap(base_network(network), model)
     if network == "text_encoder":
         module = TextEncoderWrapper(model.text_encoder)
     elif network == "unet":

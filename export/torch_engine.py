@@ -33,7 +33,7 @@ import numpy as np
 from runtime.engines.base import Engine, EngineInfo
 from runtime.errors import BackendError, EngineLoadError
 from runtime.folder.manifest import Manifest
-from runtime.folder.networks import TensorSpec, float_precision, network_io
+from runtime.folder.networks import TINY_VAE_NETWORKS, TensorSpec, float_precision, network_io
 
 BACKEND = "torch"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -139,6 +139,14 @@ def open_engine(engine_dir: str | os.PathLike, manifest: Manifest, network: str,
     if network not in manifest.networks:
         raise EngineLoadError(f"{engine_dir}: the manifest has no network {network!r}")
     model = _reference_model(json.dumps(manifest.source, sort_keys=True), manifest.prediction_type)
+    if "source" in manifest.networks[network] and network in TINY_VAE_NETWORKS:  # build-engine --tiny-vae
+        from export.loading.taesd import load_tiny_vae, with_tiny_vae
+
+        recorded = manifest.networks[network]["source"]
+        tiny = load_tiny_vae(recorded["path"])
+        if tiny.identity["sha256"] != recorded["sha256"]:
+            raise EngineLoadError(f"{recorded['path']}: the tiny VAE changed since {engine_dir} was built")
+        model = with_tiny_vae(model, tiny)
     inputs, outputs = network_io(network, manifest.dims, manifest.networks[network].get("precision", manifest.precision))
     module = wrap(network, model, branch=manifest.networks[network].get("branch"))
     return TorchEngine(module, network, inputs, outputs, **options)

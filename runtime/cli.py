@@ -1,6 +1,7 @@
 """`python -m runtime` / `sd-generate`: txt2img, img2img and inpaint from an engine folder to PNG files.
 
     sd-generate txt2img ENGINE_DIR "a red barn" --steps 30 --seed 7 -o barn.png
+    sd-generate ENGINE_DIR "a red barn"      # txt2img; an LCM / Turbo folder's recommended steps and guidance
     sd-generate img2img ENGINE_DIR "a red barn, winter" --image barn.png --strength 0.6 -o winter.png
     sd-generate inpaint ENGINE_DIR "a blue door" --image barn.png --mask door.png -o door.png
 
@@ -38,7 +39,7 @@ _ARG_KEYS = {"command": "mode", "engine_dir": "engine", "prompt": "prompt", "neg
              "scheduler": "scheduler", "karras": "karras", "eta": "eta", "seed": "seed", "height": "height",
              "width": "width", "image": "image", "mask": "mask", "strength": "strength", "backend": "backend",
              "cache_interval": "cache_interval", "cache_schedule": "cache_schedule", "prompt_syntax": "prompt_syntax",
-             "tiling": "tiling"}
+             "tiling": "tiling", "vae": "vae", "timestep_spacing": "timestep_spacing"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +57,8 @@ def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
     p.add_argument("--from-png", metavar="FILE", default=None,
                    help="take the settings of a PNG written by sd-generate or AUTOMATIC1111; flags given override them")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: none)")
-    p.add_argument("--steps", type=int, default=None, help="inference steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the folder's recommended, else 50)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the folder's recommended, else 7.5)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi (default: 0)")
     p.add_argument("--scheduler", default=None, help="sampler name (default: the engine's scheduler)")
     karras = p.add_mutually_exclusive_group()
@@ -87,6 +88,10 @@ def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
     p.add_argument("--tiling", action="store_const", const=True, default=None,
                    help="seamless texture: circular padding in the U-Net and VAE (A1111's Tiling; the folder "
                         "needs build-engine --tiling)")
+    p.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"), default=None,
+                   help="replace the folder's timestep spacing (A1111's schedule type SGM Uniform is trailing)")
+    p.add_argument("--vae", choices=("full", "tiny"), default=None,
+                   help="autoencoder: the folder's own (full, default) or its tiny one (TAESD: build-engine --tiny-vae)")
     p.add_argument("-o", "--output", default=None, help="output PNG (default: COMMAND.png); "
                    "with several images, -0, -1, ... are added before the suffix")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -296,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
     for arg, name in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("strength", "strength"),
                       ("guidance_rescale", "guidance_rescale"), ("eta", "eta"),
                       ("num_images", "num_images_per_prompt"), ("cache_interval", "cache_interval"),
-                      ("cache_schedule", "cache_schedule"), ("prompt_syntax", "prompt_syntax"), ("tiling", "tiling")):
+                      ("cache_schedule", "cache_schedule"), ("prompt_syntax", "prompt_syntax"), ("tiling", "tiling"),
+                      ("vae", "vae"), ("timestep_spacing", "timestep_spacing")):
         if getattr(args, arg) is not None:  # otherwise the pipeline's default
             kwargs[name] = getattr(args, arg)
     with pipe:
@@ -322,6 +328,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-") and Path(argv[0]).is_dir():
+        argv.insert(0, "txt2img")  # `sd-generate ENGINE_DIR "prompt"`: txt2img with the folder's defaults
     args = parser.parse_args(argv)
     try:
         return run(args)

@@ -43,12 +43,16 @@ class Family:
     fields (runtime/stages.py ImageLatents: "mask", "masked") concatenated after the latents along
     the channel axis, in order. `guidance_batch`: classifier-free guidance runs an unconditional
     batch (guidance_scale > 1); False: one U-Net batch per step whatever the scale, no negative
-    prompt, the scale reaching the U-Net through `unet_inputs` only."""
+    prompt, the scale reaching the U-Net through `unet_inputs` only. `strength_in_schedule`: img2img
+    strength narrows the skeleton the lcm / tcd samplers pick their timesteps from, all steps running
+    (diffusers' LatentConsistencyModelImg2ImgPipeline: `LCMScheduler.set_timesteps(n, strength=)`),
+    instead of skipping the first steps (StableDiffusionImg2ImgPipeline.get_timesteps)."""
 
     name: str
     unet_inputs: Callable[..., tuple[UnetInputs, UnetInputs | None]]
     sample_extras: tuple[str, ...] = ()
     guidance_batch: bool = True
+    strength_in_schedule: bool = False
 
 
 def _clip_hidden_states(cond: np.ndarray, uncond: np.ndarray | None, *, guidance_scale: float,
@@ -83,7 +87,7 @@ def _lcm_inputs(cond: np.ndarray, uncond: np.ndarray | None, *, guidance_scale: 
 
 SD = Family("sd", _clip_hidden_states)
 SD_INPAINT = Family("sd-inpaint", _clip_hidden_states, sample_extras=("mask", "masked"))
-SD_LCM = Family("sd-lcm", _lcm_inputs, guidance_batch=False)
+SD_LCM = Family("sd-lcm", _lcm_inputs, guidance_batch=False, strength_in_schedule=True)
 FAMILIES: Mapping[str, Family] = {"sd1": SD, "sd2": SD, "sd1-inpaint": SD_INPAINT, "sd2-inpaint": SD_INPAINT,
                                   "sd1-lcm": SD_LCM, "sd2-lcm": SD_LCM}
 

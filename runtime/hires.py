@@ -34,7 +34,6 @@ import numpy as np
 from PIL import Image
 
 from runtime.errors import PipelineError
-from runtime.folder.networks import tiled_network
 from runtime.imaging import upscale as up
 
 if TYPE_CHECKING:
@@ -257,8 +256,8 @@ def second_pass(pipe: Any, prepared: list, latents: np.ndarray, callbacks: list,
         else:
             images = upscaled_images(pipe.decode(r, rows), hp, s)
             hr = dataclasses.replace(hr, images=images, images_per_prompt=1, prompts=_per_image(hr.prompts, r))
-            encoder = pipe.engine(tiled_network("vae_encoder", hr.tiling))  # as the first pass's decode
-            image_latents = stages.encode_images(encoder, hr, draws, scaling_factor=m.scaling_factor,
+            graph = m.vae_graph("vae_encoder", hr.vae, hr.tiling)  # as the first pass's decode
+            image_latents = stages.encode_images(pipe.engine(graph), hr, draws, scaling_factor=m.vae_scaling_factor(graph),
                                                  vae_scale_factor=s, inpainting_unet=False, tile=hr.vae_tile)
         timings["hires_upscale"] = timings.get("hires_upscale", 0.0) + time.perf_counter() - t0
         text = p.text if hr.tokens is r.tokens else stages.encode_prompt(

@@ -33,7 +33,7 @@ from runtime.imaging import images as imgs
 from runtime import hires as hires_fix
 from runtime import scheduler as sch
 from runtime import stages
-from runtime.imaging import inpainting
+from runtime.imaging import inpainting, preview as live_preview
 from runtime.sampling import deepcache as caching
 from runtime.text import lora_tags
 from runtime.text import tokens as text
@@ -136,7 +136,7 @@ class Pipeline:
     # -- public API ------------------------------------------------------------------------------
 
     def txt2img(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
-                num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                num_inference_steps: int | None = None, guidance_scale: float | None = None,
                 guidance_rescale: float = 0.0, scheduler: str | None = None, karras: bool | None = None,
                 seed=None, latents: np.ndarray | None = None, num_images_per_prompt: int = 1,
                 eta: float = 0.0, output_type: str = "pil", callback: Callback | None = None,
@@ -144,7 +144,8 @@ class Pipeline:
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
                 subseed_strength: float = 0.0, seed_resize_from=None,
                 hires: hires_fix.HiresFix | None = None,
-                tiling: bool = False) -> GenerationResult:
+                tiling: bool = False, vae: str = "full",
+                timestep_spacing: str | None = None) -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
@@ -160,9 +161,14 @@ class Pipeline:
         seed; `seed_resize_from` (height, width) draws the seed's noise at that size and pastes it
         centred. Strength 0 without a resize changes nothing. `hires` (a `HiresFix`) adds A1111's
         hires fix: the image is upscaled and denoised again as img2img at the larger size, in this
-        one call (runtime/hires.py). `tiling` True makes a seamless
+        one call (runtime/hires.py). `num_inference_steps`, `guidance_scale` and `scheduler` left at None
+        are the folder's recommended ones (an LCM or Turbo folder's; manifest "defaults",
+        runtime/sampling/defaults.py), else 50 steps, 7.5 and its scheduler's sampler. `tiling` True makes a seamless
         texture: the U-Net and VAE run with circular padding (A1111's `tiling`; the folder needs
-        `build-engine --tiling`)."""
+        `build-engine --tiling`). `vae` "tiny" decodes (and img2img / inpaint encode) with the folder's
+        tiny autoencoder (TAESD: `build-engine --tiny-vae`, or a folder whose VAE is one); "full", the
+        default, with its own VAE. `timestep_spacing` ("leading", "trailing", "linspace") replaces the
+        folder's scheduler config's for this request (A1111's "SGM Uniform" is "trailing")."""
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
@@ -170,12 +176,13 @@ class Pipeline:
                                noise=latents, cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, hires=hires,
-                               tiling=tiling)
+                               tiling=tiling, vae=vae,
+                               timestep_spacing=timestep_spacing)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
-                width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
-                guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
+                width: int | None = None, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0,
                 scheduler: str | None = None, karras: bool | None = None, seed=None,
                 num_images_per_prompt: int = 1, eta: float = 0.0, output_type: str = "pil",
                 callback: Callback | None = None, progress: bool = True, noise: np.ndarray | None = None,
@@ -184,7 +191,8 @@ class Pipeline:
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
                 subseed_strength: float = 0.0, seed_resize_from=None,
                 initial_noise_multiplier: float = 1.0,
-                tiling: bool = False) -> GenerationResult:
+                tiling: bool = False, vae: str = "full",
+                timestep_spacing: str | None = None) -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
@@ -199,12 +207,14 @@ class Pipeline:
                                cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
-                               initial_noise_multiplier=initial_noise_multiplier, tiling=tiling)
+                               initial_noise_multiplier=initial_noise_multiplier, tiling=tiling,
+                               vae=vae,
+                               timestep_spacing=timestep_spacing)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
-                height: int | None = None, width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
-                guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
+                height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0,
                 scheduler: str | None = None, karras: bool | None = None, seed=None,
                 num_images_per_prompt: int = 1, eta: float = 0.0, output_type: str = "pil",
                 callback: Callback | None = None, progress: bool = True, noise: np.ndarray | None = None,
@@ -215,7 +225,8 @@ class Pipeline:
                 masked_content: str | None = None, padding_mask_crop: int | None = None,
                 mask_blur: int | tuple[int, int] = 0, soft_mask: bool = False, overlay: bool | None = None,
                 initial_noise_multiplier: float = 1.0,
-                tiling: bool = False) -> GenerationResult:
+                tiling: bool = False, vae: str = "full",
+                timestep_spacing: str | None = None) -> GenerationResult:
         """Repaint where `mask_image` is white (>= 0.5). With the 9-channel inpainting U-Net the
         mask and the masked image's latents go into the U-Net (diffusers'
         StableDiffusionInpaintPipeline); with a plain 4-channel U-Net the known region is blended back
@@ -240,7 +251,8 @@ class Pipeline:
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
                                masked_content=masked_content, padding_mask_crop=padding_mask_crop, mask_blur=mask_blur,
                                soft_mask=soft_mask, overlay=overlay, initial_noise_multiplier=initial_noise_multiplier,
-                               tiling=tiling)
+                               tiling=tiling, vae=vae,
+                               timestep_spacing=timestep_spacing)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def request(self, mode: str, prompt: Any, *, prompt_tags: lora_tags.TaggedPrompts | None = None,
@@ -285,7 +297,10 @@ class Pipeline:
 
     def _prepare_request(self, r: Request, tokens: Any = None, text: tuple[str, ...] | None = None) -> Request:
         try:
-            schedule = sch.make_schedule(self.manifest.scheduler, r.sampler, r.steps, strength=r.strength,
+            config = self.manifest.scheduler if r.timestep_spacing is None else {
+                **self.manifest.scheduler, "timestep_spacing": r.timestep_spacing}  # A1111's "SGM Uniform"
+            schedule = sch.make_schedule(config, r.sampler, r.steps, strength=r.strength,
+                                         strength_in_schedule=self.family.strength_in_schedule,
                                          karras=r.karras, prediction_type=self.manifest.prediction_type)
         except sch.SchedulerError as e:
             raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e
@@ -385,8 +400,9 @@ class Pipeline:
             draws = stages.initial_noise(r, (m.dims.latent_channels, r.height // s, r.width // s),
                                          self.is_inpainting_unet)
             t0 = time.perf_counter()
-            encoder = self.engine(tiled_network("vae_encoder", r.tiling)) if r.mode != "txt2img" else None
-            latents = stages.encode_images(encoder, r, draws, scaling_factor=m.scaling_factor, vae_scale_factor=s,
+            graph = m.vae_graph("vae_encoder", r.vae, r.tiling)  # the tiny or circular-padded one where asked
+            encoder = self.engine(graph) if r.mode != "txt2img" else None
+            latents = stages.encode_images(encoder, r, draws, scaling_factor=m.vae_scaling_factor(graph), vae_scale_factor=s,
                                            inpainting_unet=self.is_inpainting_unet, tile=r.vae_tile)
             if r.mode != "txt2img":
                 _add(timings, "vae_encode", time.perf_counter() - t0)
@@ -437,14 +453,23 @@ class Pipeline:
         """Latents of `request`'s run (the final ones, or those of an interrupted run) to float32 NHWC
         images in [0, 1], tiled as the request says."""
         s = self.vae_scale_factor
-        images = stages.decode(self.engine(tiled_network("vae_decoder", request.tiling)), latents, tile=request.vae_tile,
-                               scale=s)
+        decoder = self.engine(self.manifest.vae_graph("vae_decoder", request.vae, request.tiling))
+        images = stages.decode(decoder, latents, tile=request.vae_tile, scale=s)
         want = tuple(d * s for d in latents.shape[-2:])
         if tuple(images.shape[1:3]) != want:  # the graph's axes are symbolic: only its output can tell
             raise ManifestError(f"{self.engine_dir}: the VAE decoder made {tuple(images.shape[1:3])} images of "
                                 f"{tuple(latents.shape[-2:])} latents, not the {want} the manifest's vae_scale_factor "
                                 f"{s} implies: the manifest does not describe its graphs")
         return images
+
+    def preview(self, latents: np.ndarray) -> np.ndarray:
+        """uint8 RGB live previews [batch, H, W, 3] of latents [batch, C, h, w] as the loop holds them:
+        decoded by the folder's tiny VAE where it has one (image size), else A1111's cheap linear
+        preview (latent size; runtime/imaging/preview.py)."""
+        if self.limits.tiny_vae is None:
+            return live_preview.latents_to_rgb(latents)
+        decoder = self.engine(self.manifest.vae_graph("vae_decoder", "tiny"))
+        return live_preview.decoded_preview(lambda z: stages.decode(decoder, z, scale=self.vae_scale_factor), latents)
 
     def _results(self, requests: list[Request], images: Any, timings: dict[str, float]) -> list[GenerationResult]:
         unet = self.engine("unet").info

@@ -27,11 +27,12 @@ from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
 from runtime.families import family_of
 from runtime.folder.manifest import Manifest
-from runtime.folder.networks import STEP_CACHE_NETWORKS, TILING_NETWORKS
+from runtime.folder.networks import STEP_CACHE_NETWORKS, TILING_NETWORKS, VAE_CHOICES
 from runtime.text.prompt_syntax import SYNTAXES
 from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
 from runtime.sampling.variation import Variation, make_variation
+from runtime.sampling.schedules import SPACINGS
 from runtime.scheduler import eta_refusal
 
 if TYPE_CHECKING:
@@ -64,6 +65,11 @@ class Limits:
     max_memory: int | None = None  # bytes a request's estimate may reach (None: no limit)
     tiling: bool = False  # the folder has the circular-padded graphs (build-engine --tiling)
     guidance_batch: bool = True  # its family runs an unconditional batch under guidance (runtime/families.py)
+    tiny_vae: str | None = None  # Manifest.tiny_vae: how vae="tiny" runs ("added", "own"), None: it cannot
+    # the folder's recommended steps and guidance (manifest "defaults"; runtime/sampling/defaults.py),
+    # used where a request gives none; None: the API's own default
+    default_steps: int | None = None
+    default_guidance: float | None = None
 
     @classmethod
     def from_manifest(cls, m: Manifest, default_sampler: str, samplers: tuple[str, ...]) -> "Limits":
@@ -74,10 +80,13 @@ class Limits:
         default = tuple(min(max(int(d), lo), hi) // s * s for d in m.default_size)
         return cls(min_image=lo, max_image=hi, max_batch=int(m.shapes["max_batch"]), vae_scale_factor=s,
                    latent_channels=m.dims.latent_channels, default_size=default,
-                   inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1, default_sampler=default_sampler,
+                   inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1,
+                   default_sampler=m.defaults.get("sampler", default_sampler),
                    samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS),
                    vae_max_image=m.shapes.get("vae_max_image", hi),
-                   tiling=all(n in m.networks for n in TILING_NETWORKS), guidance_batch=family_of(m.family).guidance_batch)
+                   tiling=all(n in m.networks for n in TILING_NETWORKS), guidance_batch=family_of(m.family).guidance_batch,
+                   tiny_vae=m.tiny_vae, default_steps=m.defaults.get("steps"),
+                   default_guidance=m.defaults.get("guidance_scale"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,6 +127,8 @@ class Request:
     variation: Variation | None = None  # variation seeds / seed resizing (runtime/sampling/variation.py); None: off
     hires: Any = None  # txt2img's hires fix (runtime/hires.py HiresPass): a second, img2img pass
     guidance_batch: bool = True  # Limits.guidance_batch of its folder: whether guidance > 1 runs an uncond batch
+    timestep_spacing: str | None = None  # replaces the folder's scheduler config's (A1111's "SGM Uniform": trailing)
+    vae: str = "full"  # which autoencoder decodes and encodes: "full" or "tiny" (runtime/folder/networks.py VAE_CHOICES)
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
@@ -144,7 +155,7 @@ class Request:
                 self.sampler, self.karras, self.eta, self.strength, self.output_type, self.cache_interval,
                 self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks,
                 None if self.inpainting is None else self.inpainting.key(), self.initial_noise_multiplier,
-                None if self.hires is None else self.hires.key(), self.tiling)
+                None if self.hires is None else self.hires.key(), self.tiling, self.vae, self.timestep_spacing)
 
     def parameters(self) -> dict[str, Any]:
         """What reproduces the request (the result's `parameters`, the PNG metadata)."""
@@ -174,11 +185,15 @@ class Request:
             params["hires"] = self.hires.parameters()
         if self.tiling:
             params["tiling"] = True
+        if self.vae != "full":
+            params["vae"] = self.vae
+        if self.timestep_spacing is not None:
+            params["timestep_spacing"] = self.timestep_spacing
         return params
 
 
 def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any = None, height: Any = None,
-                 width: Any = None, num_inference_steps: Any = DEFAULT_STEPS, guidance_scale: Any = DEFAULT_GUIDANCE,
+                 width: Any = None, num_inference_steps: Any = None, guidance_scale: Any = None,
                  guidance_rescale: Any = 0.0, scheduler: str | None = None, karras: bool | None = None,
                  seed: Any = None, num_images_per_prompt: Any = 1, eta: Any = 0.0, output_type: str = "pil",
                  image: Any = None, mask_image: Any = None, strength: Any = None, noise: Any = None,
@@ -186,9 +201,11 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None,
                  subseed: Any = None, subseed_strength: Any = 0.0, seed_resize_from: Any = None,
                  masked_content: Any = None, padding_mask_crop: Any = None, mask_blur: Any = 0, soft_mask: Any = False,
-                 overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None, tiling: Any = False) -> Request:
+                 overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None, tiling: Any = False,
+                 vae: Any = "full", timestep_spacing: Any = None) -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem. `hires`
-    (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass."""
+    (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass. Steps, guidance and
+    sampler left at None: the folder's recommended ones (`_recommended`), else the API's defaults."""
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if limits.inpainting_unet and mode != "inpaint":
@@ -199,7 +216,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     if batch > limits.max_batch:
         raise PipelineError(f"{batch} images in one call exceed the engine's max batch {limits.max_batch}",
                             field="num_images_per_prompt")
-    steps = _positive_int(num_inference_steps, "num_inference_steps")
+    steps, guidance_scale = _recommended(limits, num_inference_steps, guidance_scale)
     scale, rescale, eta = (_finite(v, k) for v, k in ((guidance_scale, "guidance_scale"),
                                                       (guidance_rescale, "guidance_rescale"), (eta, "eta")))
     if output_type not in OUTPUT_TYPES:
@@ -216,6 +233,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     height, width = _size(limits, dh if height is None else height, dw if width is None else width)
     tile = _vae_tile(limits, vae_tiling, height, width)
     tiling = _tiling(limits, tiling, interval, tile)
+    vae, timestep_spacing = _vae(limits, vae, tiling), _spacing(timestep_spacing)
     memory = check_memory(limits, batch, height, width, guided=_guided(limits, scale, rescale),
                           encodes=mode != "txt2img")
     images, masks, plan = _load_images(images, masks, plan, height, width)
@@ -231,7 +249,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                              if mode == "inpaint" and limits.inpainting_unet else None),
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
         memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult, tiling=tiling,
-        guidance_batch=limits.guidance_batch,
+        guidance_batch=limits.guidance_batch, vae=vae, timestep_spacing=timestep_spacing,
     )
     return request if hires is None else replace(request, hires=hires_fix.make_pass(limits, request, hires, vae_tiling))
 
@@ -384,6 +402,35 @@ def _tiling(limits: Limits, tiling: Any, cache_interval: int, vae_tile: int | No
         raise PipelineError("tiling wraps the whole image around; a VAE decoded in tiles cannot: send vae_tiling False "
                             "(or a size the folder's VAE takes whole) with tiling", field="tiling")
     return True
+
+
+def _recommended(limits: Limits, steps: Any, scale: Any) -> tuple[int, Any]:
+    """Steps (checked) and guidance: the folder's recommended (manifest "defaults") or the API's where None."""
+    if steps is None:
+        steps = DEFAULT_STEPS if limits.default_steps is None else limits.default_steps
+    if scale is None:
+        scale = DEFAULT_GUIDANCE if limits.default_guidance is None else limits.default_guidance
+    return _positive_int(steps, "num_inference_steps"), scale
+
+
+def _spacing(spacing: Any) -> str | None:
+    """A timestep spacing replacing the folder's scheduler config's (None: the folder's)."""
+    if spacing not in (None, *SPACINGS):
+        raise PipelineError(f"timestep_spacing must be one of {', '.join(SPACINGS)} (or None: the folder's); got "
+                            f"{spacing!r}", field="timestep_spacing")
+    return spacing
+
+
+def _vae(limits: Limits, vae: Any, tiling: bool) -> str:
+    """The request's autoencoder: "full" (the folder's VAE) or "tiny" (a TAESD: build-engine --tiny-vae)."""
+    if vae not in VAE_CHOICES:
+        raise PipelineError(f"vae must be one of {', '.join(VAE_CHOICES)}; got {vae!r}", field="vae")
+    if vae == "tiny" and limits.tiny_vae is None:
+        raise PipelineError("vae 'tiny' needs a tiny autoencoder (vae_decoder_tiny, vae_encoder_tiny), which this "
+                            "engine folder lacks: rebuild it with build-engine --tiny-vae PATH", field="vae")
+    if vae == "tiny" and tiling and limits.tiny_vae == "added":
+        raise PipelineError("tiling has no circular-padded tiny VAE graphs: send vae 'full' with tiling", field="vae")
+    return vae
 
 
 def _cache(limits: Limits, interval: Any, schedule: str) -> int:

@@ -193,6 +193,8 @@ REGISTRY: Mapping[str, Sampler] = MappingProxyType({r.name: r for r in (
     Sampler("tcd", _tcd, timesteps.build_tcd, "TCDScheduler", _LCM_DEFAULTS, a1111=("TCD", "tcd"), eta_max=1.0),
 )})
 SAMPLERS: tuple[str, ...] = tuple(REGISTRY)
+# The samplers whose timesteps are picked from LCM's skeleton (runtime/sampling/timesteps.py `_skeleton_pick`)
+SKELETON_SAMPLERS = ("lcm", "tcd")
 # diffusers scheduler `_class_name` (the manifest's scheduler config) -> our sampler: the first record
 # naming the class (dpmpp_2m before dpmpp_2m_karras)
 SCHEDULER_CLASSES: Mapping[str, str] = MappingProxyType(
@@ -365,13 +367,17 @@ def _alphas_cumprod(cfg: dict) -> np.ndarray:
     return S.alphas_cumprod(cfg["beta_schedule"], cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"])
 
 
+# long: argument checks, then the builder (each step of it short)
 def make_schedule(config: dict | None, sampler: str, num_inference_steps: int, *, strength: float = 1.0,
-                  karras: bool | None = None, prediction_type: str | None = None) -> Schedule:
+                  karras: bool | None = None, prediction_type: str | None = None,
+                  strength_in_schedule: bool = False) -> Schedule:
     """Build the schedule of ``sampler`` from a diffusers scheduler config dict.
 
     ``strength`` < 1 starts img2img part-way (diffusers ``StableDiffusionImg2ImgPipeline.get_timesteps``):
     init = min(int(steps * strength), steps), the first ``steps - init`` steps are skipped (times the
-    sampler order: 2 for heun). ``karras`` (None: the config's ``use_karras_sigmas``) selects Karras
+    sampler order: 2 for heun); with ``strength_in_schedule`` the skeleton samplers (lcm, tcd) instead
+    pick all ``n`` timesteps from the first int(original_inference_steps * strength) of their skeleton
+    (diffusers ``LCMScheduler.set_timesteps(n, strength=)``, as LatentConsistencyModelImg2ImgPipeline runs it). ``karras`` (None: the config's ``use_karras_sigmas``) selects Karras
     sigmas for the samplers in the sigma family. ``prediction_type`` overrides the config's.
 
     Keys the config omits take the default of the matching diffusers class (DDIM: clip_sample and
@@ -405,6 +411,8 @@ def make_schedule(config: dict | None, sampler: str, num_inference_steps: int, *
 
     init = min(int(n * strength), n)
     t_start = n - init
+    if strength_in_schedule and sampler in SKELETON_SAMPLERS:
+        cfg, init, t_start = {**cfg, "skeleton_strength": float(strength)}, n, 0
     if init == 0:
         raise SchedulerError(f"strength {strength} with {n} steps leaves no denoising step; raise strength or steps")
 

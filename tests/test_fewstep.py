@@ -230,3 +230,41 @@ def test_guidance_embedding_matches_diffusers():
         got = guidance_embedding(w.numpy(), dim)
         assert got.shape == ref.shape and got.dtype == np.float32
         np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+
+
+# ------------------------------------------------------------------------------- img2img, few steps
+
+def _init_image(h: int, w: int):
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    return Image.fromarray((np.stack([yy, xx, 0.5 * (yy + xx)], -1) * 255).astype(np.uint8))
+
+
+def test_lcm_img2img_strength_picks_within_the_skeleton(lcm_model):
+    """An LCM-distilled folder's img2img runs all its steps inside the strength's part of the skeleton,
+    as LatentConsistencyModelImg2ImgPipeline does (LCMScheduler.set_timesteps(n, strength=)): 4 steps at
+    strength 0.5 are 499, 379, 259, 139 (StableDiffusionImg2ImgPipeline's slicing would run 499, 259);
+    1 step at strength 0.5 (deterministic: the denoised estimate) equals diffusers' image; 4 steps run,
+    finite."""
+    folder, engine = lcm_model
+    ref_pipe = _load(folder, "LatentConsistencyModelImg2ImgPipeline")
+    sched = diffusers.LCMScheduler.from_config(ref_pipe.scheduler.config)
+    sched.set_timesteps(4, strength=0.5)
+    with runtime.load(engine, backend="onnxruntime") as ours:
+        h, w = ours.default_size
+        s = ours.vae_scale_factor
+        image = _init_image(h, w)
+        r = ours.request("img2img", PROMPT, image=image, strength=0.5, num_inference_steps=4, guidance_scale=8.0)
+        assert list(r.schedule.timesteps) == [float(t) for t in sched.timesteps] == [499.0, 379.0, 259.0, 139.0]
+        g = torch.Generator().manual_seed(21)  # diffusers' order: the VAE's sample first, then the noise
+        encode_noise = torch.randn((1, 4, h // s, w // s), generator=g).numpy()
+        noise = torch.randn((1, 4, h // s, w // s), generator=g).numpy()
+        got = ours.img2img(PROMPT, image, strength=0.5, num_inference_steps=1, guidance_scale=8.0, noise=noise,
+                           encode_noise=encode_noise, output_type="np", progress=False).images
+        four = ours.img2img(PROMPT, image, strength=0.5, num_inference_steps=4, guidance_scale=8.0, seed=2,
+                            output_type="np", progress=False).images
+    ref = ref_pipe(PROMPT, image=image, strength=0.5, num_inference_steps=1, guidance_scale=8.0,
+                   generator=torch.Generator().manual_seed(21), output_type="np").images
+    assert_psnr(got, ref, "lcm img2img 1 step strength 0.5 vs LatentConsistencyModelImg2ImgPipeline")
+    assert np.isfinite(four).all() and four.std() > 0.01

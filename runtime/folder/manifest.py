@@ -15,7 +15,10 @@ Schema (format version 1):
   "shapes": {"min_batch", "opt_batch", "max_batch", "min_image", "opt_image", "max_image"},
   "precision": "fp32" | "fp16" | "bf16",
   "networks": {name: {"file": "unet.onnx", "external_data": "unet.onnx.data" | null,
-                      "precision": "fp32", "sha256": "...", "parity": {...}}},
+                      "precision": "fp32", "sha256": "...", "parity": {...}},
+               # build-engine --tiny-vae: vae_decoder_tiny / vae_encoder_tiny entries also hold "vae": "tiny",
+               # their own "scaling_factor", "latent_magnitude", "latent_shift" and "source"
+              },
   "backends": {"tensorrt": {...},         # engine files of other backends, per backend
                "openvino": {"unet_int8": {"file", "weights", "sha256", "weights_sha256", "calibration",
                                           "parity", ...},      # build-engine --quantize int8
@@ -24,6 +27,8 @@ Schema (format version 1):
   "source": {"kind": "preset" | "diffusers" | "single_file", "path": "...", "sha256": "..."},
   "tools": {"torch": "...", "onnx": "...", ...},
   "created": "ISO 8601 time",
+  "defaults": {"steps": 4, "guidance_scale": 8.5, "sampler": "lcm"},   # optional: recommended settings
+                                       # (runtime/sampling/defaults.py; build-engine --default-*)
   "files": {"unet.onnx": {"size": 1794141, "sha256": "...", "fingerprint": "..."}, ...}
 }                                      # every file the runtime opens (runtime/folder/paths.py); absent in
                                        # folders built before it, which load as "legacy" folders
@@ -42,7 +47,7 @@ from typing import Any
 
 from runtime.errors import ManifestError
 from runtime.folder.paths import file_records, inside, opened_files
-from runtime.folder.networks import NETWORKS, OPTIONAL_NETWORKS, PRECISIONS, ModelDims
+from runtime.folder.networks import NETWORKS, OPTIONAL_NETWORKS, PRECISIONS, TINY_VAE_NETWORKS, ModelDims
 from runtime.sampling.samplers import PREDICTION_TYPES
 
 __all__ = ["FAMILIES", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ManifestError", "PREDICTION_TYPES",
@@ -81,6 +86,8 @@ class Manifest:
     created: str = ""
     format_version: int = FORMAT_VERSION
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # runtime/folder/paths.py `file_records`
+    # recommended steps / guidance_scale / sampler where the caller gives none (runtime/sampling/defaults.py)
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def int8_unet(self) -> dict[str, Any] | None:
@@ -98,6 +105,27 @@ class Manifest:
         """The folder's OpenVINO quantization scheme ("int8", "int8-weights"), or None."""
         entry = self.int8_unet or self.weights_int8
         return entry.get("scheme") if entry else None
+
+    @property
+    def tiny_vae(self) -> str | None:
+        """How the folder runs a request's vae="tiny": "added" (its TINY_VAE_NETWORKS, `build-engine
+        --tiny-vae`), "own" (its VAE is itself an AutoencoderTiny), or None (it cannot)."""
+        if all(n in self.networks for n in TINY_VAE_NETWORKS):
+            return "added"
+        return "own" if self.networks.get("vae_decoder", {}).get("vae") == "tiny" else None
+
+    def vae_graph(self, network: str, vae: str = "full", tiling: bool = False) -> str:
+        """The graph that runs VAE `network` ("vae_decoder" / "vae_encoder") for a request's `vae` and
+        `tiling`: its tiny variant for "tiny" where the folder has one, else the folder's own VAE (or
+        its circular-padded variant; a folder whose own VAE is an AutoencoderTiny runs it for both)."""
+        if vae == "tiny" and f"{network}_tiny" in self.networks:
+            return f"{network}_tiny"
+        return f"{network}_tiled" if tiling else network
+
+    def vae_scaling_factor(self, graph: str) -> float:
+        """The latent scaling of VAE graph `graph`: its entry's own (a tiny VAE's, from its config), else
+        the folder's `scaling_factor`."""
+        return float(self.networks.get(graph, {}).get("scaling_factor", self.scaling_factor))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +145,7 @@ class Manifest:
             "tools": self.tools,
             "created": self.created,
             "files": self.files,
+            **({"defaults": self.defaults} if self.defaults else {}),  # other folders' manifests as they were
         }
 
     @classmethod
@@ -148,7 +177,7 @@ class Manifest:
             prediction_type=d["prediction_type"], scheduler=_scheduler(d["scheduler"], where),
             tokenizer=_tokenizer(d["tokenizer"], where), default_size=_default_size(d["default_size"], where),
             shapes=_shapes(d["shapes"], where), precision=d["precision"], networks=_networks(d["networks"], where),
-            created=d.get("created", ""), **extras,
+            created=d.get("created", ""), defaults=_defaults(d.get("defaults", {}), where), **extras,
         )
         if manifest.family.endswith("-lcm") != bool(manifest.dims.time_cond_proj_dim):
             raise ManifestError(f"{where}: family {manifest.family!r} with dims.time_cond_proj_dim "
@@ -251,6 +280,16 @@ def _scheduler(value: Any, where: str) -> dict[str, Any]:
     return config
 
 
+def _defaults(value: Any, where: str) -> dict[str, Any]:
+    from runtime.sampling.defaults import check_defaults
+    from runtime.scheduler import SchedulerError
+
+    try:
+        return check_defaults(value)
+    except SchedulerError as e:
+        raise ManifestError(f"{where}: {e}") from None
+
+
 def _tokenizer(value: Any, where: str) -> dict[str, Any]:
     tok = _object(value, "tokenizer", where)
     if not _path_string(tok.get("dir", "tokenizer")) or not (tok.get("pad_token") is None or
@@ -281,6 +320,8 @@ def _networks(value: Any, where: str) -> dict[str, dict[str, Any]]:
         if entry.get("precision", "fp32") not in PRECISIONS:
             raise ManifestError(f"{where}: networks.{name}.precision {_short(entry['precision'])} is not one of "
                                 f"{', '.join(PRECISIONS)}")
+        if name in TINY_VAE_NETWORKS or "scaling_factor" in entry:  # a tiny VAE's own, never assumed
+            _number(entry.get("scaling_factor"), f"networks.{name}.scaling_factor", where)
     return networks
 
 

@@ -20,7 +20,11 @@ U-Net that also outputs the feature DeepCache caches) and `unet_shallow` (the re
 takes it); runtime/sampling/deepcache.py routes U-Net calls between them. `unet_tiled`,
 `vae_decoder_tiled` and `vae_encoder_tiled` (TILING_NETWORKS, `build-engine --tiling`) are their
 networks with circular padding in every padded convolution (seamless textures, A1111's `tiling`);
-each has the contract of the network it varies (`base_network`).
+each has the contract of the network it varies (`base_network`). `vae_decoder_tiny` and
+`vae_encoder_tiny` (TINY_VAE_NETWORKS, `build-engine --tiny-vae`) are a second, tiny autoencoder
+(TAESD) beside the folder's VAE, under the contract of the VAE network they stand in for; each
+manifest entry records its own `scaling_factor` (and TAESD's `latent_magnitude`, `latent_shift`),
+which the decoder graph divides by and the runtime multiplies the encoder's latents by.
 """
 
 from __future__ import annotations
@@ -33,7 +37,12 @@ STEP_CACHE_NETWORKS = ("unet_deep", "unet_shallow")
 # Optional: the circular-padded variants (A1111 modules/sd_hijack.py `apply_circular`: every Conv2d's
 # padding_mode "circular"), same weights as the network they vary (export/circular.py)
 TILING_NETWORKS = ("unet_tiled", "vae_decoder_tiled", "vae_encoder_tiled")
-OPTIONAL_NETWORKS = STEP_CACHE_NETWORKS + TILING_NETWORKS
+# Optional: a tiny autoencoder (TAESD; export/tiny_vae.py) beside the folder's VAE (build-engine --tiny-vae)
+TINY_VAE_NETWORKS = ("vae_decoder_tiny", "vae_encoder_tiny")
+OPTIONAL_NETWORKS = STEP_CACHE_NETWORKS + TILING_NETWORKS + TINY_VAE_NETWORKS
+# A request's `vae`: "full", the folder's own VAE (vae_decoder / vae_encoder); "tiny", a TAESD (the
+# folder's TINY_VAE_NETWORKS, or its own VAE where that is an AutoencoderTiny)
+VAE_CHOICES = ("full", "tiny")
 # The networks a U-Net call may run; each takes the guidance batch ([uncond, cond] stacked)
 # (`unet_tiled` too: test `base_network(name) in UNET_NETWORKS`)
 UNET_NETWORKS = ("unet",) + STEP_CACHE_NETWORKS
@@ -79,8 +88,10 @@ def float_dtype(precision: str) -> str:
 
 
 def base_network(network: str) -> str:
-    """The network whose contract and weights a variant shares: `unet` for `unet_tiled`; a network
-    that is no variant is its own base."""
+    """The network whose contract a variant shares (and, for the tiled ones, its weights): `unet` for
+    `unet_tiled`, `vae_decoder` for `vae_decoder_tiny`; a network that is no variant is its own base."""
+    if network in TINY_VAE_NETWORKS:
+        return network.removesuffix("_tiny")
     return network.removesuffix("_tiled") if network in TILING_NETWORKS else network
 
 

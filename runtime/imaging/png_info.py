@@ -126,6 +126,8 @@ def infotext_from_parameters(params: Mapping[str, Any], *, seed: int | None = No
         seed = params["seed"] if "seed" in params else params["seeds"][0]
     karras = bool(params.get("karras")) if karras is None else karras
     sampler, schedule = sampler_names.to_a1111(params["scheduler"], karras)
+    spacing = params.get("timestep_spacing")  # a request's own; A1111's "SGM Uniform" is "trailing"
+    schedule = next((label for label, s in sampler_names.SPACING_SCHEDULES.items() if s == spacing), schedule)
     fields = {
         "Steps": params["steps"], "Sampler": sampler, "Schedule type": schedule,
         "CFG scale": params["guidance_scale"], "Seed": seed, "Size": f"{params['width']}x{params['height']}",
@@ -168,6 +170,9 @@ def settings_from_fields(fields: Mapping[str, str]) -> tuple[dict[str, Any], lis
                 raise ValueError(f"infotext field {key}: {fields[key]!r} is not a valid {kind.__name__}") from None
     if "Sampler" in fields:
         out["scheduler"], out["karras"] = sampler_names.from_a1111(fields["Sampler"], fields.get("Schedule type"))
+        spacing = sampler_names.spacing_from_a1111(fields["Sampler"], fields.get("Schedule type"))
+        if spacing is not None:  # "SGM Uniform": trailing
+            out["timestep_spacing"] = spacing
     if fields.get("Tiling") == "True":  # A1111 writes it only when on
         out["tiling"] = True
     if "Model" in fields or "Model hash" in fields:  # which checkpoint: for the user to find its engine folder

@@ -14,13 +14,21 @@ autoencoder), applied to the latents as the denoising loop holds them (scaled by
 mean nothing for other VAEs (the embedded `tiny` demo model has its own): pass `coefficients`.
 A sampler's x0 estimate previews better than its noisy x_t; with x_t of a sigma-space sampler
 (euler, lms, heun, dpmpp_2m...) early steps show mostly noise.
+
+A folder with a tiny autoencoder (TAESD: `build-engine --tiny-vae`, or a folder whose VAE is one)
+previews with it instead (`decoded_preview`, which `Pipeline.preview` picks): a real image at the
+image's size, as A1111's "TAESD" live preview method (modules/sd_samplers_common.py
+`samples_to_images_tensor` with approximation 3 decodes with sd_vae_taesd), post-processed as the
+final image is (runtime/imaging/images.py `from_network`, `to_pil`'s rounding).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-__all__ = ["SD_COEFFICIENTS", "latents_to_rgb"]
+__all__ = ["SD_COEFFICIENTS", "decoded_preview", "latents_to_rgb"]
 
 # [latent channel, RGB], A1111 modules/sd_vae_approx.py `cheap_approximation` (SD 1.x/2.x), from
 # https://discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204/2
@@ -47,6 +55,14 @@ def latents_to_rgb(latents: np.ndarray, coefficients: np.ndarray = SD_COEFFICIEN
     np.rint(rgb, out=rgb)
     np.clip(rgb, 0, 255, out=rgb)
     return np.swapaxes(rgb.astype(np.uint8), -1, -2).reshape(*lead, h, w, 3)
+
+
+def decoded_preview(decode: Callable[[np.ndarray], np.ndarray], latents: np.ndarray) -> np.ndarray:
+    """uint8 RGB previews [batch, H, W, 3] of latents [batch, C, h, w] through `decode` (latents as
+    the loop holds them -> float NHWC images in [0, 1]: runtime/stages.py `decode` over the tiny VAE's
+    decoder), rounded as the final images are."""
+    images = np.nan_to_num(np.asarray(decode(latents), dtype=np.float32), nan=0.0)
+    return (images * np.float32(255.0)).round().astype(np.uint8)
 
 
 def _measure(repeats: int = 2000) -> dict[str, float]:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from runtime.scheduler import REGISTRY
 
-__all__ = ["A1111_SAMPLERS", "A1111_SCHEDULES", "A1111Sampler", "SamplerNameError", "from_a1111", "sampler_names",
-           "to_a1111"]
+__all__ = ["A1111_SAMPLERS", "A1111_SCHEDULES", "A1111Sampler", "SPACING_SCHEDULES", "SamplerNameError", "from_a1111",
+           "sampler_names", "spacing_from_a1111", "to_a1111"]
 
 
 class SamplerNameError(ValueError):
@@ -52,7 +52,18 @@ _LEGACY_ALIASES = {"k_lms_ka": "LMS Karras", "k_dpmpp_2m_ka": "DPM++ 2M Karras"}
 A1111_SCHEDULES = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "karras", "Exponential": "exponential",
                    "Polyexponential": "polyexponential", "SGM Uniform": "sgm_uniform", "KL Optimal": "kl_optimal",
                    "Align Your Steps": "align_your_steps", "Simple": "simple", "Normal": "normal", "DDIM": "ddim",
-                   "Beta": "beta"}
+                   "Beta": "beta",
+                   # Forge's (lllyasviel/stable-diffusion-webui-forge modules/sd_schedulers.py `turbo_scheduler`)
+                   "Turbo": "turbo"}
+
+# A1111 schedule types that are a timestep spacing here (the folder's scheduler config's, replaced for
+# the request): A1111 modules/sd_schedulers.py (v1.10) `sgm_uniform` takes n timesteps evenly from
+# sigma_to_t(sigma_max) = 999 down, the last of n + 1 dropped, then sigma 0: 999 - i * 999 / n, which
+# diffusers' scheduler overview (docs/source/en/api/schedulers/overview.md, "sgm_uniform: init with
+# timestep_spacing='trailing'") maps to timestep_spacing "trailing": 1000 - i * 1000 / n, rounded, - 1
+# (equal at i = 0, within a timestep after). Turbo / Lightning / Hyper-SD models are trained on it.
+# Forge's "Turbo" schedule, timesteps round(k * 1000 / n - 1) for k = n..1, is "trailing" exactly.
+SPACING_SCHEDULES = {"SGM Uniform": "trailing", "Turbo": "trailing"}
 
 
 def sampler_names() -> list[str]:
@@ -87,18 +98,31 @@ def from_a1111(name: str, schedule_type: str | None = None) -> tuple[str, bool]:
     if schedule == "Karras":
         # A1111's timestep samplers ignore it; of ours, only unipc among them can use it
         return row.ours, not row.timesteps or row.ours == "unipc"
-    if schedule in (None, "Uniform") or row.timesteps:
+    if schedule in (None, "Uniform", *SPACING_SCHEDULES) or row.timesteps:
         return row.ours, False
     if schedule == "Automatic":
         return row.ours, row.karras_default
     raise SamplerNameError(f"A1111 schedule type {schedule!r} (sampler {name!r}) is not implemented here; "
-                           "supported: Automatic, Uniform, Karras")
+                           f"supported: Automatic, Uniform, Karras, {', '.join(SPACING_SCHEDULES)}")
+
+
+def spacing_from_a1111(name: str, schedule_type: str | None = None) -> str | None:
+    """The timestep spacing an A1111 sampler name and schedule type ask for ("trailing" for SGM
+    Uniform), or None: the folder's. A1111's timestep samplers (DDIM, PLMS, UniPC) ignore the
+    schedule, so None for them. Names are checked by `from_a1111`."""
+    base, suffix = _split_schedule(_LEGACY_ALIASES.get(name.strip(), name.strip()))
+    row = next((s for s in A1111_SAMPLERS if base == s.name or base in s.aliases), None)
+    schedule = suffix or (schedule_type.strip() if schedule_type else None)
+    if schedule is not None and schedule not in A1111_SCHEDULES:
+        schedule = next((label for label, key in A1111_SCHEDULES.items() if key == schedule), schedule)
+    return None if row is None or row.timesteps else SPACING_SCHEDULES.get(schedule)
 
 
 def _split_schedule(name: str) -> tuple[str, str | None]:
     """'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'): A1111's suffix rule (label or internal name)."""
-    for label, key in A1111_SCHEDULES.items():
-        for option in (label, key):
-            if name.endswith(" " + option):
-                return name[:-len(option) - 1], label
+    options = sorted(((o, label) for label, key in A1111_SCHEDULES.items() for o in (label, key)),
+                     key=lambda x: -len(x[0]))  # the longest first: "SGM Uniform" before "Uniform"
+    for option, label in options:
+        if name.endswith(" " + option):
+            return name[:-len(option) - 1], label
     return name, None

@@ -137,9 +137,13 @@ def _skeleton_pick(cfg, n, name):
     if not 1 <= orig <= T:
         raise SchedulerError(f"{name} original_inference_steps must be in [1, {T}], got {orig}")
     k = T // orig
-    skeleton = (np.arange(1, orig + 1) * k - 1)[::-1]
+    # img2img of an LCM-distilled folder: the skeleton's first int(orig * strength) (set_timesteps' strength)
+    kept = int(orig * cfg.get("skeleton_strength", 1.0))
+    skeleton = (np.arange(1, kept + 1) * k - 1)[::-1]
     if len(skeleton) // n < 1:
-        raise SchedulerError(f"{name} supports at most original_inference_steps={orig} steps, got {n}")
+        raise SchedulerError(f"{name} supports at most original_inference_steps={orig} steps, got {n}" if kept == orig
+                             else f"{name} at this strength picks from {kept} skeleton timesteps "
+                                  f"(int({orig} x strength)): at most {kept} steps, got {n}")
     return skeleton[np.floor(np.linspace(0, len(skeleton), n, endpoint=False)).astype(np.int64)].astype(np.float64)
 
 

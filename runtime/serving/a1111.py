@@ -192,12 +192,19 @@ def _refuse_img2img(req: Img2ImgRequest) -> None:
                                        "the latent mask, as in A1111)")
 
 
+# override_settings.sd_vae values: A1111's "Automatic" / "None" (the checkpoint's own VAE) run the
+# folder's VAE; these names run its tiny one (TAESD, build-engine --tiny-vae; GET /sdapi/v1/sd-vae lists it
+# under the first), refused by the request layer, as `override_settings.sd_vae`, where the folder has none
+FULL_VAE_NAMES = ("Automatic", "None")
+TINY_VAE_NAMES = ("taesd", "tiny")
+
+
 def check_override_settings(settings: dict[str, Any] | None, model_titles: tuple[str, ...] | None = None) -> None:
-    """A1111's override_settings: only settings that leave the image as it is, and
-    `sd_model_checkpoint` (which folder: the server picks it, runtime/serving/models.py; checked
-    here against `model_titles` when given)."""
+    """A1111's override_settings: only settings that leave the image as it is, `sd_vae` (the
+    folder's VAE or its tiny one) and `sd_model_checkpoint` (which folder: the server picks it,
+    runtime/serving/models.py; checked here against `model_titles` when given)."""
     allowed = {"CLIP_stop_at_last_layers": (1,), "eta_noise_seed_delta": (0,), "samples_format": ("png",),
-               "sd_vae": ("Automatic", "None"), "enable_pnginfo": (True, False)}
+               "sd_vae": FULL_VAE_NAMES + TINY_VAE_NAMES, "enable_pnginfo": (True, False)}
     for key, value in (settings or {}).items():
         if key == "sd_model_checkpoint":
             if model_titles is not None and value not in model_titles:
@@ -245,7 +252,7 @@ FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "scheduler":
           "num_images_per_prompt": "batch_size", "subseed": "subseed", "subseed_strength": "subseed_strength",
           "masked_content": "inpainting_fill", "padding_mask_crop": "inpaint_full_res_padding", "mask_blur": "mask_blur",
           "soft_mask": "mask_round", "initial_noise_multiplier": "initial_noise_multiplier", "mask_image": "mask",
-          **hires_wire.FIELDS, "tiling": "tiling", "eta": "eta"}
+          **hires_wire.FIELDS, "tiling": "tiling", "eta": "eta", "vae": "override_settings.sd_vae"}
 
 
 def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int) -> None:
@@ -280,19 +287,48 @@ def _tiling(req: Txt2ImgRequest) -> dict[str, Any]:
     return {"tiling": True} if req.tiling else {}
 
 
+def _spacing(req: Txt2ImgRequest) -> dict[str, Any]:
+    """The timestep spacing A1111's schedule type asks for ("SGM Uniform": trailing;
+    runtime/sampling/names.py SPACING_SCHEDULES), else none (the folder's)."""
+    spacing = sampler_names.spacing_from_a1111(req.sampler_name or req.sampler_index, req.scheduler)
+    return {} if spacing is None else {"timestep_spacing": spacing}
+
+
+def _vae(req: Txt2ImgRequest) -> dict[str, Any]:
+    """override_settings.sd_vae (checked by `check_override_settings`): "taesd" / "tiny" run the
+    folder's tiny VAE; "Automatic", "None" or none its own."""
+    return {"vae": "tiny"} if (req.override_settings or {}).get("sd_vae") in TINY_VAE_NAMES else {}
+
+
+def _recommended(req: Txt2ImgRequest, limits: Limits) -> Txt2ImgRequest:
+    """`req` with an LCM / Turbo folder's recommended steps, cfg_scale and sampler (manifest "defaults";
+    runtime/sampling/defaults.py) for those it does not send; A1111's defaults (50, 7.0, "Euler") stay
+    for folders that recommend nothing. What the client sends always wins."""
+    if limits.default_steps is None and limits.default_guidance is None:
+        return req
+    sent, update = req.model_fields_set, {}
+    if "steps" not in sent and limits.default_steps is not None:
+        update["steps"] = limits.default_steps
+    if "cfg_scale" not in sent and limits.default_guidance is not None:
+        update["cfg_scale"] = limits.default_guidance
+    if not sent & {"sampler_name", "sampler_index"}:
+        update["sampler_name"] = sampler_names.to_a1111(limits.default_sampler, False)[0]
+    return req.model_copy(update=update)
+
+
 def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int,
                  styles: StyleBook | None = None) -> tuple[str, list[dict[str, Any]]]:
     """(mode, one `Pipeline.request` keyword set per engine job: n_iter jobs of batch_size images).
     `styles`: the server's styles.csv (runtime/text/styles.py), applied to the prompts first.
     Raises WireError naming the first field that cannot be served."""
     _refuse_unsupported(req)
-    req = _styled(req, styles)
+    req = _recommended(_styled(req, styles), limits)
     sampler, karras = _sampler(req, limits)
     width, height = hires_wire.first_pass_size(req, _size(req, limits), img2img=isinstance(req, Img2ImgRequest))
     _counts(req, limits, max_steps, max_n_iter)
     base = dict(negative_prompt=req.negative_prompt, height=height, width=width, num_inference_steps=req.steps,
                 guidance_scale=float(req.cfg_scale), scheduler=sampler, karras=karras, eta=_eta(req, sampler),
-                **_extension(req), **_tiling(req))
+                **_extension(req), **_tiling(req), **_vae(req), **_spacing(req))
     mode, prompt, images, per_prompt = "txt2img", req.prompt, {}, req.batch_size
     if isinstance(req, Img2ImgRequest):
         mode, prompt, images, per_prompt = _images(req, width, height)

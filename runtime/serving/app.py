@@ -290,18 +290,20 @@ def _progress(svc: Service, skip_image: bool, task_id: str | None) -> dict:
     eta = elapsed / progress - elapsed if done else svc.batcher.estimate_seconds(job)
     image = None
     if not skip_image and job.latents is not None:
-        image = _preview(job.latents)
+        image = _preview(job.pipe or svc.batcher.pipe, job.latents)
     return {"progress": progress, "eta_relative": max(0.0, eta), "state": state, "current_image": image,
             "textinfo": f"step {done}/{total}"}
 
 
-def _preview(latents: Any) -> str | None:
+def _preview(pipe: Any, latents: Any) -> str | None:
+    """The first image's live preview on the job's folder: its tiny VAE's decode where it has one,
+    else the cheap linear one (Pipeline.preview)."""
     from PIL import Image
 
-    from runtime.imaging.preview import latents_to_rgb
-
+    if pipe is None:
+        return None
     try:
-        rgb = latents_to_rgb(latents[0])
+        rgb = pipe.preview(latents[:1])[0]
     except ValueError:  # a latent space the SD coefficients do not fit
         return None
     return encode_png(Image.fromarray(rgb))
@@ -318,11 +320,18 @@ def _info_routes(app: FastAPI, svc: Service) -> None:
     async def schedulers():
         return [{"name": key, "label": label, "aliases": None, "default_rho": 7.0 if key == "karras" else None,
                  "need_inner_model": False} for label, key in sampler_names.A1111_SCHEDULES.items()
-                if label in ("Automatic", "Uniform", "Karras")]
+                if label in ("Automatic", "Uniform", "Karras", *sampler_names.SPACING_SCHEDULES)]
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
         return [m.item() for m in svc.models.models]
+
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae():  # A1111's list of {model_name, filename}: the default folder's tiny VAE, where it has one
+        model = svc.models.default
+        m = model.manifest
+        return [{"model_name": a1111.TINY_VAE_NAMES[0], "filename": m.networks[m.vae_graph("vae_decoder", "tiny")]["file"]}
+                ] if model.limits.tiny_vae else []
 
     @app.get("/sdapi/v1/options")
     async def get_options():
@@ -384,7 +393,8 @@ def _other_routes(app: FastAPI, svc: Service) -> None:
                 "max_resident": svc.models.max_resident,
                 "min_image": lim.min_image, "max_image": lim.max_image, "step": lim.vae_scale_factor,
                 "max_batch": lim.max_batch, "default_size": list(lim.default_size), "max_steps": svc.config.max_steps,
-                "inpainting_unet": lim.inpainting_unet, "api_key_required": svc.config.api_key is not None}
+                "inpainting_unet": lim.inpainting_unet, "api_key_required": svc.config.api_key is not None,
+                "recommended": default.manifest.defaults, "tiny_vae": lim.tiny_vae is not None}
 
     page = PAGE.read_text(encoding="utf-8")
 

@@ -35,6 +35,8 @@ class OpenAIExtension(BaseModel):
     guidance_scale: float = 7.5
     seed: int | None = Field(None, ge=0, description="image i uses seed + i; default: random")
     sampler: str | None = Field(None, description="our sampler name (GET /sdapi/v1/samplers lists A1111's)")
+    vae: Literal["full", "tiny"] = Field("full", description="the folder's own VAE, or its tiny one (TAESD: "
+                                                           "build-engine --tiny-vae)")
 
 
 class GenerationsRequest(BaseModel):
@@ -75,7 +77,7 @@ def _size(size: str | None, limits: Limits) -> tuple[int, int]:
 
 # The request layer's fields (runtime/request.py PipelineError.field) under their wire names here.
 FIELDS = {"prompt": "prompt", "negative_prompt": "sd_runtime.negative_prompt", "scheduler": "sd_runtime.sampler",
-          "height": "size", "width": "size"}
+          "height": "size", "width": "size", "vae": "sd_runtime.vae"}
 
 
 def job_settings(req: GenerationsRequest, limits: Limits, max_steps: int) -> list[dict[str, Any]]:
@@ -90,6 +92,9 @@ def job_settings(req: GenerationsRequest, limits: Limits, max_steps: int) -> lis
             raise WireError(name, f"{value!r} is not supported here; accepted: {', '.join(ok)}", 400)
     width, height = _size(req.size, limits)
     ext = req.sd_runtime or OpenAIExtension()
+    recommended = {k: v for k, v in (("steps", limits.default_steps), ("guidance_scale", limits.default_guidance))
+                   if v is not None and k not in ext.model_fields_set}  # the folder's (manifest "defaults")
+    ext = ext.model_copy(update=recommended)
     if ext.steps > max_steps:
         raise WireError("sd_runtime.steps", f"{ext.steps} is over this server's limit {max_steps}", 400)
     seed = secrets.randbits(32) if ext.seed is None else ext.seed
@@ -98,6 +103,6 @@ def job_settings(req: GenerationsRequest, limits: Limits, max_steps: int) -> lis
         k = min(limits.max_batch, req.n - start)
         jobs.append(dict(prompt=req.prompt, negative_prompt=ext.negative_prompt, height=height, width=width,
                          num_inference_steps=ext.steps, guidance_scale=ext.guidance_scale, scheduler=ext.sampler,
-                         seed=seed + start, num_images_per_prompt=k))
+                         seed=seed + start, num_images_per_prompt=k, vae=ext.vae))
         start += k
     return jobs
