@@ -389,3 +389,11 @@ def test_cli_control_image(model, tmp_path):
         ref = pipe.txt2img(PROMPT, num_inference_steps=2, seed=1, control_image=Image.open(tmp_path / "edges.png"),
                            controlnet="a", controlnet_conditioning_scale=0.7, progress=False).images[0]
     np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(ref))
+
+
+def test_new_graphs_pass_the_offline_tensorrt_check(model):
+    """export/trt_compat.py: TensorRT's ONNX parser would take the ControlNet and unet_control graphs."""
+    from export.trt_compat import check_graph
+
+    for network in ("controlnet.a", "controlnet.b", "unet_control"):
+        assert check_graph(model["engine"] / f"{network}.onnx") == [], network
