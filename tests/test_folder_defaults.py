@@ -164,11 +164,11 @@ def test_wire_formats_use_the_folder_defaults():
     plain = replace(LIMITS, default_steps=None, default_guidance=None, default_sampler="euler")
     job = first(plain)
     assert (job["num_inference_steps"], job["guidance_scale"], job["scheduler"]) == (50, 7.0, "euler")
-    job = openai.job_settings(openai.GenerationsRequest(prompt="a cat"), LIMITS, ("m",), 50)[0]
+    job = openai.job_settings(openai.GenerationsRequest(prompt="a cat"), LIMITS, 50)[0]
     assert (job["num_inference_steps"], job["guidance_scale"], job["scheduler"]) == (4, 1.0, None)
-    job = openai.job_settings(openai.GenerationsRequest(prompt="a cat", sd_runtime={"steps": 8}), LIMITS, ("m",), 50)[0]
+    job = openai.job_settings(openai.GenerationsRequest(prompt="a cat", sd_runtime={"steps": 8}), LIMITS, 50)[0]
     assert (job["num_inference_steps"], job["guidance_scale"]) == (8, 1.0)
-    job = openai.job_settings(openai.GenerationsRequest(prompt="a cat"), plain, ("m",), 50)[0]
+    job = openai.job_settings(openai.GenerationsRequest(prompt="a cat"), plain, 50)[0]
     assert (job["num_inference_steps"], job["guidance_scale"]) == (30, 7.5)
 
 

@@ -264,8 +264,8 @@ def test_wire_fields_select_the_tiny_vae():
         jobs({"sd_vae": "vae-ft-mse-840000-ema-pruned.safetensors"})
     assert a1111.FIELDS["vae"] == "override_settings.sd_vae"
     body = openai.GenerationsRequest(prompt="a cat", sd_runtime={"vae": "tiny"})
-    assert openai.job_settings(body, limits, ("tiny",), 50)[0]["vae"] == "tiny"
-    assert openai.job_settings(openai.GenerationsRequest(prompt="a cat"), limits, ("tiny",), 50)[0]["vae"] == "full"
+    assert openai.job_settings(body, limits, 50)[0]["vae"] == "tiny"
+    assert openai.job_settings(openai.GenerationsRequest(prompt="a cat"), limits, 50)[0]["vae"] == "full"
 
 
 def test_server_sd_vae(added, tiny_sd1_engine):
