@@ -27,7 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from runtime.imaging import png_info
 from runtime.sampling import names as sampler_names
 
-from . import a1111, extras, openai
+from . import a1111, controlnet_routes, extras, openai
 from .codec import WireError, encode_png
 from .service import ServeError, Service, now_stamp, wire_error
 
@@ -141,6 +141,7 @@ def create_app(service: Service) -> FastAPI:
     _info_routes(app, service)
     _other_routes(app, service)
     extras.add_routes(app, service)  # /upscalers, /latent-upscale-modes, /extra-single-image
+    controlnet_routes.add_routes(app, service)  # /controlnet/version, model_list, module_list, detect
     if service.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(service.config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
@@ -211,7 +212,8 @@ async def _generate_a1111(svc: Service, body: a1111.Txt2ImgRequest, request: Req
         try:
             a1111.check_override_settings(body.override_settings, svc.model_titles)
             mode, settings = a1111.job_settings(body, svc.pipe.limits, max_steps=svc.config.max_steps,
-                                                max_n_iter=svc.config.max_n_iter, styles=svc.styles)
+                                                max_n_iter=svc.config.max_n_iter, styles=svc.styles,
+                                                controlnets=svc.pipe.controlnets)
         except WireError as e:
             raise wire_error(e) from None
         return svc.make_requests(mode, settings, a1111.FIELDS)
