@@ -138,8 +138,9 @@ def test_bad_units_are_refused_naming_the_unit_and_field(fields, field):
 
 def test_weight_and_guidance_bounds_are_inclusive():
     out = kwargs(unit(weight=2.0, guidance_start=0.0, guidance_end=1.0), unit(weight=0.0, guidance_start=0.5,
-                                                                              guidance_end=0.5))
+                                                                              guidance_end=0.51))
     assert out["controlnet_conditioning_scale"] == [2.0, 0.0]
+    refused("alwayson_scripts.controlnet.args[0].guidance_start", unit(guidance_start=0.5, guidance_end=0.5))
 
 
 def test_legacy_aliases_and_the_image_forms_clients_send():

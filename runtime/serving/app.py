@@ -321,8 +321,9 @@ def _info_routes(app: FastAPI, svc: Service) -> None:
         return [style.item() for style in svc.styles.styles.values()] if svc.styles else []
 
     @app.get("/sdapi/v1/scripts")
-    async def scripts():
-        return {"txt2img": [], "img2img": []}
+    async def scripts():  # A1111 lists alwayson scripts by lowercased title: the ControlNet extension's "controlnet"
+        served = ["controlnet"] if svc.pipe.controlnets else []
+        return {"txt2img": served, "img2img": list(served)}
 
 
 def _options(svc: Service) -> dict[str, Any]:

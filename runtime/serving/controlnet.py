@@ -151,9 +151,9 @@ def _check_numbers(unit: ControlNetUnit, where: str) -> None:
         value = getattr(unit, name)
         if not lo <= value <= hi:  # NaN fails too
             raise WireError(f"{where}.{name}", f"{value} is outside [{lo}, {hi}] (the extension's bounds)")
-    if unit.guidance_start > unit.guidance_end:
-        raise WireError(f"{where}.guidance_start", f"{unit.guidance_start} is after guidance_end "
-                                                   f"{unit.guidance_end}")
+    if unit.guidance_start >= unit.guidance_end:  # the extension refuses start > end; diffusers' check_inputs equal too
+        raise WireError(f"{where}.guidance_start", f"{unit.guidance_start} is not before guidance_end "
+                                                   f"{unit.guidance_end} (the pipeline needs start < end)")
 
 
 def _control_mode(unit: ControlNetUnit, where: str) -> bool:
