@@ -197,10 +197,7 @@ def test_alwayson_scripts_key_is_matched_case_insensitively_and_every_job_carrie
 def test_other_scripts_and_unsupported_combinations_are_refused():
     cases = [({"alwayson_scripts": {"ADetailer": {"args": []}}}, "txt2img", "alwayson_scripts.ADetailer"),
              ({"alwayson_scripts": {"controlnet": [unit()]}}, "txt2img", "alwayson_scripts.controlnet"),
-             ({"alwayson_scripts": {"controlnet": {"args": [unit()]}}, "enable_hr": True}, "txt2img", "enable_hr"),
-             ({"alwayson_scripts": {"controlnet": {"args": [unit()]}}, "mask": png_b64(np.full((64, 64), 255,
-                                                                                               np.uint8))},
-              "img2img", "inpaint_full_res")]
+             ({"alwayson_scripts": {"controlnet": {"args": [unit()]}}, "enable_hr": True}, "txt2img", "enable_hr")]
     for fields, endpoint, field in cases:
         with pytest.raises(WireError) as e:
             jobs(endpoint, **fields)
@@ -252,3 +249,24 @@ def test_detect_runs_the_preprocessor():
         with pytest.raises(WireError) as e:
             controlnet.detect(controlnet.DetectRequest(**body))
         assert e.value.field == field
+
+
+def test_only_masked_inpainting_crops_the_control_input_to_the_inpainted_box():
+    # mask box [16, 48) x [16, 48), no blur, no padding: the crop region is that square (the request is
+    # square too), enlarged 2x to the request size with Lanczos (A1111's resize, in float here)
+    m = np.zeros((64, 64), np.uint8)
+    m[16:48, 16:48] = 255
+    picture = smooth(seed=9)
+    fields = dict(mask=png_b64(m), mask_blur=0, inpaint_full_res=True, inpaint_full_res_padding=0)
+    mode, settings = jobs("img2img", **fields, alwayson_scripts={"controlnet": {"args": [
+        unit(image=png_b64(picture), resize_mode="Just Resize")]}})
+    crop = picture[16:48, 16:48].astype(np.float32) / 255.0
+    want = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(crop[:, :, c]), mode="F")
+                                .resize((64, 64), Image.Resampling.LANCZOS)) for c in range(3)], axis=2)
+    want = np.round(np.clip(want, 0, 1) * 255).astype(np.uint8)
+    assert mode == "inpaint" and settings[0]["padding_mask_crop"] == 0
+    assert (settings[0]["control_image"][0] == want).all()
+    # inpaint_crop_input_image false: the whole picture, as the extension
+    _, whole = jobs("img2img", **fields, alwayson_scripts={"controlnet": {"args": [
+        unit(image=png_b64(picture), inpaint_crop_input_image=False)]}})
+    assert (whole[0]["control_image"][0] == picture).all()

@@ -306,12 +306,15 @@ def _controlnet(req: Txt2ImgRequest, size: tuple[int, int], controlnets: tuple[s
     key, args = controlnet.script_units(req.alwayson_scripts)
     init = images.get("image")
     init = (init[0] if isinstance(init, list) else init, req.resize_mode) if init is not None else None
-    out = controlnet.unit_kwargs(args, controlnets, size, init_image=init, key=key or controlnet.SCRIPT)
+    region = None
+    if images.get("padding_mask_crop") is not None:  # "only masked": the control input is cropped as the image
+        mask = images["mask_image"]
+        region = controlnet.only_masked_region(mask[0] if isinstance(mask, list) else mask, images["mask_blur"],
+                                               images["padding_mask_crop"], size)
+    out = controlnet.unit_kwargs(args, controlnets, size, init_image=init, key=key or controlnet.SCRIPT,
+                                 region=region)
     if out and req.enable_hr and not isinstance(req, Img2ImgRequest):
         raise WireError("enable_hr", "ControlNet units with the hires fix are not implemented; send false")
-    if out and "mask_image" in images and req.inpaint_full_res:
-        raise WireError("inpaint_full_res", "ControlNet units with 'only masked' inpainting are not implemented; "
-                                            "send false")
     return out
 
 

@@ -28,12 +28,13 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.errors import PipelineError
-from runtime.imaging import control
+from runtime.imaging import control, inpainting
+from runtime.imaging import images as imgs
 
-from .codec import WireError, decode_image, encode_png
+from .codec import WireError, decode_image, encode_png, prepare_mask
 
-__all__ = ["API_VERSION", "FIELDS", "ControlNetUnit", "DetectRequest", "detect", "find_model", "module_list", "script_units",
-           "unit_kwargs"]
+__all__ = ["API_VERSION", "FIELDS", "ControlNetUnit", "DetectRequest", "detect", "find_model", "module_list",
+           "only_masked_region", "script_units", "unit_kwargs"]
 
 API_VERSION = 3  # internal_controlnet/external_code.py get_api_version
 SCRIPT = "controlnet"  # external_code.is_cn_script: the script's title, lowercased
@@ -211,10 +212,39 @@ def _resize_mode(value: str | int, field: str) -> str:
         raise WireError(field, str(e)) from None
 
 
-def _control_map(unit: ControlNetUnit, rgb: np.ndarray, mode: str, size: tuple[int, int], where: str
-                 ) -> np.ndarray:
-    """controlnet.py get_control for one image: pixel-perfect resolution, preprocessor, fit."""
+def only_masked_region(mask: Image.Image, blur: tuple[int, int], padding: int, size: tuple[int, int]
+                       ) -> tuple[tuple[int, int, int, int], tuple[int, int]] | None:
+    """(crop box, mask size (w, h)) of A1111's "only masked" inpainting for the mask as the server
+    prepared it: blurred as the pipeline blurs it, its box grown by `padding` and to the request's
+    aspect ratio (runtime/imaging/inpainting.py, as the pipeline crops). None for a blank mask (the
+    pipeline refuses it)."""
+    grey = np.asarray(prepare_mask(mask, invert=False, blur_x=blur[0], blur_y=blur[1]))
+    box = inpainting.get_crop_region(grey, padding)
+    if box is None:
+        return None
+    return inpainting.expand_crop_region(box, size[0], size[1], grey.shape[1], grey.shape[0]), grey.shape[::-1]
+
+
+def _crop_to_region(rgb: np.ndarray, mode: str, region: tuple[tuple[int, int, int, int], tuple[int, int]],
+                    size: tuple[int, int]) -> np.ndarray:
+    """Script.try_crop_image_with_a1111_mask: the input resized to the mask's size by its resize mode
+    (A1111's images.resize_image), cropped to the inpainting box, then resized to the request size
+    by A1111's "Resize and Fill" (Lanczos in float here; A1111 resizes uint8 channels)."""
+    (x1, y1, x2, y2), (w0, h0) = region
+    resize = {"Just Resize": lambda x, w, h: imgs.load_image(x, h, w), "Crop and Resize": inpainting.crop_and_resize,
+              "Resize and Fill": inpainting.resize_and_fill}[mode]
+    whole = resize(rgb.astype(np.float32) / 255.0, w0, h0)
+    out = inpainting.resize_and_fill(whole[y1:y2, x1:x2], *size)
+    return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _control_map(unit: ControlNetUnit, rgb: np.ndarray, mode: str, size: tuple[int, int], where: str,
+                 region: tuple[tuple[int, int, int, int], tuple[int, int]] | None = None) -> np.ndarray:
+    """controlnet.py get_control for one image: the "only masked" crop, pixel-perfect resolution,
+    preprocessor, fit."""
     width, height = size
+    if region is not None and unit.inpaint_crop_input_image:
+        rgb = _crop_to_region(rgb, mode, region, size)
     res = unit.processor_res
     if unit.pixel_perfect:
         res = control.pixel_perfect_resolution(rgb.shape[0], rgb.shape[1], height, width, mode)
@@ -226,11 +256,13 @@ def _control_map(unit: ControlNetUnit, rgb: np.ndarray, mode: str, size: tuple[i
 
 
 def unit_kwargs(args: list[Any], controlnets: tuple[str, ...], size: tuple[int, int], *,
-                init_image: tuple[Image.Image, int] | None = None, key: str = SCRIPT) -> dict[str, Any]:
+                init_image: tuple[Image.Image, int] | None = None, key: str = SCRIPT,
+                region: tuple[tuple[int, int, int, int], tuple[int, int]] | None = None) -> dict[str, Any]:
     """The pipeline's ControlNet keywords for the units `args` at `size` (width, height): lists,
     one entry per enabled unit in order (disabled units skipped, as the extension), or {} for none.
     `init_image`: img2img's first init image and A1111 resize mode, the input of units without an
-    image. Raises WireError naming alwayson_scripts.<key>.args[i].<field>."""
+    image; `region`: "only masked" inpainting's crop (`only_masked_region`). Raises WireError naming
+    alwayson_scripts.<key>.args[i].<field>."""
     out: dict[str, list[Any]] = {"control_image": [], "controlnet": [], "controlnet_conditioning_scale": [],
                                  "control_guidance_start": [], "control_guidance_end": []}
     guess: bool | None = None
@@ -257,7 +289,7 @@ def unit_kwargs(args: list[Any], controlnets: tuple[str, ...], size: tuple[int, 
         found = _input_image(unit, where, init_image)
         if found is None:
             raise WireError(f"{where}.image", "a ControlNet unit needs an image on txt2img")
-        out["control_image"].append(_control_map(unit, *found, size, where))
+        out["control_image"].append(_control_map(unit, *found, size, where, region))
         out["controlnet"].append(name)
         out["controlnet_conditioning_scale"].append(float(unit.weight))
         out["control_guidance_start"].append(float(unit.guidance_start))
