@@ -188,3 +188,21 @@ def test_bad_units_answer_422_naming_unit_and_field_and_the_server_keeps_serving
                                                        "controlnet_input_images": [png_b64(strokes())]},
                       timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 422 and "controlnet_module" in r.json()["detail"]
+
+
+def test_webuiapi_only_masked_inpainting_with_a_unit_answers_and_the_unit_acts(server, pipe):
+    _, api = server
+    init, mask = Image.fromarray(photo(8)), np.zeros((SIZE, SIZE), np.uint8)
+    mask[16:48, 8:40] = 255
+    settings = dict(images=[init], mask_image=Image.fromarray(mask), prompt=PROMPT, seed=9, width=SIZE, height=SIZE,
+                    cfg_scale=7.0, steps=STEPS, sampler_name="Euler", denoising_strength=0.8)
+    unit = webuiapi.ControlNetUnit(image=Image.fromarray(strokes(3)), module="none", model="canny")
+    # webuiapi's inpaint_full_res=True: "only masked". Each call gets its own alwayson_scripts: webuiapi's
+    # default {} is one shared dict, which a call with units fills for every later call
+    controlled = api.img2img(**settings, controlnet_units=[unit], alwayson_scripts={})
+    plain = api.img2img(**settings, alwayson_scripts={})
+    assert controlled.image.size == (SIZE, SIZE)
+    assert not (as_array(controlled.image) == as_array(plain.image)).all()
+    outside = np.ones_like(mask, bool)  # beyond the mask blur's reach (radius 10 at webuiapi's mask_blur 4), the
+    outside[16 - 12:48 + 12, 0:40 + 12] = False  # original is composited back in both (A1111's overlay)
+    assert (as_array(controlled.image)[outside] == as_array(plain.image)[outside]).all()
