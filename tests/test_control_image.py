@@ -219,3 +219,12 @@ def test_fit_of_an_ordinary_picture_is_opencvs_resize_and_crop():
     out = control.fit(img, 96, 96, "Crop and Resize")  # k = 1.5: 96x192, columns 48..144
     ref = cv2.resize(img, (192, 96), interpolation=cv2.INTER_CUBIC)[:, 48:144]
     assert (out == ref).all()
+
+
+def test_the_pipelines_resize_mode_hooks_give_float_maps():
+    out = control.crop_and_resize(Image.fromarray(bands()), 32, 32)
+    assert out.dtype == np.float32 and out.shape == (32, 32, 3) and (out == (0.0, 1.0, 0.0)).all()
+    fill = control.resize_and_fill(bands().astype(np.float32) / 255.0, 32, 32)
+    assert (fill[:8] == 0).all() and (fill[8:24, 8:24] == (0.0, 1.0, 0.0)).all()
+    with pytest.raises(PipelineError, match="control_image\\[1\\]"):
+        control.crop_and_resize(np.zeros((4, 4, 2), np.uint8), 32, 32, "control_image[1]")

@@ -30,8 +30,8 @@ from PIL import Image
 
 from runtime.errors import PipelineError
 
-__all__ = ["PREPROCESSORS", "RESIZE_MODES", "Preprocessor", "Slider", "as_rgb", "find_preprocessor", "fit",
-           "pixel_perfect_resolution", "preprocess", "resize_mode"]
+__all__ = ["PREPROCESSORS", "RESIZE_MODES", "Preprocessor", "Slider", "as_rgb", "crop_and_resize", "find_preprocessor",
+           "fit", "pixel_perfect_resolution", "preprocess", "resize_and_fill", "resize_mode"]
 
 # scripts/enums.py ResizeMode, in the order of its int_value() (0, 1, 2)
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
@@ -246,6 +246,28 @@ def fit(control_map: Any, width: int, height: int, mode: str | int = "Crop and R
     y = _high_quality_resize(x, *size)
     top, left = max(0, (y.shape[0] - height) // 2), max(0, (y.shape[1] - width) // 2)
     return np.ascontiguousarray(y[top:top + height, left:left + width])
+
+
+def _fitted(image: Any, height: int, width: int, what: str, mode: str) -> np.ndarray:
+    """`fit` for the pipeline's `control_resize_mode` (runtime/control.py RESIZE_MODES): float32 RGB
+    [height, width, 3] in [0, 1]. A float image in [0, 1] is taken to uint8 first (rounded), as the
+    extension's maps are uint8."""
+    if isinstance(image, np.ndarray) and image.dtype.kind == "f":
+        image = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    try:
+        return fit(image, width, height, mode).astype(np.float32) / 255.0
+    except PipelineError as e:
+        raise PipelineError(f"{what}: {e}", field="control_image") from None
+
+
+def crop_and_resize(image: Any, height: int, width: int, what: str = "control_image") -> np.ndarray:
+    """The extension's "Crop and Resize" for the Python API's control_resize_mode="crop_and_resize"."""
+    return _fitted(image, height, width, what, "Crop and Resize")
+
+
+def resize_and_fill(image: Any, height: int, width: int, what: str = "control_image") -> np.ndarray:
+    """The extension's "Resize and Fill" for the Python API's control_resize_mode="resize_and_fill"."""
+    return _fitted(image, height, width, what, "Resize and Fill")
 
 
 def _high_quality_resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
