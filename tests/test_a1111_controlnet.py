@@ -270,3 +270,15 @@ def test_only_masked_inpainting_crops_the_control_input_to_the_inpainted_box():
     _, whole = jobs("img2img", **fields, alwayson_scripts={"controlnet": {"args": [
         unit(image=png_b64(picture), inpaint_crop_input_image=False)]}})
     assert (whole[0]["control_image"][0] == picture).all()
+
+
+def test_detected_maps_follow_the_enabled_units_that_save_them():
+    from test_serve_support import pixels
+
+    other = smooth(seed=5)
+    scripts = {"ControlNet": {"args": [unit(), unit(enabled=False), unit(image=png_b64(other)),
+                                       unit(save_detected_map=False)]}}
+    _, settings = jobs(alwayson_scripts=scripts)
+    maps = controlnet.detected_maps(scripts, settings[0])
+    assert len(maps) == 2 and (pixels(maps[0]) == IMG).all() and (pixels(maps[1]) == other).all()
+    assert controlnet.detected_maps({}, {"prompt": "a cat"}) == []

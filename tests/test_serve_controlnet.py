@@ -127,7 +127,8 @@ def test_webuiapi_controlnet_txt2img_equals_the_python_api(server, pipe):
     r = txt2img(api, [unit])
     want = pipe.txt2img(PROMPT, seed=3, control_image=edges, controlnet="canny", controlnet_conditioning_scale=0.8,
                         control_guidance_end=0.75, **SETTINGS).images[0]
-    assert len(r.images) == 1 and (as_array(r.image) == as_array(want)).all()
+    assert (as_array(r.image) == as_array(want)).all()
+    assert len(r.images) == 2 and (as_array(r.images[1]) == edges).all()  # the detected map after, as the extension
     plain = pipe.txt2img(PROMPT, seed=3, **SETTINGS).images[0]
     assert not (as_array(want) == as_array(plain)).all()  # the ControlNet changed the picture
 
@@ -145,6 +146,7 @@ def test_webuiapi_two_units_canny_and_guess_mode_equal_the_python_api(server, pi
                         controlnet_conditioning_scale=[1.0, 0.5], control_guidance_start=[0.0, 0.2],
                         guess_mode=True, **SETTINGS).images[0]
     assert (as_array(r.image) == as_array(want)).all()
+    assert len(r.images) == 3 and (as_array(r.images[1]) == canny).all() and (as_array(r.images[2]) == edges).all()
 
 
 def test_webuiapi_img2img_unit_without_an_image_controls_with_the_init_image(server, pipe):

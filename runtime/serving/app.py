@@ -27,7 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from runtime.imaging import png_info
 from runtime.sampling import names as sampler_names
 
-from . import a1111, controlnet_routes, extras, openai
+from . import a1111, controlnet, controlnet_routes, extras, openai
 from .codec import WireError, encode_png
 from .service import ServeError, Service, now_stamp, wire_error
 
@@ -216,16 +216,20 @@ async def _generate_a1111(svc: Service, body: a1111.Txt2ImgRequest, request: Req
                                                 controlnets=svc.pipe.controlnets)
         except WireError as e:
             raise wire_error(e) from None
-        return svc.make_requests(mode, settings, a1111.FIELDS)
+        return svc.make_requests(mode, settings, a1111.FIELDS), controlnet.detected_maps(body.alwayson_scripts,
+                                                                                         settings[0])
 
-    requests = await asyncio.to_thread(prepare)
+    requests, maps = await asyncio.to_thread(prepare)
     results, stopped = await svc.run(requests, request, task_id=body.force_task_id)
-    response = await asyncio.to_thread(_a1111_response, svc, body, results, stopped)
+    response = await asyncio.to_thread(_a1111_response, svc, body, results, stopped, maps)
     svc.metrics.record(endpoint, stopped or "ok", time.monotonic() - t0)
     return response
 
 
-def _a1111_response(svc: Service, body: a1111.Txt2ImgRequest, results: list, stopped: str | None) -> dict:
+def _a1111_response(svc: Service, body: a1111.Txt2ImgRequest, results: list, stopped: str | None,
+                    maps: list[str] | None = None) -> dict:
+    """A1111's answer; `maps`: the ControlNet units' detected maps (base64 PNG), after the images as the
+    extension appends them."""
     pnginfo = (body.override_settings or {}).get("enable_pnginfo", True)
     karras = [bool(r.parameters.get("karras")) for r in results]
     infotexts = [png_info.infotext_from_parameters({**r.parameters, "seeds": r.seeds}, seed=s, karras=k,
@@ -234,6 +238,7 @@ def _a1111_response(svc: Service, body: a1111.Txt2ImgRequest, results: list, sto
                  for s, sub in zip(r.seeds, r.parameters.get("subseeds") or [None] * len(r.seeds))]
     images = [im for r in results for im in r.images]
     encoded = [encode_png(im, text if pnginfo else None) for im, text in zip(images, infotexts)]
+    encoded += maps or []
     extra = {"job_timestamp": now_stamp(), "backend": svc.pipe.backend, "scheduler": results[0].parameters["scheduler"],
              "timings": results[0].timings, "replica": svc.config.replica}
     if stopped:

@@ -33,7 +33,7 @@ from runtime.imaging import images as imgs
 
 from .codec import WireError, decode_image, encode_png, prepare_mask
 
-__all__ = ["API_VERSION", "FIELDS", "ControlNetUnit", "DetectRequest", "detect", "find_model", "module_list",
+__all__ = ["API_VERSION", "FIELDS", "ControlNetUnit", "DetectRequest", "detect", "detected_maps", "find_model", "module_list",
            "only_masked_region", "script_units", "unit_kwargs"]
 
 API_VERSION = 3  # internal_controlnet/external_code.py get_api_version
@@ -295,6 +295,16 @@ def unit_kwargs(args: list[Any], controlnets: tuple[str, ...], size: tuple[int, 
         out["control_guidance_start"].append(float(unit.guidance_start))
         out["control_guidance_end"].append(float(unit.guidance_end))
     return {**out, "guess_mode": bool(guess)} if guess is not None else {}
+
+
+def detected_maps(scripts: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The control maps (base64 PNG) the extension appends to a request's `images` (Script.postprocess,
+    unless its control_net_no_detectmap option): one per enabled unit whose `save_detected_map` is
+    true, in order, from a job's settings (`unit_kwargs` made them, one per enabled unit)."""
+    maps = settings.get("control_image") or []
+    _, args = script_units(scripts)
+    enabled = [unit for unit in (_unit(raw, "") for raw in args) if unit.enabled]
+    return [encode_png(Image.fromarray(m)) for m, unit in zip(maps, enabled) if unit.save_detected_map]
 
 
 # --- /controlnet/* (routes: controlnet_routes.py) ---------------------------------------------------------------------------------
