@@ -85,7 +85,7 @@ def comparable(identity: dict[str, Any]) -> dict[str, Any]:
     """A source identity without paths (top level and per LoRA / embedding file): what two builds
     must share to be the same."""
     out = {k: v for k, v in identity.items() if k != "path"}
-    for key in ("loras", "embeddings"):
+    for key in ("loras", "embeddings", "controlnets"):
         if key in out:
             out[key] = [{k: v for k, v in r.items() if k != "path"} for r in out[key]]
     return out

@@ -227,7 +227,7 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
                  prediction_type: str | None = None, seed: int = 0, quantize: str | None = None,
                  force: bool = False, progress: Progress = print, backend: str | None = None,
                  loras: Sequence[Any] = (), embeddings: Sequence[Any] = (), step_cache: bool = STEP_CACHE_DEFAULT,
-                 cache_branch: int = 0, tiling: bool = False) -> Path:
+                 cache_branch: int = 0, tiling: bool = False, controlnets: Sequence[Any] = ()) -> Path:
     """Build (or reuse) the engine folder `out_dir` for `source`; return its path.
 
     Every folder runs on every CPU backend (OpenVINO, ONNX Runtime, the PyTorch reference): the
@@ -240,7 +240,11 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     adds the DeepCache U-Nets unet_deep and unet_shallow for skip `cache_branch` (0: the shallowest;
     export/unet.py `cache_split`), sharing the unet's weights file (runtime/sampling/deepcache.py runs them).
     `tiling` adds unet_tiled, vae_decoder_tiled and vae_encoder_tiled: circular padding for seamless
-    textures (A1111's `tiling`; export/circular.py), each sharing its base network's weights file. Raises
+    textures (A1111's `tiling`; export/circular.py), each sharing its base network's weights file.
+    `controlnets` ("PATH[:NAME]" or (path, name); NAME defaults to the file's or folder's stem) adds one
+    graph "controlnet.NAME" per ControlNet and `unet_control`, the U-Net taking their residuals, sharing
+    the unet's weights file (export/controlnet.py; a ControlNet that does not fit the model is refused
+    before any export). Raises
     `BuildError`, `CheckpointError` (source), `ParityError` (a graph differs from PyTorch),
     `QuantizeError` or the TensorRT builder's error; `out_dir` is then left as it was."""
     tensorrt = _deprecated_backend(backend, tensorrt, progress)
@@ -254,7 +258,8 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     start = time.perf_counter()
     sizes = {"min_image": min_image, "opt_image": opt_image, "max_image": max_image, "min_batch": min_batch,
              "opt_batch": opt_batch, "max_batch": max_batch}
-    plan = _plan(source, out_dir, seed, prediction_type, sizes, progress, parse_adapters(loras, embeddings))
+    plan = _plan(source, out_dir, seed, prediction_type, sizes, progress, parse_adapters(loras, embeddings),
+                 parse_controlnets(controlnets))
     if plan.existing is not None or (out_dir / MANIFEST_NAME).is_file():
         problem = "--force given" if force else _reuse_problem(out_dir, plan.identity, precision, plan.shapes,
                                                                plan.tools, tensorrt, branch, bool(tiling))
@@ -326,14 +331,68 @@ def _output_folder(out_dir: str | os.PathLike, progress: Progress) -> Path:
     return out_dir
 
 
+def parse_controlnets(specs: Sequence[Any]) -> tuple[tuple[Path, str], ...]:
+    """`--controlnet PATH[:NAME]` values (or (path, name) pairs) -> ((path, name), ...); NAME
+    defaults to the file's or folder's stem. Refuses bad or repeated names and missing paths."""
+    from runtime.folder.networks import controlnet_network
+
+    out: list[tuple[Path, str]] = []
+    for spec in specs:
+        if isinstance(spec, (tuple, list)):
+            path, name = Path(spec[0]).expanduser(), spec[1] if len(spec) > 1 else None
+        else:
+            text = str(spec)
+            head, sep, tail = text.rpartition(":")
+            path, name = (Path(head).expanduser(), tail) if sep and not Path(text).exists() else (Path(text).expanduser(), None)
+        name = name or path.name.split(".")[0]
+        try:
+            controlnet_network(name)
+        except ValueError as e:
+            raise BuildError(f"--controlnet {spec}: {e}") from None
+        if not path.exists():
+            raise BuildError(f"--controlnet {spec}: {path} does not exist (a diffusers ControlNetModel folder or a "
+                             "single file)")
+        if name in {n for _, n in out}:
+            raise BuildError(f"--controlnet {spec}: the name {name!r} is given twice; name them PATH:NAME")
+        out.append((path, name))
+    return tuple(out)
+
+
+def _controlnet_identity(controlnets: Sequence[tuple[Path, str]]) -> dict[str, Any]:
+    """The source identity's "controlnets" (absent without any): name, kind, path and sha256 of each."""
+    if not controlnets:
+        return {}
+    records = []
+    for path, name in controlnets:
+        kind = "diffusers" if path.is_dir() else "single_file"
+        digest = tree_sha256(path) if path.is_dir() else file_sha256(path)
+        records.append({"name": name, "kind": kind, "path": str(path.resolve()), "sha256": digest})
+    return {"controlnets": records}
+
+
+def _load_controlnets(model: Any, records: Sequence[dict[str, Any]], progress: Progress) -> Any:
+    """`model` with its ControlNets loaded (export/controlnet.py), each checked against its U-Net."""
+    from export.controlnet import check_compatible, load_controlnet
+
+    for record in records:
+        with _stage(progress, f"loading ControlNet {record['name']} from {record['path']}"):
+            controlnet = load_controlnet(record["path"], model.spec.unet)
+            check_compatible(controlnet.config, model.spec.unet, model.spec.family, record["name"],
+                             model.spec.vae_scale_factor)
+        model.controlnets[record["name"]] = controlnet
+    return model
+
+
 def _plan(source: str | os.PathLike, out_dir: Path, seed: int, prediction_type: str | None,
-          sizes: dict[str, int | None], progress: Progress, adapters: Adapters = Adapters()) -> _Plan:
+          sizes: dict[str, int | None], progress: Progress, adapters: Adapters = Adapters(),
+          controlnets: Sequence[tuple[Path, str]] = ()) -> _Plan:
     """Hash the source, read the folder's manifest, and settle the shape range (loading the model
     only where its configs are needed for the default sizes)."""
     from export.configs import preset
 
     with _stage(progress, f"hashing source {source}"):
-        identity = {**source_identity(source, seed), "prediction_type": prediction_type, **adapters.identity()}
+        identity = {**source_identity(source, seed), "prediction_type": prediction_type, **adapters.identity(),
+                    **_controlnet_identity(controlnets)}
     try:
         existing = load_manifest(out_dir) if (out_dir / MANIFEST_NAME).is_file() else None
     except ManifestError:
@@ -370,7 +429,7 @@ def _build_into(out_dir: Path, plan: _Plan, precision: str, quantize: str | None
             with _stage(progress, "loading model"):
                 model = load_source(plan.identity, prediction_type)
         plan.model = None
-        model = plan.adapters.apply(model, progress)
+        model = _load_controlnets(plan.adapters.apply(model, progress), plan.identity.get("controlnets", ()), progress)
         _check_shapes(model.spec, plan.shapes)
         manifest = plan.adapters.annotate(_export_all(model, plan.identity, tmp, precision, plan.shapes, plan.tools,
                                                       progress, cache_branch, tiling))
@@ -435,6 +494,10 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
                                            progress))
     if tiling:
         networks.update(_export_tiling(model, folder, networks, precision, parity_shapes, progress))
+    if model.controlnets:
+        dims = replace(dims, block_out_channels=tuple(spec.unet.block_out_channels),
+                       layers_per_block=spec.unet.layers_per_block)
+        networks.update(_export_control(model, folder, networks, identity, precision, parity_shapes, progress))
     for name in (n for n in networks if n.startswith("vae_") and getattr(spec.vae, "kind", None)):
         networks[name]["vae"] = spec.vae.kind  # "tiny": an AutoencoderTiny (export/tiny_vae.py); absent: KL
     tok_dir = folder / "tokenizer"
@@ -501,6 +564,37 @@ def _export_tiling(model: Any, folder: Path, networks: dict[str, dict[str, Any]]
             progress(f"  {name}: parity vs PyTorch fp32 with circular padding: relative {r.parity['rel']:.3g} "
                      f"(threshold {r.parity['threshold']:g}); on the final file {r.parity['final_file']['rel']:.3g}")
     return entries
+
+
+def _export_control(model: Any, folder: Path, networks: dict[str, dict[str, Any]], identity: dict[str, Any],
+                    precision: str, parity_shapes: Any, progress: Progress) -> dict[str, dict[str, Any]]:
+    """unet_control and one "controlnet.NAME" graph per ControlNet (export/onnx_export.py
+    `export_control`); returns their manifest entries and those of the U-Net graphs now sharing
+    unet_control's weights file (updated). Each ControlNet's entry records its name, source and
+    conditioning channels under "controlnet"."""
+    from export.onnx_export import export_control
+
+    graph_precision = network_precision(model.spec, "unet", precision)
+    with _stage(progress, f"exporting unet_control and {len(model.controlnets)} ControlNet(s) ({graph_precision})"):
+        result = export_control(model, folder, precision=graph_precision, parity_shapes=parity_shapes)
+    sources = {r["name"]: r for r in identity.get("controlnets", ())}
+    data = result.results["unet_control"].external_data
+    shared = {"external_data": data, "external_data_sha256": file_sha256(folder / data)}
+    entries = {name: {**networks.get(name, {}), **sizes, **shared} for name, sizes in result.sizes.items()}
+    for name, r in result.results.items():
+        entry = {"file": r.file, "precision": graph_precision, "parity": r.parity,
+                 "export_seconds": round(r.seconds, 2), "external_data": r.external_data}
+        if r.external_data:
+            entry["external_data_sha256"] = file_sha256(folder / r.external_data)
+        if name == "unet_control":
+            entry["parity"] = {**r.parity, "final_file": result.final_file}
+        else:
+            cn = name.partition(".")[2]
+            entry["controlnet"] = {"name": cn, "source": sources.get(cn, {}),
+                                   "conditioning_channels": model.controlnets[cn].config.conditioning_channels}
+        entries[name] = {**entries.get(name, {}), **entry}
+        progress(f"  {name}: parity vs PyTorch fp32: relative {r.parity['rel']:.3g} (threshold {r.parity['threshold']:g})")
+    return {name: {**entry, "sha256": file_sha256(folder / entry["file"])} for name, entry in entries.items()}
 
 
 def _quantize(folder: Path, manifest: Manifest, scheme: str, progress: Progress) -> Manifest:

@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
     parser.add_argument("--cache-branch", type=int, default=0, metavar="N",
                         help="skip branch the step cache keeps (0, the default: the shallowest, DeepCache's "
                              "cache_branch_id)")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="PATH[:NAME]",
+                        help="add a ControlNet (a diffusers ControlNetModel folder, or an A1111 / lllyasviel single "
+                             "file such as control_v11p_sd15_canny.safetensors; .pth read weights-only) as the "
+                             "graph controlnet.NAME (NAME: the file's stem by default), with unet_control, the "
+                             "U-Net taking its residuals; repeatable")
     parser.add_argument("--tiling", action="store_true",
                         help="also export the U-Net and VAE with circular padding (unet_tiled, vae_decoder_tiled, "
                              "vae_encoder_tiled; seamless textures: tiling=True, A1111's `tiling`), sharing their "
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
                      opt_batch=args.opt_batch, max_batch=args.max_batch, prediction_type=args.prediction_type,
                      seed=args.seed, quantize=args.quantize, force=args.force, progress=progress,
                      loras=args.lora, embeddings=args.embedding, step_cache=args.step_cache,
-                     cache_branch=args.cache_branch, tiling=args.tiling)
+                     cache_branch=args.cache_branch, tiling=args.tiling, controlnets=args.controlnet)
     except (BuildError, CheckpointError, ParityError, QuantizeError, ManifestError, OSError, ValueError,
             RuntimeError) as e:
         print(f"build-engine: error: {e}", file=sys.stderr)

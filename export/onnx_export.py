@@ -54,6 +54,9 @@ from export.unet import cache_split
 from export.upsample import transposed_upsamplers
 from runtime.compare import max_errors, rel_err
 from runtime.folder.networks import (
+    CONTROL_UNET,
+    CONTROLNET,
+    GUIDED_NETWORKS,
     NETWORKS,
     OPTIONAL_NETWORKS,
     STEP_CACHE_NETWORKS,
@@ -64,6 +67,7 @@ from runtime.folder.networks import (
     axis_values,
     base_network,
     concrete_shape,
+    controlnet_name,
     network_io,
 )
 
@@ -140,6 +144,34 @@ class UNetShallowWrapper(nn.Module):
         return self.unet.forward_shallow(sample, timestep, encoder_hidden_states, cache_feature, self.branch)
 
 
+class ControlNetWrapper(nn.Module):
+    """sample, timestep [batch], encoder_hidden_states, controlnet_cond, conditioning_scale [batch,
+    residuals] -> down_residual_0.., mid_residual (export/controlnet.py)."""
+
+    def __init__(self, controlnet: nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)
+
+
+class UNetControlWrapper(nn.Module):
+    """The U-Net's inputs (timestep_cond for an LCM-distilled U-Net), then the ControlNet residuals
+    (down_residual_0.., mid_residual) -> noise_pred."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.lcm = unet.config.time_cond_proj_dim is not None
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *rest: torch.Tensor) -> torch.Tensor:
+        cond, residuals = (rest[0], list(rest[1:])) if self.lcm else (None, list(rest))
+        return self.unet.forward_control(sample, timestep, encoder_hidden_states, residuals, cond)
+
+
 class VAEDecoderWrapper(nn.Module):
     """latent (scaled, as the denoising loop holds it) -> image in [-1, 1], unclamped."""
 
@@ -180,6 +212,10 @@ def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
         module = UNetDeepWrapper(model.unet, branch)
     elif network == "unet_shallow":
         module = UNetShallowWrapper(model.unet, branch)
+    elif network == CONTROL_UNET:
+        module = UNetControlWrapper(model.unet)
+    elif controlnet_name(network) is not None:
+        module = ControlNetWrapper(model.controlnets[controlnet_name(network)])
     elif network == "vae_decoder":
         module = VAEDecoderWrapper(model.vae, model.spec.vae.scaling_factor)
     elif network == "vae_encoder":
@@ -197,6 +233,20 @@ def step_cache_dims(spec: Any, branch: int) -> ModelDims:
                          "(time_cond_proj_dim); build without it")
     split = cache_split(spec.unet, branch)
     return replace(spec.dims, cache_channels=split.channels, cache_level=split.level)
+
+
+def control_dims(spec: Any) -> ModelDims:
+    """The model dims of a folder with ControlNets: the spec's, plus the U-Net's block channels and
+    layers per block, which give the residuals' shapes (runtime/folder/networks.py)."""
+    return replace(spec.dims, block_out_channels=tuple(spec.unet.block_out_channels),
+                   layers_per_block=spec.unet.layers_per_block)
+
+
+def network_dims(spec: Any, network: str, branch: int | None = None) -> ModelDims:
+    """The dims `network`'s contract reads."""
+    if network in STEP_CACHE_NETWORKS:
+        return step_cache_dims(spec, branch)
+    return control_dims(spec) if base_network(network) in (CONTROL_UNET, CONTROLNET) else spec.dims
 
 
 def size_multiple(spec: Any) -> int:
@@ -235,6 +285,8 @@ def sample_inputs(network: str, dims: ModelDims, shape: Shape, *, vocab_size: in
             feeds[spec.name] = (rng.integers(0, 999, size=size) + rng.uniform(0.05, 0.95, size=size)).astype(np.float32)
         elif spec.name == "image":
             feeds[spec.name] = rng.uniform(-1.0, 1.0, size=size).astype(np.float32)
+        elif spec.name in ("controlnet_cond", "conditioning_scale"):  # a control image in [0, 1]; scales
+            feeds[spec.name] = rng.uniform(0.0, 1.0, size=size).astype(np.float32)
         else:
             feeds[spec.name] = rng.standard_normal(size=size, dtype=np.float32)
     return feeds
@@ -275,7 +327,7 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
     final = out_dir / f"{network}.onnx"
     data_name = f"{network}.onnx.data"
     reference = wrap(network, model, branch=branch)
-    dims = step_cache_dims(model.spec, branch) if network in STEP_CACHE_NETWORKS else model.spec.dims
+    dims = network_dims(model.spec, network, branch)
     inputs, outputs = network_io(network, dims, precision)
     # Tracing runs one forward pass. float16 convolutions on a CPU without native fp16 arithmetic
     # take ~400x their float32 time (measured: 19 s vs 0.04 s for one 128-channel 3x3 conv at
@@ -287,7 +339,7 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
         rng = np.random.default_rng(0)
         # Trace at a small shape with no size-1 or equal axes to specialize on (a float16 forward
         # pass on the CPU is slow: tracing the full-size VAE decoder at 256 px takes minutes).
-        m = size_multiple(model.spec) if base_network(network) in UNET_NETWORKS else model.spec.vae_scale_factor
+        m = size_multiple(model.spec) if base_network(network) in GUIDED_NETWORKS else model.spec.vae_scale_factor
         trace_shape = Shape(2, 2 * m, 3 * m, 2 * dims.text_max_length)
         example = _cast_feeds(sample_inputs(network, dims, trace_shape, vocab_size=vocab, rng=rng), inputs)
         module = _traced_module(network, reference, precision, device)
@@ -398,6 +450,41 @@ def check_step_cache(folder: str | Path, dims: ModelDims, precision: str, shapes
                           + ", ".join(f"{k} relative error {v:.3g}" for k, v in bad.items())
                           + f"; threshold {threshold:g}")
     return {"runtime": "onnxruntime CPU", "threshold": threshold, **worst}
+
+
+# --- ControlNet -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ControlExport:
+    results: dict[str, ExportResult]  # unet_control (external_data: the shared file), controlnet.NAME...
+    sizes: dict[str, dict[str, int]]  # the U-Net graphs now sharing STEP_CACHE_DATA: graph_bytes, weights_bytes
+    final_file: dict[str, Any]  # unet_control's parity on its final file, at the first shape
+
+
+def export_control(model: Any, out_dir: str | Path, *, precision: str = "fp32", parity_shapes: Sequence[Shape],
+                   threads: int | None = None) -> ControlExport:
+    """Export unet_control (the U-Net with ControlNet residual inputs) beside `out_dir/unet.onnx`
+    and one graph per ControlNet of `model.controlnets` ("controlnet.NAME"), each checked against
+    the PyTorch reference; unet_control and the U-Net graphs already there (unet, the step-cache and
+    tiled U-Nets) are then pointed at one weights file, `STEP_CACHE_DATA`, and unet_control is
+    checked again on its final file. On a failure `out_dir` is left half-rewritten: build into a
+    scratch folder (build-engine does)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "unet.onnx").is_file():
+        raise FileNotFoundError(f"{out_dir} has no unet.onnx: export the unet before unet_control")
+    results = {CONTROL_UNET: export_network(CONTROL_UNET, model, out_dir, precision=precision,
+                                            parity_shapes=parity_shapes, threads=threads)}
+    family = [n for n in ("unet",) + STEP_CACHE_NETWORKS + ("unet_tiled",) if (out_dir / f"{n}.onnx").is_file()]
+    by_file = share_weights(out_dir, [f"{n}.onnx" for n in family + [CONTROL_UNET]], STEP_CACHE_DATA)
+    final = check_parity(CONTROL_UNET, wrap(CONTROL_UNET, model), out_dir / f"{CONTROL_UNET}.onnx",
+                         control_dims(model.spec), precision, parity_shapes[:1],
+                         vocab_size=model.text_encoder.config.vocab_size, threads=threads)
+    results[CONTROL_UNET] = replace(results[CONTROL_UNET], external_data=STEP_CACHE_DATA)
+    for name in model.controlnets:
+        network = f"{CONTROLNET}.{name}"
+        results[network] = export_network(network, model, out_dir, precision=precision, parity_shapes=parity_shapes,
+                                          threads=threads)
+    return ControlExport(results, {n: by_file[f"{n}.onnx"] for n in family + [CONTROL_UNET]}, final)
 
 
 def _torch_export(module: nn.Module, example: dict[str, np.ndarray], inputs: Sequence[TensorSpec],

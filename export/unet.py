@@ -355,6 +355,13 @@ class UNet2DConditionModel(nn.Module):
         skips = self._down(self.conv_in(sample), temb, encoder_hidden_states, limit=split.branch + 1)
         return self._up(feature, skips, temb, encoder_hidden_states, start=split)[0]
 
+    def forward_control(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                        residuals: list[torch.Tensor], timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` with a ControlNet's residuals (export/controlnet.py): `residuals[:-1]` added to
+        the skip tensors after the down path, `residuals[-1]` to the mid block's output (diffusers
+        UNet2DConditionModel's down_block_additional_residuals / mid_block_additional_residual)."""
+        return self._full(sample, timestep, encoder_hidden_states, None, timestep_cond, residuals)[0]
+
     def _time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor,
                         timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
@@ -366,11 +373,16 @@ class UNet2DConditionModel(nn.Module):
         return self.time_embedding(temb.to(sample.dtype), cond)  # [b, time_embed_dim]
 
     def _full(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-              capture: CacheSplit | None, timestep_cond: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+              capture: CacheSplit | None, timestep_cond: torch.Tensor | None = None,
+              residuals: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         temb = self._time_embedding(sample, timestep, timestep_cond)
         skips = self._down(self.conv_in(sample), temb, context)
         x = self.mid_block(skips[-1], temb, context)  # the last skip is the down path's output
+        if residuals is not None:  # a ControlNet's, added after the down and mid blocks ran (as diffusers)
+            if len(residuals) != len(skips) + 1:
+                raise ValueError(f"{len(residuals)} ControlNet residuals for {len(skips)} skips and the mid block")
+            skips = [s + r for s, r in zip(skips, residuals)]
+            x = x + residuals[-1]
         return self._up(x, skips, temb, context, capture=capture)
 
     def _down(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,

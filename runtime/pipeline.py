@@ -32,7 +32,7 @@ import numpy as np
 from runtime.imaging import images as imgs
 from runtime import hires as hires_fix
 from runtime import scheduler as sch
-from runtime import stages
+from runtime import control, stages
 from runtime.imaging import inpainting
 from runtime.sampling import deepcache as caching
 from runtime.text import tokens as text
@@ -40,7 +40,8 @@ from runtime.engines.registry import backend_module, close_all, network_options,
 from runtime.engines.base import Engine
 from runtime.families import family_of
 from runtime.errors import EngineClosedError, ManifestError, PipelineError, SDRuntimeError
-from runtime.folder.networks import base_network, tiled_network
+from runtime.folder.networks import (CONTROL_UNET, base_network, control_residual_specs, controlnet_network,
+                                     tiled_network)
 from runtime.folder.paths import inside
 from runtime.folder.manifest import Manifest, load_manifest
 from runtime.memory import MemoryModel, memory_limit
@@ -125,6 +126,11 @@ class Pipeline:
         return self.limits.inpainting_unet
 
     @property
+    def controlnets(self) -> tuple[str, ...]:
+        """The names of the folder's ControlNets (build-engine --controlnet PATH[:NAME])."""
+        return self.limits.controlnets
+
+    @property
     def default_scheduler(self) -> str:
         return self.limits.default_sampler
 
@@ -142,7 +148,10 @@ class Pipeline:
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
                 subseed_strength: float = 0.0, seed_resize_from=None,
                 hires: hires_fix.HiresFix | None = None,
-                tiling: bool = False) -> GenerationResult:
+                tiling: bool = False, control_image: Any = None, controlnet: Any = None,
+                controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
+                control_guidance_end: Any = 1.0, guess_mode: bool = False,
+                control_resize_mode: Any = "just_resize") -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
@@ -160,7 +169,13 @@ class Pipeline:
         hires fix: the image is upscaled and denoised again as img2img at the larger size, in this
         one call (runtime/hires.py). `tiling` True makes a seamless
         texture: the U-Net and VAE run with circular padding (A1111's `tiling`; the folder needs
-        `build-engine --tiling`)."""
+        `build-engine --tiling`). ControlNet (all three modes; the folder needs `build-engine --controlnet`;
+        runtime/control.py): `control_image` (PIL or [H, W, 3] uint8 / float array, or a list: one per
+        ControlNet), `controlnet` (the folder's ControlNet name, or a list; default: the folder's only
+        one), `controlnet_conditioning_scale`, `control_guidance_start`, `control_guidance_end` (each one
+        value or a list) and `guess_mode`, as diffusers' StableDiffusionControlNetPipeline;
+        `control_resize_mode` (runtime/control.py RESIZE_MODES) brings each control image to the
+        request size. `Pipeline.controlnets` lists the folder's ControlNets."""
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
@@ -168,7 +183,10 @@ class Pipeline:
                                noise=latents, cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, hires=hires,
-                               tiling=tiling)
+                               tiling=tiling, control_image=control_image, controlnet=controlnet,
+                               controlnet_conditioning_scale=controlnet_conditioning_scale,
+                               control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                               guess_mode=guess_mode, control_resize_mode=control_resize_mode)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
@@ -182,7 +200,10 @@ class Pipeline:
                 prompt_syntax: str = "a1111", vae_tiling: bool | int | None = None, subseed=None,
                 subseed_strength: float = 0.0, seed_resize_from=None,
                 initial_noise_multiplier: float = 1.0,
-                tiling: bool = False) -> GenerationResult:
+                tiling: bool = False, control_image: Any = None, controlnet: Any = None,
+                controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
+                control_guidance_end: Any = 1.0, guess_mode: bool = False,
+                control_resize_mode: Any = "just_resize") -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
@@ -197,7 +218,11 @@ class Pipeline:
                                cache_interval=cache_interval, cache_schedule=cache_schedule,
                                prompt_syntax=prompt_syntax, vae_tiling=vae_tiling, subseed=subseed,
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
-                               initial_noise_multiplier=initial_noise_multiplier, tiling=tiling)
+                               initial_noise_multiplier=initial_noise_multiplier, tiling=tiling,
+                               control_image=control_image, controlnet=controlnet,
+                               controlnet_conditioning_scale=controlnet_conditioning_scale,
+                               control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                               guess_mode=guess_mode, control_resize_mode=control_resize_mode)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
@@ -213,7 +238,10 @@ class Pipeline:
                 masked_content: str | None = None, padding_mask_crop: int | None = None,
                 mask_blur: int | tuple[int, int] = 0, soft_mask: bool = False, overlay: bool | None = None,
                 initial_noise_multiplier: float = 1.0,
-                tiling: bool = False) -> GenerationResult:
+                tiling: bool = False, control_image: Any = None, controlnet: Any = None,
+                controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
+                control_guidance_end: Any = 1.0, guess_mode: bool = False,
+                control_resize_mode: Any = "just_resize") -> GenerationResult:
         """Repaint where `mask_image` is white (>= 0.5). With the 9-channel inpainting U-Net the
         mask and the masked image's latents go into the U-Net (diffusers'
         StableDiffusionInpaintPipeline); with a plain 4-channel U-Net the known region is blended back
@@ -238,7 +266,10 @@ class Pipeline:
                                subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
                                masked_content=masked_content, padding_mask_crop=padding_mask_crop, mask_blur=mask_blur,
                                soft_mask=soft_mask, overlay=overlay, initial_noise_multiplier=initial_noise_multiplier,
-                               tiling=tiling)
+                               tiling=tiling, control_image=control_image, controlnet=controlnet,
+                               controlnet_conditioning_scale=controlnet_conditioning_scale,
+                               control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                               guess_mode=guess_mode, control_resize_mode=control_resize_mode)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def request(self, mode: str, prompt: Any, **settings: Any) -> Request:
@@ -381,7 +412,7 @@ class Pipeline:
         bar = _progress(len(schedule.timesteps), progress, f"{r.mode} ({r.sampler}, {self.backend})")
         t0 = time.perf_counter()
         try:
-            out = stages.denoise(self._unet_fn(r, len(schedule.timesteps)), schedule, self.family, cond, noise,
+            out = stages.denoise(self._unet_fn(r, len(schedule.timesteps), [p.request for p in prepared]), schedule, self.family, cond, noise,
                                  latents, guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, eta=r.eta,
                                  rng=rng, callback=_split_callback(prepared, callbacks),
                                  on_call=_on_call(bar, should_stop), dims=self.manifest.dims)
@@ -390,14 +421,28 @@ class Pipeline:
         timings["denoise"] = time.perf_counter() - t0
         return out
 
-    def _unet_fn(self, request: Request, n_calls: int) -> stages.UnetFn:
+    def _unet_fn(self, request: Request, n_calls: int, requests: Sequence[Request] = ()) -> stages.UnetFn:
         """The U-Net callable of one run: the unet engine, or with step caching the unet_deep /
-        unet_shallow pair routed by the request's plan (runtime/sampling/deepcache.py)."""
+        unet_shallow pair routed by the request's plan (runtime/sampling/deepcache.py), or with
+        ControlNets the ControlNet engines feeding unet_control (runtime/control.py; `requests`: the
+        batch, whose control images are stacked by row)."""
+        if request.control is not None:
+            return self._control_fn(request, n_calls, list(requests) or [request])
         if request.cache_interval == 1:
             return stages.engine_unet(self.engine(tiled_network("unet", request.tiling)))
         deep, shallow = caching.engine_calls(self.engine("unet_deep"), self.engine("unet_shallow"))
         return caching.cached_unet(deep, shallow, caching.plan(n_calls, request.cache_interval,
                                                                request.cache_schedule))
+
+    def _control_fn(self, request: Request, n_calls: int, requests: list[Request]) -> stages.UnetFn:
+        units = request.control.units  # equal batch keys: the same ControlNets, scales and guidance range
+        images = [np.concatenate([np.repeat(r.control.units[k].image.transpose(2, 0, 1)[None], r.batch, axis=0)
+                                  for r in requests]) for k in range(len(units))]  # [batch, 3, H, W] in [0, 1]
+        dims = self.manifest.dims
+        return control.controlled_unet(
+            self.engine("unet"), self.engine(CONTROL_UNET), [self.engine(controlnet_network(u.name)) for u in units],
+            images, request.control, n_calls=n_calls, guided=request.guided, latent_channels=dims.latent_channels,
+            residual_names=[t.name for t in control_residual_specs(dims)])
 
     def _decode(self, latents: np.ndarray, request: Request, timings: dict[str, float]) -> Any:
         if request.output_type == "latent":

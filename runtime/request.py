@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from runtime import control as controlnet
 from runtime import hires as hires_fix
 from runtime.imaging import inpainting
 from runtime.imaging import images as imgs
@@ -27,7 +28,7 @@ from runtime.sampling.deepcache import SCHEDULES
 from runtime.errors import PipelineError
 from runtime.families import family_of
 from runtime.folder.manifest import Manifest
-from runtime.folder.networks import STEP_CACHE_NETWORKS, TILING_NETWORKS
+from runtime.folder.networks import STEP_CACHE_NETWORKS, TILING_NETWORKS, controlnet_name
 from runtime.text.prompt_syntax import SYNTAXES
 from runtime.imaging.tiling import DEFAULT_TILE, needs_tiling
 from runtime.memory import GiB, MemoryModel
@@ -64,6 +65,7 @@ class Limits:
     max_memory: int | None = None  # bytes a request's estimate may reach (None: no limit)
     tiling: bool = False  # the folder has the circular-padded graphs (build-engine --tiling)
     guidance_batch: bool = True  # its family runs an unconditional batch under guidance (runtime/families.py)
+    controlnets: tuple[str, ...] = ()  # the folder's ControlNets' names (networks "controlnet.NAME")
 
     @classmethod
     def from_manifest(cls, m: Manifest, default_sampler: str, samplers: tuple[str, ...]) -> "Limits":
@@ -77,7 +79,8 @@ class Limits:
                    inpainting_unet=m.dims.unet_in_channels == 2 * m.dims.latent_channels + 1, default_sampler=default_sampler,
                    samplers=samplers, step_cache=all(n in m.networks for n in STEP_CACHE_NETWORKS),
                    vae_max_image=m.shapes.get("vae_max_image", hi),
-                   tiling=all(n in m.networks for n in TILING_NETWORKS), guidance_batch=family_of(m.family).guidance_batch)
+                   tiling=all(n in m.networks for n in TILING_NETWORKS), guidance_batch=family_of(m.family).guidance_batch,
+                   controlnets=tuple(c for c in map(controlnet_name, m.networks) if c is not None))
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,6 +121,7 @@ class Request:
     variation: Variation | None = None  # variation seeds / seed resizing (runtime/sampling/variation.py); None: off
     hires: Any = None  # txt2img's hires fix (runtime/hires.py HiresPass): a second, img2img pass
     guidance_batch: bool = True  # Limits.guidance_batch of its folder: whether guidance > 1 runs an uncond batch
+    control: controlnet.Control | None = None  # its ControlNets (runtime/control.py); None: plain U-Net
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
@@ -144,7 +148,8 @@ class Request:
                 self.sampler, self.karras, self.eta, self.strength, self.output_type, self.cache_interval,
                 self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks,
                 None if self.inpainting is None else self.inpainting.key(), self.initial_noise_multiplier,
-                None if self.hires is None else self.hires.key(), self.tiling)
+                None if self.hires is None else self.hires.key(), self.tiling,
+                None if self.control is None else self.control.key())
 
     def parameters(self) -> dict[str, Any]:
         """What reproduces the request (the result's `parameters`, the PNG metadata)."""
@@ -174,6 +179,8 @@ class Request:
             params["hires"] = self.hires.parameters()
         if self.tiling:
             params["tiling"] = True
+        if self.control is not None:
+            params.update(self.control.parameters())
         return params
 
 
@@ -186,9 +193,11 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  cache_schedule: str = "uniform", prompt_syntax: str = "a1111", vae_tiling: Any = None,
                  subseed: Any = None, subseed_strength: Any = 0.0, seed_resize_from: Any = None,
                  masked_content: Any = None, padding_mask_crop: Any = None, mask_blur: Any = 0, soft_mask: Any = False,
-                 overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None, tiling: Any = False) -> Request:
+                 overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None, tiling: Any = False,
+                 **control: Any) -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem. `hires`
-    (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass."""
+    (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass. `control`: the ControlNet
+    settings (runtime/control.py make_control: control_image, controlnet, ...)."""
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if limits.inpainting_unet and mode != "inpaint":
@@ -219,6 +228,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     memory = check_memory(limits, batch, height, width, guided=_guided(limits, scale, rescale),
                           encodes=mode != "txt2img")
     images, masks, plan = _load_images(images, masks, plan, height, width)
+    ctrl = _control(limits, control, height, width, interval, tiling, hires)
     shape = (batch, limits.latent_channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
     seeds, variation = _variation(limits, seed, batch, subseed, subseed_strength, seed_resize_from, noise)
     request = Request(
@@ -231,9 +241,22 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                              if mode == "inpaint" and limits.inpainting_unet else None),
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
         memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult, tiling=tiling,
-        guidance_batch=limits.guidance_batch,
+        guidance_batch=limits.guidance_batch, control=ctrl,
     )
     return request if hires is None else replace(request, hires=hires_fix.make_pass(limits, request, hires, vae_tiling))
+
+
+def _control(limits: Limits, settings: dict[str, Any], height: int, width: int, interval: int, tiling: bool,
+             hires: Any) -> controlnet.Control | None:
+    """The request's ControlNets (runtime/control.py), refused with step caching, tiling and the
+    hires fix, which have no graphs with ControlNet residuals."""
+    ctrl = controlnet.make_control(limits.controlnets, height, width, **settings)
+    if ctrl is not None:
+        for on, what in ((interval > 1, "cache_interval"), (tiling, "tiling"), (hires is not None, "hires")):
+            if on:
+                raise PipelineError(f"ControlNet does not combine with {what} (no such graph takes ControlNet "
+                                    "residuals); drop one of them", field=what)
+    return ctrl
 
 
 def _sampler(limits: Limits, scheduler: str | None, karras: Any, eta: float) -> str:

@@ -20,7 +20,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,8 @@ class LoadedModel:
     text_encoder: nn.Module  # transformers CLIPTextModel
     tokenizer_dir: Path
     source: dict[str, Any]
+    # ControlNets to export beside the U-Net, by name (export/controlnet.py; build-engine --controlnet)
+    controlnets: dict[str, nn.Module] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.errors import EngineInputError
-from runtime.folder.networks import UNET_NETWORKS, ModelDims, base_network, network_io
+from runtime.folder.networks import GUIDED_NETWORKS, ModelDims, base_network, network_io
 
 SUBDIR = "tensorrt"  # under the engine folder: plans, their keys, the timing cache, ORT's cache
 KEY_FORMAT = 1
@@ -70,7 +70,7 @@ def axis_ranges(network: str, dims: ModelDims, shapes: Mapping[str, int], *, gui
         raise ValueError(f"image range must satisfy {s} <= min <= opt <= max; got {lo_img}, {opt_img}, {hi_img}")
     if max_prompt_chunks < 1:
         raise ValueError(f"max_prompt_chunks must be >= 1; got {max_prompt_chunks}")
-    batch = (lo_b, 2 * opt_b, 2 * hi_b) if base_network(network) in UNET_NETWORKS and guidance else (lo_b, opt_b, hi_b)
+    batch = (lo_b, 2 * opt_b, 2 * hi_b) if base_network(network) in GUIDED_NETWORKS and guidance else (lo_b, opt_b, hi_b)
     # latent sizes: round the lower bound up and the upper bound down to whole latents
     latent = (-(-lo_img // s), max(opt_img // s, -(-lo_img // s)), hi_img // s)
     image = tuple(v * s for v in latent)
@@ -83,6 +83,9 @@ def axis_ranges(network: str, dims: ModelDims, shapes: Mapping[str, int], *, gui
         "latent_height": latent, "latent_width": latent,
         "cache_height": cache, "cache_width": cache,
         "tokens": (tokens, tokens, tokens * max_prompt_chunks),
+        # ControlNet residuals below the first level (runtime/folder/networks.py control_residual_specs)
+        **{f"res_{a}_{level}": tuple(-(-v // 2 ** level) for v in latent)
+           for level in range(1, len(dims.block_out_channels)) for a in ("height", "width")},
     }
 
 

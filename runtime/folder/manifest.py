@@ -42,7 +42,7 @@ from typing import Any
 
 from runtime.errors import ManifestError
 from runtime.folder.paths import file_records, inside, opened_files
-from runtime.folder.networks import NETWORKS, OPTIONAL_NETWORKS, PRECISIONS, ModelDims
+from runtime.folder.networks import NETWORKS, OPTIONAL_NETWORKS, PRECISIONS, ModelDims, known_network
 from runtime.sampling.samplers import PREDICTION_TYPES
 
 __all__ = ["FAMILIES", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ManifestError", "PREDICTION_TYPES",
@@ -197,18 +197,29 @@ def _dims_dict(dims: ModelDims) -> dict[str, Any]:
     d = vars(dims).copy()
     if not d["time_cond_proj_dim"]:
         del d["time_cond_proj_dim"]
+    if not d["block_out_channels"]:  # recorded only in folders with ControlNets
+        del d["block_out_channels"], d["layers_per_block"]
+    else:
+        d["block_out_channels"] = list(d["block_out_channels"])
     return d
 
 
 def _dims(value: Any, where: str) -> ModelDims:
+    d = _object(value, "dims", where)
+    channels = d.get("block_out_channels", [])
+    if not isinstance(channels, list) or len(channels) > 16:
+        raise ManifestError(f"{where}: dims.block_out_channels must be a list of at most 16 integers; got "
+                            f"{_short(channels)}")
+    d["block_out_channels"] = tuple(_int_in(c, 1, MAX_DIM, "dims.block_out_channels", where) for c in channels)
     try:
-        dims = ModelDims(**_object(value, "dims", where))
+        dims = ModelDims(**d)
     except TypeError as e:
         raise ManifestError(f"{where}: bad 'dims' {_short(value)}: {e}") from None
     lows = {"cache_channels": 0, "cache_level": 0, "text_max_length": 3,  # 3: BOS + one token + EOS
-            "time_cond_proj_dim": 0}
+            "time_cond_proj_dim": 0, "layers_per_block": 0}
     for name, v in vars(dims).items():
-        _int_in(v, lows.get(name, 1), MAX_DIM, f"dims.{name}", where)
+        if name != "block_out_channels":
+            _int_in(v, lows.get(name, 1), MAX_DIM, f"dims.{name}", where)
     # the U-Net takes the latents, or latents + mask + masked-image latents (the inpainting U-Net)
     if dims.unet_in_channels not in (dims.latent_channels, 2 * dims.latent_channels + 1):
         raise ManifestError(f"{where}: dims.unet_in_channels {dims.unet_in_channels} fits neither a plain U-Net "
@@ -268,10 +279,10 @@ def _tokenizer(value: Any, where: str) -> dict[str, Any]:
 
 def _networks(value: Any, where: str) -> dict[str, dict[str, Any]]:
     networks = _object(value, "networks", where)
-    unknown = [n for n in networks if n not in NETWORKS + OPTIONAL_NETWORKS]
+    unknown = [n for n in networks if not known_network(n)]
     if unknown:
         raise ManifestError(f"{where}: unknown networks {', '.join(map(_short, unknown))}; expected "
-                            f"{', '.join(NETWORKS)} (optional: {', '.join(OPTIONAL_NETWORKS)})")
+                            f"{', '.join(NETWORKS)} (optional: {', '.join(OPTIONAL_NETWORKS)}, controlnet.NAME)")
     for name, entry in networks.items():
         entry = _object(entry, f"networks.{name}", where)
         if not _path_string(entry.get("file")) or not (entry.get("external_data") is None or

@@ -33,7 +33,16 @@ STEP_CACHE_NETWORKS = ("unet_deep", "unet_shallow")
 # Optional: the circular-padded variants (A1111 modules/sd_hijack.py `apply_circular`: every Conv2d's
 # padding_mode "circular"), same weights as the network they vary (export/circular.py)
 TILING_NETWORKS = ("unet_tiled", "vae_decoder_tiled", "vae_encoder_tiled")
-OPTIONAL_NETWORKS = STEP_CACHE_NETWORKS + TILING_NETWORKS
+# Optional: ControlNet (arXiv:2302.05543). Each ControlNet of a folder is a network "controlnet.NAME"
+# (`controlnet_network`) with the contract of CONTROLNET; `unet_control` is the U-Net that takes their
+# summed residuals, same weights as `unet` (export/onnx_export.py export_control_unet)
+CONTROLNET = "controlnet"
+CONTROL_UNET = "unet_control"
+OPTIONAL_NETWORKS = STEP_CACHE_NETWORKS + TILING_NETWORKS + (CONTROL_UNET,)
+# Networks whose batch is the U-Net call's (doubled under guidance): TensorRT profiles read it
+GUIDED_NETWORKS = ("unet",) + STEP_CACHE_NETWORKS + (CONTROL_UNET, CONTROLNET)
+# A ControlNet's NAME: letters, digits, "_" and "-" (it names files: controlnet.NAME.onnx)
+CONTROLNET_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 # The networks a U-Net call may run; each takes the guidance batch ([uncond, cond] stacked)
 # (`unet_tiled` too: test `base_network(name) in UNET_NETWORKS`)
 UNET_NETWORKS = ("unet",) + STEP_CACHE_NETWORKS
@@ -61,6 +70,10 @@ class ModelDims:
     # An LCM-distilled U-Net's guidance-embedding width (diffusers `time_cond_proj_dim`): its graphs
     # take `timestep_cond` [batch, time_cond_proj_dim]; 0 for every other U-Net (no such input)
     time_cond_proj_dim: int = 0
+    # The U-Net's block_out_channels and layers_per_block, recorded in folders with ControlNets: they
+    # give the residuals' channels and sizes (`control_residual_specs`); () and 0 elsewhere
+    block_out_channels: tuple[int, ...] = ()
+    layers_per_block: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,8 +93,30 @@ def float_dtype(precision: str) -> str:
 
 def base_network(network: str) -> str:
     """The network whose contract and weights a variant shares: `unet` for `unet_tiled`; a network
-    that is no variant is its own base."""
+    that is no variant is its own base. A ControlNet "controlnet.NAME" has the contract of CONTROLNET."""
+    if controlnet_name(network) is not None:
+        return CONTROLNET
     return network.removesuffix("_tiled") if network in TILING_NETWORKS else network
+
+
+def controlnet_network(name: str) -> str:
+    """The network key of the ControlNet called `name` ("controlnet.NAME"); ValueError for a bad name."""
+    if not isinstance(name, str) or not name or not set(name) <= CONTROLNET_NAME_CHARS:
+        raise ValueError(f"a ControlNet name is letters, digits, '_' and '-'; got {name!r}")
+    return f"{CONTROLNET}.{name}"
+
+
+def controlnet_name(network: str) -> str | None:
+    """NAME of a "controlnet.NAME" network key, or None for any other network."""
+    prefix, dot, name = network.partition(".")
+    if prefix == CONTROLNET and dot and name and set(name) <= CONTROLNET_NAME_CHARS:
+        return name
+    return None
+
+
+def known_network(network: str) -> bool:
+    """A network key a manifest may hold."""
+    return network in NETWORKS + OPTIONAL_NETWORKS or controlnet_name(network) is not None
 
 
 def tiled_network(network: str, tiling: bool) -> str:
@@ -99,7 +134,18 @@ def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[
             (TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),),
             (TensorSpec("last_hidden_state", f, ("batch", dims.text_max_length, dims.text_hidden_size)),),
         )
-    if network in UNET_NETWORKS:
+    if network == CONTROLNET:
+        residuals = control_residual_specs(dims, precision)
+        return (
+            TensorSpec("sample", f, lat),
+            TensorSpec("timestep", "float32", ("batch",)),
+            TensorSpec("encoder_hidden_states", f, ("batch", "tokens", dims.text_hidden_size)),
+            # the control image in [0, 1], RGB, at the image size (diffusers' prepared `image`)
+            TensorSpec("controlnet_cond", f, ("batch", 3, "height", "width")),
+            # one scale per residual and row: conditioning_scale (x logspace(-1, 0, n) in guess mode)
+            TensorSpec("conditioning_scale", "float32", ("batch", len(residuals))),
+        ), residuals
+    if network in UNET_NETWORKS + (CONTROL_UNET,):
         unet_inputs = (
             TensorSpec("sample", f, ("batch", dims.unet_in_channels, "latent_height", "latent_width")),
             # float32 in every graph, fp16 ones included: the Euler-family samplers feed fractional
@@ -112,6 +158,8 @@ def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[
         noise = TensorSpec("noise_pred", f, lat)
         if network == "unet":
             return unet_inputs, (noise,)
+        if network == CONTROL_UNET:  # the summed ControlNet residuals, added to the skips and the mid block
+            return unet_inputs + control_residual_specs(dims, precision), (noise,)
         feature = cache_feature_spec(dims, precision)
         if network == "unet_deep":  # the full U-Net; noise_pred equals unet's
             return unet_inputs, (noise, feature)
@@ -144,6 +192,27 @@ def cache_feature_spec(dims: ModelDims, precision: str = "fp32") -> TensorSpec:
     return TensorSpec("cache_feature", float_dtype(precision), ("batch", dims.cache_channels) + axes)
 
 
+def control_residual_specs(dims: ModelDims, precision: str = "fp32") -> tuple[TensorSpec, ...]:
+    """A ControlNet's outputs, `unet_control`'s extra inputs: down_residual_0.. in the order the U-Net's
+    down path makes its skips (conv_in's, then per level layers_per_block resnets and a downsampler
+    but at the last level: 12 for SD), then mid_residual. A tensor at level l (halved l times,
+    rounded up) has axes res_height_l, res_width_l (latent_height, latent_width at level 0)."""
+    ch = dims.block_out_channels
+    if not ch or dims.layers_per_block < 1:
+        raise ValueError("these model dims declare no ControlNet residuals (block_out_channels is empty): the engine "
+                         "folder has no ControlNet; rebuild it with build-engine --controlnet")
+    f = float_dtype(precision)
+
+    def axes(level: int) -> tuple[str, str]:
+        return ("latent_height", "latent_width") if level == 0 else (f"res_height_{level}", f"res_width_{level}")
+
+    shapes = [(ch[0], 0)]
+    for i, c in enumerate(ch):
+        shapes += [(c, i)] * dims.layers_per_block + ([(c, i + 1)] if i < len(ch) - 1 else [])
+    down = tuple(TensorSpec(f"down_residual_{k}", f, ("batch", c) + axes(level)) for k, (c, level) in enumerate(shapes))
+    return down + (TensorSpec("mid_residual", f, ("batch", ch[-1]) + axes(len(ch) - 1)),)
+
+
 def float_precision(specs: tuple[TensorSpec, ...]) -> str:
     """"fp16" when any float tensor of `specs` is float16, else "fp32" (the graph precision the
     declared I/O implies)."""
@@ -156,7 +225,9 @@ def axis_values(dims: ModelDims, batch: int, height: int, width: int, tokens: in
     if height % s or width % s:
         raise ValueError(f"height and width must be multiples of the VAE scale factor {s}; got {height}x{width}")
     down = 2 ** dims.cache_level  # stride-2 downsamplers with padding 1 round up: ceil(ceil(n / 2) / 2) = ceil(n / 4)
-    return {
+    levels = {f"res_{a}_{level}": -(-(n // s) // 2 ** level) for level in range(1, len(dims.block_out_channels))
+              for a, n in (("height", height), ("width", width))}
+    return {**levels,
         "batch": batch,
         "height": height,
         "width": width,
