@@ -208,3 +208,21 @@ def test_webuiapi_only_masked_inpainting_with_a_unit_answers_and_the_unit_acts(s
     outside = np.ones_like(mask, bool)  # beyond the mask blur's reach (radius 10 at webuiapi's mask_blur 4), the
     outside[16 - 12:48 + 12, 0:40 + 12] = False  # original is composited back in both (A1111's overlay)
     assert (as_array(controlled.image)[outside] == as_array(plain.image)[outside]).all()
+
+
+def test_python_control_resize_modes_are_the_extensions_and_match_the_a1111_path(server, pipe):
+    _, api = server
+    wide = np.zeros((32, 128, 3), np.uint8)  # red | green | blue bands: the centre of a 2x cover is all green
+    wide[:, :32], wide[:, 32:96], wide[:, 96:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    green = np.zeros((SIZE, SIZE, 3), np.uint8)
+    green[:] = (0, 255, 0)
+    cropped = pipe.txt2img(PROMPT, seed=13, control_image=Image.fromarray(wide), controlnet="canny",
+                           control_resize_mode="crop_and_resize", **SETTINGS).images[0]
+    want = pipe.txt2img(PROMPT, seed=13, control_image=green, controlnet="canny", **SETTINGS).images[0]
+    assert (as_array(cropped) == as_array(want)).all()
+    picture = Image.fromarray(photo(14)).resize((96, 48), Image.BICUBIC)
+    for mode, name in (("crop_and_resize", "Crop and Resize"), ("resize_and_fill", "Resize and Fill")):
+        ours = pipe.txt2img(PROMPT, seed=13, control_image=picture, controlnet="canny", control_resize_mode=mode,
+                            **SETTINGS).images[0]
+        unit = webuiapi.ControlNetUnit(image=picture, module="none", model="canny", resize_mode=name)
+        assert (as_array(txt2img(api, [unit], seed=13).image) == as_array(ours)).all(), mode
