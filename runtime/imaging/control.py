@@ -303,7 +303,8 @@ def _nake_nms(x: np.ndarray) -> np.ndarray:
     """utils.nake_nms: keep a pixel where it is a maximum along any of the four directions."""
     cv2 = _cv2()
     out = np.zeros_like(x)
-    lines = (np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]], np.uint8), np.array([[0, 1, 0], [0, 1, 0], [0, 1, 0]], np.uint8),
+    lines = (np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]], np.uint8),
+             np.array([[0, 1, 0], [0, 1, 0], [0, 1, 0]], np.uint8),
              np.eye(3, dtype=np.uint8), np.fliplr(np.eye(3, dtype=np.uint8)).copy())
     for kernel in lines:
         np.putmask(out, cv2.dilate(x, kernel=kernel) == x, x)

@@ -273,7 +273,8 @@ def _tiling(req: Txt2ImgRequest) -> dict[str, Any]:
 
 
 def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int,
-                 styles: StyleBook | None = None, controlnets: tuple[str, ...] = ()) -> tuple[str, list[dict[str, Any]]]:
+                 styles: StyleBook | None = None, controlnets: tuple[str, ...] = ()
+                 ) -> tuple[str, list[dict[str, Any]]]:
     """(mode, one `Pipeline.request` keyword set per engine job: n_iter jobs of batch_size images).
     `styles`: the server's styles.csv (runtime/text/styles.py), applied to the prompts first;
     `controlnets`: the folder's ControlNet names (Pipeline.controlnets), for the ControlNet units.

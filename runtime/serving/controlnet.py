@@ -33,8 +33,8 @@ from runtime.imaging import images as imgs
 
 from .codec import WireError, decode_image, encode_png, prepare_mask
 
-__all__ = ["API_VERSION", "FIELDS", "ControlNetUnit", "DetectRequest", "detect", "detected_maps", "find_model", "module_list",
-           "only_masked_region", "script_units", "unit_kwargs"]
+__all__ = ["API_VERSION", "FIELDS", "ControlNetUnit", "DetectRequest", "detect", "detected_maps", "find_model",
+           "module_list", "only_masked_region", "script_units", "unit_kwargs"]
 
 API_VERSION = 3  # internal_controlnet/external_code.py get_api_version
 SCRIPT = "controlnet"  # external_code.is_cn_script: the script's title, lowercased
@@ -307,7 +307,7 @@ def detected_maps(scripts: dict[str, Any], settings: dict[str, Any]) -> list[str
     return [encode_png(Image.fromarray(m)) for m, unit in zip(maps, enabled) if unit.save_detected_map]
 
 
-# --- /controlnet/* (routes: controlnet_routes.py) ---------------------------------------------------------------------------------
+# --- /controlnet/* (routes: controlnet_routes.py) --------------------------------------------------------
 
 class DetectRequest(BaseModel):
     """POST /controlnet/detect (scripts/api.py detect's Body fields). `controlnet_images` is what
