@@ -370,7 +370,7 @@ def _controlnet_identity(controlnets: Sequence[tuple[Path, str]]) -> dict[str, A
     return {"controlnets": records}
 
 
-def _load_controlnets(model: Any, records: Sequence[dict[str, Any]], progress: Progress) -> Any:
+def load_controlnets(model: Any, records: Sequence[dict[str, Any]], progress: Progress) -> Any:
     """`model` with its ControlNets loaded (export/controlnet.py), each checked against its U-Net."""
     from export.controlnet import check_compatible, load_controlnet
 
@@ -429,7 +429,7 @@ def _build_into(out_dir: Path, plan: _Plan, precision: str, quantize: str | None
             with _stage(progress, "loading model"):
                 model = load_source(plan.identity, prediction_type)
         plan.model = None
-        model = _load_controlnets(plan.adapters.apply(model, progress), plan.identity.get("controlnets", ()), progress)
+        model = load_controlnets(plan.adapters.apply(model, progress), plan.identity.get("controlnets", ()), progress)
         _check_shapes(model.spec, plan.shapes)
         manifest = plan.adapters.annotate(_export_all(model, plan.identity, tmp, precision, plan.shapes, plan.tools,
                                                       progress, cache_branch, tiling))

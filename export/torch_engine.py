@@ -61,8 +61,10 @@ def _reference_model(source_json: str, prediction_type: str) -> Any:
                                   f"{identity['sha256'][:12]}..., manifest {str(source.get('sha256'))[:12]}...)")
     model = load_source({**identity, "seed": source.get("seed", 0)}, prediction_type)
     from export.adapters import apply_recorded
+    from export.build import load_controlnets
 
-    return apply_recorded(model, source)  # the folder's LoRAs and embeddings, as the build merged them
+    model = apply_recorded(model, source)  # the folder's LoRAs and embeddings, as the build merged them
+    return load_controlnets(model, source.get("controlnets", ()), progress=lambda line: None)  # its ControlNets
 
 
 class TorchEngine(Engine):

@@ -87,6 +87,10 @@ def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
     p.add_argument("--tiling", action="store_const", const=True, default=None,
                    help="seamless texture: circular padding in the U-Net and VAE (A1111's Tiling; the folder "
                         "needs build-engine --tiling)")
+    p.add_argument("--control-image", action="append", default=[], metavar="FILE[:NAME[:SCALE]]",
+                   help="a ControlNet's control image (your own map: edges, depth, pose...), for the folder's "
+                        "ControlNet NAME (default: its only one) at SCALE (default 1.0); repeatable: several "
+                        "ControlNets, residuals summed")
     p.add_argument("-o", "--output", default=None, help="output PNG (default: COMMAND.png); "
                    "with several images, -0, -1, ... are added before the suffix")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -127,6 +131,27 @@ def hires_from_args(args: argparse.Namespace) -> Any:
         if getattr(args, arg) is not None:
             settings[name] = getattr(args, arg)
     return HiresFix(**settings)
+
+
+def control_from_args(values: list[str]) -> dict[str, Any]:
+    """`--control-image FILE[:NAME[:SCALE]]` values -> control_image, controlnet and
+    controlnet_conditioning_scale lists for the pipeline (none without any). A FILE that exists
+    whole is taken as is, colons and all."""
+    if not values:
+        return {}
+    images, names, scales = [], [], []
+    for value in values:
+        parts = [value] if Path(value).exists() else value.split(":")
+        if len(parts) > 3:
+            parts = [":".join(parts[:-2])] + parts[-2:]
+        file, name, scale = (parts + [None, None])[:3]
+        try:
+            scales.append(1.0 if scale in (None, "") else float(scale))
+        except ValueError:
+            raise ValueError(f"--control-image {value}: SCALE {scale!r} is not a number") from None
+        images.append(_open_image(file, "--control-image"))
+        names.append(name or None)
+    return {"control_image": images, "controlnet": names, "controlnet_conditioning_scale": scales}
 
 
 def _vae_tiling(text: str) -> bool | int | None:
@@ -299,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
                       ("cache_schedule", "cache_schedule"), ("prompt_syntax", "prompt_syntax"), ("tiling", "tiling")):
         if getattr(args, arg) is not None:  # otherwise the pipeline's default
             kwargs[name] = getattr(args, arg)
+    kwargs.update(control_from_args(getattr(args, "control_image", [])))
     with pipe:
         if args.command == "txt2img":
             result = pipe.txt2img(args.prompt, **kwargs, **({"hires": hires} if hires is not None else {}))

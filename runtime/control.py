@@ -95,13 +95,13 @@ def _number(value: Any, what: str) -> float:
 
 
 def _names(available: Sequence[str], controlnet: Any, n: int) -> list[str]:
-    """The ControlNet of each control image: as named, or the folder's only one."""
-    if controlnet is None:
+    """The ControlNet of each control image: as named, or (None) the folder's only one."""
+    names = _listed(controlnet, n, "controlnet")
+    if None in names:
         if len(available) != 1:
             raise PipelineError(f"this engine folder has {len(available)} ControlNets ({', '.join(available)}): "
                                 "name one per control image with controlnet=", field="controlnet")
-        return [available[0]] * n
-    names = _listed(controlnet, n, "controlnet")
+        names = [available[0] if x is None else x for x in names]
     unknown = [x for x in names if x not in available]
     if unknown:
         raise PipelineError(f"unknown ControlNet {unknown[0]!r}; this engine folder has "

@@ -325,3 +325,57 @@ def test_build_refuses_controlnet_of_another_family(model, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(BuildError, match="given twice"):
         build_engine(model["folder"], tmp_path / "out", controlnets=[f"{tmp_path / 'cn_sd2'}:x"] * 2)
+
+
+def test_step_caching_tiling_and_hires_are_refused(model):
+    """No graph takes ControlNet residuals with step caching, circular padding or a hires pass."""
+    from dataclasses import replace
+
+    from runtime.hires import HiresFix
+    from runtime.request import make_request
+
+    with runtime.load(model["engine"], backend="onnxruntime") as pipe:
+        limits = replace(pipe.limits, step_cache=True, tiling=True)
+        h, w = pipe.default_size
+        for kwargs, field in (({"cache_interval": 2}, "cache_interval"), ({"tiling": True}, "tiling"),
+                              ({"hires": HiresFix(scale=2.0)}, "hires")):
+            with pytest.raises(runtime.PipelineError, match="ControlNet does not combine") as e:
+                make_request(limits, "txt2img", PROMPT, control_image=control_image(h, w), controlnet="a", **kwargs)
+            assert e.value.field == field
+
+
+def test_tensorrt_profiles_cover_control_networks(model):
+    """The TensorRT plans' profiles (runtime/engines/trt_plans.py) come from the contract: every input
+    of a ControlNet and of unet_control has a range, the batch doubled for guidance."""
+    from runtime.engines.trt_plans import network_profile
+    from runtime.folder.manifest import load_manifest
+    from runtime.folder.networks import network_io
+
+    m = load_manifest(model["engine"])
+    for network in ("controlnet.a", "unet_control"):
+        profile = network_profile(network, m.dims, m.shapes)
+        inputs, _ = network_io(network, m.dims)
+        assert [t.name for t in inputs] == list(profile)
+        assert profile["sample"].max[0] == 2 * m.shapes["max_batch"]
+    cn = network_profile("controlnet.a", m.dims, m.shapes)
+    assert cn["controlnet_cond"].max == (2 * m.shapes["max_batch"], 3, m.shapes["max_image"], m.shapes["max_image"])
+    assert cn["conditioning_scale"].opt[1] == 5  # the tiny U-Net: 4 down residuals and the mid one
+    unet = network_profile("unet_control", m.dims, m.shapes)
+    lat = m.shapes["max_image"] // m.dims.vae_scale_factor
+    assert unet["mid_residual"].max == (2 * m.shapes["max_batch"], 64, lat // 2, lat // 2)
+
+
+def test_cli_control_image(model, tmp_path):
+    from runtime.cli import control_from_args, main
+
+    h, w = 64, 64
+    control_image(h, w).save(tmp_path / "edges.png")
+    parsed = control_from_args([f"{tmp_path / 'edges.png'}:b:0.5", str(tmp_path / "edges.png")])
+    assert parsed["controlnet"] == ["b", None] and parsed["controlnet_conditioning_scale"] == [0.5, 1.0]
+    out = tmp_path / "out.png"
+    assert main(["txt2img", str(model["engine"]), PROMPT, "--steps", "2", "--seed", "1", "--backend", "onnxruntime",
+                 "--control-image", f"{tmp_path / 'edges.png'}:a:0.7", "--no-progress", "-o", str(out)]) == 0
+    with runtime.load(model["engine"], backend="onnxruntime") as pipe:
+        ref = pipe.txt2img(PROMPT, num_inference_steps=2, seed=1, control_image=Image.open(tmp_path / "edges.png"),
+                           controlnet="a", controlnet_conditioning_scale=0.7, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(ref))
