@@ -131,6 +131,7 @@ def test_control_mode_balanced_and_controlnet_is_more_important():
     ({"advanced_weighting": [1.0] * 13}, "advanced_weighting"), ({"input_mode": "batch"}, "input_mode"),
     ({"animatediff_batch": True}, "animatediff_batch"), ({"effective_region_mask": B64}, "effective_region_mask"),
     ({"mask": png_b64(np.zeros((8, 8), np.uint8)), "image": B64}, "mask"),
+    ({"image": png_b64(np.zeros((1, 4096, 3), np.uint8)), "module": "canny"}, "image"),  # a map over the limit
 ])
 def test_bad_units_are_refused_naming_the_unit_and_field(fields, field):
     refused(f"alwayson_scripts.controlnet.args[1].{field}", unit(), unit(**fields))
@@ -245,7 +246,9 @@ def test_detect_runs_the_preprocessor():
     assert len(inverted) == 2 and (pixels(inverted[1]) == 255 - IMG).all()
     for body, field in (({"controlnet_module": "openpose", "controlnet_input_images": [B64]}, "controlnet_module"),
                         ({"controlnet_module": "canny"}, "controlnet_input_images"),
-                        ({"controlnet_input_images": ["%%%"]}, "controlnet_input_images[0]")):
+                        ({"controlnet_input_images": ["%%%"]}, "controlnet_input_images[0]"),
+                        ({"controlnet_module": "canny", "controlnet_input_images": [B64, png_b64(np.zeros(
+                            (1, 4096, 3), np.uint8))]}, "controlnet_input_images[1]")):
         with pytest.raises(WireError) as e:
             controlnet.detect(controlnet.DetectRequest(**body))
         assert e.value.field == field

@@ -228,3 +228,12 @@ def test_the_pipelines_resize_mode_hooks_give_float_maps():
     assert (fill[:8] == 0).all() and (fill[8:24, 8:24] == (0.0, 1.0, 0.0)).all()
     with pytest.raises(PipelineError, match="control_image\\[1\\]"):
         control.crop_and_resize(np.zeros((4, 4, 2), np.uint8), 32, 32, "control_image[1]")
+
+
+def test_thin_inputs_cannot_grow_maps_without_bound():
+    thin = np.zeros((1, 4096, 3), np.uint8)  # short side 1: scaled to 512 it would be 512 x 2M pixels
+    with pytest.raises(PipelineError, match="over the limit"):
+        control.preprocess(thin, "canny", 512)
+    with pytest.raises(PipelineError, match="over the limit"):
+        control.fit(thin, 128, 128, "Crop and Resize")
+    assert control.fit(thin, 128, 128, "Resize and Fill").shape == (128, 128, 3)

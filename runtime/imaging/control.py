@@ -38,6 +38,9 @@ RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 # internal_controlnet/external_code.py resize_mode_aliases (older UI names)
 RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fit (Shrink to Fit)": "Resize and Fill",
                   "Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
+# The largest intermediate map: a thin input scaled by its short side (processor_res, pixel perfect,
+# "Crop and Resize") would otherwise grow without bound; the server's decode limit (serving/codec.py)
+MAX_MAP_PIXELS = 4096 * 4096
 JUST_RESIZE_LATENT = 3  # external_code.resize_mode_from_value: A1111's 'Just Resize (Latent upscale)' -> Just Resize
 
 
@@ -120,8 +123,16 @@ def _resize_with_pad(img: np.ndarray, resolution: float) -> tuple[np.ndarray, tu
     h, w = img.shape[:2]
     k = float(resolution) / float(min(h, w))
     th, tw = int(np.round(h * k)), int(np.round(w * k))
+    _check_size(th, tw)
     img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
     return np.pad(img, [[0, _pad64(th)], [0, _pad64(tw)], [0, 0]], mode="edge"), (th, tw)
+
+
+def _check_size(height: int, width: int) -> None:
+    if height * width > MAX_MAP_PIXELS:
+        raise PipelineError(f"the control map would be {width}x{height} pixels, over the limit of {MAX_MAP_PIXELS}: "
+                            "send an image closer to the request's aspect ratio or a smaller processor_res",
+                            field="control_image")
 
 
 def _pad64(n: int) -> int:
@@ -235,7 +246,9 @@ def fit(control_map: Any, width: int, height: int, mode: str | int = "Crop and R
     old_h, old_w = float(x.shape[0]), float(x.shape[1])
     k0, k1 = float(height) / old_h, float(width) / old_w
     k = min(k0, k1) if mode == "Resize and Fill" else max(k0, k1)
-    size = (int(np.round(old_w * k)), int(np.round(old_h * k)))
+    # at least a pixel a side (the extension's 0 is an OpenCV error)
+    size = (max(1, int(np.round(old_w * k))), max(1, int(np.round(old_h * k))))
+    _check_size(size[1], size[0])
     if mode == "Resize and Fill":
         borders = np.concatenate([x[0, :, :], x[-1, :, :], x[:, 0, :], x[:, -1, :]], axis=0)
         out = np.tile(np.median(borders, axis=0).astype(np.uint8)[None, None], [height, width, 1])

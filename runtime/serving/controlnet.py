@@ -250,9 +250,10 @@ def _control_map(unit: ControlNetUnit, rgb: np.ndarray, mode: str, size: tuple[i
         res = control.pixel_perfect_resolution(rgb.shape[0], rgb.shape[1], height, width, mode)
     try:
         detected = control.preprocess(rgb, unit.module, res, unit.threshold_a, unit.threshold_b)
-    except PipelineError as e:
-        raise WireError(f"{where}.{e.field or 'module'}", str(e)) from None
-    return control.fit(detected, width, height, mode)
+        return control.fit(detected, width, height, mode)
+    except PipelineError as e:  # a map over the size limit (the image's fault), or OpenCV missing (the module's)
+        raise WireError(f"{where}.{'image' if e.field == 'control_image' else 'module'}", str(e),
+                        status=422 if e.field == "control_image" else 500) from None
 
 
 def unit_kwargs(args: list[Any], controlnets: tuple[str, ...], size: tuple[int, int], *,
@@ -337,8 +338,13 @@ def detect(req: DetectRequest) -> list[str]:
     out = []
     for i, data in enumerate(images):
         rgb = _decode(data, f"controlnet_input_images[{i}]")
-        detected = control.preprocess(rgb, req.controlnet_module, req.controlnet_processor_res,
-                                      req.controlnet_threshold_a, req.controlnet_threshold_b)
+        try:
+            detected = control.preprocess(rgb, req.controlnet_module, req.controlnet_processor_res,
+                                          req.controlnet_threshold_a, req.controlnet_threshold_b)
+        except PipelineError as e:
+            if e.field != "control_image":
+                raise  # OpenCV missing: the server's fault (500)
+            raise WireError(f"controlnet_input_images[{i}]", str(e)) from None
         out.append(encode_png(Image.fromarray(detected)))
     return out
 
