@@ -161,7 +161,9 @@ def test_webuiapi_img2img_unit_without_an_image_controls_with_the_init_image(ser
 
 
 def test_the_extensions_lists_version_and_detect(server):
-    _, api = server
+    url, api = server
+    assert requests.get(url + "/sdapi/v1/scripts", timeout=REQUEST_TIMEOUT_S).json() == {
+        "txt2img": ["controlnet"], "img2img": ["controlnet"]}  # A1111 lists alwayson scripts by lowercased title
     assert api.controlnet_model_list() == ["canny", "depth"]
     assert api.controlnet_module_list() == ["none", "canny", "invert", "threshold", "scribble_xdog"]
     assert api.controlnet_version() == 3
