@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,15 @@ def model(tmp_path_factory) -> dict:
     return {"folder": folder, "engine": engine, "a": a, "b": b, "root": root}
 
 
+@pytest.fixture(scope="module")
+def pipes(model):
+    """The engine folder loaded once per backend (OpenVINO compiles each graph once)."""
+    opened = {backend: runtime.load(model["engine"], backend=backend, **options) for backend, options in BACKENDS}
+    yield opened
+    for pipe in opened.values():
+        pipe.close()
+
+
 def _pipe(model: dict, cls: str, controlnet):
     pipe = getattr(diffusers, cls).from_pretrained(str(model["folder"]), controlnet=controlnet, safety_checker=None,
                                                    requires_safety_checker=False, feature_extractor=None,
@@ -135,11 +145,11 @@ TXT2IMG_CASES = {
 
 @pytest.mark.parametrize("backend,options", BACKENDS)
 @pytest.mark.parametrize("case", list(TXT2IMG_CASES))
-def test_txt2img_matches_diffusers(model, backend, options, case):
+def test_txt2img_matches_diffusers(model, pipes, backend, options, case):
     ours_kw, ref_kw = TXT2IMG_CASES[case]
     net = model["a"] if ours_kw["controlnet"] == "a" else model["b"]
     ref_pipe = _pipe(model, "StableDiffusionControlNetPipeline", net)
-    with runtime.load(model["engine"], backend=backend, **options) as ours:
+    with nullcontext(pipes[backend]) as ours:
         h, w = ours.default_size
         latents, cimg = _latents(ours, 5), control_image(h, w)
         ref = ref_pipe(PROMPT, image=cimg, negative_prompt=NEGATIVE, num_inference_steps=STEPS, height=h, width=w,
@@ -158,10 +168,10 @@ def test_txt2img_matches_diffusers(model, backend, options, case):
 
 
 @pytest.mark.parametrize("backend,options", BACKENDS)
-def test_two_controlnets_match_multicontrolnet(model, backend, options):
+def test_two_controlnets_match_multicontrolnet(model, pipes, backend, options):
     """Two ControlNets, their residuals summed (MultiControlNetModel), with their own scales and ranges."""
     ref_pipe = _pipe(model, "StableDiffusionControlNetPipeline", [model["a"], model["b"]])
-    with runtime.load(model["engine"], backend=backend, **options) as ours:
+    with nullcontext(pipes[backend]) as ours:
         h, w = ours.default_size
         latents, images = _latents(ours, 6), [control_image(h, w, 1), control_image(h, w, 2)]
         settings = {"controlnet_conditioning_scale": [0.8, 0.6], "control_guidance_start": [0.0, 0.25],
@@ -181,9 +191,9 @@ def _torch_draws(seed: int, shape: tuple[int, ...], n: int) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("backend,options", BACKENDS)
-def test_img2img_matches_diffusers(model, backend, options):
+def test_img2img_matches_diffusers(model, pipes, backend, options):
     ref_pipe = _pipe(model, "StableDiffusionControlNetImg2ImgPipeline", model["a"])
-    with runtime.load(model["engine"], backend=backend, **options) as ours:
+    with nullcontext(pipes[backend]) as ours:
         h, w = ours.default_size
         image, cimg, seed = make_image(h, w), control_image(h, w, 3), 21
         # StableDiffusionControlNetImg2ImgPipeline draws the VAE-encode sample noise, then the added noise
@@ -198,11 +208,11 @@ def test_img2img_matches_diffusers(model, backend, options):
 
 
 @pytest.mark.parametrize("backend,options", BACKENDS)
-def test_inpaint_matches_diffusers(model, backend, options):
+def test_inpaint_matches_diffusers(model, pipes, backend, options):
     """The plain 4-channel U-Net in StableDiffusionControlNetInpaintPipeline (the known region blended
     back each step), strength 0.8."""
     ref_pipe = _pipe(model, "StableDiffusionControlNetInpaintPipeline", model["b"])
-    with runtime.load(model["engine"], backend=backend, **options) as ours:
+    with nullcontext(pipes[backend]) as ours:
         h, w = ours.default_size
         image, mask, cimg, seed = make_image(h, w), make_mask(h, w), control_image(h, w, 4), 33
         # its generator draws the init image's VAE-encode noise, the initial noise, the masked image's
