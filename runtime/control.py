@@ -15,7 +15,8 @@ where every ControlNet's scale is 0 runs the plain `unet` graph: residuals of ze
 
 Control images are RGB in [0, 1] at the request size (diffusers' control image processor:
 no normalization, Lanczos resize of PIL input); `control_resize_mode` picks how an image of
-another size gets there: RESIZE_MODES ("just_resize": stretched to the size, A1111's "Just Resize").
+another size gets there: RESIZE_MODES ("just_resize": stretched to the size, A1111's "Just Resize";
+"crop_and_resize" and "resize_and_fill": the sd-webui-controlnet extension's, runtime/imaging/control.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import PipelineError
+from runtime.imaging import control as control_maps
 from runtime.imaging import images as imgs
 
 
@@ -36,9 +38,10 @@ def just_resize(image: Any, height: int, width: int, what: str) -> np.ndarray:
     return imgs.load_image(image, height, width, what)
 
 
-# How a control image of another size reaches the request size. (The A1111 layer adds "Crop and
-# Resize" and "Resize and Fill" here: runtime/imaging/control.py.)
-RESIZE_MODES: Mapping[str, Callable[[Any, int, int, str], np.ndarray]] = {"just_resize": just_resize}
+# How a control image of another size reaches the request size: float32 RGB in [0, 1] at height x width
+RESIZE_MODES: Mapping[str, Callable[[Any, int, int, str], np.ndarray]] = {
+    "just_resize": just_resize, "crop_and_resize": control_maps.crop_and_resize,
+    "resize_and_fill": control_maps.resize_and_fill}
 
 
 @dataclass(frozen=True, eq=False)

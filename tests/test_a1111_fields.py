@@ -29,6 +29,7 @@ LIMITS = Limits(min_image=32, max_image=128, max_batch=4, vae_scale_factor=2, la
                 samplers=("euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "lms", "heun", "unipc", "lcm"))
 IMAGE = png_b64(picture(0))
 MASK = png_b64(picture(1))
+CONTROLNETS = ("canny",)  # the folder's ControlNets, for the alwayson_scripts probe
 BASE = {"prompt": "a cat", "seed": 5, "subseed": 9, "steps": 4, "width": 64, "height": 64}
 BASE_IMG2IMG = {**BASE, "init_images": [IMAGE]}
 
@@ -65,7 +66,8 @@ PROBES = {
     "hr_prompt": {"enable_hr": True, "hr_prompt": "a dog"},
     "hr_negative_prompt": {"enable_hr": True, "hr_negative_prompt": "blurry"},
     "script_name": {"script_name": "x/y/z plot"}, "script_args": {"script_args": [1, 2]},
-    "save_images": {"save_images": True}, "alwayson_scripts": {"alwayson_scripts": {"ControlNet": {"args": []}}},
+    "save_images": {"save_images": True}, "alwayson_scripts": {"alwayson_scripts": {"ControlNet": {"args": [
+        {"enabled": True, "module": "none", "model": "canny", "image": IMAGE}]}}},
     "infotext": {"infotext": "Steps: 20"}, "sd_runtime": {"sd_runtime": {"guidance_rescale": 0.5}},
     "init_images": {"init_images": [png_b64(picture(2))]},
     "resize_mode": {"resize_mode": 1, "init_images": [png_b64(picture(0, (48, 48)))]},
@@ -130,7 +132,7 @@ def _jobs(endpoint: str, fields: dict, styles: StyleBook):
     model = a1111.Txt2ImgRequest if endpoint == "txt2img" else a1111.Img2ImgRequest
     base = BASE if endpoint == "txt2img" else BASE_IMG2IMG
     req = model(**{**base, **fields})
-    return a1111.job_settings(req, LIMITS, max_steps=150, max_n_iter=16, styles=styles)
+    return a1111.job_settings(req, LIMITS, max_steps=150, max_n_iter=16, styles=styles, controlnets=CONTROLNETS)
 
 
 def _cases():

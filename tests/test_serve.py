@@ -165,7 +165,10 @@ BAD = [
     ("txt2img", {"prompt": "a cat", "restore_faces": True}, 422, "restore_faces: face restoration is not implemented"),
     ("txt2img", {"prompt": "a cat", "subseed_strength": 1.5}, 422, "subseed_strength: 1.5 is outside [0, 1]"),
     ("txt2img", {"prompt": "a cat", "sampler_name": "Euler a", "eta": 0.5}, 422, "eta: the ancestral sampler runs with eta 1"),
-    ("txt2img", {"prompt": "a cat", "alwayson_scripts": {"ControlNet": {"args": []}}}, 422, "alwayson_scripts.ControlNet"),
+    ("txt2img", {"prompt": "a cat", "alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "alwayson_scripts.ADetailer"),
+    ("txt2img", {"prompt": "a cat", "alwayson_scripts": {"ControlNet": {"args": [
+        {"enabled": True, "model": "canny", "image": png_b64(picture(0))}]}}}, 422,
+     "alwayson_scripts.ControlNet.args[0].model: ControlNet 'canny' is not served here"),
     ("txt2img", {"prompt": "a cat", "override_settings": {"sd_model_checkpoint": "sdxl"}}, 422, "override_settings.sd_model_checkpoint: model 'sdxl' is not served here"),
     ("txt2img", {"prompt": "a cat", "save_images": True}, 422, "save_images: this server writes no files"),
     ("txt2img", {"prompt": "a cat", "lora_scale": 1}, 422, "lora_scale: Extra inputs are not permitted"),

@@ -32,7 +32,7 @@ from runtime.text import lora_tags
 from runtime.text.styles import StyleBook
 
 from . import a1111_variation as variation
-from . import hires_wire
+from . import controlnet, hires_wire
 from .codec import WireError, decode_image, prepare_mask
 
 __all__ = ["Extension", "Img2ImgRequest", "ImageResponse", "ProgressResponse", "Txt2ImgRequest", "job_settings"]
@@ -180,8 +180,7 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A11
     for name, ok, message in checks:
         if not ok:
             raise WireError(name, message)
-    for name in req.alwayson_scripts or {}:
-        raise WireError(f"alwayson_scripts.{name}", "scripts are not available on this server; send {}")
+    controlnet.script_units(req.alwayson_scripts)  # ControlNet's units: _controlnet; any other script refused
     if isinstance(req, Img2ImgRequest):
         _refuse_img2img(req)
 
@@ -252,7 +251,8 @@ FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "scheduler":
           "num_images_per_prompt": "batch_size", "subseed": "subseed", "subseed_strength": "subseed_strength",
           "masked_content": "inpainting_fill", "padding_mask_crop": "inpaint_full_res_padding", "mask_blur": "mask_blur",
           "soft_mask": "mask_round", "initial_noise_multiplier": "initial_noise_multiplier", "mask_image": "mask",
-          **hires_wire.FIELDS, "tiling": "tiling", "eta": "eta", "vae": "override_settings.sd_vae"}
+          **hires_wire.FIELDS, "tiling": "tiling", "eta": "eta", "vae": "override_settings.sd_vae",
+          **controlnet.FIELDS}
 
 
 def _counts(req: Txt2ImgRequest, limits: Limits, max_steps: int, max_n_iter: int) -> None:
@@ -317,9 +317,11 @@ def _recommended(req: Txt2ImgRequest, limits: Limits) -> Txt2ImgRequest:
 
 
 def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_iter: int,
-                 styles: StyleBook | None = None) -> tuple[str, list[dict[str, Any]]]:
+                 styles: StyleBook | None = None, controlnets: tuple[str, ...] = ()
+                 ) -> tuple[str, list[dict[str, Any]]]:
     """(mode, one `Pipeline.request` keyword set per engine job: n_iter jobs of batch_size images).
-    `styles`: the server's styles.csv (runtime/text/styles.py), applied to the prompts first.
+    `styles`: the server's styles.csv (runtime/text/styles.py), applied to the prompts first;
+    `controlnets`: the folder's ControlNet names (Pipeline.controlnets), for the ControlNet units.
     Raises WireError naming the first field that cannot be served."""
     _refuse_unsupported(req)
     req = _recommended(_styled(req, styles), limits)
@@ -335,10 +337,30 @@ def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_i
         base["strength"] = float(req.denoising_strength)
     elif req.enable_hr:
         base["hires"] = hires_wire.hires_fix(req)
+    base.update(_controlnet(req, (width, height), controlnets, images))
     seed = secrets.randbits(32) if req.seed == -1 else req.seed
     n = per_prompt * (len(prompt) if isinstance(prompt, list) else 1)
     return mode, [dict(base, **images, prompt=prompt, num_images_per_prompt=per_prompt, **seeds)
                   for seeds in variation.job_seeds(req, limits, seed, n)]
+
+
+def _controlnet(req: Txt2ImgRequest, size: tuple[int, int], controlnets: tuple[str, ...],
+                images: dict[str, Any]) -> dict[str, Any]:
+    """The ControlNet units of `alwayson_scripts` as pipeline keywords (runtime/serving/controlnet.py);
+    img2img's first init image is the input of a unit without one, as the extension's."""
+    key, args = controlnet.script_units(req.alwayson_scripts)
+    init = images.get("image")
+    init = (init[0] if isinstance(init, list) else init, req.resize_mode) if init is not None else None
+    region = None
+    if images.get("padding_mask_crop") is not None:  # "only masked": the control input is cropped as the image
+        mask = images["mask_image"]
+        region = controlnet.only_masked_region(mask[0] if isinstance(mask, list) else mask, images["mask_blur"],
+                                               images["padding_mask_crop"], size)
+    out = controlnet.unit_kwargs(args, controlnets, size, init_image=init, key=key or controlnet.SCRIPT,
+                                 region=region)
+    if out and req.enable_hr and not isinstance(req, Img2ImgRequest):
+        raise WireError("enable_hr", "ControlNet units with the hires fix are not implemented; send false")
+    return out
 
 
 def _styled(req: Txt2ImgRequest, styles: StyleBook | None) -> Txt2ImgRequest:

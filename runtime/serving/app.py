@@ -28,7 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from runtime.imaging import png_info
 from runtime.sampling import names as sampler_names
 
-from . import a1111, extras, openai
+from . import a1111, controlnet, controlnet_routes, extras, openai
 from .codec import WireError, encode_png
 from .models import Model
 from .service import ServeError, Service, now_stamp, wire_error
@@ -143,6 +143,7 @@ def create_app(service: Service) -> FastAPI:
     _info_routes(app, service)
     _other_routes(app, service)
     extras.add_routes(app, service)  # /upscalers, /latent-upscale-modes, /extra-single-image
+    controlnet_routes.add_routes(app, service)  # /controlnet/version, model_list, module_list, detect
     if service.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(service.config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
@@ -224,7 +225,7 @@ def _a1111_prepare(svc: Service, body: a1111.Txt2ImgRequest) -> tuple[Model, str
 
     def settings(m: Model):
         return a1111.job_settings(body, m.limits, max_steps=svc.config.max_steps, max_n_iter=svc.config.max_n_iter,
-                                  styles=svc.styles)
+                                  styles=svc.styles, controlnets=m.limits.controlnets)
 
     try:
         a1111.check_override_settings(body.override_settings)
@@ -243,13 +244,16 @@ async def _generate_a1111(svc: Service, body: a1111.Txt2ImgRequest, request: Req
     async with svc.using(model) as pipe:
         requests = await asyncio.to_thread(svc.make_requests, pipe, mode, settings, a1111.FIELDS, 422, tagged)
         results, stopped = await svc.run(pipe, requests, request, task_id=body.force_task_id)
-        response = await asyncio.to_thread(_a1111_response, svc, model, pipe, body, results, stopped)
+        maps = await asyncio.to_thread(controlnet.detected_maps, body.alwayson_scripts, settings[0])
+        response = await asyncio.to_thread(_a1111_response, svc, model, pipe, body, results, stopped, maps)
     svc.metrics.record(endpoint, stopped or "ok", time.monotonic() - t0)
     return response
 
 
 def _a1111_response(svc: Service, model: Model, pipe: Any, body: a1111.Txt2ImgRequest, results: list,
-                    stopped: str | None) -> dict:
+                    stopped: str | None, maps: list[str] | None = None) -> dict:
+    """A1111's answer; `maps`: the ControlNet units' detected maps (base64 PNG), after the images as the
+    extension appends them."""
     pnginfo = (body.override_settings or {}).get("enable_pnginfo", True)
     karras = [bool(r.parameters.get("karras")) for r in results]
     infotexts = [png_info.infotext_from_parameters({**r.parameters, "seeds": r.seeds}, seed=s, karras=k,
@@ -258,6 +262,7 @@ def _a1111_response(svc: Service, model: Model, pipe: Any, body: a1111.Txt2ImgRe
                  for s, sub in zip(r.seeds, r.parameters.get("subseeds") or [None] * len(r.seeds))]
     images = [im for r in results for im in r.images]
     encoded = [encode_png(im, text if pnginfo else None) for im, text in zip(images, infotexts)]
+    encoded += maps or []
     extra = {"job_timestamp": now_stamp(), "backend": pipe.backend, "scheduler": results[0].parameters["scheduler"],
              "timings": results[0].timings, "replica": svc.config.replica}
     if stopped:
@@ -356,8 +361,9 @@ def _info_routes(app: FastAPI, svc: Service) -> None:
         return [style.item() for style in svc.styles.styles.values()] if svc.styles else []
 
     @app.get("/sdapi/v1/scripts")
-    async def scripts():
-        return {"txt2img": [], "img2img": []}
+    async def scripts():  # A1111 lists alwayson scripts by lowercased title: the ControlNet extension's "controlnet"
+        served = ["controlnet"] if svc.models.default.limits.controlnets else []
+        return {"txt2img": served, "img2img": list(served)}
 
 
 def _options(svc: Service) -> dict[str, Any]:
