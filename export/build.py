@@ -225,6 +225,7 @@ class _Plan:
     defaults: dict[str, Any] | None = None  # --default-steps / --default-guidance / --default-sampler given
 
 
+# long: the public entry point; most of its lines are the docstring naming every option
 def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tensorrt: bool = False,
                  precision: str = "fp32", min_image: int | None = None, opt_image: int | None = None,
                  max_image: int | None = None, min_batch: int = 1, opt_batch: int = 1, max_batch: int = 4,

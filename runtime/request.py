@@ -199,6 +199,7 @@ class Request:
         return params
 
 
+# long: one check per keyword, in the order they depend on each other (size before tiling before memory)
 def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any = None, height: Any = None,
                  width: Any = None, num_inference_steps: Any = None, guidance_scale: Any = None,
                  guidance_rescale: Any = 0.0, scheduler: str | None = None, karras: bool | None = None,

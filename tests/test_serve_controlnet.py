@@ -115,8 +115,10 @@ def photo(seed: int = 0) -> np.ndarray:
 
 
 def txt2img(api, units, seed: int = 3):
+    # alwayson_scripts={}: webuiapi 0.9.17 writes the units into its mutable default dict, which
+    # every later call of the process (another test's) would then send
     return api.txt2img(prompt=PROMPT, seed=seed, width=SIZE, height=SIZE, cfg_scale=7.0, steps=STEPS,
-                       sampler_name="Euler", controlnet_units=units)
+                       sampler_name="Euler", controlnet_units=units, alwayson_scripts={})
 
 
 def test_webuiapi_controlnet_txt2img_equals_the_python_api(server, pipe):
@@ -154,7 +156,8 @@ def test_webuiapi_img2img_unit_without_an_image_controls_with_the_init_image(ser
     init = Image.fromarray(photo(4))
     unit = webuiapi.ControlNetUnit(module="invert", model="canny", resize_mode="Crop and Resize")
     r = api.img2img(images=[init], prompt=PROMPT, seed=5, width=SIZE, height=SIZE, cfg_scale=7.0, steps=STEPS,
-                    sampler_name="Euler", denoising_strength=0.6, controlnet_units=[unit])
+                    sampler_name="Euler", denoising_strength=0.6, controlnet_units=[unit],
+                    alwayson_scripts={})
     want = pipe.img2img(PROMPT, image=init, strength=0.6, seed=5, control_image=255 - photo(4), controlnet="canny",
                         **SETTINGS).images[0]
     assert (as_array(r.image) == as_array(want)).all()

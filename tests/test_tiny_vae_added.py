@@ -317,7 +317,7 @@ def test_live_preview_decodes_with_the_tiny_vae(added, tiny_sd1_engine):
     want = (np.clip(ref.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1) * 255).round()
     with runtime.load(engine, backend="onnxruntime") as pipe:
         got = pipe.preview(latents)
-        wire = _preview(SimpleNamespace(pipe=pipe), latents)
+        wire = _preview(pipe, latents)
     assert got.dtype == np.uint8 and got.shape == (2, 32, 24, 3)
     assert np.abs(got.astype(np.float32) - want).max() <= 1
     served = np.asarray(Image.open(io.BytesIO(base64.b64decode(wire))))
