@@ -1,6 +1,12 @@
-"""`python -m benchmarks`: see benchmarks/suite.py and docs/benchmarks.md."""
+"""`python -m benchmarks`: see benchmarks/suite.py and docs/benchmarks.md; `python -m benchmarks
+--fewstep ...`: the few-step scenarios of benchmarks/fewstep.py."""
 
 import sys
+
+if "--fewstep" in sys.argv[1:]:
+    from benchmarks.fewstep import main as fewstep_main
+
+    sys.exit(fewstep_main([a for a in sys.argv[1:] if a != "--fewstep"]))
 
 from benchmarks.suite import main
 
