@@ -32,6 +32,7 @@ PIPELINES = {"turbo": "StableDiffusionPipeline", "lcm": "LatentConsistencyModelP
 def prepare(task: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.fewstep_folders import make_folders
     from export.build import build_engine
+    from export.hashing import file_sha256
     from export.quantize import QuantizeError
 
     info: dict[str, Any] = {"diffusers_s": make_folders(Path(task["diffusers_root"]), task["model"], task["seed"]),
@@ -47,11 +48,17 @@ def prepare(task: dict[str, Any]) -> dict[str, Any]:
 
     for name in task["folders"]:
         build(name, None)
-    for name in task["int8_folders"]:  # a failed int8 build fails the int8 target only
+    for name in task["int8_folders"]:  # a failed int8 build fails the int8 target only, and is not retried
+        marker = Path(task["engine_root"]) / f"{name}.int8-error.json"  # while the folder stays as it was
+        manifest = file_sha256(Path(task["engine_root"]) / name / "manifest.json")
+        if marker.is_file() and json.loads(marker.read_text())["manifest_sha256"] == manifest:
+            info["int8_errors"][name] = json.loads(marker.read_text())["error"] + f" (recorded in {marker})"
+            continue
         try:
             build(name, "int8")
         except QuantizeError as e:
             info["int8_errors"][name] = f"QuantizeError: {e}"
+            marker.write_text(json.dumps({"manifest_sha256": manifest, "error": info["int8_errors"][name]}))
     return info
 
 

@@ -7,7 +7,7 @@ optimum exports (benchmarks/peers/optimum_fewstep.py, which adds `tokenizer/open
 from openvino_tokenizers.convert_tokenizer; the tiny-VAE folder has the AutoencoderTiny decoder as
 its vae_decoder). The pipeline is static-reshaped (`reshape(1, res, res, guidance_scale)`) and
 compiled for the CPU, then the image is timed end to end; seconds per stage come from genai's own
-`ImageGenerationPerfMetrics` (text encoder, U-Net per call, VAE decode; milliseconds there).
+`ImageGenerationPerfMetrics` (text encoder, U-Net mean per call, VAE decode; milliseconds there).
 
 Initial noise: a `openvino_genai.Generator` subclass hands the suite's latents to the first
 `randn_tensor` call of the latent shape, so the Turbo-style image starts from the same noise as the
@@ -54,16 +54,19 @@ def _generator(latents: np.ndarray, seed: int):
     return SuiteLatents()
 
 
+def _ms(value: Any) -> float:
+    """A genai metric in ms: a number, or a MeanStdPair (its mean: per call)."""
+    return float(value.mean) if hasattr(value, "mean") else float(value)
+
+
 def _stages(metrics: Any, steps: int) -> dict[str, float]:
-    """Seconds per stage of the last generate() from genai's ImageGenerationPerfMetrics (ms)."""
-    unet = list(metrics.get_unet_infer_duration().values()) if hasattr(metrics.get_unet_infer_duration(), "values") \
-        else [metrics.get_unet_infer_duration()]
+    """Seconds per stage of the last generate() from genai's ImageGenerationPerfMetrics (ms there):
+    the text encoders' inference summed, the U-Net's mean per call, the VAE decode."""
     text = metrics.get_text_encoder_infer_duration()
-    text_ms = sum(text.values()) if hasattr(text, "values") else float(text)
-    unet_ms = float(sum(unet)) if unet else 0.0
-    return {"text_encoder": text_ms / 1e3, "unet": unet_ms / 1e3 / max(steps, 1), "unet_calls": steps,
-            "vae_decode": float(metrics.get_vae_decoder_infer_duration()) / 1e3,
-            "generate": float(metrics.get_generate_duration()) / 1e3}
+    text_ms = sum(_ms(v) for v in text.values()) if hasattr(text, "values") else _ms(text)
+    return {"text_encoder": text_ms / 1e3, "unet": _ms(metrics.get_unet_infer_duration()) / 1e3, "unet_calls": steps,
+            "vae_decode": _ms(metrics.get_vae_decoder_infer_duration()) / 1e3,
+            "generate": _ms(metrics.get_generate_duration()) / 1e3}
 
 
 def fewstep(task: dict[str, Any]) -> dict[str, Any]:

@@ -109,7 +109,27 @@ def prepare(task: dict[str, Any]) -> dict[str, Any]:
         _taesd_decoder(Path(task["tiny_vae_dir"]), partial / "vae_decoder")
         shutil.copy2(ov_dir / "model_index.json", partial / "model_index.json")
         partial.replace(tiny_dir)
+    info["scheduler"] = _sync_scheduler(Path(task["diffusers_dir"]), (ov_dir, tiny_dir))
     return info
+
+
+def _sync_scheduler(source: Path, folders: tuple[Path, ...]) -> str:
+    """The source folder's scheduler in each IR folder: optimum saves the scheduler class model_index.json
+    names with that class's keys, which for a folder whose model_index.json still says PNDMScheduler (the
+    Turbo folders of older caches) is not the trailing Euler its scheduler_config.json asks for.
+    Idempotent, so it also repairs folders exported before."""
+    config = (source / "scheduler" / "scheduler_config.json").read_text()
+    name = json.loads(config)["_class_name"]
+    for folder in folders:
+        target = folder / "scheduler" / "scheduler_config.json"
+        if target.read_text() != config:
+            target.unlink()  # a hard link shared with the other folder: replaced, not written through
+            target.write_text(config)
+        index = json.loads((folder / "model_index.json").read_text())
+        if index["scheduler"][1] != name:
+            (folder / "model_index.json").unlink()
+            (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", name]}, indent=2))
+    return name
 
 
 def _unet_batch_one(pipe) -> None:
@@ -132,8 +152,7 @@ def load(task: dict[str, Any], ov_config: dict[str, str]):
     t0 = time.perf_counter()
     cls = getattr(optimum.intel, PIPELINES[task["scenario_kind"]])
     pipe = cls.from_pretrained(task["ov_dir"], compile=False, local_files_only=True, ov_config=ov_config)
-    # the scheduler its scheduler_config.json names, as the runtime and openvino.genai read it (model_index.json
-    # of folders made before benchmarks/fewstep_folders.py wrote the Turbo scheduler there names PNDM)
+    # the scheduler its scheduler_config.json names (prepare copies the source folder's), as the runtime reads it
     config = json.loads((Path(task["ov_dir"]) / "scheduler" / "scheduler_config.json").read_text())
     pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     pipe.reshape(batch_size=1, height=res, width=res, num_images_per_prompt=1)
