@@ -21,7 +21,7 @@ only the Turbo-style image is comparable across implementations).
 Per target: end to end (median of `repeats` timed runs after `warmup` untimed ones, min and max),
 seconds per stage (text encoder, one U-Net call, VAE decode) from the same runs, load time and peak
 RSS. The report states the issue's goals as pass / fail from the run's own ratios (`goals`) and names
-the CPU and its flags. Folders are built once under --cache-dir and reused (about 25 GB: four
+the CPU and its flags. Folders are built once under --cache-dir and reused (about 35 GB: four
 diffusers folders sharing their files by hard links, their engine folders, optimum's IR).
 """
 
@@ -288,26 +288,27 @@ def goals(results: dict[str, Any], s: FewSettings) -> list[dict[str, Any]]:
             mine, best = _median(results, f"{sc}/tiny/{ours}"), _fastest_peer(results, sc, "tiny", precisions)
             ratio = best[1] / mine if mine and best else None
             out.append(_goal(f"{sc}, tiny VAE: {ours} >= {GOAL_SPEEDUP}x the fastest peer at its precision",
-                             ratio, GOAL_SPEEDUP, True, f"{ours} {mine} s vs {best[0]} {best[1]} s" if best and mine
+                             ratio, GOAL_SPEEDUP, True, f"{ours} {mine:.3f} s vs {best[0]} {best[1]:.3f} s" if best and mine
                              else "not measured"))
         mine, best = _median(results, f"{sc}/tiny/ours-int8"), _fastest_peer(results, sc, "tiny", ("f32", "default"))
         psnr_db = results.get(f"{sc}/tiny/ours-int8", {}).get("e2e", {}).get("psnr_vs_ours_f32_db")
         out.append(_goal(f"{sc}, tiny VAE: ours-int8 >= {GOAL_INT8_SPEEDUP}x the fastest peer", best[1] / mine
                          if mine and best else None, GOAL_INT8_SPEEDUP, True,
-                         (f"ours-int8 {mine} s vs {best[0]} {best[1]} s; int8 image PSNR vs ours-f32: {psnr_db} dB"
+                         (f"ours-int8 {mine:.3f} s vs {best[0]} {best[1]:.3f} s; int8 image PSNR vs ours-f32: "
+                          f"{_s(psnr_db, 1)} dB"
                           if mine and best else "not measured")))
         for ours in ("ours-f32", "ours-bf16"):
             tiny, full = (_median(results, f"{sc}/{v}/{ours}", "vae_decode") for v in ("tiny", "full"))
             out.append(_goal(f"{sc}: {ours} tiny decode <= {GOAL_TINY_DECODE:.0%} of the full VAE decode",
                              tiny / full if tiny and full else None, GOAL_TINY_DECODE, False,
-                             f"tiny {tiny} s, full {full} s"))
+                             f"tiny {_s(tiny)} s, full {_s(full)} s"))
         for vae in s.vaes:
             ref = results.get(f"{sc}/{vae}/diffusers-fp32", {}).get("peak_rss_mb")
             for ours in ("ours-f32", "ours-bf16", "ours-int8"):
                 mine = results.get(f"{sc}/{vae}/{ours}", {}).get("peak_rss_mb")
                 if results.get(f"{sc}/{vae}/{ours}", {}).get("status") == "ok":
                     out.append(_goal(f"{sc}, {vae} VAE: {ours} peak RSS <= diffusers fp32's", mine / ref if ref
-                                     else None, 1.0, False, f"{mine:.0f} MiB vs {ref or float('nan'):.0f} MiB"))
+                                     else None, 1.0, False, f"{mine:.0f} MiB vs {_s(ref, 0)} MiB"))
     return out
 
 
