@@ -1,4 +1,5 @@
-"""`python -m benchmarks`: see benchmarks/suite.py and docs/benchmarks.md."""
+"""`python -m benchmarks`: see benchmarks/suite.py and docs/benchmarks.md; `python -m benchmarks
+--fewstep ...`: the few-step scenarios of benchmarks/fewstep.py."""
 
 import sys
 
@@ -6,6 +7,11 @@ if sys.argv[1:2] == ["controlnet"]:  # the ControlNet scenario (benchmarks/contr
     from benchmarks.controlnet import main
 
     sys.exit(main(sys.argv[2:]))
+if "--fewstep" in sys.argv[1:]:
+    from benchmarks.fewstep import main as fewstep_main
+
+    sys.exit(fewstep_main([a for a in sys.argv[1:] if a != "--fewstep"]))
+
 from benchmarks.suite import main
 
 sys.exit(main())

@@ -12,6 +12,8 @@ written once:
     timed apart, then `measure` over the task's repeats / warmup);
   - `time_e2e(run, task)`: txt2img end to end as every peer times it (`e2e_warmup` runs at 2 steps,
     then `e2e_repeats` timed runs of `steps` steps, wall and CPU seconds);
+  - `time_runs(run, task)` and `StageClock`: a few-step image end to end with its seconds per stage
+    (benchmarks/fewstep.py);
   - `save_outputs` / `save_image`: the arrays the suite reads back for parity and image PSNR;
   - `versions(packages)`: the installed versions a peer records.
 
@@ -22,6 +24,7 @@ venvs have NumPy and their own packages, not this project's (tests/test_benchmar
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -122,3 +125,61 @@ def versions(packages: Iterable[str]) -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+class StageClock:
+    """Seconds per named stage within one run, for pipelines whose stages are Python calls
+    (diffusers, optimum-intel): `wrap(obj, attr, stage)` replaces `obj.attr` by a timed call that adds
+    to the current run's `stage` (and counts calls in `STAGE_calls`); `start()` opens a run,
+    `take()` returns and closes it."""
+
+    def __init__(self) -> None:
+        self._run: dict[str, float] = {}
+
+    def wrap(self, obj: Any, attr: str, stage: str) -> None:
+        inner = getattr(obj, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._run[stage] = self._run.get(stage, 0.0) + time.perf_counter() - t0
+                self._run[f"{stage}_calls"] = self._run.get(f"{stage}_calls", 0) + 1
+
+        setattr(obj, attr, timed)
+
+    def start(self) -> None:
+        self._run = {}
+
+    def take(self) -> dict[str, float]:
+        run, self._run = self._run, {}
+        return run
+
+
+def per_call(stages: dict[str, float], stage: str) -> dict[str, float]:
+    """`stages` with `stage` (total seconds of its calls in one run) turned into seconds per call."""
+    calls = stages.get(f"{stage}_calls") or 1
+    return {**stages, stage: stages.get(stage, 0.0) / calls} if stage in stages else stages
+
+
+def time_runs(run: Callable[[], tuple[Any, dict[str, float]]], task: Task) -> tuple[Any, dict[str, Any]]:
+    """A few-step image end to end (benchmarks/fewstep.py): `task["warmup"]` untimed runs (the
+    first compiles), then `task["repeats"]` timed ones. `run()` returns (output, that run's seconds
+    per stage: text_encoder, unet per call, vae_decode). Stats: the end-to-end median/min/max (wall
+    and CPU) and, per stage, the median over the timed runs (`stages`) with every run's (`stage_runs`)."""
+    for _ in range(task["warmup"]):
+        run()
+    times, cpu, runs = [], [], []
+    out = None
+    for _ in range(task["repeats"]):
+        c0, t0 = time.process_time(), time.perf_counter()
+        out, stages = run()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        runs.append(stages)
+    stats = summarize(times, warmup=task["warmup"], cpu_times=cpu)
+    keys = sorted({k for r in runs for k in r})
+    stats["stages"] = {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
+    stats["stage_runs"] = runs
+    return out, stats

@@ -34,6 +34,10 @@ EXCEPTIONS = {
     # benchmark peers: each runs in its own venv (benchmarks/peers/__init__.py), never the project's
     "optimum": "the optimum-intel peer's own venv .venv-optimum (benchmarks/peers/setup-optimum.sh); "
                "the `optimum` extra documents it, and must never be installed into the project env",
+    "openvino_genai": "the openvino.genai peer (benchmarks/peers/genai_worker.py), in the optimum peer's venv "
+                      "(benchmarks/peers/setup-optimum.sh); the `optimum` extra documents it",
+    "openvino_tokenizers": "the openvino.genai peer's tokenizer IR (benchmarks/peers/optimum_fewstep.py), in the "
+                           "optimum peer's venv; the `optimum` extra documents it",
     "stable_diffusion_cpp": "the stable-diffusion.cpp peer's own venv .venv-sdcpp "
                             "(benchmarks/peers/setup-sdcpp.sh); probed for absence by tests/test_benchmark_peers.py",
     # NVIDIA GPU extras (tensorrt-cu12/-cu13, ort-tensorrt-cu12/-cu13): CUDA wheels, never on a CPU machine

@@ -2,6 +2,8 @@
 
 - `optimum`: optimum-intel's `OVStableDiffusionPipeline` (OpenVINO IR exported by optimum, static-
   reshaped); venv `.venv-optimum`, made by `benchmarks/peers/setup-optimum.sh`.
+- `genai`: openvino.genai's `Text2ImagePipeline` on the IR optimum exports (benchmarks/fewstep.py's
+  scenarios); the same venv, where setup-optimum.sh adds `openvino-genai` and `openvino-tokenizers`.
 - `sdcpp`: stable-diffusion.cpp through `stable-diffusion-cpp-python` (ggml, CPU); venv `.venv-sdcpp`,
   made by `benchmarks/peers/setup-sdcpp.sh`.
 
@@ -50,6 +52,8 @@ class Runner:
 RUNNERS = {
     "optimum": Runner("optimum", ".venv-optimum", "benchmarks.peers.optimum_worker",
                       "benchmarks/peers/setup-optimum.sh", ("optimum.intel", "diffusers", "openvino", "torch")),
+    "genai": Runner("genai", ".venv-optimum", "benchmarks.peers.genai_worker",
+                    "benchmarks/peers/setup-optimum.sh", ("openvino_genai", "openvino_tokenizers", "openvino", "numpy")),
     "sdcpp": Runner("sdcpp", ".venv-sdcpp", "benchmarks.peers.sdcpp_worker",
                     "benchmarks/peers/setup-sdcpp.sh", ("stable_diffusion_cpp", "numpy")),
 }

@@ -6,6 +6,8 @@ Task kinds:
            (`OVStableDiffusionPipeline.from_pretrained(diffusers_dir, export=True)`, optimum's default
            export settings) and `save_pretrained` it to `ov_dir`, atomically (a temporary folder renamed
            on success). Done once per cache; its time and peak RSS are recorded, not benchmarked.
+  fewstep_prepare, fewstep
+           the few-step scenarios (benchmarks/peers/optimum_fewstep.py).
   peer     load `ov_dir`, static-reshape to the benchmarked size (batch 1, one image per prompt),
            compile, then time per-network calls (`feeds_path`) and/or txt2img end to end.
 
@@ -153,6 +155,14 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     if task["kind"] == "prepare":
         result["prepare"] = prepare(task)
+    elif task["kind"] in ("fewstep_prepare", "fewstep"):  # benchmarks/fewstep.py (python -m benchmarks --fewstep)
+        from benchmarks.peers import optimum_fewstep
+
+        if task["kind"] == "fewstep_prepare":
+            result["prepare"] = optimum_fewstep.prepare(task)
+        else:
+            result.update(optimum_fewstep.run(task, ov_config(task["precision"])))
+            result["info"]["versions"] = versions(PACKAGES)
     elif task["kind"] == "peer":
         pipe, result["load_s"], result["info"] = load(task)
         if task["networks"]:
