@@ -4,13 +4,16 @@ source checkpoint. Written by `build-engine` (export/build.py), read by the runt
 Schema (format version 1):
 {
   "format_version": 1,
-  "family": "sd1" | "sd2" | "sd1-inpaint" | "sd2-inpaint" | "sd1-lcm" | "sd2-lcm",
+  "family": "sd1" | "sd2" | "sd1-inpaint" | "sd2-inpaint" | "sd1-lcm" | "sd2-lcm" | "sdxl" | "sdxl-inpaint",
   "dims": {"latent_channels", "unet_in_channels", "vae_scale_factor", "text_hidden_size", "text_max_length",
-           "time_cond_proj_dim"},        # the last only in LCM folders (their U-Net takes timestep_cond)
+           "time_cond_proj_dim",         # only in LCM folders (their U-Net takes timestep_cond)
+           "text_hidden_size_2", "text_embeds_size", "time_ids"},   # only in SDXL folders
+  "pipeline": {"force_zeros_for_empty_prompt": true},   # SDXL folders only (model_index.json's)
   "scaling_factor": 0.18215,
   "prediction_type": "epsilon" | "v_prediction" | "sample",
   "scheduler": {...},                  # the diffusers scheduler_config.json dict
-  "tokenizer": {"dir": "tokenizer", "pad_token": "<|endoftext|>" | "!"},
+  "tokenizer": {"dir": "tokenizer", "pad_token": "<|endoftext|>" | "!",
+                "tokenizer_2": {"dir": "tokenizer_2", "pad_token": "!", "files": {...}}},  # SDXL only
   "default_size": [height, width],     # pixels: U-Net sample_size * vae_scale_factor
   "shapes": {"min_batch", "opt_batch", "max_batch", "min_image", "opt_image", "max_image"},
   "precision": "fp32" | "fp16" | "bf16",
@@ -51,7 +54,7 @@ __all__ = ["FAMILIES", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ManifestE
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Model families an engine folder can hold (export/configs.py builds them; the runtime reads them)
-FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd1-lcm", "sd2-lcm")
+FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd1-lcm", "sd2-lcm", "sdxl", "sdxl-inpaint")
 SHAPE_KEYS = ("min_batch", "opt_batch", "max_batch", "min_image", "opt_image", "max_image")
 # Sanity bounds on a manifest's numbers, far above any real folder (SD: 512-1024 px images, batches of a
 # few images, 4-9 channels, hidden sizes 768/1024): a stranger's huge value is refused at load instead
@@ -81,6 +84,9 @@ class Manifest:
     created: str = ""
     format_version: int = FORMAT_VERSION
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # runtime/folder/paths.py `file_records`
+    # pipeline settings of the source's model_index.json the runtime honours (SDXL:
+    # force_zeros_for_empty_prompt); empty, and not written, for other folders
+    pipeline: dict[str, Any] = field(default_factory=dict)
 
     @property
     def int8_unet(self) -> dict[str, Any] | None:
@@ -117,6 +123,7 @@ class Manifest:
             "tools": self.tools,
             "created": self.created,
             "files": self.files,
+            **({"pipeline": self.pipeline} if self.pipeline else {}),
         }
 
     @classmethod
@@ -139,7 +146,7 @@ class Manifest:
         for key, allowed in (("family", FAMILIES), ("prediction_type", PREDICTION_TYPES), ("precision", PRECISIONS)):
             if not isinstance(d[key], str) or d[key] not in allowed:
                 raise ManifestError(f"{where}: unknown {key} {_short(d[key])}; expected one of {', '.join(allowed)}")
-        extras = {k: _object(d.get(k, {}), k, where) for k in ("backends", "source", "tools", "files")}
+        extras = {k: _object(d.get(k, {}), k, where) for k in ("backends", "source", "tools", "files", "pipeline")}
         if not isinstance(d.get("created", ""), str):
             raise ManifestError(f"{where}: 'created' must be a string; got {_short(d['created'])}")
         manifest = cls(
@@ -154,6 +161,10 @@ class Manifest:
             raise ManifestError(f"{where}: family {manifest.family!r} with dims.time_cond_proj_dim "
                                 f"{manifest.dims.time_cond_proj_dim}: the LCM families' U-Nets, and only they, take "
                                 "a guidance embedding (time_cond_proj_dim > 0)")
+        if manifest.family.startswith("sdxl") != bool(manifest.dims.time_ids and manifest.dims.text_hidden_size_2):
+            raise ManifestError(f"{where}: family {manifest.family!r} with dims.time_ids {manifest.dims.time_ids} and "
+                                f"text_hidden_size_2 {manifest.dims.text_hidden_size_2}: the SDXL families' U-Nets, and "
+                                "only they, take two encoders' text and time_ids")
         opened_files(manifest)  # the entries that name files (backends' included) have the right types
         return manifest
 
@@ -195,8 +206,9 @@ def _dims_dict(dims: ModelDims) -> dict[str, Any]:
     """The manifest's dims: time_cond_proj_dim only where the U-Net has a guidance embedding, so
     other folders' manifests stay as they were."""
     d = vars(dims).copy()
-    if not d["time_cond_proj_dim"]:
-        del d["time_cond_proj_dim"]
+    for key in ("time_cond_proj_dim", "text_hidden_size_2", "text_embeds_size", "time_ids"):
+        if not d[key]:
+            del d[key]
     return d
 
 
@@ -253,6 +265,8 @@ def _scheduler(value: Any, where: str) -> dict[str, Any]:
 
 def _tokenizer(value: Any, where: str) -> dict[str, Any]:
     tok = _object(value, "tokenizer", where)
+    if "tokenizer_2" in tok:  # SDXL's second tokenizer: an entry of the same kind
+        tok["tokenizer_2"] = _tokenizer(tok["tokenizer_2"], f"{where} tokenizer_2")
     if not _path_string(tok.get("dir", "tokenizer")) or not (tok.get("pad_token") is None or
                                                              isinstance(tok["pad_token"], str)):
         raise ManifestError(f"{where}: the tokenizer's dir must be a path string and pad_token a string or null; "
