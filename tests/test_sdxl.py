@@ -1,0 +1,347 @@
+"""SDXL (issue 26): the reference U-Net and both text encoders against diffusers, and whole images
+against diffusers' SDXL pipelines.
+
+The models are diffusers' own tiny random SDXL components, at the sizes of diffusers 0.42's
+tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py `get_dummy_components` (two blocks,
+DownBlock2D first, transformer depths (1, 2), heads (2, 4), `addition_embed_type="text_time"` with
+8-wide time-id embeddings, two 32-wide CLIP text encoders, the second with its projection), written
+out here; only the CLIP vocabulary differs (ours, packaged: its 1000-token test tokenizer is a
+download). They are saved as diffusers folders by `save_pretrained` and built into engine folders by
+`export.build.build_engine`, whose own export check compares every graph (text_encoder_2's
+`text_embeds`, the U-Net's `text_embeds` / `time_ids`) with our PyTorch reference. Images are
+compared with StableDiffusionXLPipeline / Img2ImgPipeline / InpaintPipeline at fp32 on ONNX Runtime
+and OpenVINO (f32) by PSNR over [0, 1] images: >= PARITY_PSNR_DB (tests/psnr_bounds.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import runtime
+from psnr_bounds import PARITY_PSNR_DB
+from runtime.compare import psnr
+from runtime.errors import PipelineError
+from runtime.families import SDXL, SDXL_INPAINT, family_of
+from runtime.folder.manifest import load_manifest
+from runtime.folder.networks import network_io
+from runtime.request import make_request
+
+diffusers = pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+log = logging.getLogger(__name__)
+PROMPT = "a watercolor painting of a lighthouse at dusk"
+NEGATIVE = "blurry, low quality"
+STEPS = 4
+BACKENDS = [("onnxruntime", {}), ("openvino", {"inference_precision": "f32"})]
+
+# diffusers get_dummy_components (test_stable_diffusion_xl.py), diffusers 0.42
+UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1)
+VAE = dict(block_out_channels=[32, 64], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+           up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, sample_size=128,
+           scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE config values (stable-diffusion-xl-base-1.0 vae/)
+# its CLIPTextConfig, with the CLIP BPE vocabulary's size and special ids (49406 BOS, 49407 EOS)
+TEXT = dict(bos_token_id=49406, eos_token_id=49407, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+            num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=49408, hidden_act="gelu",
+            projection_dim=32)
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
+SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+             "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+             "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+             "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+# our sampler -> diffusers scheduler class and overrides (as tests/test_pipeline_parity.py)
+SAMPLERS = {"euler": ("EulerDiscreteScheduler", {}), "ddim": ("DDIMScheduler", {}),
+            "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+            "unipc": ("UniPCMultistepScheduler", {}), "heun": ("HeunDiscreteScheduler", {})}
+
+
+def assert_psnr(ours: np.ndarray, ref: np.ndarray, what: str) -> float:
+    assert ours.shape == ref.shape, f"{what}: shapes {ours.shape} vs {ref.shape}"
+    value = psnr(ours, ref)
+    log.info("PSNR %s: %.1f dB", what, value)
+    assert value >= PARITY_PSNR_DB, f"{what}: PSNR {value:.1f} dB < {PARITY_PSNR_DB} dB"
+    return value
+
+
+def _components(root: Path, in_channels: int = 4) -> dict:
+    from export.text_encoder import write_tokenizer_files
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**{**UNET, "in_channels": in_channels})
+    vae = diffusers.AutoencoderKL(**VAE)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT))
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**TEXT))
+    # SDXL's tokenizer pads with <|endoftext|>, its tokenizer_2 with "!" (stable-diffusion-xl-base-1.0)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(write_tokenizer_files(root / "tok")))
+    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(str(write_tokenizer_files(root / "tok2", "!")))
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, scheduler=diffusers.EulerDiscreteScheduler.from_config(SCHEDULER))
+
+
+def _build(root: Path, cls: str, in_channels: int) -> tuple[Path, Path]:
+    from export.build import build_engine
+
+    pipe = getattr(diffusers, cls)(**_components(root, in_channels))
+    pipe.save_pretrained(str(root / "diffusers"))
+    return root / "diffusers", build_engine(str(root / "diffusers"), root / "engine", progress=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, engine folder) of the tiny SDXL base model."""
+    return _build(tmp_path_factory.mktemp("sdxl"), "StableDiffusionXLPipeline", 4)
+
+
+@pytest.fixture(scope="module")
+def sdxl_inpaint(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, engine folder) of a tiny 9-channel SDXL inpainting model."""
+    return _build(tmp_path_factory.mktemp("sdxl-inpaint"), "StableDiffusionXLInpaintPipeline", 9)
+
+
+def _reference(folder: Path, cls: str, sampler: str = "euler"):
+    pipe = getattr(diffusers, cls).from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    name, overrides = SAMPLERS[sampler]
+    pipe.scheduler = getattr(diffusers, name).from_config(SCHEDULER, **overrides)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(h: int, w: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([np.sin(6 * xx), np.cos(5 * yy), xx * yy], axis=-1) * 0.4 + 0.5
+    return Image.fromarray((np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1) * 255).astype(np.uint8))
+
+
+def _mask(h: int, w: int) -> Image.Image:
+    m = np.zeros((h, w), np.uint8)
+    m[h // 4: 3 * h // 4, w // 3: 5 * w // 6] = 255
+    return Image.fromarray(m)
+
+
+def _torch_draws(seed: int, shape: tuple[int, ...], n: int) -> list[np.ndarray]:
+    """diffusers' draws from `torch.Generator().manual_seed(seed)` on CPU, in order (each VAE
+    `latent_dist.sample(generator)` and each `randn_tensor` is one `torch.randn`)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).numpy() for _ in range(n)]
+
+
+def _latent_shape(pipe: runtime.Pipeline) -> tuple[int, int, int, int]:
+    h, w = pipe.default_size
+    return 1, 4, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor
+
+
+# --------------------------------------------------------------------------------------- reference
+
+def test_reference_unet_matches_diffusers():
+    """Our U-Net, strictly loaded with a diffusers SDXL U-Net's state dict (per-block depths, heads,
+    a down block without attention, text_time add_embedding), gives its noise prediction; its config
+    round-trips through to_dict; SD 1.x configs gain no keys."""
+    from export.configs import UNetConfig, infer_family, preset
+    from export.unet import UNet2DConditionModel
+
+    torch.manual_seed(1)
+    ref = diffusers.UNet2DConditionModel(**UNET).eval()
+    config = UNetConfig.from_dict(dict(ref.config))
+    assert infer_family(config) == "sdxl" and config.depths == (1, 2)
+    ours = UNet2DConditionModel(config).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, t = torch.randn(2, 4, 16, 24), torch.tensor([500.0, 21.5])
+    context, pooled = torch.randn(2, 77, 64), torch.randn(2, 32)
+    time_ids = torch.tensor([[64.0, 96.0, 0.0, 0.0, 64.0, 96.0], [128.0, 128.0, 8.0, 16.0, 64.0, 64.0]])
+    with torch.no_grad():
+        want = ref(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        got = ours(x, t, context, text_embeds=pooled, time_ids=time_ids)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    assert UNetConfig.from_dict(config.to_dict()) == config
+    assert diffusers.UNet2DConditionModel.from_config(config.to_dict()).config.transformer_layers_per_block == [1, 2]
+    assert not {"addition_embed_type", "addition_time_embed_dim"} & set(preset("tiny-sd1").unet.to_dict())
+    with pytest.raises(ValueError, match="text_embeds and time_ids"):
+        ours(x, t, context)
+
+
+def test_tiny_preset_is_diffusers_config():
+    """export/configs.py's tiny-sdxl preset is this module's diffusers config (one source of sizes)."""
+    from export.configs import UNetConfig, preset
+
+    assert preset("tiny-sdxl").unet == UNetConfig.from_dict(dict(diffusers.UNet2DConditionModel(**UNET).config))
+    dims = preset("tiny-sdxl").dims
+    assert (dims.context_size, dims.text_embeds_size, dims.time_ids) == (64, 32, 6)
+
+
+# ---------------------------------------------------------------------------------------- folder
+
+def test_manifest_and_contract(sdxl):
+    folder, engine = sdxl
+    m = load_manifest(engine)
+    assert m.family == "sdxl" and family_of(m.family) is SDXL
+    assert set(m.networks) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    assert (m.dims.text_hidden_size, m.dims.text_hidden_size_2, m.dims.text_embeds_size, m.dims.time_ids) == \
+        (32, 32, 32, 6)
+    assert m.pipeline == {"force_zeros_for_empty_prompt": True}
+    assert m.tokenizer["pad_token"] == "<|endoftext|>" and m.tokenizer["tokenizer_2"]["pad_token"] == "!"
+    assert (engine / "tokenizer_2" / "vocab.json").is_file()
+    unet_in, _ = network_io("unet", m.dims)
+    assert [t.name for t in unet_in] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert [t.name for t in network_io("text_encoder", m.dims)[1]] == ["hidden_states"]
+    assert [t.name for t in network_io("text_encoder_2", m.dims)[1]] == ["hidden_states", "text_embeds"]
+    with runtime.load(engine, backend="onnxruntime") as pipe:
+        assert pipe.tokenizer_2.pad_token == "!" and pipe.limits.second_prompt
+
+
+def test_text_encoders_match_diffusers_encode_prompt(sdxl):
+    """Both encoders' penultimate hidden states concatenated, and text_encoder_2's pooled projection,
+    as diffusers' StableDiffusionXLPipeline.encode_prompt gives them (prompt_2 / negative_prompt_2
+    to the second encoder); an empty negative prompt gives zeros (force_zeros_for_empty_prompt)."""
+    folder, engine = sdxl
+    ref = _reference(folder, "StableDiffusionXLPipeline")
+    with runtime.load(engine, backend="onnxruntime") as pipe:
+        for kw in ({}, {"prompt_2": "an oil painting of a harbour", "negative_prompt_2": "grainy"}):
+            r = pipe.request("txt2img", PROMPT, negative_prompt=NEGATIVE, guidance_scale=5.0, **kw)
+            text = pipe.encode_prompt(r.tokens, 1)
+            with torch.no_grad():
+                want = ref.encode_prompt(PROMPT, kw.get("prompt_2"), "cpu", 1, True, NEGATIVE,
+                                         kw.get("negative_prompt_2"))
+            for got, exp in zip((text.cond, text.uncond, text.pooled, text.uncond_pooled), want):
+                np.testing.assert_allclose(got, exp.numpy(), rtol=0, atol=1e-5 * float(exp.abs().max()))
+        empty = pipe.encode_prompt(pipe.request("txt2img", PROMPT, guidance_scale=5.0).tokens, 1)
+        assert not empty.uncond.any() and not empty.uncond_pooled.any() and empty.pooled.any()
+
+
+def test_long_prompts_and_weighting_over_both_encoders(sdxl):
+    """A prompt past 75 tokens is two chunks for both encoders (their hidden states concatenated
+    chunk by chunk); the pooled output is the first chunk's (A1111); A1111 weights of 1 change
+    nothing, and other weights change both encoders' halves."""
+    _, engine = sdxl
+    long = ", ".join(["a lighthouse on a cliff above a stormy sea"] * 10)
+    with runtime.load(engine, backend="onnxruntime") as pipe:
+        r = pipe.request("txt2img", long, prompt_2="a cat", guidance_scale=5.0)
+        assert r.prompt_chunks == 2 and r.tokens.second.n_chunks == 2
+        text = pipe.encode_prompt(r.tokens, 1)
+        assert text.cond.shape == (1, 154, 64)
+        first = pipe.engine("text_encoder_2").run({"input_ids": r.tokens.second.cond[:, 0]})
+        np.testing.assert_array_equal(text.pooled, first["text_embeds"])
+        np.testing.assert_array_equal(text.cond[:, :77, 32:], first["hidden_states"])
+        plain = pipe.encode_prompt(pipe.request("txt2img", "a red fox", guidance_scale=5.0).tokens, 1)
+        same = pipe.encode_prompt(pipe.request("txt2img", "a (red:1.0) fox", guidance_scale=5.0).tokens, 1)
+        np.testing.assert_array_equal(plain.cond, same.cond)
+        heavy = pipe.encode_prompt(pipe.request("txt2img", "a (red:1.4) fox", guidance_scale=5.0).tokens, 1)
+        assert not np.array_equal(heavy.cond[..., :32], plain.cond[..., :32])
+        assert not np.array_equal(heavy.cond[..., 32:], plain.cond[..., 32:])
+
+
+def test_prompt_2_refused_without_second_encoder(sdxl):
+    _, engine = sdxl
+    with runtime.load(engine, backend="onnxruntime") as pipe:
+        limits = dataclasses.replace(pipe.limits, second_prompt=False)
+        with pytest.raises(PipelineError, match="second text encoder") as e:
+            make_request(limits, "txt2img", PROMPT, prompt_2="x")
+        assert e.value.field == "prompt_2"
+        with pytest.raises(PipelineError, match="one per prompt"):
+            pipe.request("txt2img", [PROMPT, PROMPT], prompt_2=["a", "b", "c"])
+
+
+# ---------------------------------------------------------------------------------------- images
+
+@pytest.mark.parametrize("negative", [None, NEGATIVE])
+@pytest.mark.parametrize("backend,options", BACKENDS)
+def test_txt2img_matches_diffusers(sdxl, backend, options, negative):
+    folder, engine = sdxl
+    ref = _reference(folder, "StableDiffusionXLPipeline")
+    with runtime.load(engine, backend=backend, **options) as ours:
+        latents = np.random.default_rng(3).standard_normal(_latent_shape(ours), dtype=np.float32)
+        h, w = ours.default_size
+        want = ref(PROMPT, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=5.0,
+                   latents=torch.from_numpy(latents), output_type="np", height=h, width=w).images
+        got = ours.txt2img(PROMPT, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=5.0,
+                           scheduler="euler", latents=latents, output_type="np", progress=False).images
+        assert_psnr(got, want, f"sdxl txt2img euler, negative {negative!r}, {backend}")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "unipc", "heun"])
+def test_txt2img_samplers_match_diffusers(sdxl, sampler):
+    folder, engine = sdxl
+    ref = _reference(folder, "StableDiffusionXLPipeline", sampler)
+    with runtime.load(engine, backend="onnxruntime") as ours:
+        h, w = 64, 96  # not square: time_ids carry (H, W) in that order
+        latents = np.random.default_rng(4).standard_normal((1, 4, h // 2, w // 2), dtype=np.float32)
+        kw = dict(negative_prompt=NEGATIVE, prompt_2="an oil painting", num_inference_steps=STEPS, guidance_scale=6.0,
+                  output_type="np", height=h, width=w)
+        want = ref(PROMPT, latents=torch.from_numpy(latents), **kw).images
+        got = ours.txt2img(PROMPT, scheduler=sampler, latents=latents, progress=False, **kw).images
+        assert_psnr(got, want, f"sdxl txt2img {sampler} 64x96 with prompt_2")
+
+
+@pytest.mark.parametrize("backend,options", BACKENDS)
+def test_img2img_matches_diffusers(sdxl, backend, options):
+    """StableDiffusionXLImg2ImgPipeline draws (1) the VAE-encode noise, (2) the added noise."""
+    folder, engine = sdxl
+    base = _reference(folder, "StableDiffusionXLPipeline")
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline(**base.components)
+    ref.set_progress_bar_config(disable=True)
+    with runtime.load(engine, backend=backend, **options) as ours:
+        h, w = ours.default_size
+        image, seed, strength = _image(h, w), 21, 0.6
+        enc, noise = _torch_draws(seed, _latent_shape(ours), 2)
+        want = ref(PROMPT, image=image, strength=strength, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                   guidance_scale=5.0, generator=torch.Generator().manual_seed(seed), output_type="np").images
+        got = ours.img2img(PROMPT, image, strength=strength, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                           guidance_scale=5.0, scheduler="euler", noise=noise, encode_noise=enc, output_type="np",
+                           progress=False).images
+        assert_psnr(got, want, f"sdxl img2img euler, strength {strength}, {backend}")
+
+
+@pytest.mark.parametrize("unet_channels", [9, 4])
+@pytest.mark.parametrize("backend,options", BACKENDS)
+def test_inpaint_matches_diffusers(sdxl, sdxl_inpaint, backend, options, unet_channels):
+    """StableDiffusionXLInpaintPipeline: the 9-channel U-Net (mask and masked-image latents stacked on
+    the sample), or the base U-Net with the known region blended back every step. Its draws: the
+    image's VAE-encode noise (when it needs the image latents), the initial noise, the masked image's
+    VAE-encode noise."""
+    folder, engine = sdxl_inpaint if unet_channels == 9 else sdxl
+    if unet_channels == 9:
+        ref = _reference(folder, "StableDiffusionXLInpaintPipeline", "ddim")
+        assert family_of(load_manifest(engine).family) is SDXL_INPAINT
+    else:
+        ref = diffusers.StableDiffusionXLInpaintPipeline(**_reference(folder, "StableDiffusionXLPipeline",
+                                                                      "ddim").components)
+        ref.set_progress_bar_config(disable=True)
+    strength = 0.75
+    with runtime.load(engine, backend=backend, **options) as ours:
+        h, w = ours.default_size
+        image, mask, seed = _image(h, w, 5), _mask(h, w), 33
+        enc, noise, masked_enc = _torch_draws(seed, _latent_shape(ours), 3)
+        want = ref(PROMPT, image=image, mask_image=mask, strength=strength, negative_prompt=NEGATIVE,
+                   num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+                   output_type="np", height=h, width=w).images
+        got = ours.inpaint(PROMPT, image, mask, strength=strength, negative_prompt=NEGATIVE,
+                           num_inference_steps=STEPS, guidance_scale=5.0, scheduler="ddim", noise=noise,
+                           encode_noise=enc, masked_encode_noise=masked_enc if unet_channels == 9 else None,
+                           output_type="np", progress=False).images
+        assert_psnr(got, want, f"sdxl inpaint {unet_channels}-channel, strength {strength}, {backend}")
+
+
+def test_fp16_folder_keeps_the_vae_f32(sdxl, tmp_path):
+    """force_upcast in the VAE config: an fp16 build keeps vae_decoder / vae_encoder fp32 (SDXL's VAE
+    overflows in fp16), the other graphs fp16."""
+    from export.build import network_precision
+    from export.loading import load_model
+
+    folder, _ = sdxl
+    spec = load_model(folder).spec
+    assert json.loads((folder / "vae" / "config.json").read_text())["force_upcast"] is True
+    assert {n: network_precision(spec, n, "fp16") for n in ("text_encoder", "text_encoder_2", "unet",
+                                                               "vae_decoder", "vae_encoder")} == \
+        {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}
