@@ -203,8 +203,8 @@ def _object(value: Any, what: str, where: str) -> dict[str, Any]:
 
 
 def _dims_dict(dims: ModelDims) -> dict[str, Any]:
-    """The manifest's dims: time_cond_proj_dim only where the U-Net has a guidance embedding, so
-    other folders' manifests stay as they were."""
+    """The manifest's dims: time_cond_proj_dim only where the U-Net has a guidance embedding, SDXL's
+    second-encoder sizes and time_ids only in SDXL folders, so other folders' manifests stay as they were."""
     d = vars(dims).copy()
     for key in ("time_cond_proj_dim", "text_hidden_size_2", "text_embeds_size", "time_ids"):
         if not d[key]:
@@ -218,7 +218,7 @@ def _dims(value: Any, where: str) -> ModelDims:
     except TypeError as e:
         raise ManifestError(f"{where}: bad 'dims' {_short(value)}: {e}") from None
     lows = {"cache_channels": 0, "cache_level": 0, "text_max_length": 3,  # 3: BOS + one token + EOS
-            "time_cond_proj_dim": 0}
+            "time_cond_proj_dim": 0, "text_hidden_size_2": 0, "text_embeds_size": 0, "time_ids": 0}
     for name, v in vars(dims).items():
         _int_in(v, lows.get(name, 1), MAX_DIM, f"dims.{name}", where)
     # the U-Net takes the latents, or latents + mask + masked-image latents (the inpainting U-Net)
