@@ -345,3 +345,44 @@ def test_fp16_folder_keeps_the_vae_f32(sdxl, tmp_path):
     assert {n: network_precision(spec, n, "fp16") for n in ("text_encoder", "text_encoder_2", "unet",
                                                                "vae_decoder", "vae_encoder")} == \
         {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+
+def test_peft_lora_matches_diffusers_load_lora_weights(sdxl, tmp_path):
+    """A PEFT LoRA on the U-Net and both text encoders, saved by diffusers' own
+    StableDiffusionXLPipeline.save_lora_weights, fused at build (`build_engine(loras=...)`), against
+    diffusers' `load_lora_weights` on the same folder; the LoRA itself moves the image well below the bound."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from export.build import build_engine
+
+    folder, engine = sdxl
+    ref = _reference(folder, "StableDiffusionXLPipeline")
+    layers = {}
+    for seed, (name, targets) in enumerate((("unet", ["to_q", "to_k", "to_v", "to_out.0"]),
+                                            ("text_encoder", ["q_proj", "v_proj", "fc1"]),
+                                            ("text_encoder_2", ["k_proj", "out_proj", "fc2"]))):
+        config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights="gaussian")
+        model = peft.inject_adapter_in_model(config, copy.deepcopy(getattr(ref, name)))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # PEFT starts lora_B at zero, a no-op
+            for key, p in model.named_parameters():
+                if "lora_B" in key:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        layers[name] = peft.get_peft_model_state_dict(model)
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"], weight_name="lora.safetensors")
+    lora_engine = build_engine(str(folder), tmp_path / "engine", loras=[str(tmp_path / "lora.safetensors")],
+                               progress=lambda line: None)
+    ref.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0, output_type="np")
+    latents = np.random.default_rng(8).standard_normal((1, 4, 32, 32), dtype=np.float32)
+    want = ref(PROMPT, latents=torch.from_numpy(latents), **kw).images
+    with runtime.load(lora_engine, backend="onnxruntime") as ours, runtime.load(engine, backend="onnxruntime") as plain:
+        got = ours.txt2img(PROMPT, scheduler="euler", latents=latents, progress=False, **kw).images
+        without = plain.txt2img(PROMPT, scheduler="euler", latents=latents, progress=False, **kw).images
+    assert_psnr(got, want, "sdxl PEFT LoRA (U-Net, both text encoders) vs diffusers load_lora_weights")
+    assert psnr(without, want) < PARITY_PSNR_DB - 20
