@@ -9,6 +9,8 @@ Sources for the full-size presets (pinned Hugging Face repositories):
   sd15          runwayml/stable-diffusion-v1-5 (unet/, vae/, text_encoder/, scheduler/ config.json)
   sd15-inpaint  runwayml/stable-diffusion-inpainting (same, U-Net in_channels 9)
   sd21          stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
+  sdxl          stabilityai/stable-diffusion-xl-base-1.0 (unet/, vae/, text_encoder/, text_encoder_2/,
+                scheduler/ config.json; 1024 px)
 """
 
 from __future__ import annotations
@@ -395,6 +397,15 @@ _TINY_SDXL_UNET = UNetConfig(block_out_channels=(32, 64), down_block_types=("Dow
                              addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
 _TINY_TEXT_SDXL = _clip_text(32, 5, 4, 37, "gelu", 32, 49407)
 _TINY_TEXT_SDXL_2 = _clip_text(32, 5, 4, 37, "gelu", 32, 0)
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json; text_encoder_2/config.json (OpenCLIP ViT-bigG/14
+# text tower, 32 layers of width 1280, projection 1280)
+_SDXL_UNET = UNetConfig(block_out_channels=(320, 640, 1280),
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
+                        use_linear_projection=True, sample_size=128, addition_embed_type="text_time",
+                        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+_OPENCLIP_BIGG = _clip_text(1280, 32, 20, 5120, "gelu", 1280, 0)
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (EulerDiscreteScheduler)
 _SDXL_SCHEDULER = {**scheduler_config(), "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
                    "use_karras_sigmas": False}
@@ -411,6 +422,8 @@ def _presets() -> dict[str, ModelSpec]:
                                              upcast_attention=True),
                               _TINY_VAE, dict(_TINY_TEXT_SD2), scheduler_config("v_prediction"), pad_token="!"),
         "tiny-inpaint": ModelSpec("sd1-inpaint", replace(_TINY_UNET, in_channels=9), _TINY_VAE, dict(_TINY_TEXT_SD1)),
+        "sdxl": ModelSpec("sdxl", _SDXL_UNET, VAEConfig(scaling_factor=0.13025, sample_size=1024), dict(_CLIP_L),
+                          dict(_SDXL_SCHEDULER), text_encoder_2=dict(_OPENCLIP_BIGG)),
         "tiny-sdxl": ModelSpec("sdxl", _TINY_SDXL_UNET, replace(_TINY_VAE, scaling_factor=0.13025),
                                dict(_TINY_TEXT_SDXL), dict(_SDXL_SCHEDULER), text_encoder_2=dict(_TINY_TEXT_SDXL_2)),
     }
