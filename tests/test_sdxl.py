@@ -386,3 +386,77 @@ def test_peft_lora_matches_diffusers_load_lora_weights(sdxl, tmp_path):
         without = plain.txt2img(PROMPT, scheduler="euler", latents=latents, progress=False, **kw).images
     assert_psnr(got, want, "sdxl PEFT LoRA (U-Net, both text encoders) vs diffusers load_lora_weights")
     assert psnr(without, want) < PARITY_PSNR_DB - 20
+
+
+# ------------------------------------------------------------------------------------ single file
+
+def _original_layout(unet, vae, text_encoder, text_encoder_2) -> dict[str, torch.Tensor]:
+    """An SDXL single file (Stability-AI/generative-models layout) of diffusers modules: the U-Net and
+    VAE through export/convert_ldm.py's LDM rules (diffusers' from_single_file checks them below), both
+    text encoders written here by hand: embedders.0 in Hugging Face keys, embedders.1 as OpenCLIP's
+    text tower (in_proj = q, k, v stacked; text_projection = the Linear weight transposed)."""
+    from export import convert_ldm
+
+    sd = {convert_ldm.UNET_PREFIX + k: v for k, v in convert_ldm.unet_to_ldm(unet.state_dict()).items()}
+    sd |= {convert_ldm.VAE_PREFIX + k: v for k, v in convert_ldm.vae_to_ldm(vae.state_dict()).items()}
+    sd |= {"conditioner.embedders.0.transformer.text_model." + k: v for k, v in text_encoder.state_dict().items()}
+    t2, g = text_encoder_2.state_dict(), "conditioner.embedders.1.model."
+    sd |= {g + "token_embedding.weight": t2["text_model.embeddings.token_embedding.weight"],
+           g + "positional_embedding": t2["text_model.embeddings.position_embedding.weight"],
+           g + "ln_final.weight": t2["text_model.final_layer_norm.weight"],
+           g + "ln_final.bias": t2["text_model.final_layer_norm.bias"],
+           g + "text_projection": t2["text_projection.weight"].T}
+    names = (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+             ("attn.out_proj", "self_attn.out_proj"))
+    for i in range(text_encoder_2.config.num_hidden_layers):
+        ours, theirs = f"text_model.encoder.layers.{i}.", f"{g}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            sd[f"{theirs}attn.in_proj_{kind}"] = torch.cat([t2[f"{ours}self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            sd |= {f"{theirs}{a}.{kind}": t2[f"{ours}{b}.{kind}"] for a, b in names}
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def test_single_file_checkpoint_loads_the_same_weights(tmp_path):
+    """A single-file SDXL checkpoint (conditioner.embedders.0/1.*) of a tiny SDXL with SDXL's 64-wide
+    heads: diffusers' own single-file readers (from_single_file; convert_open_clip_checkpoint for the
+    OpenCLIP tower, whose from_single_file leaves text_projection on the meta device under
+    transformers 5) read it as the diffusers folder it came from, and so does load_model, config
+    included (but the sample size, which no tensor tells)."""
+    import safetensors.torch
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    from export.configs import UNetConfig
+    from export.loading import load_model
+    from export.text_encoder import write_tokenizer_files
+
+    torch.manual_seed(5)
+    unet_config = {**UNET, "block_out_channels": (64, 128), "attention_head_dim": (1, 2), "cross_attention_dim": 128,
+                   "projection_class_embeddings_input_dim": 64 + 6 * 8, "norm_num_groups": 32}
+    text = {**TEXT, "hidden_size": 64, "num_attention_heads": 1, "num_hidden_layers": 2, "projection_dim": 64}
+    parts = dict(unet=diffusers.UNet2DConditionModel(**unet_config), vae=diffusers.AutoencoderKL(**VAE),
+                 text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**{**text, "hidden_act": "quick_gelu"})),
+                 text_encoder_2=transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**text)))
+    pipe = diffusers.StableDiffusionXLPipeline(
+        **parts, tokenizer=transformers.CLIPTokenizer.from_pretrained(str(write_tokenizer_files(tmp_path / "t1"))),
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(str(write_tokenizer_files(tmp_path / "t2", "!"))),
+        scheduler=diffusers.EulerDiscreteScheduler.from_config(SCHEDULER))
+    pipe.save_pretrained(str(tmp_path / "diffusers"))
+    checkpoint = _original_layout(**parts)
+    safetensors.torch.save_file(checkpoint, str(tmp_path / "xl.safetensors"))
+
+    def same(got: dict, want: dict) -> None:
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+    ref = diffusers.StableDiffusionXLPipeline.from_single_file(str(tmp_path / "xl.safetensors"),
+                                                                config=str(tmp_path / "diffusers"), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        same(getattr(ref, name).state_dict(), parts[name].state_dict())
+    same(convert_open_clip_checkpoint(parts["text_encoder_2"], checkpoint, prefix="conditioner.embedders.1.model."),
+         parts["text_encoder_2"].state_dict())
+    model = load_model(tmp_path / "xl.safetensors")
+    assert model.spec.family == "sdxl" and model.spec.pad_token_2 == "!"
+    assert model.spec.unet == dataclasses.replace(UNetConfig.from_dict(dict(parts["unet"].config)), sample_size=128)
+    assert model.spec.dims.time_ids == 6 and model.spec.text_encoder_2["hidden_act"] == "gelu"
+    for name in parts:
+        same(getattr(model, name).state_dict(), parts[name].state_dict())

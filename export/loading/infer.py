@@ -71,8 +71,8 @@ def split_single_file(state_dict: StateDict,
     text-encoder kind too ("clip" for SD 1.x, "openclip" for SD 2.x)."""
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
         raise CheckpointError(
-            f"{path}: this is an SDXL checkpoint (conditioner.embedders.* keys); only Stable Diffusion 1.x "
-            "and 2.x are supported"
+            f"{path}: this is an SDXL checkpoint (conditioner.embedders.* keys): split it with "
+            "export/loading/sdxl_file.py split_sdxl_file (load_model does)"
         )
     prefixes = {
         "unet": convert_ldm.UNET_PREFIX,

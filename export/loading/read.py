@@ -35,6 +35,7 @@ from export.configs import (PRESETS, ModelSpec, UNetConfig, family_base, infer_f
 from export.convert_ldm import CheckpointError
 from export.hashing import file_sha256, tree_sha256
 from export.loading.infer import _PAD_TOKEN, StateDict, _key_list, _make_spec, infer_spec, split_single_file
+from export.loading.sdxl_file import infer_sdxl_spec, is_sdxl_file, split_sdxl_file
 from export.text_encoder import build_text_encoder, write_tokenizer_files
 from export.tiny_vae import AutoencoderTiny, build_vae, vae_config
 from export.unet import UNet2DConditionModel
@@ -347,7 +348,13 @@ def _second_encoder(folder: Path) -> tuple[dict[str, Any], Path, StateDict]:
 
 
 def _load_single_file(path: Path, prediction_type: str | None) -> LoadedModel:
-    unet_sd, vae_sd, text_sd, kind = split_single_file(_read_weights(path), path)
+    state_dict = _read_weights(path)
+    if is_sdxl_file(state_dict):  # conditioner.embedders.*: export/loading/sdxl_file.py
+        weights = split_sdxl_file(state_dict, path)
+        spec = infer_sdxl_spec(*weights, prediction_type, path)
+        source = {"kind": "single_file", "path": str(path), "sha256": file_sha256(path)}
+        return _build(spec, weights, _tokenizer_dir(spec.pad_token), source)
+    unet_sd, vae_sd, text_sd, kind = split_single_file(state_dict, path)
     spec = infer_spec(unet_sd, vae_sd, text_sd, kind, prediction_type, path)
     source = {"kind": "single_file", "path": str(path), "sha256": file_sha256(path)}
     return _build(spec, (unet_sd, vae_sd, text_sd), _tokenizer_dir(spec.pad_token), source)
