@@ -8,7 +8,9 @@ multiplier (`--lora FILE:SCALE`, diffusers' `fuse_lora(lora_scale=...)`). Only `
 are read: a pickle can run code when loaded, so it is refused.
 
 Layouts, for the U-Net and the text encoder of SD 1.x and 2.x, and SDXL's second text encoder
-(`text_encoder_2.` in diffusers / PEFT files, `lora_te2_` in kohya's; `lora_te1_` is its first):
+(`text_encoder_2.` in diffusers / PEFT files, `lora_te2_` in kohya's; `lora_te1_` is its first) and
+kohya's SDXL U-Net names, which follow the original (LDM) layout (`lora_unet_input_blocks_4_1_...`,
+resolved through export/convert_ldm.py's U-Net rules):
 - kohya / A1111 (kohya-ss/sd-scripts `networks/lora.py`): `lora_unet_<module>.lora_down.weight`,
   `.lora_up.weight`, `.alpha`; the text encoder under `lora_te_` (or `lora_te1_`). <module> is the
   module's dotted name with every "." replaced by "_", which is ambiguous, so it is resolved against
@@ -34,8 +36,8 @@ Alpha, as the tools that write each layout read it back:
   read as in kohya files (diffusers refuses such files).
 
 Refused with the keys named: keys of no known layout (DoRA, LoHa, LoKr, biases included), modules
-this model lacks (a second text encoder's keys for SD 1.x/2.x), down without up; kohya's SDXL U-Net
-keys in LDM block names (`lora_unet_input_blocks_...`: not mapped yet); shapes that do not fit (a LoRA for another family: SD 2.x's text width is 1024, SD 1.x's 768).
+this model lacks (a second text encoder's keys, kohya's LDM block names for the U-Net, both SDXL's,
+for SD 1.x/2.x), down without up; shapes that do not fit (a LoRA for another family: SD 2.x's text width is 1024, SD 1.x's 768).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from export import convert_ldm
 from export.convert_ldm import CheckpointError
 from export.hashing import file_sha256
 
@@ -77,7 +80,7 @@ _COMPONENT = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2"
               "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 _ATTN_PROC_MODULE = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
                      "text_encoder": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}}
-_LDM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_", "label_emb_")  # kohya's SDXL U-Net names
+_LDM_BLOCKS = ("input_blocks", "middle_block", "output_blocks", "label_emb")  # kohya's SDXL U-Net names
 _OTHER_KINDS = (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("hada_", "LoHa"), ("lokr_", "LoKr"),
                 ("lora_B.bias", "LoRA bias"), (".diff", "full-weight difference"))
 
@@ -200,17 +203,14 @@ def _classify(key: str) -> tuple[str, str, str, str] | None:
 
 
 def _refuse_sdxl(keys: Iterable[tuple[str, str, str]], where: Path, sdxl_model: bool) -> None:
-    """An SDXL LoRA for a model without a second text encoder is refused; and kohya's SDXL U-Net
-    names, which follow the original (LDM) layout, are not mapped to ours yet."""
-    ldm = sorted(key for key, component, locator in keys if component == "unet" and locator.startswith(_LDM_BLOCKS))
-    sdxl = ldm + sorted(key for key, component, locator in keys
-                        if component == "text_encoder_2" or locator.startswith(("add_embedding", "add_time_proj")))
+    """An SDXL LoRA (a second text encoder's keys, kohya's LDM block names for the U-Net) for a model
+    without a second text encoder is refused."""
+    sdxl = sorted(key for key, component, locator in keys
+                  if component == "text_encoder_2" or (component == "unet" and locator.startswith(_LDM_BLOCKS))
+                  or locator.startswith(("add_embedding", "add_time_proj")))
     if sdxl and not sdxl_model:
         raise LoraError(f"{where}: this is an SDXL LoRA (second text encoder or LDM block names: {_key_list(sdxl)}); "
                         "only SDXL models take it")
-    if ldm:
-        raise LoraError(f"{where}: this is an SDXL LoRA with kohya's LDM block names for the U-Net ({_key_list(ldm)}); "
-                        "these are not mapped yet: convert it to diffusers' layout (unet.<module>.lora_A/B)")
 
 
 def _group(tensors: Mapping[str, torch.Tensor], where: Path,
@@ -255,6 +255,10 @@ def layer_names(network: nn.Module, component: str) -> tuple[dict[str, str], dic
             raise LoraError(f"kohya LoRA names are ambiguous in this {component}: {underscore[flat]!r} and {name!r} "
                             f"are both {flat!r}")
         dotted[short], underscore[flat] = name, name
+    if component == "unet":  # kohya's SDXL names: the original (LDM) layout's (export/convert_ldm.py rules)
+        ldm = convert_ldm.unet_to_ldm({f"{name}.weight": name for name in dotted.values()})
+        underscore.update({key.removesuffix(".weight").replace(".", "_"): name for key, name in ldm.items()
+                           if key.startswith(_LDM_BLOCKS + ("time_embed.", "out."))})
     return dotted, underscore
 
 

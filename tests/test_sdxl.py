@@ -349,10 +349,40 @@ def test_fp16_folder_keeps_the_vae_f32(sdxl, tmp_path):
 
 # ------------------------------------------------------------------------------------------ LoRA
 
-def test_peft_lora_matches_diffusers_load_lora_weights(sdxl, tmp_path):
-    """A PEFT LoRA on the U-Net and both text encoders, saved by diffusers' own
-    StableDiffusionXLPipeline.save_lora_weights, fused at build (`build_engine(loras=...)`), against
-    diffusers' `load_lora_weights` on the same folder; the LoRA itself moves the image well below the bound."""
+def _kohya_lora(path: Path, layers: dict) -> Path:
+    """The same LoRA in kohya-ss' SDXL layout: the U-Net under its original (LDM) module names
+    (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`; export/convert_ldm.py's rules, which
+    diffusers' own kohya/sgm reader checks here), the second text encoder under lora_te2_, alpha = rank.
+    The first text encoder's layers are left out: diffusers 0.42 under transformers 5 drops kohya's
+    lora_te1_ attention layers (its CLIPTextModel lost the text_model. prefix; a load report lists
+    them as unexpected), so it is no reference for them (tests/test_lora.py checks lora_te_ names)."""
+    import safetensors.torch
+
+    from export import convert_ldm
+
+    modules = {key.partition(".lora_")[0] for key in layers["unet"]}
+    ldm = {ours.removesuffix(".weight"): key.removesuffix(".weight")
+           for key, ours in convert_ldm.unet_to_ldm({f"{m}.weight": f"{m}.weight" for m in modules}).items()}
+    tensors = {}
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder_2", "lora_te2_")):
+        for key, value in layers[component].items():
+            module, _, rest = key.partition(".lora_")
+            if component != "unet" and not module.startswith("text_model."):  # transformers 5 flattened it away
+                module = f"text_model.{module}"
+            name = prefix + ldm.get(module, module).replace(".", "_")
+            tensors[f"{name}.{'lora_down' if rest.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(float(value.shape[0] if rest.startswith("A") else value.shape[1]))
+    safetensors.torch.save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def test_lora_matches_diffusers_load_lora_weights(sdxl, tmp_path, layout):
+    """A LoRA on the U-Net and both text encoders (made with PEFT; saved by diffusers' own
+    StableDiffusionXLPipeline.save_lora_weights, or in kohya's SDXL layout with LDM U-Net names and
+    the second text encoder only: `_kohya_lora`),
+    fused at build (`build_engine(loras=...)`), against diffusers' `load_lora_weights` of the same
+    file; the LoRA itself moves the image well below the bound."""
     import copy
 
     peft = pytest.importorskip("peft")
@@ -361,7 +391,7 @@ def test_peft_lora_matches_diffusers_load_lora_weights(sdxl, tmp_path):
     folder, engine = sdxl
     ref = _reference(folder, "StableDiffusionXLPipeline")
     layers = {}
-    for seed, (name, targets) in enumerate((("unet", ["to_q", "to_k", "to_v", "to_out.0"]),
+    for seed, (name, targets) in enumerate((("unet", ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]),
                                             ("text_encoder", ["q_proj", "v_proj", "fc1"]),
                                             ("text_encoder_2", ["k_proj", "out_proj", "fc2"]))):
         config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights="gaussian")
@@ -372,9 +402,12 @@ def test_peft_lora_matches_diffusers_load_lora_weights(sdxl, tmp_path):
                 if "lora_B" in key:
                     p.copy_(0.3 * torch.randn(p.shape, generator=g))
         layers[name] = peft.get_peft_model_state_dict(model)
-    diffusers.StableDiffusionXLPipeline.save_lora_weights(
-        tmp_path, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
-        text_encoder_2_lora_layers=layers["text_encoder_2"], weight_name="lora.safetensors")
+    if layout == "peft":
+        diffusers.StableDiffusionXLPipeline.save_lora_weights(
+            tmp_path, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+            text_encoder_2_lora_layers=layers["text_encoder_2"], weight_name="lora.safetensors")
+    else:
+        _kohya_lora(tmp_path / "lora.safetensors", layers)
     lora_engine = build_engine(str(folder), tmp_path / "engine", loras=[str(tmp_path / "lora.safetensors")],
                                progress=lambda line: None)
     ref.load_lora_weights(str(tmp_path / "lora.safetensors"))
@@ -384,7 +417,7 @@ def test_peft_lora_matches_diffusers_load_lora_weights(sdxl, tmp_path):
     with runtime.load(lora_engine, backend="onnxruntime") as ours, runtime.load(engine, backend="onnxruntime") as plain:
         got = ours.txt2img(PROMPT, scheduler="euler", latents=latents, progress=False, **kw).images
         without = plain.txt2img(PROMPT, scheduler="euler", latents=latents, progress=False, **kw).images
-    assert_psnr(got, want, "sdxl PEFT LoRA (U-Net, both text encoders) vs diffusers load_lora_weights")
+    assert_psnr(got, want, f"sdxl {layout} LoRA vs diffusers load_lora_weights")
     assert psnr(without, want) < PARITY_PSNR_DB - 20
 
 
