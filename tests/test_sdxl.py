@@ -493,3 +493,40 @@ def test_single_file_checkpoint_loads_the_same_weights(tmp_path):
     assert model.spec.dims.time_ids == 6 and model.spec.text_encoder_2["hidden_act"] == "gelu"
     for name in parts:
         same(getattr(model, name).state_dict(), parts[name].state_dict())
+
+
+# ------------------------------------------------------------------------------------ embeddings
+
+def test_embedding_matches_diffusers_load_textual_inversion(sdxl, tmp_path):
+    """An SDXL textual-inversion file (clip_l for the first text encoder, clip_g for the second; two
+    vectors) added at build, against diffusers' load_textual_inversion into each encoder and
+    tokenizer, as diffusers' SDXL docs load such a file; an SD 1.x embedding is refused."""
+    import safetensors.torch
+
+    from export.build import build_engine
+    from export.embeddings import EmbeddingError
+
+    folder, _ = sdxl
+    g = torch.Generator().manual_seed(9)
+    vectors = {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 32, generator=g)}
+    safetensors.torch.save_file(vectors, str(tmp_path / "xl-style.safetensors"))
+    token = "<xl-style>"
+    engine = build_engine(str(folder), tmp_path / "engine", embeddings=[(str(tmp_path / "xl-style.safetensors"), token)],
+                          progress=lambda line: None)
+    ref = _reference(folder, "StableDiffusionXLPipeline")
+    ref.load_textual_inversion(vectors["clip_g"], token=token, text_encoder=ref.text_encoder_2, tokenizer=ref.tokenizer_2)
+    ref.load_textual_inversion(vectors["clip_l"], token=token, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
+    prompt = f"a lighthouse in the style of {token}"
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0, output_type="np")
+    latents = np.random.default_rng(12).standard_normal((1, 4, 32, 32), dtype=np.float32)
+    want = ref(prompt, latents=torch.from_numpy(latents), **kw).images
+    with runtime.load(engine, backend="onnxruntime") as ours:
+        assert load_manifest(engine).tokenizer["embeddings"] == {token: [token, f"{token}_1"]}
+        got = ours.txt2img(prompt, scheduler="euler", latents=latents, progress=False, **kw).images
+        plain = ours.txt2img(PROMPT, scheduler="euler", latents=latents, progress=False, **kw).images
+    assert_psnr(got, want, "sdxl embedding (clip_l, clip_g) vs diffusers load_textual_inversion")
+    assert psnr(plain, want) < PARITY_PSNR_DB
+    safetensors.torch.save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "sd1.safetensors"))
+    with pytest.raises(EmbeddingError, match="not an SDXL embedding"):
+        build_engine(str(folder), tmp_path / "engine-sd1", embeddings=[str(tmp_path / "sd1.safetensors")],
+                     progress=lambda line: None)
