@@ -530,3 +530,14 @@ def test_embedding_matches_diffusers_load_textual_inversion(sdxl, tmp_path):
     with pytest.raises(EmbeddingError, match="not an SDXL embedding"):
         build_engine(str(folder), tmp_path / "engine-sd1", embeddings=[str(tmp_path / "sd1.safetensors")],
                      progress=lambda line: None)
+
+
+def test_cli_takes_prompt_2(sdxl, tmp_path):
+    """`python -m runtime txt2img --prompt-2 / --negative-prompt-2` reach the request."""
+    from runtime.cli import main
+
+    _, engine = sdxl
+    out = tmp_path / "x.png"
+    main(["txt2img", str(engine), "a fox", "--prompt-2", "an oil painting", "--negative-prompt-2", "grainy",
+          "--steps", "2", "--output", str(out), "--backend", "onnxruntime", "--no-progress"])
+    assert out.is_file()
