@@ -38,6 +38,7 @@ from runtime.engines.ov_cache import pid_alive
 from runtime.folder.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
 from runtime.folder.networks import NETWORKS, PRECISIONS, TILING_NETWORKS
 from runtime.sampling.defaults import recommended
+from runtime.folder.paths import tokenizer_entries
 
 Progress = Callable[[str], Any]
 # Whether folders get the step-cache U-Nets (unet_deep, unet_shallow) unless told (--step-cache).
@@ -109,9 +110,10 @@ def _folder_files(manifest: Manifest) -> dict[str, str]:
         files[entry["file"]] = entry["sha256"]
         if entry.get("external_data"):
             files[entry["external_data"]] = entry["external_data_sha256"]
-    tok_dir = manifest.tokenizer.get("dir", "tokenizer")
-    for name, digest in manifest.tokenizer.get("files", {}).items():
-        files[f"{tok_dir}/{name}"] = digest
+    for tok in tokenizer_entries(manifest.tokenizer):
+        tok_dir = tok.get("dir", "tokenizer")
+        for name, digest in tok.get("files", {}).items():
+            files[f"{tok_dir}/{name}"] = digest
     for entry in _quantized_entries(manifest):
         files[entry["file"]] = entry["sha256"]
         files[entry["weights"]] = entry["weights_sha256"]
@@ -513,7 +515,7 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
     parity_shapes = default_parity_shapes(spec, shapes["min_image"], shapes["opt_image"], shapes["max_image"],
                                           shapes["max_batch"])
     networks = {}
-    for network in NETWORKS:
+    for network in NETWORKS + (("text_encoder_2",) if model.text_encoder_2 is not None else ()):
         graph_precision = network_precision(spec, network, precision)
         with _stage(progress, f"exporting {network} ({graph_precision})"):
             result = export_network(network, model, folder, precision=graph_precision, parity_shapes=parity_shapes)
@@ -539,20 +541,18 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         networks[name]["vae"] = spec.vae.kind  # "tiny": an AutoencoderTiny (export/tiny_vae.py); absent: KL
     if tiny_vae is not None:
         networks.update(_export_tiny_vae(model, tiny_vae, folder, precision, parity_shapes, progress))
-    tok_dir = folder / "tokenizer"
-    tok_dir.mkdir()
-    tok_files = {}
-    for f in sorted(Path(model.tokenizer_dir).iterdir()):
-        if f.is_file():
-            shutil.copy2(f, tok_dir / f.name)
-            tok_files[f.name] = file_sha256(f)
+    tokenizer = _copy_tokenizer(model.tokenizer_dir, folder, "tokenizer", spec.pad_token)
+    pipeline = {}
+    if model.text_encoder_2 is not None:  # SDXL: the second tokenizer, and how an empty negative prompt encodes
+        tokenizer["tokenizer_2"] = _copy_tokenizer(model.tokenizer_2_dir, folder, "tokenizer_2", spec.pad_token_2)
+        pipeline["force_zeros_for_empty_prompt"] = spec.force_zeros_for_empty_prompt
     size = spec.unet.sample_size * spec.vae_scale_factor
     return Manifest(
         family=spec.family, dims=dims, scaling_factor=spec.vae.scaling_factor,
-        prediction_type=spec.prediction_type, scheduler=dict(spec.scheduler),
-        tokenizer={"dir": "tokenizer", "pad_token": spec.pad_token, "files": tok_files},
+        prediction_type=spec.prediction_type, scheduler=dict(spec.scheduler), tokenizer=tokenizer,
         default_size=(size, size), shapes=dict(shapes), precision=precision, networks=networks, backends={},
         source=identity, tools=tools, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        pipeline=pipeline,
     )
 
 
@@ -579,6 +579,18 @@ def _export_tiny_vae(model: Any, tiny: Any, folder: Path, precision: str, parity
         if result.external_data:
             entries[network]["external_data_sha256"] = file_sha256(folder / result.external_data)
     return entries
+
+
+def _copy_tokenizer(source: Path, folder: Path, name: str, pad_token: str) -> dict[str, Any]:
+    """Copy a tokenizer's files into `folder/name`; its manifest entry (dir, pad_token, files' sha256)."""
+    tok_dir = folder / name
+    tok_dir.mkdir()
+    files = {}
+    for f in sorted(Path(source).iterdir()):
+        if f.is_file():
+            shutil.copy2(f, tok_dir / f.name)
+            files[f.name] = file_sha256(f)
+    return {"dir": name, "pad_token": pad_token, "files": files}
 
 
 def _export_step_cache(model: Any, folder: Path, unet_entry: dict[str, Any], precision: str, parity_shapes: Any,

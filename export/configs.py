@@ -9,6 +9,8 @@ Sources for the full-size presets (pinned Hugging Face repositories):
   sd15          runwayml/stable-diffusion-v1-5 (unet/, vae/, text_encoder/, scheduler/ config.json)
   sd15-inpaint  runwayml/stable-diffusion-inpainting (same, U-Net in_channels 9)
   sd21          stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
+  sdxl          stabilityai/stable-diffusion-xl-base-1.0 (unet/, vae/, text_encoder/, text_encoder_2/,
+                scheduler/ config.json; 1024 px)
 """
 
 from __future__ import annotations
@@ -36,8 +38,6 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
@@ -48,7 +48,6 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
     "timestep_post_act": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "cross_attention_norm": (None,),
@@ -121,6 +120,13 @@ class UNetConfig:
     # LCM-distilled U-Nets (Luo et al. arXiv:2310.04378 §4.2): the width of the guidance-scale
     # embedding projected into the timestep embedding (diffusers `time_embedding.cond_proj`); None: none
     time_cond_proj_dim: int | None = None
+    # SDXL (Podell et al. arXiv:2307.01952 §2.2; diffusers addition_embed_type="text_time"): the pooled
+    # text embedding and the sinusoidal embeddings of the size/crop conditioning `time_ids`
+    # (addition_time_embed_dim channels each) are concatenated (projection_class_embeddings_input_dim
+    # channels) and added to the timestep embedding through `add_embedding`. None: no such embedding.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
@@ -130,9 +136,16 @@ class UNetConfig:
             for t in getattr(self, name):
                 if t not in allowed:
                     raise ValueError(f"unsupported {name} entry {t!r}; supported: {', '.join(allowed)}")
-        heads = self.attention_head_dim
-        if not isinstance(heads, int) and len(heads) != n:
-            raise ValueError(f"attention_head_dim needs 1 or {n} entries; got {heads!r}")
+        for key in ("attention_head_dim", "transformer_layers_per_block"):
+            value = getattr(self, key)
+            if not isinstance(value, int) and (len(value) != n or not all(isinstance(v, int) for v in value)):
+                raise ValueError(f"{key} needs 1 or {n} integers; got {value!r}")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"unsupported addition_embed_type {self.addition_embed_type!r}; supported: None, 'text_time'")
+        if (self.addition_embed_type is None) != (self.addition_time_embed_dim is None) or \
+                (self.addition_embed_type is None) != (self.projection_class_embeddings_input_dim is None):
+            raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim, and only it takes them")
         for c, h in zip(self.block_out_channels, self.num_heads):
             if c % h or c % self.norm_num_groups:
                 raise ValueError(f"block channels {c} must divide by the head count {h} and norm_num_groups "
@@ -145,6 +158,13 @@ class UNetConfig:
         return (h,) * len(self.block_out_channels) if isinstance(h, int) else tuple(h)
 
     @property
+    def depths(self) -> tuple[int, ...]:
+        """Transformer blocks per spatial transformer, per down block (up blocks use them reversed,
+        the mid block the last: diffusers UNet2DConditionModel with reverse_transformer_layers_per_block None)."""
+        d = self.transformer_layers_per_block
+        return (d,) * len(self.block_out_channels) if isinstance(d, int) else tuple(d)
+
+    @property
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
 
@@ -154,10 +174,14 @@ class UNetConfig:
         _check_fixed("U-Net", d, _UNET_FIXED, names | set(_UNET_IGNORED))
         n = len(d.get("block_out_channels", cls.block_out_channels))
         kw: dict[str, Any] = {k: v for k, v in d.items() if k in names}
-        for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
+        for key in ("layers_per_block", "cross_attention_dim"):
             if key in kw:
                 kw[key] = _uniform(key, kw[key], n)
-        for key in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim"):
+        depth = kw.get("transformer_layers_per_block")
+        if isinstance(depth, (list, tuple)) and len(set(depth)) == 1 and len(depth) == n:
+            kw["transformer_layers_per_block"] = depth[0]  # one shared depth: SD 1.x/2.x's configs stay as they were
+        for key in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim",
+                    "transformer_layers_per_block"):
             if isinstance(kw.get(key), list):
                 kw[key] = tuple(kw[key])
         if kw.get("sample_size") is None:
@@ -168,8 +192,10 @@ class UNetConfig:
         d: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
         for k, v in asdict(self).items():
             d[k] = list(v) if isinstance(v, tuple) else v
-        if self.time_cond_proj_dim is None:  # written only where set: configs of other U-Nets stay as they were
-            del d["time_cond_proj_dim"]
+        for key in ("time_cond_proj_dim", "addition_embed_type", "addition_time_embed_dim",
+                    "projection_class_embeddings_input_dim"):
+            if d[key] is None:  # written only where set: configs of other U-Nets stay as they were
+                del d[key]
         d.update(act_fn="silu", center_input_sample=False, mid_block_type="UNetMidBlock2DCrossAttn")
         return d
 
@@ -251,10 +277,15 @@ def scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
 
 
 def infer_family(unet: UNetConfig) -> str:
-    """SD 2.x U-Nets use linear projections in their transformers (SD 1.x: 1x1 convolutions);
+    """SDXL U-Nets add the pooled text and size conditioning (`addition_embed_type="text_time"`);
+    SD 2.x U-Nets use linear projections in their transformers (SD 1.x: 1x1 convolutions);
     inpainting U-Nets take 9 input channels; LCM-distilled U-Nets embed the guidance scale
     (`time_cond_proj_dim`)."""
     base = "sd2" if unet.use_linear_projection else "sd1"
+    if unet.addition_embed_type == "text_time":
+        if unet.time_cond_proj_dim:
+            raise ValueError("an SDXL U-Net with a guidance embedding (time_cond_proj_dim) is not supported")
+        base = "sdxl"
     if unet.time_cond_proj_dim:
         if unet.in_channels == 9:
             raise ValueError("an inpainting U-Net with a guidance embedding (time_cond_proj_dim) is not supported")
@@ -263,7 +294,7 @@ def infer_family(unet: UNetConfig) -> str:
 
 
 def family_base(family: str) -> str:
-    """"sd1" or "sd2" of a family name ("sd1-inpaint" -> "sd1")."""
+    """"sd1", "sd2" or "sdxl" of a family name ("sd1-inpaint" -> "sd1")."""
     return family.split("-")[0]
 
 
@@ -275,10 +306,26 @@ class ModelSpec:
     text_encoder: dict[str, Any]  # transformers CLIPTextConfig keyword arguments
     scheduler: dict[str, Any] = field(default_factory=scheduler_config)  # diffusers scheduler config
     pad_token: str = "<|endoftext|>"  # tokenizer padding: "<|endoftext|>" (SD 1.x), "!" (SD 2.x)
+    # SDXL: the second text encoder (transformers CLIPTextModelWithProjection keyword arguments), its
+    # tokenizer's padding ("!": stabilityai/stable-diffusion-xl-base-1.0 tokenizer_2/special_tokens_map.json)
+    # and the pipeline's force_zeros_for_empty_prompt (model_index.json; diffusers' default True)
+    text_encoder_2: dict[str, Any] | None = None
+    pad_token_2: str = "!"
+    force_zeros_for_empty_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; expected one of {', '.join(FAMILIES)}")
+        if (family_base(self.family) == "sdxl") != (self.text_encoder_2 is not None):
+            raise ValueError(f"family {self.family!r}: SDXL models, and only they, have a second text encoder")
+        if self.text_encoder_2 is not None:
+            width = self.text_encoder["hidden_size"] + self.text_encoder_2["hidden_size"]
+            pooled = self.unet.projection_class_embeddings_input_dim - self.text_encoder_2["projection_dim"]
+            if width != self.unet.cross_attention_dim or pooled <= 0 or pooled % self.unet.addition_time_embed_dim:
+                raise ValueError(f"the text encoders (widths {self.text_encoder['hidden_size']} + "
+                                 f"{self.text_encoder_2['hidden_size']}, projection {self.text_encoder_2['projection_dim']}) "
+                                 f"do not fit the U-Net (cross_attention_dim {self.unet.cross_attention_dim}, "
+                                 f"projection_class_embeddings_input_dim {self.unet.projection_class_embeddings_input_dim})")
 
     @property
     def vae_scale_factor(self) -> int:
@@ -290,12 +337,18 @@ class ModelSpec:
 
     @property
     def dims(self) -> ModelDims:
+        two = self.text_encoder_2 or {}
         return ModelDims(
             latent_channels=self.vae.latent_channels,
             unet_in_channels=self.unet.in_channels,
             vae_scale_factor=self.vae.vae_scale_factor,
             text_hidden_size=self.text_encoder["hidden_size"],
             time_cond_proj_dim=self.unet.time_cond_proj_dim or 0,
+            text_hidden_size_2=two.get("hidden_size", 0),
+            text_embeds_size=two.get("projection_dim", 0),
+            # the rest of add_embedding's input: one addition_time_embed_dim embedding per time id
+            time_ids=((self.unet.projection_class_embeddings_input_dim - two["projection_dim"])
+                      // self.unet.addition_time_embed_dim) if two else 0,
         )
 
 
@@ -333,6 +386,29 @@ _TINY_UNET = UNetConfig(block_out_channels=(32, 64), down_block_types=("CrossAtt
 _TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=64)
 _TINY_TEXT_SD1 = _clip_text(32, 3, 4, 64, "quick_gelu", 32, 49407)
 _TINY_TEXT_SD2 = _clip_text(32, 3, 4, 64, "gelu", 32, 0)
+# diffusers tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py get_dummy_components (diffusers
+# 0.42): two blocks, DownBlock2D first, depths (1, 2), heads (2, 4), 8-wide time-id embeddings, two 32-wide
+# text encoders (cross_attention_dim 64; add_embedding input 6 * 8 + 32 = 80); its CLIP configs, but the CLIP
+# vocabulary and token ids (its 1000-token test tokenizer is a download)
+_TINY_SDXL_UNET = UNetConfig(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                             cross_attention_dim=64, transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                             norm_num_groups=1, sample_size=32, addition_embed_type="text_time",
+                             addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+_TINY_TEXT_SDXL = _clip_text(32, 5, 4, 37, "gelu", 32, 49407)
+_TINY_TEXT_SDXL_2 = _clip_text(32, 5, 4, 37, "gelu", 32, 0)
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json; text_encoder_2/config.json (OpenCLIP ViT-bigG/14
+# text tower, 32 layers of width 1280, projection 1280)
+_SDXL_UNET = UNetConfig(block_out_channels=(320, 640, 1280),
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
+                        use_linear_projection=True, sample_size=128, addition_embed_type="text_time",
+                        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+_OPENCLIP_BIGG = _clip_text(1280, 32, 20, 5120, "gelu", 1280, 0)
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (EulerDiscreteScheduler)
+_SDXL_SCHEDULER = {**scheduler_config(), "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+                   "use_karras_sigmas": False}
 
 
 def _presets() -> dict[str, ModelSpec]:
@@ -346,6 +422,10 @@ def _presets() -> dict[str, ModelSpec]:
                                              upcast_attention=True),
                               _TINY_VAE, dict(_TINY_TEXT_SD2), scheduler_config("v_prediction"), pad_token="!"),
         "tiny-inpaint": ModelSpec("sd1-inpaint", replace(_TINY_UNET, in_channels=9), _TINY_VAE, dict(_TINY_TEXT_SD1)),
+        "sdxl": ModelSpec("sdxl", _SDXL_UNET, VAEConfig(scaling_factor=0.13025, sample_size=1024), dict(_CLIP_L),
+                          dict(_SDXL_SCHEDULER), text_encoder_2=dict(_OPENCLIP_BIGG)),
+        "tiny-sdxl": ModelSpec("sdxl", _TINY_SDXL_UNET, replace(_TINY_VAE, scaling_factor=0.13025),
+                               dict(_TINY_TEXT_SDXL), dict(_SDXL_SCHEDULER), text_encoder_2=dict(_TINY_TEXT_SDXL_2)),
     }
 
 

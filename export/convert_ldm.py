@@ -138,6 +138,9 @@ def _unet_rules(layout: UNetLayout) -> list[Rule]:
         ("conv_in.", "input_blocks.0.0.", ()),
         ("conv_norm_out.", "out.0.", ()),
         ("conv_out.", "out.2.", ()),
+        # SDXL's add_embedding (sgm openaimodel.py UNetModel.label_emb: Linear, SiLU, Linear)
+        ("add_embedding.linear_1.", "label_emb.0.0.", ()),
+        ("add_embedding.linear_2.", "label_emb.0.2.", ()),
         ("mid_block.resnets.0.", "middle_block.0.", _UNET_RESNET),
         ("mid_block.attentions.0.", "middle_block.1.", ()),
         ("mid_block.resnets.1.", "middle_block.2.", _UNET_RESNET),
@@ -245,15 +248,16 @@ _OPENCLIP_TOP = (
 _OPENCLIP_UNUSED = ("text_projection", "logit_scale", "attn_mask")
 
 
-def openclip_from_ldm(state_dict: StateDict) -> StateDict:
+def openclip_from_ldm(state_dict: StateDict, keep_last: bool = False) -> StateDict:
     """OpenCLIP text keys (prefix `cond_stage_model.model.` stripped) -> our `CLIPTextModel` keys.
 
     SD 2.x conditions on the penultimate layer (then `ln_final`), so the last resblock is dropped:
     the 24-block OpenCLIP ViT-H text tower becomes a 23-layer `CLIPTextModel`, as in diffusers.
+    `keep_last` keeps every block (SDXL's ViT-bigG: `openclip_g_from_ldm`).
     """
     top = {ldm: ours for ours, ldm in _OPENCLIP_TOP}
     blocks = block_indices(state_dict, r"transformer\.resblocks\.(\d+)\.")
-    last = blocks[-1] if blocks else -1
+    last = blocks[-1] if blocks and not keep_last else -1
     layer = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)$")
     out = {}
     for key, value in state_dict.items():
@@ -274,6 +278,25 @@ def openclip_from_ldm(state_dict: StateDict) -> StateDict:
                 out[prefix + _rename_inner(rest, _OPENCLIP_LAYER, to_ldm=False)] = value
         else:
             out[key] = value  # unknown: left for the strict load to report
+    return out
+
+
+# SDXL single files (Stability-AI/generative-models, sgm/modules/encoders/modules.py GeneralConditioner):
+# embedders.0 is FrozenCLIPEmbedder (Hugging Face CLIP keys), embedders.1 FrozenOpenCLIPEmbedder2 (OpenCLIP keys)
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+
+
+def openclip_g_from_ldm(state_dict: StateDict) -> StateDict:
+    """SDXL's OpenCLIP ViT-bigG text keys (prefix `conditioner.embedders.1.model.` stripped) -> our
+    `CLIPTextModelWithProjection` keys (`text_model.*`, `text_projection.weight`): every block kept
+    (SDXL reads the penultimate layer and the pooled output of the last), in_proj split into q/k/v,
+    and `text_projection` ([width, projection], applied as x @ P) transposed into the Linear weight
+    [projection, width], as diffusers' convert_open_clip_checkpoint does."""
+    rest = {k: v for k, v in state_dict.items() if k != "text_projection"}
+    out = {f"text_model.{k}": v for k, v in openclip_from_ldm(rest, keep_last=True).items()}
+    if "text_projection" in state_dict:
+        out["text_projection.weight"] = state_dict["text_projection"].T.contiguous()
     return out
 
 

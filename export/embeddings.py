@@ -10,8 +10,11 @@ File formats read:
 - diffusers (`learned_embeds.safetensors` / `.bin` of its textual_inversion training script): one
   entry {token: [hidden] or [n, hidden]}. The token stored there is not used: the name is the file's
   stem (as A1111 names embeddings) unless given, `--embedding FILE:TOKEN`.
-SDXL embeddings (`clip_l` and `clip_g`) and vectors of another width than the text encoder's (an
-embedding for another family: SD 1.x 768, SD 2.x 1024) are refused.
+- SDXL (`.safetensors`, as A1111 and diffusers' SDXL docs read them): `clip_l` [n, 768] for the first
+  text encoder and `clip_g` [n, 1280] for the second; their tokens go into both tokenizers. SDXL models
+  take only these, other models never.
+Vectors of another width than the text encoder's (an embedding for another family: SD 1.x 768,
+SD 2.x 1024) are refused.
 
 Tokens follow diffusers' `load_textual_inversion`: `name` for a single vector; `name`, `name_1`, ...,
 `name_{n-1}` for n vectors, added in argument order after the tokenizer's last id. A name that is
@@ -138,7 +141,7 @@ def _vectors_of(data: Any, path: Path) -> Any:
             raise EmbeddingError(f"{path}: string_to_param has no '*' entry (keys: {', '.join(map(str, params))})")
         return params["*"]
     if {"clip_l", "clip_g"} <= set(data):
-        raise EmbeddingError(f"{path}: an SDXL embedding (clip_l and clip_g vectors); only SD 1.x / 2.x embeddings fit")
+        raise EmbeddingError(f"{path}: an SDXL embedding (clip_l and clip_g vectors); only SDXL models take it")
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if len(tensors) != 1:
         raise EmbeddingError(f"{path}: expected one tensor (A1111 emb_params, or diffusers {{token: vectors}}), found "
@@ -146,17 +149,40 @@ def _vectors_of(data: Any, path: Path) -> Any:
     return next(iter(tensors.values()))
 
 
+def _read_file(path: Path) -> Any:
+    if path.suffix.lower() == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix.lower() in _TORCH_SUFFIXES:
+        return _read_torch(path)
+    raise EmbeddingError(f"{path}: unsupported embedding file {path.suffix!r}; expected .safetensors or "
+                         f"{', '.join(_TORCH_SUFFIXES)}")
+
+
+def read_embedding_parts(path: str | os.PathLike, sdxl: bool = False) -> dict[str, torch.Tensor]:
+    """{text encoder network: float32 [n, hidden]}: {"text_encoder": ...} of an SD 1.x / 2.x file, or
+    with `sdxl` {"text_encoder": clip_l, "text_encoder_2": clip_g} of an SDXL file (module doc)."""
+    path = Path(path)
+    if not sdxl:
+        return {"text_encoder": read_embedding(path)}
+    data = _read_file(path)
+    if not isinstance(data, dict) or not {"clip_l", "clip_g"} <= set(data):
+        raise EmbeddingError(f"{path}: not an SDXL embedding (clip_l and clip_g vectors), which SDXL models need")
+    parts = {network: _checked(data[key], path) for network, key in (("text_encoder", "clip_l"),
+                                                                       ("text_encoder_2", "clip_g"))}
+    if parts["text_encoder"].shape[0] != parts["text_encoder_2"].shape[0]:
+        raise EmbeddingError(f"{path}: clip_l has {parts['text_encoder'].shape[0]} vectors, clip_g "
+                             f"{parts['text_encoder_2'].shape[0]}")
+    return parts
+
+
 def read_embedding(path: str | os.PathLike) -> torch.Tensor:
     """The vectors of a textual-inversion file, float32 [n, hidden] (n >= 1)."""
     path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        data = _read_safetensors(path)
-    elif path.suffix.lower() in _TORCH_SUFFIXES:
-        data = _read_torch(path)
-    else:
-        raise EmbeddingError(f"{path}: unsupported embedding file {path.suffix!r}; expected .safetensors or "
-                             f"{', '.join(_TORCH_SUFFIXES)}")
-    vectors = _vectors_of(data, path)
+    return _checked(_vectors_of(_read_file(path), path), path)
+
+
+def _checked(vectors: Any, path: Path) -> torch.Tensor:
+    """Float vectors [hidden] or [n, hidden] as float32 [n, hidden]; anything else is refused."""
     if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point() or vectors.ndim not in (1, 2) \
             or vectors.numel() == 0:
         what = f"a {tuple(vectors.shape)} {vectors.dtype} tensor" if isinstance(vectors, torch.Tensor) \
@@ -167,8 +193,11 @@ def read_embedding(path: str | os.PathLike) -> torch.Tensor:
 
 def embedding_record(spec: EmbeddingSpec) -> dict[str, Any]:
     """What the manifest's `source` records of one embedding (part of the folder's reuse key)."""
+    data = _read_file(spec.path)
+    sdxl = isinstance(data, dict) and {"clip_l", "clip_g"} <= set(data)
+    vectors = read_embedding_parts(spec.path, sdxl)["text_encoder"]
     return {"file": spec.path.name, "path": str(spec.path.resolve()), "sha256": file_sha256(spec.path),
-            "token": spec.token, "vectors": int(read_embedding(spec.path).shape[0])}
+            "token": spec.token, "vectors": int(vectors.shape[0])}
 
 
 def embedding_table(records: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
@@ -245,24 +274,35 @@ def apply_embeddings(model: Any, specs: Sequence[EmbeddingSpec], progress: Any =
     itself is updated in place; the returned model carries the new tokenizer folder and spec)."""
     if not specs:
         return model
-    table = model.text_encoder.get_input_embeddings()
-    hidden = table.weight.shape[1]
+    encoders = {"text_encoder": model.text_encoder}
+    if getattr(model, "text_encoder_2", None) is not None:  # SDXL: clip_l and clip_g vectors
+        encoders["text_encoder_2"] = model.text_encoder_2
     vocab = _load_tokenizer(Path(model.tokenizer_dir)).get_vocab()
-    tokens, vectors = [], []
+    tokens, vectors = [], {network: [] for network in encoders}
     for spec in specs:
-        v = read_embedding(spec.path)
-        if v.shape[1] != hidden:
-            raise EmbeddingError(f"{spec.path}: vectors of width {v.shape[1]}, but this {model.spec.family} text "
-                                 f"encoder's width is {hidden}: the embedding is for another model family "
-                                 "(SD 1.x 768, SD 2.x 1024)")
-        _check_names(embedding_tokens(spec.token, v.shape[0]), vocab, spec.path)
-        tokens += embedding_tokens(spec.token, v.shape[0])
-        vectors.append(v)
+        parts = read_embedding_parts(spec.path, sdxl=len(encoders) > 1)
+        for network, v in parts.items():
+            hidden = encoders[network].get_input_embeddings().weight.shape[1]
+            if v.shape[1] != hidden:
+                what = "text encoder" if network == "text_encoder" else "second text encoder"
+                raise EmbeddingError(f"{spec.path}: vectors of width {v.shape[1]}, but this {model.spec.family} "
+                                     f"{what}'s width is {hidden}: the embedding is for another model family "
+                                     "(SD 1.x 768, SD 2.x 1024, SDXL 768 and 1280)")
+            vectors[network].append(v)
+        n = parts["text_encoder"].shape[0]
+        _check_names(embedding_tokens(spec.token, n), vocab, spec.path)
+        tokens += embedding_tokens(spec.token, n)
         if progress is not None:
-            progress(f"  embedding {spec.path.name}: token {spec.token!r}, {v.shape[0]} vector(s)")
-    folder = _scratch_dir()
-    ids = add_tokens(model.tokenizer_dir, tokens, folder)
-    model.text_encoder.set_input_embeddings(_grown_table(table, ids[0], torch.cat(vectors)))
-    model.text_encoder.config.vocab_size = ids[-1] + 1
-    spec = replace(model.spec, text_encoder={**model.spec.text_encoder, "vocab_size": ids[-1] + 1})
-    return replace(model, spec=spec, tokenizer_dir=folder)
+            progress(f"  embedding {spec.path.name}: token {spec.token!r}, {n} vector(s)")
+    changes: dict[str, Any] = {}
+    for network, encoder in encoders.items():
+        folder = _scratch_dir()
+        source = model.tokenizer_dir if network == "text_encoder" else model.tokenizer_2_dir
+        ids = add_tokens(source, tokens, folder)
+        encoder.set_input_embeddings(_grown_table(encoder.get_input_embeddings(), ids[0], torch.cat(vectors[network])))
+        encoder.config.vocab_size = ids[-1] + 1
+        config = getattr(model.spec, network)
+        changes[network] = {**config, "vocab_size": ids[-1] + 1}
+        changes["tokenizer_dir" if network == "text_encoder" else "tokenizer_2_dir"] = folder
+    spec = replace(model.spec, **{k: v for k, v in changes.items() if k in encoders})
+    return replace(model, spec=spec, **{k: v for k, v in changes.items() if k.startswith("tokenizer")})

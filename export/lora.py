@@ -7,7 +7,10 @@ runs the merged weights with no graph change:
 multiplier (`--lora FILE:SCALE`, diffusers' `fuse_lora(lora_scale=...)`). Only `.safetensors` files
 are read: a pickle can run code when loaded, so it is refused.
 
-Layouts, for the U-Net and the text encoder of SD 1.x and 2.x:
+Layouts, for the U-Net and the text encoder of SD 1.x and 2.x, and SDXL's second text encoder
+(`text_encoder_2.` in diffusers / PEFT files, `lora_te2_` in kohya's; `lora_te1_` is its first) and
+kohya's SDXL U-Net names, which follow the original (LDM) layout (`lora_unet_input_blocks_4_1_...`,
+resolved through export/convert_ldm.py's U-Net rules):
 - kohya / A1111 (kohya-ss/sd-scripts `networks/lora.py`): `lora_unet_<module>.lora_down.weight`,
   `.lora_up.weight`, `.alpha`; the text encoder under `lora_te_` (or `lora_te1_`). <module> is the
   module's dotted name with every "." replaced by "_", which is ambiguous, so it is resolved against
@@ -33,8 +36,8 @@ Alpha, as the tools that write each layout read it back:
   read as in kohya files (diffusers refuses such files).
 
 Refused with the keys named: keys of no known layout (DoRA, LoHa, LoKr, biases included), modules
-this model lacks, down without up; SDXL LoRAs (`lora_te2_`, `text_encoder_2.`, LDM block names);
-shapes that do not fit (a LoRA for another family: SD 2.x's text width is 1024, SD 1.x's 768).
+this model lacks (a second text encoder's keys, kohya's LDM block names for the U-Net, both SDXL's,
+for SD 1.x/2.x), down without up; shapes that do not fit (a LoRA for another family: SD 2.x's text width is 1024, SD 1.x's 768).
 """
 
 from __future__ import annotations
@@ -53,14 +56,15 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from export import convert_ldm
 from export.convert_ldm import CheckpointError
 from export.hashing import file_sha256
 
 __all__ = ["LoraError", "LoraLayer", "LoraSpec", "apply_loras", "layer_names", "lora_delta", "lora_record",
            "lora_specs", "merge_layers", "parse_lora", "read_lora"]
 
-COMPONENTS = ("unet", "text_encoder")
-_NETWORK_NAMES = {"unet": "U-Net", "text_encoder": "text encoder"}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_NETWORK_NAMES = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
 METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py LORA_ADAPTER_METADATA_KEY
 _SHOWN = 5  # keys named in an error message before "... (N more)"
 
@@ -76,7 +80,7 @@ _COMPONENT = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2"
               "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 _ATTN_PROC_MODULE = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
                      "text_encoder": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}}
-_LDM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_", "label_emb_")  # kohya's SDXL U-Net names
+_LDM_BLOCKS = ("input_blocks", "middle_block", "output_blocks", "label_emb")  # kohya's SDXL U-Net names
 _OTHER_KINDS = (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("hada_", "LoHa"), ("lokr_", "LoKr"),
                 ("lora_B.bias", "LoRA bias"), (".diff", "full-weight difference"))
 
@@ -198,16 +202,19 @@ def _classify(key: str) -> tuple[str, str, str, str] | None:
     return None
 
 
-def _refuse_sdxl(keys: Iterable[tuple[str, str, str]], where: Path) -> None:
+def _refuse_sdxl(keys: Iterable[tuple[str, str, str]], where: Path, sdxl_model: bool) -> None:
+    """An SDXL LoRA (a second text encoder's keys, kohya's LDM block names for the U-Net) for a model
+    without a second text encoder is refused."""
     sdxl = sorted(key for key, component, locator in keys
                   if component == "text_encoder_2" or (component == "unet" and locator.startswith(_LDM_BLOCKS))
                   or locator.startswith(("add_embedding", "add_time_proj")))
-    if sdxl:
+    if sdxl and not sdxl_model:
         raise LoraError(f"{where}: this is an SDXL LoRA (second text encoder or LDM block names: {_key_list(sdxl)}); "
-                        "only Stable Diffusion 1.x and 2.x LoRAs fit these models")
+                        "only SDXL models take it")
 
 
-def _group(tensors: Mapping[str, torch.Tensor], where: Path) -> tuple[str, dict[tuple[str, str, str], dict[str, Any]]]:
+def _group(tensors: Mapping[str, torch.Tensor], where: Path,
+           sdxl_model: bool = False) -> tuple[str, dict[tuple[str, str, str], dict[str, Any]]]:
     """Group a file's tensors by (layout, component, locator) -> {"down", "up", "alpha"}; returns the layout
     ("kohya", "diffusers" or "mixed"). Unknown keys are an error naming them."""
     unknown, layouts, groups, seen = [], set(), {}, []
@@ -220,7 +227,7 @@ def _group(tensors: Mapping[str, torch.Tensor], where: Path) -> tuple[str, dict[
         layouts.add(layout)
         seen.append((key, component, locator))
         groups.setdefault((layout, component, locator), {})[role] = (key, value)
-    _refuse_sdxl(seen, where)
+    _refuse_sdxl(seen, where, sdxl_model)
     if unknown:
         kinds = sorted({kind for key in unknown for pattern, kind in _OTHER_KINDS if pattern in key})
         hint = f" ({', '.join(kinds)} is not supported: plain LoRA only)" if kinds else ""
@@ -242,12 +249,16 @@ def layer_names(network: nn.Module, component: str) -> tuple[dict[str, str], dic
     for name, module in network.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        short = name.removeprefix("text_model.") if component == "text_encoder" else name
+        short = name.removeprefix("text_model.") if component.startswith("text_encoder") else name
         flat = short.replace(".", "_")
         if flat in underscore:
             raise LoraError(f"kohya LoRA names are ambiguous in this {component}: {underscore[flat]!r} and {name!r} "
                             f"are both {flat!r}")
         dotted[short], underscore[flat] = name, name
+    if component == "unet":  # kohya's SDXL names: the original (LDM) layout's (export/convert_ldm.py rules)
+        ldm = convert_ldm.unet_to_ldm({f"{name}.weight": name for name in dotted.values()})
+        underscore.update({key.removesuffix(".weight").replace(".", "_"): name for key, name in ldm.items()
+                           if key.startswith(_LDM_BLOCKS + ("time_embed.", "out."))})
     return dotted, underscore
 
 
@@ -276,7 +287,7 @@ def _factor(rank: int, alpha: float | None, config: Mapping[str, Any] | None, mo
         return alpha / rank if alpha else 1.0
     if not config:
         return 1.0
-    names = [module, f"text_model.{module}"] if component == "text_encoder" else [module]
+    names = [module, f"text_model.{module}"] if component.startswith("text_encoder") else [module]
     value = _pattern_value(config.get("alpha_pattern") or {}, names)
     alpha = float(value if value is not None else config.get("lora_alpha", rank))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
@@ -315,7 +326,7 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
     Raises `LoraError` naming unknown or unmatched keys, incomplete pairs, and layers whose shapes do
     not fit (a LoRA for another family). Tensors are upcast to float32; nothing is modified."""
     where = Path(where)
-    layout, groups = _group(tensors, where)
+    layout, groups = _group(tensors, where, "text_encoder_2" in networks)
     configs = _component_configs(metadata, where)
     names = {c: layer_names(networks[c], c) for c in COMPONENTS if c in networks}
     weights = {c: dict(networks[c].named_parameters()) for c in names}
@@ -348,7 +359,7 @@ def _raise_problems(where: Path, unmatched: list[str], incomplete: list[str], mi
     parts = []
     if misfit:
         parts.append(f"{len(misfit)} layer(s) have shapes that do not fit this model, so the LoRA was made for "
-                     f"another model family (SD 1.x text width 768, SD 2.x 1024): {'; '.join(misfit[:_SHOWN])}"
+                     f"another model family (SD 1.x text width 768, SD 2.x 1024, SDXL 768 + 1280): {'; '.join(misfit[:_SHOWN])}"
                      + (f"; ... ({len(misfit) - _SHOWN} more)" if len(misfit) > _SHOWN else ""))
     if unmatched:
         where_to = " or ".join(_NETWORK_NAMES[c] for c in COMPONENTS if c in networks)
@@ -385,6 +396,8 @@ def apply_loras(model: Any, specs: Sequence[LoraSpec], progress: Any = None) -> 
     """Merge each LoRA of `specs` into `model` (an export.loading.read.LoadedModel), in order; every file
     is parsed and checked before any weight changes. Returns the model (its weights updated in place)."""
     networks = {"unet": model.unet, "text_encoder": model.text_encoder}
+    if getattr(model, "text_encoder_2", None) is not None:  # SDXL
+        networks["text_encoder_2"] = model.text_encoder_2
     parsed = []
     for spec in specs:
         tensors, metadata = read_lora(spec.path)
@@ -393,6 +406,7 @@ def apply_loras(model: Any, specs: Sequence[LoraSpec], progress: Any = None) -> 
         n = merge_layers(networks, layers, spec.scale)
         if progress is not None:
             counts = {c: sum(layer.component == c for layer in layers) for c in COMPONENTS}
+            second = f", second text encoder {counts['text_encoder_2']}" if "text_encoder_2" in networks else ""
             progress(f"  merged LoRA {spec.path.name} ({layout} layout, scale {spec.scale:g}): {n} layers "
-                     f"(U-Net {counts['unet']}, text encoder {counts['text_encoder']})")
+                     f"(U-Net {counts['unet']}, text encoder {counts['text_encoder']}{second})")
     return model

@@ -103,14 +103,32 @@ class ParityError(RuntimeError):
 # --- signature wrappers (shared with runtime/engines/torch.py) ------------------------------------
 
 class TextEncoderWrapper(nn.Module):
-    """input_ids int32 [batch, 77] -> last_hidden_state [batch, 77, hidden]."""
+    """input_ids int32 [batch, 77] -> last_hidden_state [batch, 77, hidden]; with `penultimate`
+    (SDXL) the hidden states before the last layer, as diffusers' StableDiffusionXLPipeline.encode_prompt
+    takes them (`hidden_states[-2]`, no final layer norm)."""
+
+    def __init__(self, text_encoder: nn.Module, penultimate: bool = False):
+        super().__init__()
+        self.text_encoder, self.penultimate = text_encoder, penultimate
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.penultimate:
+            return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+        return self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True).hidden_states[-2]
+
+
+class TextEncoder2Wrapper(nn.Module):
+    """SDXL's text_encoder_2 (CLIPTextModelWithProjection): input_ids int32 [batch, 77] ->
+    (hidden_states [batch, 77, hidden] of the penultimate layer, text_embeds [batch, projection]: the
+    pooled output projected, diffusers' `pooled_prompt_embeds`)."""
 
     def __init__(self, text_encoder: nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
 
 
 class UNetWrapper(nn.Module):
@@ -124,6 +142,18 @@ class UNetWrapper(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states, timestep_cond)
+
+
+class UNetXLWrapper(nn.Module):
+    """SDXL: sample, timestep [batch], encoder_hidden_states, text_embeds, time_ids -> noise_pred."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, text_embeds=text_embeds, time_ids=time_ids)
 
 
 class UNetDeepWrapper(nn.Module):
@@ -218,9 +248,11 @@ def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
                              f"`with_tiny_vae`); this one's is a {type(model.vae).__name__}")
         return wrap(base_network(network), model)
     if network == "text_encoder":
-        module = TextEncoderWrapper(model.text_encoder)
+        module = TextEncoderWrapper(model.text_encoder, penultimate=model.text_encoder_2 is not None)
+    elif network == "text_encoder_2":
+        module = TextEncoder2Wrapper(model.text_encoder_2)
     elif network == "unet":
-        module = UNetWrapper(model.unet)
+        module = UNetXLWrapper(model.unet) if model.unet.config.addition_embed_type else UNetWrapper(model.unet)
     elif network == "unet_deep":
         module = UNetDeepWrapper(model.unet, branch)
     elif network == "unet_shallow":
@@ -241,9 +273,9 @@ def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
 def step_cache_dims(spec: Any, branch: int) -> ModelDims:
     """The model dims of a folder with step-cache graphs for `branch`: the spec's, plus the cached
     feature's channels and level (runtime/folder/networks.py `cache_feature_spec`)."""
-    if spec.unet.time_cond_proj_dim:
-        raise ValueError("step caching (--step-cache) is not implemented for LCM-distilled U-Nets "
-                         "(time_cond_proj_dim); build without it")
+    if spec.unet.time_cond_proj_dim or spec.unet.addition_embed_type:
+        raise ValueError("step caching (--step-cache) is not implemented for LCM-distilled (time_cond_proj_dim) or "
+                         "SDXL (addition_embed_type) U-Nets; build without it")
     split = cache_split(spec.unet, branch)
     return replace(spec.dims, cache_channels=split.channels, cache_level=split.level)
 
@@ -296,6 +328,8 @@ def sample_inputs(network: str, dims: ModelDims, shape: Shape, *, vocab_size: in
             # fractional, as the Euler-family samplers feed them (e.g. 946.42): checks that the graph
             # does not round the timestep
             feeds[spec.name] = (rng.integers(0, 999, size=size) + rng.uniform(0.05, 0.95, size=size)).astype(np.float32)
+        elif spec.name == "time_ids":  # SDXL's sizes and crop offsets, in pixels
+            feeds[spec.name] = rng.integers(0, 1025, size=size).astype(np.float32)
         elif spec.name == "image":
             feeds[spec.name] = rng.uniform(-1.0, 1.0, size=size).astype(np.float32)
         elif spec.name in ("controlnet_cond", "conditioning_scale"):  # a control image in [0, 1]; scales
@@ -386,12 +420,13 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
 def _traced_module(network: str, reference: nn.Module, precision: str, device: str) -> nn.Module:
     """The module the exporter traces for `reference`, which is left as it is: the upsamplers of
     `TRANSPOSED_UPSAMPLE_NETWORKS` as transposed convolutions, and a float16 copy for fp16 graphs."""
-    module = copy.deepcopy(reference) if precision == "fp16" or network == "text_encoder" else reference
+    text = network in ("text_encoder", "text_encoder_2")
+    module = copy.deepcopy(reference) if precision == "fp16" or text else reference
     if network in TRANSPOSED_UPSAMPLE_NETWORKS:
         module = transposed_upsamplers(module)  # shares the reference's other weights (export/upsample.py)
     if precision == "fp16":
         reduced_precision(module, torch.float16).to(device)  # normalizations stay fp32 (export/fp16.py)
-    if network == "text_encoder":
+    if text:
         # The exporter's SDPA-with-mask symbolic upcasts to float32 and leaves float16 graphs
         # invalid (LayerNormalization with mixed types); eager attention exports cleanly.
         module.text_encoder.set_attn_implementation("eager")

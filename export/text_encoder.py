@@ -1,5 +1,5 @@
-"""CLIP text encoder (transformers `CLIPTextModel`) built from a config dict, and the CLIP BPE
-tokenizer files every engine folder carries.
+"""CLIP text encoder (transformers `CLIPTextModel`; SDXL's second, `CLIPTextModelWithProjection`)
+built from a config dict, and the CLIP BPE tokenizer files every engine folder carries.
 
 The vocabulary and merges are packaged in export/assets/clip-bpe (openai/CLIP `bpe_simple_vocab_16e6`,
 49408 tokens, as open_clip and transformers use it), so nothing is downloaded.
@@ -20,12 +20,13 @@ BOS_TOKEN = "<|startoftext|>"  # id 49406
 EOS_TOKEN = "<|endoftext|>"  # id 49407; also the unknown token (openai/CLIP simple_tokenizer.py)
 
 
-def build_text_encoder(kwargs: dict[str, Any]):
-    """A randomly initialized `transformers.CLIPTextModel` from `CLIPTextConfig` keyword arguments
+def build_text_encoder(kwargs: dict[str, Any], projection: bool = False):
+    """A randomly initialized `transformers.CLIPTextModel` (with `projection`: a
+    `CLIPTextModelWithProjection`, SDXL's `text_encoder_2`) from `CLIPTextConfig` keyword arguments
     (load weights into it afterwards). Returned in eval mode."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    model = CLIPTextModel(CLIPTextConfig(**kwargs))
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**kwargs))
     return model.eval()
 
 

@@ -1,8 +1,12 @@
-"""Reference Stable Diffusion 1.x/2.x U-Net (latent noise predictor) in plain PyTorch.
+"""Reference Stable Diffusion 1.x/2.x/XL U-Net (latent noise predictor) in plain PyTorch.
 
 Module attribute names equal diffusers 0.42 `UNet2DConditionModel` state-dict keys, so diffusers
 weights load with one strict `load_state_dict`. Architecture: Rombach et al. 2022 (arXiv:2112.10752),
 the U-Net of Ho et al. 2020 (arXiv:2006.11239) with spatial transformers for text cross-attention.
+SDXL (Podell et al. 2023, arXiv:2307.01952) is a config of it: transformer depth per block
+(`transformer_layers_per_block`), and the pooled text embedding plus the size/crop conditioning
+`time_ids` added to the timestep embedding (`addition_embed_type="text_time"`: `add_time_proj`,
+`add_embedding`).
 
 Export-friendly: no Python branching on tensor values; every reshape reads sizes from the tensor,
 so batch, height, width and token count stay dynamic in ONNX.
@@ -144,7 +148,7 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """Spatial transformer: [b, c, h, w] feature map attends to itself and to the text context."""
 
-    def __init__(self, c: int, heads: int, cfg: UNetConfig):
+    def __init__(self, c: int, heads: int, cfg: UNetConfig, depth: int = 1):
         super().__init__()
         self.linear = cfg.use_linear_projection
         # GroupNorm eps 1e-6: diffusers Transformer2DModel._init_continuous_input
@@ -152,7 +156,7 @@ class Transformer2DModel(nn.Module):
         self.proj_in = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(c, heads, cfg.cross_attention_dim, cfg.upcast_attention, 1e-5)
-            for _ in range(cfg.transformer_layers_per_block))
+            for _ in range(depth))
         self.proj_out = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -201,12 +205,12 @@ class Upsample2D(nn.Module):
 class DownBlock(nn.Module):
     """CrossAttnDownBlock2D (with `attentions`) or DownBlock2D: returns (x, skip tensors)."""
 
-    def __init__(self, cin: int, cout: int, heads: int, attn: bool, last: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, heads: int, attn: bool, last: bool, cfg: UNetConfig, depth: int = 1):
         super().__init__()
         n, temb = cfg.layers_per_block, cfg.time_embed_dim
         self.resnets = nn.ModuleList(
             ResnetBlock2D(cin if i == 0 else cout, cout, temb, cfg.norm_num_groups, cfg.norm_eps) for i in range(n))
-        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg) for _ in range(n)) if attn else None
+        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg, depth) for _ in range(n)) if attn else None
         self.downsamplers = None if last else nn.ModuleList([Downsample2D(cout, cfg.downsample_padding)])
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
@@ -229,14 +233,15 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     """CrossAttnUpBlock2D (with `attentions`) or UpBlock2D; consumes layers_per_block + 1 skips."""
 
-    def __init__(self, cin: int, cprev: int, cout: int, heads: int, attn: bool, last: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, cprev: int, cout: int, heads: int, attn: bool, last: bool, cfg: UNetConfig,
+                 depth: int = 1):
         super().__init__()
         n, temb = cfg.layers_per_block + 1, cfg.time_embed_dim
         self.resnets = nn.ModuleList(
             ResnetBlock2D((cprev if i == 0 else cout) + (cin if i == n - 1 else cout), cout, temb,
                           cfg.norm_num_groups, cfg.norm_eps)
             for i in range(n))
-        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg) for _ in range(n)) if attn else None
+        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg, depth) for _ in range(n)) if attn else None
         self.upsamplers = None if last else nn.ModuleList([Upsample2D(cout)])
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
@@ -259,11 +264,11 @@ class UpBlock(nn.Module):
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
-    def __init__(self, c: int, heads: int, cfg: UNetConfig):
+    def __init__(self, c: int, heads: int, cfg: UNetConfig, depth: int = 1):
         super().__init__()
         args = (c, c, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor)
         self.resnets = nn.ModuleList([ResnetBlock2D(*args), ResnetBlock2D(*args)])
-        self.attentions = nn.ModuleList([Transformer2DModel(c, heads, cfg)])
+        self.attentions = nn.ModuleList([Transformer2DModel(c, heads, cfg, depth)])
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, temb)
@@ -314,29 +319,34 @@ class UNet2DConditionModel(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
-        ch, heads = config.block_out_channels, config.num_heads
+        ch, heads, depths = config.block_out_channels, config.num_heads, config.depths
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim, config.time_cond_proj_dim)
+        if config.addition_embed_type == "text_time":  # SDXL; add_time_proj has no weights (diffusers Timesteps)
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, config.time_embed_dim)
         last = len(ch) - 1
         self.down_blocks = nn.ModuleList(
-            DownBlock(ch[max(i - 1, 0)], ch[i], heads[i], t == "CrossAttnDownBlock2D", i == last, config)
+            DownBlock(ch[max(i - 1, 0)], ch[i], heads[i], t == "CrossAttnDownBlock2D", i == last, config, depths[i])
             for i, t in enumerate(config.down_block_types))
-        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], heads[-1], config)
-        rch, rheads = ch[::-1], heads[::-1]
+        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], heads[-1], config, depths[-1])
+        rch, rheads, rdepths = ch[::-1], heads[::-1], depths[::-1]
         self.up_blocks = nn.ModuleList(
             UpBlock(rch[min(i + 1, last)], rch[max(i - 1, 0)], rch[i], rheads[i], t == "CrossAttnUpBlock2D",
-                    i == last, config)
+                    i == last, config, rdepths[i])
             for i, t in enumerate(config.up_block_types))
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                timestep_cond: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """sample [b, in_channels, lh, lw], timestep [] or [b] (or [1]), encoder_hidden_states
-        [b, tokens, cross_attention_dim], and for an LCM-distilled U-Net timestep_cond [b,
-        time_cond_proj_dim] (the guidance-scale embedding) -> noise prediction [b, out_channels, lh, lw]."""
-        return self._full(sample, timestep, encoder_hidden_states, None, timestep_cond)[0]
+        [b, tokens, cross_attention_dim], for an LCM-distilled U-Net timestep_cond [b,
+        time_cond_proj_dim] (the guidance-scale embedding), for SDXL text_embeds [b, pooled] and
+        time_ids [b, n] -> noise prediction [b, out_channels, lh, lw]."""
+        added = None if text_embeds is None and time_ids is None else (text_embeds, time_ids)
+        return self._full(sample, timestep, encoder_hidden_states, None, timestep_cond, added=added)[0]
 
     def forward_deep(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                      branch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,19 +373,32 @@ class UNet2DConditionModel(nn.Module):
         return self._full(sample, timestep, encoder_hidden_states, None, timestep_cond, residuals)[0]
 
     def _time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor,
-                        timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                        timestep_cond: torch.Tensor | None = None,
+                        added: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         cfg = self.config
         if (timestep_cond is None) != (cfg.time_cond_proj_dim is None):
             raise ValueError("an LCM-distilled U-Net (time_cond_proj_dim) takes timestep_cond, and only it does")
+        if (added is None) != (cfg.addition_embed_type is None) or (added is not None and None in added):
+            raise ValueError("an SDXL U-Net (addition_embed_type 'text_time') takes text_embeds and time_ids, and only "
+                             "it does")
         t = timestep.reshape(-1).expand(sample.shape[0])
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         cond = None if timestep_cond is None else timestep_cond.to(sample.dtype)
-        return self.time_embedding(temb.to(sample.dtype), cond)  # [b, time_embed_dim]
+        emb = self.time_embedding(temb.to(sample.dtype), cond)  # [b, time_embed_dim]
+        if added is None:
+            return emb
+        # diffusers UNet2DConditionModel.get_aug_embed, "text_time": each time id embedded sinusoidally
+        # (add_time_proj: Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)), [b, n] -> [b, n * dim]
+        text_embeds, time_ids = added
+        ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+        ids = ids.reshape(text_embeds.shape[0], -1)
+        return emb + self.add_embedding(torch.cat([text_embeds, ids.to(text_embeds.dtype)], dim=-1).to(emb.dtype))
 
     def _full(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
               capture: CacheSplit | None, timestep_cond: torch.Tensor | None = None,
-              residuals: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        temb = self._time_embedding(sample, timestep, timestep_cond)
+              residuals: list[torch.Tensor] | None = None,
+              added: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        temb = self._time_embedding(sample, timestep, timestep_cond, added)
         skips = self._down(self.conv_in(sample), temb, context)
         x = self.mid_block(skips[-1], temb, context)  # the last skip is the down path's output
         if residuals is not None:  # a ControlNet's, added after the down and mid blocks ran (as diffusers)

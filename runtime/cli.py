@@ -57,6 +57,9 @@ def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
     p.add_argument("--from-png", metavar="FILE", default=None,
                    help="take the settings of a PNG written by sd-generate or AUTOMATIC1111; flags given override them")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: none)")
+    p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: the prompt)")
+    p.add_argument("--negative-prompt-2", default=None,
+                   help="SDXL: the second text encoder's negative prompt (default: the negative prompt)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the folder's recommended, else 50)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the folder's recommended, else 7.5)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi (default: 0)")
@@ -327,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
                       ("guidance_rescale", "guidance_rescale"), ("eta", "eta"),
                       ("num_images", "num_images_per_prompt"), ("cache_interval", "cache_interval"),
                       ("cache_schedule", "cache_schedule"), ("prompt_syntax", "prompt_syntax"), ("tiling", "tiling"),
-                      ("vae", "vae"), ("timestep_spacing", "timestep_spacing")):
+                      ("vae", "vae"), ("timestep_spacing", "timestep_spacing"),
+                      ("prompt_2", "prompt_2"), ("negative_prompt_2", "negative_prompt_2")):
         if getattr(args, arg) is not None:  # otherwise the pipeline's default
             kwargs[name] = getattr(args, arg)
     kwargs.update(control_from_args(getattr(args, "control_image", [])))

@@ -11,6 +11,10 @@ contract and tests, never a branch in `Pipeline` or the denoise loop.
                    folder carries (v-prediction in its scheduler config, "!" padding, 1024 channels)
     inpaint-9ch    the same, and the latents carry the mask and the masked image's latents
                    (diffusers' StableDiffusionInpaintPipeline, num_channels_unet == 9)
+    SDXL           two text encoders (`text_encoders`): each one's penultimate hidden states, concatenated
+                   along the channels, are encoder_hidden_states; the second's pooled projection is
+                   `text_embeds`; `time_ids` are the size conditioning (Podell et al. arXiv:2307.01952
+                   §2.2: original size, crop top-left, target size)
     LCM            an LCM-distilled U-Net (Luo et al. arXiv:2310.04378 §4.2; diffusers'
                    LatentConsistencyModelPipeline): no guidance batch and no negative prompt; the
                    guidance scale enters the U-Net as `timestep_cond`, an embedding of w = scale - 1
@@ -29,6 +33,31 @@ from runtime.errors import ManifestError
 from runtime.folder.networks import ModelDims
 
 UnetInputs = Mapping[str, np.ndarray]  # U-Net contract input name -> [batch, ...]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text embeddings, one row per image: cond [batch, tokens, hidden] (the text encoders' hidden
+    states, concatenated along the channels where there are several); uncond likewise, or None when
+    guidance is off; pooled / uncond_pooled [batch, width]: the pooled output a family's U-Net takes
+    (SDXL's text_embeds), None where it takes none."""
+
+    cond: np.ndarray
+    uncond: np.ndarray | None
+    pooled: np.ndarray | None = None
+    uncond_pooled: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """One text encoder a family runs: the folder's `network`; `second`: it reads the second
+    tokenizer's ids (the request's prompt_2 / negative_prompt_2: runtime/stages.py PromptTokens.second);
+    `pooled`: the name of its pooled output the U-Net takes (Conditioning.pooled), None for none. Its
+    hidden-state output is the contract's (runtime/folder/networks.py ModelDims.hidden_output)."""
+
+    network: str
+    second: bool = False
+    pooled: str | None = None
 # The guidance-scale embedding's scale and period: diffusers 0.42 LatentConsistencyModelPipeline
 # .get_guidance_scale_embedding (after google-research/vdm model_vdm.py: w * 1000, max period 10000)
 GUIDANCE_EMBEDDING_SCALE = 1000.0
@@ -37,9 +66,10 @@ GUIDANCE_EMBEDDING_PERIOD = 10000.0
 
 @dataclass(frozen=True)
 class Family:
-    """One model family. `unet_inputs(cond_hidden, uncond_hidden, guidance_scale=, dims=)` -> (the
-    conditional inputs, the unconditional ones or None when guidance is off), keyed by U-Net input
-    name; `dims` are the folder's (runtime/folder/networks.py). `sample_extras`: the image-latent
+    """One model family. `unet_inputs(text, guidance_scale=, dims=, size=)` -> (the conditional
+    inputs, the unconditional ones or None when guidance is off), keyed by U-Net input name; `text` is
+    a `Conditioning`, `dims` the folder's (runtime/folder/networks.py), `size` the image's (height,
+    width) in pixels. `text_encoders`: the encoders that make `text`, in order. `sample_extras`: the image-latent
     fields (runtime/stages.py ImageLatents: "mask", "masked") concatenated after the latents along
     the channel axis, in order. `guidance_batch`: classifier-free guidance runs an unconditional
     batch (guidance_scale > 1); False: one U-Net batch per step whatever the scale, no negative
@@ -53,12 +83,14 @@ class Family:
     sample_extras: tuple[str, ...] = ()
     guidance_batch: bool = True
     strength_in_schedule: bool = False
+    text_encoders: tuple[TextEncoding, ...] = (TextEncoding("text_encoder"),)
 
 
-def _clip_hidden_states(cond: np.ndarray, uncond: np.ndarray | None, *, guidance_scale: float,
-                        dims: ModelDims) -> tuple[UnetInputs, UnetInputs | None]:
+def _clip_hidden_states(text: Conditioning, *, guidance_scale: float, dims: ModelDims,
+                        size: tuple[int, int]) -> tuple[UnetInputs, UnetInputs | None]:
     """SD 1.x / 2.x: the text encoder's last hidden states are the cross-attention context."""
-    return {"encoder_hidden_states": cond}, None if uncond is None else {"encoder_hidden_states": uncond}
+    uncond = None if text.uncond is None else {"encoder_hidden_states": text.uncond}
+    return {"encoder_hidden_states": text.cond}, uncond
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
@@ -76,20 +108,50 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)
 
 
-def _lcm_inputs(cond: np.ndarray, uncond: np.ndarray | None, *, guidance_scale: float,
-                dims: ModelDims) -> tuple[UnetInputs, None]:
+def _lcm_inputs(text: Conditioning, *, guidance_scale: float, dims: ModelDims,
+                size: tuple[int, int]) -> tuple[UnetInputs, None]:
     """LCM-distilled U-Net: the hidden states, and `timestep_cond`, the embedding of w = guidance_scale
     - 1 for every row (diffusers' LatentConsistencyModelPipeline: its LCM guidance is w + 1 in the
     StableDiffusionPipeline convention). No unconditional inputs."""
-    w = np.full((cond.shape[0],), np.float32(guidance_scale - 1.0), dtype=np.float32)
-    return {"encoder_hidden_states": cond, "timestep_cond": guidance_embedding(w, dims.time_cond_proj_dim)}, None
+    w = np.full((text.cond.shape[0],), np.float32(guidance_scale - 1.0), dtype=np.float32)
+    return {"encoder_hidden_states": text.cond, "timestep_cond": guidance_embedding(w, dims.time_cond_proj_dim)}, None
+
+
+# SDXL base's size conditioning: original size, crop top-left, target size (6 values; the refiner's 5
+# carry an aesthetic score instead of the target size)
+SDXL_TIME_IDS = 6
+
+
+def _sdxl_inputs(text: Conditioning, *, guidance_scale: float, dims: ModelDims,
+                 size: tuple[int, int]) -> tuple[UnetInputs, UnetInputs | None]:
+    """SDXL: both encoders' hidden states (concatenated by the text stage), the pooled `text_embeds`
+    and `time_ids` = original size (H, W), crop top-left (0, 0), target size (H, W), the request's
+    size for both, and the same for the unconditional rows (diffusers 0.42 StableDiffusionXLPipeline
+    `_get_add_time_ids` with its defaults: original_size = target_size = (height, width),
+    crops_coords_top_left = (0, 0); negative_original_size etc. default to the same)."""
+    if dims.time_ids != SDXL_TIME_IDS or text.pooled is None:
+        raise ManifestError(f"this SDXL U-Net takes {dims.time_ids} time ids (the base model's: {SDXL_TIME_IDS}) "
+                            "and a pooled text embedding; the refiner's aesthetic-score conditioning is not implemented")
+    h, w = size
+    ids = np.array([h, w, 0, 0, h, w], dtype=np.float32)
+
+    def inputs(hidden: np.ndarray, pooled: np.ndarray) -> UnetInputs:
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled,
+                "time_ids": np.tile(ids, (hidden.shape[0], 1))}
+
+    return inputs(text.cond, text.pooled), None if text.uncond is None else inputs(text.uncond, text.uncond_pooled)
 
 
 SD = Family("sd", _clip_hidden_states)
 SD_INPAINT = Family("sd-inpaint", _clip_hidden_states, sample_extras=("mask", "masked"))
 SD_LCM = Family("sd-lcm", _lcm_inputs, guidance_batch=False, strength_in_schedule=True)
+# diffusers StableDiffusionXLPipeline.encode_prompt: text_encoder on `prompt`, text_encoder_2 on `prompt_2`;
+# the pooled output is text_encoder_2's
+_SDXL_ENCODERS = (TextEncoding("text_encoder"), TextEncoding("text_encoder_2", second=True, pooled="text_embeds"))
+SDXL = Family("sdxl", _sdxl_inputs, text_encoders=_SDXL_ENCODERS)
+SDXL_INPAINT = Family("sdxl-inpaint", _sdxl_inputs, sample_extras=("mask", "masked"), text_encoders=_SDXL_ENCODERS)
 FAMILIES: Mapping[str, Family] = {"sd1": SD, "sd2": SD, "sd1-inpaint": SD_INPAINT, "sd2-inpaint": SD_INPAINT,
-                                  "sd1-lcm": SD_LCM, "sd2-lcm": SD_LCM}
+                                  "sd1-lcm": SD_LCM, "sd2-lcm": SD_LCM, "sdxl": SDXL, "sdxl-inpaint": SDXL_INPAINT}
 
 
 def family_of(manifest_family: str) -> Family:

@@ -260,9 +260,7 @@ def second_pass(pipe: Any, prepared: list, latents: np.ndarray, callbacks: list,
             image_latents = stages.encode_images(pipe.engine(graph), hr, draws, scaling_factor=m.vae_scaling_factor(graph),
                                                  vae_scale_factor=s, inpainting_unet=False, tile=hr.vae_tile)
         timings["hires_upscale"] = timings.get("hires_upscale", 0.0) + time.perf_counter() - t0
-        text = p.text if hr.tokens is r.tokens else stages.encode_prompt(
-            pipe.engine("text_encoder"), hr.tokens, images_per_prompt=r.images_per_prompt,
-            max_length=m.dims.text_max_length)
+        text = p.text if hr.tokens is r.tokens else pipe.encode_prompt(hr.tokens, r.images_per_prompt)
         second.append(_Prepared(hr, text, draws, image_latents))
     first_denoise = timings["denoise"]
     out = pipe._denoise(second, callbacks, should_stop, progress, timings)

@@ -95,13 +95,14 @@ class Pipeline:
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, backend: str, engines: dict[str, Engine],
                  tokenizer: Any, *, options: dict[str, Any] | None = None, backend_reason: str = "",
-                 max_memory_gb: float | None = None):
+                 max_memory_gb: float | None = None, tokenizer_2: Any = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
         self.backend_reason = backend_reason  # why this backend: "requested", or how it was chosen
         self.engines = engines
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2  # SDXL's second tokenizer (manifest tokenizer.tokenizer_2), else None
         self.family = family_of(manifest.family)  # how prompts become U-Net inputs (runtime/families.py)
         self.limits = replace(Limits.from_manifest(manifest, default_sampler(manifest.scheduler), sch.SAMPLERS),
                               memory=MemoryModel.from_folder(engine_dir, manifest, backend),
@@ -154,7 +155,8 @@ class Pipeline:
                 timestep_spacing: str | None = None, control_image: Any = None, controlnet: Any = None,
                 controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
                 control_guidance_end: Any = 1.0, guess_mode: bool = False,
-                control_resize_mode: Any = "just_resize") -> GenerationResult:
+                control_resize_mode: Any = "just_resize", prompt_2=None,
+                negative_prompt_2=None) -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
@@ -184,7 +186,12 @@ class Pipeline:
         one), `controlnet_conditioning_scale`, `control_guidance_start`, `control_guidance_end` (each one
         value or a list) and `guess_mode`, as diffusers' StableDiffusionControlNetPipeline;
         `control_resize_mode` (runtime/control.py RESIZE_MODES) brings each control image to the
-        request size. `Pipeline.controlnets` lists the folder's ControlNets."""
+        request size. `Pipeline.controlnets` lists the folder's ControlNets.
+
+        `prompt_2` / `negative_prompt_2` (all three modes; SDXL folders):
+        the second text encoder's prompts, as diffusers' (None: the same as prompt / negative_prompt);
+        in a folder whose pipeline config sets force_zeros_for_empty_prompt, an empty negative prompt
+        (both of them) gives zero unconditional embeddings (A1111's rule; diffusers zeros only a None one)."""
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
@@ -196,7 +203,8 @@ class Pipeline:
                                timestep_spacing=timestep_spacing, control_image=control_image, controlnet=controlnet,
                                controlnet_conditioning_scale=controlnet_conditioning_scale,
                                control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
-                               guess_mode=guess_mode, control_resize_mode=control_resize_mode)
+                               guess_mode=guess_mode, control_resize_mode=control_resize_mode,
+                               prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
@@ -214,7 +222,8 @@ class Pipeline:
                 timestep_spacing: str | None = None, control_image: Any = None, controlnet: Any = None,
                 controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
                 control_guidance_end: Any = 1.0, guess_mode: bool = False,
-                control_resize_mode: Any = "just_resize") -> GenerationResult:
+                control_resize_mode: Any = "just_resize", prompt_2=None,
+                negative_prompt_2=None) -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
@@ -234,7 +243,8 @@ class Pipeline:
                                timestep_spacing=timestep_spacing, control_image=control_image, controlnet=controlnet,
                                controlnet_conditioning_scale=controlnet_conditioning_scale,
                                control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
-                               guess_mode=guess_mode, control_resize_mode=control_resize_mode)
+                               guess_mode=guess_mode, control_resize_mode=control_resize_mode,
+                               prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
@@ -254,7 +264,8 @@ class Pipeline:
                 timestep_spacing: str | None = None, control_image: Any = None, controlnet: Any = None,
                 controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
                 control_guidance_end: Any = 1.0, guess_mode: bool = False,
-                control_resize_mode: Any = "just_resize") -> GenerationResult:
+                control_resize_mode: Any = "just_resize", prompt_2=None,
+                negative_prompt_2=None) -> GenerationResult:
         """Repaint where `mask_image` is white (>= 0.5). With the 9-channel inpainting U-Net the
         mask and the masked image's latents go into the U-Net (diffusers'
         StableDiffusionInpaintPipeline); with a plain 4-channel U-Net the known region is blended back
@@ -283,7 +294,8 @@ class Pipeline:
                                timestep_spacing=timestep_spacing, control_image=control_image, controlnet=controlnet,
                                controlnet_conditioning_scale=controlnet_conditioning_scale,
                                control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
-                               guess_mode=guess_mode, control_resize_mode=control_resize_mode)
+                               guess_mode=guess_mode, control_resize_mode=control_resize_mode,
+                               prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def request(self, mode: str, prompt: Any, *, prompt_tags: lora_tags.TaggedPrompts | None = None,
@@ -337,12 +349,22 @@ class Pipeline:
             raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e
         if tokens is not None:
             return dataclasses.replace(r, tokens=tokens, schedule=schedule)
+        second = None if self.tokenizer_2 is None else (self.tokenizer_2, r.prompts_2 or r.prompts,
+                                                         r.negative_prompts_2 or r.negative_prompts)
         with self._tokenizer_lock:
             tokens = stages.tokenize_prompts(self.tokenizer, r.prompts if text is None else text, r.negative_prompts,
                                              guided=r.guided, max_length=self.manifest.dims.text_max_length,
-                                             syntax=r.prompt_syntax,
-                                             embeddings=self._embeddings)
+                                             syntax=r.prompt_syntax, embeddings=self._embeddings, second=second,
+                                             zero_empty_negative=self.manifest.pipeline.get(
+                                                 "force_zeros_for_empty_prompt", False))
         return dataclasses.replace(r, tokens=tokens, schedule=schedule)
+
+    def encode_prompt(self, tokens: stages.PromptTokens, images_per_prompt: int) -> stages.Conditioning:
+        """The text stage over the family's text encoders (runtime/families.py `text_encoders`)."""
+        encoders = [(self.engine(use.network), use) for use in self.family.text_encoders]
+        dims = self.manifest.dims
+        return stages.encode_prompt(encoders, tokens, images_per_prompt=images_per_prompt,
+                                    max_length=dims.text_max_length, hidden_output=dims.hidden_output)
 
     def generate(self, requests: Sequence[Request], *, callbacks: Sequence[Callback | None] | None = None,
                  should_stop: Sequence[Callable[[], bool] | None] | None = None,
@@ -425,8 +447,7 @@ class Pipeline:
         out = []
         for r in requests:
             t0 = time.perf_counter()
-            cond = stages.encode_prompt(self.engine("text_encoder"), r.tokens, images_per_prompt=r.images_per_prompt,
-                                        max_length=m.dims.text_max_length)
+            cond = self.encode_prompt(r.tokens, r.images_per_prompt)
             _add(timings, "text_encoder", time.perf_counter() - t0)
             draws = stages.initial_noise(r, (m.dims.latent_channels, r.height // s, r.width // s),
                                          self.is_inpainting_unet)
@@ -606,9 +627,8 @@ def load(engine_dir: str | Path, backend: str | None = None, options: dict[str, 
     name, why, engines = open_engines_why(engine_dir, manifest, backend, options, calibrate=calibrate, verify=verify,
                                           networks=EAGER_NETWORKS, **engine_options)
     try:
-        tok = manifest.tokenizer
-        tokenizer = text.load_tokenizer(inside(engine_dir, tok.get("dir", "tokenizer"), "the tokenizer names folder",
-                                               kind="dir"), tok.get("pad_token"))
+        tokenizer, tokenizer_2 = (_tokenizer(engine_dir, t) for t in (manifest.tokenizer,
+                                                                       manifest.tokenizer.get("tokenizer_2")))
     except (OSError, ValueError) as e:
         close_all(engines)
         raise ManifestError(f"{engine_dir}: cannot load the tokenizer: {e}") from e
@@ -622,4 +642,12 @@ def load(engine_dir: str | Path, backend: str | None = None, options: dict[str, 
     log.info("engine folder %s: %s %s on backend %s (%s; U-Net %s weights, %s compute)", engine_dir, manifest.family,
              manifest.precision, name, why, unet.weights, unet.compute)
     return Pipeline(engine_dir, manifest, name, engines, tokenizer, options=per_network, backend_reason=why,
-                    max_memory_gb=max_memory_gb)
+                    max_memory_gb=max_memory_gb, tokenizer_2=tokenizer_2)
+
+
+def _tokenizer(engine_dir: str | Path, tok: dict[str, Any] | None) -> Any:
+    """The tokenizer a manifest tokenizer entry names (None for no entry: a folder without tokenizer_2)."""
+    if tok is None:
+        return None
+    return text.load_tokenizer(inside(engine_dir, tok.get("dir", "tokenizer"), "the tokenizer names folder", kind="dir"),
+                               tok.get("pad_token"))

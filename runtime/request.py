@@ -72,6 +72,7 @@ class Limits:
     default_steps: int | None = None
     default_guidance: float | None = None
     controlnets: tuple[str, ...] = ()  # the folder's ControlNets' names (networks "controlnet.NAME")
+    second_prompt: bool = False  # its family has a second text encoder, which prompt_2 / negative_prompt_2 feed (SDXL)
 
     @classmethod
     def from_manifest(cls, m: Manifest, default_sampler: str, samplers: tuple[str, ...]) -> "Limits":
@@ -89,7 +90,8 @@ class Limits:
                    tiling=all(n in m.networks for n in TILING_NETWORKS), guidance_batch=family_of(m.family).guidance_batch,
                    tiny_vae=m.tiny_vae, default_steps=m.defaults.get("steps"),
                    default_guidance=m.defaults.get("guidance_scale"),
-                   controlnets=tuple(c for c in map(controlnet_name, m.networks) if c is not None))
+                   controlnets=tuple(c for c in map(controlnet_name, m.networks) if c is not None),
+                   second_prompt=any(use.second for use in family_of(m.family).text_encoders))
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,6 +135,10 @@ class Request:
     timestep_spacing: str | None = None  # replaces the folder's scheduler config's (A1111's "SGM Uniform": trailing)
     vae: str = "full"  # which autoencoder decodes and encodes: "full" or "tiny" (runtime/folder/networks.py VAE_CHOICES)
     control: controlnet.Control | None = None  # its ControlNets (runtime/control.py); None: plain U-Net
+    # SDXL: the second text encoder's prompts (diffusers' prompt_2 / negative_prompt_2); None: the same as
+    # prompts / negative_prompts
+    prompts_2: tuple[str, ...] | None = None
+    negative_prompts_2: tuple[str, ...] | None = None
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
@@ -210,16 +216,19 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  subseed: Any = None, subseed_strength: Any = 0.0, seed_resize_from: Any = None,
                  masked_content: Any = None, padding_mask_crop: Any = None, mask_blur: Any = 0, soft_mask: Any = False,
                  overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None, tiling: Any = False,
-                 vae: Any = "full", timestep_spacing: Any = None, **control: Any) -> Request:
+                 vae: Any = "full", timestep_spacing: Any = None, prompt_2: Any = None,
+                 negative_prompt_2: Any = None, **control: Any) -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem. `hires`
     (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass. Steps, guidance and
     sampler left at None: the folder's recommended ones (`_recommended`), else the API's defaults.
-    `control`: the ControlNet settings (runtime/control.py make_control: control_image, controlnet, ...)."""
+    `prompt_2` / `negative_prompt_2`: SDXL's second text encoder's (None: the same as prompt /
+    negative_prompt). `control`: the ControlNet settings (runtime/control.py make_control: control_image, controlnet, ...)."""
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if limits.inpainting_unet and mode != "inpaint":
         raise PipelineError("this engine folder holds an inpainting U-Net (9 input channels): use inpaint()")
     prompts, negatives = _prompts(prompt, negative_prompt)
+    second = _second_prompts(limits, prompt_2, negative_prompt_2, len(prompts))
     n_per = _positive_int(num_images_per_prompt, "num_images_per_prompt")
     batch = len(prompts) * n_per
     if batch > limits.max_batch:
@@ -260,7 +269,7 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
         memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult, tiling=tiling,
         guidance_batch=limits.guidance_batch, vae=vae, timestep_spacing=timestep_spacing,
-        control=ctrl,
+        control=ctrl, prompts_2=second[0], negative_prompts_2=second[1],
     )
     return request if hires is None else replace(request, hires=hires_fix.make_pass(limits, request, hires, vae_tiling))
 
@@ -329,6 +338,25 @@ def _gib(n: int) -> str:
 
 
 # --- field checks -------------------------------------------------------------------------------------
+
+def _second_prompts(limits: Limits, prompt_2: Any, negative_prompt_2: Any,
+                    n: int) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """prompt_2 / negative_prompt_2, one per prompt (None where not given: the first prompts serve),
+    refused for a folder with one text encoder."""
+    if prompt_2 is None and negative_prompt_2 is None:
+        return None, None
+    field = "prompt_2" if prompt_2 is not None else "negative_prompt_2"
+    if not limits.second_prompt:
+        raise PipelineError(f"{field} feeds a second text encoder (SDXL), which this engine folder's model lacks",
+                            field=field)
+    out = []
+    for value, name in ((prompt_2, "prompt_2"), (negative_prompt_2, "negative_prompt_2")):
+        texts = None if value is None else tuple(_per_prompt(value, n, name))
+        if texts is not None and not all(isinstance(t, str) for t in texts):
+            raise PipelineError(f"{name} must be a string or a list of strings, one per prompt", field=name)
+        out.append(texts)
+    return out[0], out[1]
+
 
 def _prompts(prompt: Any, negative_prompt: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []

@@ -23,6 +23,7 @@ so one seed gives the same image on every backend, alone or in any batch.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from runtime.text import tokens as text
 from runtime.imaging import tiling as vae_tiling
 from runtime.engines.base import Engine
 from runtime.errors import ManifestError, PipelineError
-from runtime.families import Family
+from runtime.families import Conditioning, Family, TextEncoding
 from runtime.folder.networks import ModelDims
 
 if TYPE_CHECKING:
@@ -60,13 +61,7 @@ def warn_nonfinite(arr: np.ndarray, what: str, stage: str) -> bool:
 
 # --- prompt encoding ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Conditioning:
-    """Text embeddings, one row per image: cond [batch, tokens, hidden]; uncond likewise, or None
-    when guidance is off."""
-
-    cond: np.ndarray
-    uncond: np.ndarray | None
+__all__ = ["Conditioning"]  # defined with the families that read it (runtime/families.py); the text stage makes it
 
 
 def expand_prompts(texts: Sequence[str], embeddings: Mapping[str, Sequence[str]] | None) -> list[str]:
@@ -84,12 +79,17 @@ def _weighted(texts: Sequence[str], syntax: str) -> bool:
 class PromptTokens:
     """A request's prompts tokenized once (by `Pipeline.request`): ids [prompts, chunks, 77] int32
     of the prompts (`cond`) and, under guidance, of the negative prompts (`uncond`), all padded to
-    one chunk count; with A1111 weighting, the per-token weights [prompts, chunks * 77] float32."""
+    one chunk count; with A1111 weighting, the per-token weights [prompts, chunks * 77] float32.
+    `second`: SDXL's second tokenizer's tokens of prompt_2 / negative_prompt_2, at the same chunk
+    count. `uncond_zeros`: per prompt, whether its unconditional embeddings are zeros instead (an empty
+    negative prompt in a folder whose pipeline config sets force_zeros_for_empty_prompt), or None."""
 
     cond: np.ndarray
     uncond: np.ndarray | None = None
     cond_weights: np.ndarray | None = None
     uncond_weights: np.ndarray | None = None
+    second: "PromptTokens | None" = None
+    uncond_zeros: tuple[bool, ...] | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -98,17 +98,42 @@ class PromptTokens:
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], negatives: Sequence[str], *, guided: bool,
                      max_length: int, syntax: str = "a1111",
-                     embeddings: Mapping[str, Sequence[str]] | None = None) -> PromptTokens:
+                     embeddings: Mapping[str, Sequence[str]] | None = None,
+                     second: tuple[Any, Sequence[str], Sequence[str]] | None = None,
+                     zero_empty_negative: bool = False) -> PromptTokens:
     """Tokenize the prompts (and, under guidance, the negative prompts) in 77-token chunks, every text
     once; all of them take the chunk count of the longest (runtime/text/tokens.py), so cond and uncond
     share one shape. Textual-inversion names are expanded first; A1111 emphasis and BREAK
-    (runtime/text/prompt_syntax.py) apply when `syntax` is "a1111" and a text uses them."""
+    (runtime/text/prompt_syntax.py) apply when `syntax` is "a1111" and a text uses them.
+
+    `second` (SDXL): (the second tokenizer, prompts_2, negatives_2), tokenized the same way into
+    `PromptTokens.second`, both at the larger chunk count (the hidden states are concatenated along
+    the channels). `zero_empty_negative`: a prompt whose negative texts are all empty gets zero
+    unconditional embeddings (`uncond_zeros`; A1111's sd_models_xl.py `force_zero_negative_prompt`,
+    diffusers' force_zeros_for_empty_prompt)."""
+    tokens = _tokenize(tokenizer, prompts, negatives, guided, max_length, syntax, embeddings, 1)
+    zeros = None
+    if guided and zero_empty_negative:
+        negatives_2 = negatives if second is None else second[2]
+        zeros = tuple(not a and not b for a, b in zip(negatives, negatives_2))
+    if second is None:
+        return dataclasses.replace(tokens, uncond_zeros=zeros)
+    tokenizer_2, prompts_2, negatives_2 = second
+    other = _tokenize(tokenizer_2, prompts_2, negatives_2, guided, max_length, syntax, embeddings, tokens.n_chunks)
+    if other.n_chunks > tokens.n_chunks:
+        tokens = _tokenize(tokenizer, prompts, negatives, guided, max_length, syntax, embeddings, other.n_chunks)
+    return dataclasses.replace(tokens, second=other, uncond_zeros=zeros)
+
+
+def _tokenize(tokenizer: Any, prompts: Sequence[str], negatives: Sequence[str], guided: bool, max_length: int,
+              syntax: str, embeddings: Mapping[str, Sequence[str]] | None, min_chunks: int) -> PromptTokens:
+    """One tokenizer's PromptTokens, at least `min_chunks` chunks (see `tokenize_prompts`)."""
     texts = expand_prompts(list(prompts) + (list(negatives) if guided else []), embeddings)
     n = len(prompts)
     if not _weighted(texts, syntax):
-        ids = text.tokenize(tokenizer, texts, 1, max_length)
+        ids = text.tokenize(tokenizer, texts, min_chunks, max_length)
         return PromptTokens(_frozen(ids[:n]), _frozen(ids[n:]) if guided else None)
-    ids, weights = ps.tokenize_weighted(tokenizer, texts, 1, max_length)
+    ids, weights = ps.tokenize_weighted(tokenizer, texts, min_chunks, max_length)
     if not guided:
         return PromptTokens(_frozen(ids), cond_weights=_frozen(weights))
     return PromptTokens(_frozen(ids[:n]), _frozen(ids[n:]), _frozen(weights[:n]), _frozen(weights[n:]))
@@ -120,22 +145,47 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def encode_prompt(text_encoder: Engine, tokens: PromptTokens, *, images_per_prompt: int,
-                  max_length: int) -> Conditioning:
-    """Run the text encoder on a request's tokens: the prompts, then (under guidance) the negative
-    prompts, each as one engine batch; A1111 weights, where the request has them, rescale the hidden
-    states (runtime/text/prompt_syntax.py `apply_weights`). Rows repeat per image of a prompt."""
+def encode_prompt(encoders: Sequence[tuple[Engine, TextEncoding]], tokens: PromptTokens, *, images_per_prompt: int,
+                  max_length: int, hidden_output: str = "last_hidden_state") -> Conditioning:
+    """Run the text encoders (a family's `text_encoders`, with their engines) on a request's tokens:
+    the prompts, then (under guidance) the negative prompts, each as one engine batch; A1111 weights,
+    where the request has them, rescale each encoder's hidden states (runtime/text/prompt_syntax.py
+    `apply_weights`; A1111 weights each SDXL embedder on its own), which are then concatenated along
+    the channels. A pooled output comes from the first chunk (A1111 modules/sd_hijack_clip.py
+    FrozenCLIPEmbedderWithCustomWordsBase.forward: `zs[0].pooled`), unweighted. Empty negative
+    prompts marked in `tokens.uncond_zeros` give zeros. Rows repeat per image of a prompt."""
+    parts = [_encode_one(engine, use, tokens.second if use.second else tokens, max_length, hidden_output)
+             for engine, use in encoders]
+    pooled = [p for use, p in zip((u for _, u in encoders), parts) if use.pooled]
 
-    def encode(ids: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-        hidden = text.encode(text_encoder, ids)
-        return hidden if weights is None else ps.apply_weights(hidden, weights, max_length)
+    def rows(arrays: list[np.ndarray | None], zeros: tuple[bool, ...] | None) -> np.ndarray | None:
+        if not arrays or arrays[0] is None:
+            return None
+        joined = np.concatenate(arrays, axis=-1) if len(arrays) > 1 else arrays[0]
+        if zeros is not None and any(zeros):
+            joined = np.where(np.array(zeros).reshape((-1,) + (1,) * (joined.ndim - 1)), 0, joined).astype(np.float32)
+        return np.repeat(joined, images_per_prompt, axis=0)
 
-    cond = np.repeat(encode(tokens.cond, tokens.cond_weights), images_per_prompt, axis=0)
-    uncond = None
+    out = Conditioning(rows([p[0] for p in parts], None), rows([p[1] for p in parts], tokens.uncond_zeros),
+                       rows([p[2] for p in pooled], None), rows([p[3] for p in pooled], tokens.uncond_zeros))
+    warn_nonfinite(out.cond if out.uncond is None else np.concatenate([out.cond, out.uncond]), "text embeddings",
+                   "text_encoder")
+    return out
+
+
+def _encode_one(engine: Engine, use: TextEncoding, tokens: PromptTokens, max_length: int,
+                hidden_output: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """One encoder's (cond hidden, uncond hidden or None, cond pooled, uncond pooled), weighted."""
+
+    def encode(ids: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        hidden, pooled = text.encode_outputs(engine, ids, hidden_output, use.pooled)
+        return (hidden if weights is None else ps.apply_weights(hidden, weights, max_length)), pooled
+
+    cond, pooled = encode(tokens.cond, tokens.cond_weights)
+    uncond = uncond_pooled = None
     if tokens.uncond is not None:
-        uncond = np.repeat(encode(tokens.uncond, tokens.uncond_weights), images_per_prompt, axis=0)
-    warn_nonfinite(cond if uncond is None else np.concatenate([cond, uncond]), "text embeddings", "text_encoder")
-    return Conditioning(cond, uncond)
+        uncond, uncond_pooled = encode(tokens.uncond, tokens.uncond_weights)
+    return cond, uncond, pooled, uncond_pooled
 
 
 # --- randomness -----------------------------------------------------------------------------------------
@@ -284,8 +334,8 @@ def denoise(unet: UnetFn, schedule: sch.Schedule, family: Family, text_embedding
     called once per sampler evaluation, on the guidance batch [uncond..., cond...]; `on_call(i)` runs
     before network call i (progress, cancellation); `callback(i, t, latents)` after it. `dims`: the
     folder's model dims, for families whose inputs need them (an LCM U-Net's guidance embedding)."""
-    cond, uncond = family.unet_inputs(text_embeddings.cond, text_embeddings.uncond, guidance_scale=guidance_scale,
-                                      dims=dims)
+    size = tuple(d * (dims.vae_scale_factor if dims else 1) for d in noise.shape[-2:])  # pixels (SDXL's time_ids)
+    cond, uncond = family.unet_inputs(text_embeddings, guidance_scale=guidance_scale, dims=dims, size=size)
     # a family without a guidance batch takes the scale in its inputs: the U-Net runs once, conditional only
     guided = sch.guidance(unet, cond, uncond, guidance_scale if family.guidance_batch else 1.0, guidance_rescale)
     extras = {name: getattr(image_latents, name) for name in family.sample_extras}

@@ -138,14 +138,14 @@ def test_vae_config_refuses_unsupported():
 
 def test_preset_errors_and_constants():
     with pytest.raises(ValueError, match="sd15, sd15-inpaint, sd21"):
-        preset("sdxl")
+        preset("sdxl-refiner")
     sd15, sd21 = preset("sd15"), preset("sd21")
     assert sd15.vae_scale_factor == 8 and preset("tiny-sd1").vae_scale_factor == 2
     assert sd15.vae.scaling_factor == 0.18215
     assert sd15.prediction_type == "epsilon" and sd21.prediction_type == "v_prediction"
     assert (sd15.pad_token, sd21.pad_token) == ("<|endoftext|>", "!")
     assert sd15.scheduler == scheduler_config("epsilon")
-    assert {preset(n).family for n in PRESETS} == {"sd1", "sd2", "sd1-inpaint"}
+    assert {preset(n).family for n in PRESETS} == {"sd1", "sd2", "sd1-inpaint", "sdxl"}
     sd15.text_encoder["hidden_size"] = 1  # presets hand out fresh dicts
     assert preset("sd15").text_encoder["hidden_size"] == 768
 

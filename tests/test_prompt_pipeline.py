@@ -11,6 +11,7 @@ import runtime
 from runtime.text import prompt_syntax as ps
 from runtime.text import tokens as text
 from runtime.compare import psnr
+from runtime.families import TextEncoding
 
 FAST = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np", progress=False)
 
@@ -46,7 +47,7 @@ def test_weighted_prompts_take_the_a1111_path(pipe):
     assert request.prompt_chunks == 2
     np.testing.assert_array_equal(request.tokens.cond, ids)
     np.testing.assert_array_equal(request.tokens.cond_weights, w)
-    got = stages.encode_prompt(te, request.tokens, images_per_prompt=1, max_length=77)
+    got = stages.encode_prompt([(te, TextEncoding("text_encoder"))], request.tokens, images_per_prompt=1, max_length=77)
     np.testing.assert_array_equal(got.cond, expected)
 
 

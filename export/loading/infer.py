@@ -20,7 +20,8 @@ from export.convert_ldm import CheckpointError
 from export.text_encoder import EOS_TOKEN
 
 # Padding tokens: CompVis FrozenCLIPEmbedder pads with <|endoftext|>, OpenCLIP's tokenizer with 0 ("!").
-_PAD_TOKEN = {"sd1": EOS_TOKEN, "sd2": "!"}
+# SDXL's first tokenizer pads as SD 1.x's (stabilityai/stable-diffusion-xl-base-1.0 tokenizer/)
+_PAD_TOKEN = {"sd1": EOS_TOKEN, "sd2": "!", "sdxl": EOS_TOKEN}
 # Non-network entries of LDM single files: EMA copies, the autoencoder's training loss
 # (discriminator, logvar) and the DDPM schedule buffers (ldm/models/diffusion/ddpm.py
 # `register_schedule`). Skipped when loading.
@@ -42,8 +43,10 @@ def _key_list(kind: str, keys: list[str]) -> str:
 
 
 def _make_spec(family: str, unet: UNetConfig, vae: VAEConfig, text: dict[str, Any], scheduler: dict[str, Any],
-               pad_token: str, where: Path) -> ModelSpec:
-    if text.get("hidden_size") != unet.cross_attention_dim:
+               pad_token: str, where: Path, **second: Any) -> ModelSpec:
+    """The spec, its sizes checked against each other; `second`: SDXL's text_encoder_2, pad_token_2 and
+    force_zeros_for_empty_prompt (ModelSpec checks both encoders' widths against the U-Net)."""
+    if not second and text.get("hidden_size") != unet.cross_attention_dim:
         raise CheckpointError(
             f"{where}: text encoder width {text.get('hidden_size')} does not match the U-Net "
             f"cross_attention_dim {unet.cross_attention_dim}"
@@ -53,7 +56,10 @@ def _make_spec(family: str, unet: UNetConfig, vae: VAEConfig, text: dict[str, An
             f"{where}: unsupported U-Net with {unet.in_channels} input channels; supported: 4 (text-to-image) "
             "and 9 (inpainting)"
         )
-    return ModelSpec(family, unet, vae, text, scheduler, pad_token)
+    try:
+        return ModelSpec(family, unet, vae, text, scheduler, pad_token, **second)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------- single file
@@ -65,8 +71,8 @@ def split_single_file(state_dict: StateDict,
     text-encoder kind too ("clip" for SD 1.x, "openclip" for SD 2.x)."""
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
         raise CheckpointError(
-            f"{path}: this is an SDXL checkpoint (conditioner.embedders.* keys); only Stable Diffusion 1.x "
-            "and 2.x are supported"
+            f"{path}: this is an SDXL checkpoint (conditioner.embedders.* keys): split it with "
+            "export/loading/sdxl_file.py split_sdxl_file (load_model does)"
         )
     prefixes = {
         "unet": convert_ldm.UNET_PREFIX,

@@ -35,6 +35,7 @@ from export.configs import (PRESETS, ModelSpec, UNetConfig, family_base, infer_f
 from export.convert_ldm import CheckpointError
 from export.hashing import file_sha256, tree_sha256
 from export.loading.infer import _PAD_TOKEN, StateDict, _key_list, _make_spec, infer_spec, split_single_file
+from export.loading.sdxl_file import infer_sdxl_spec, is_sdxl_file, split_sdxl_file
 from export.text_encoder import build_text_encoder, write_tokenizer_files
 from export.tiny_vae import AutoencoderTiny, build_vae, vae_config
 from export.unet import UNet2DConditionModel
@@ -71,6 +72,8 @@ class LoadedModel:
     source: dict[str, Any]
     # ControlNets to export beside the U-Net, by name (export/controlnet.py; build-engine --controlnet)
     controlnets: dict[str, nn.Module] = field(default_factory=dict)
+    text_encoder_2: nn.Module | None = None  # SDXL: transformers CLIPTextModelWithProjection
+    tokenizer_2_dir: Path | None = None  # SDXL: its tokenizer (the CLIP BPE, padding with spec.pad_token_2)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -146,17 +149,25 @@ def _with_prediction_type(scheduler: dict[str, Any], prediction_type: str | None
     return {**scheduler, "prediction_type": prediction_type}
 
 
-def _build(spec: ModelSpec, weights: tuple[StateDict, StateDict, StateDict] | None, tokenizer_dir: Path,
-           source: dict[str, Any]) -> LoadedModel:
+def _build(spec: ModelSpec, weights: tuple[StateDict, ...] | None, tokenizer_dir: Path,
+           source: dict[str, Any], tokenizer_2_dir: Path | None = None) -> LoadedModel:
+    """The networks of `spec`, loaded strictly from `weights` (U-Net, VAE, text encoder, and for SDXL
+    the second text encoder), or random (None)."""
     unet = UNet2DConditionModel(spec.unet)
     vae = build_vae(spec.vae)
     text_encoder = build_text_encoder(spec.text_encoder)
+    modules = [(unet, "U-Net"), (vae, "VAE"), (text_encoder, "text encoder")]
+    text_encoder_2 = None
+    if spec.text_encoder_2 is not None:
+        text_encoder_2 = build_text_encoder(spec.text_encoder_2, projection=True)
+        modules.append((text_encoder_2, "text encoder 2"))
+        tokenizer_2_dir = tokenizer_2_dir or _tokenizer_dir(spec.pad_token_2)
     if weights is not None:
-        for module, sd, what in zip((unet, vae, text_encoder), weights, ("U-Net", "VAE", "text encoder")):
+        for (module, what), sd in zip(modules, weights, strict=True):
             _load_strict(module, sd, what)
-    for module in (unet, vae, text_encoder):
+    for module, _ in modules:
         module.float().eval().requires_grad_(False)
-    return LoadedModel(spec, unet, vae, text_encoder, tokenizer_dir, source)
+    return LoadedModel(spec, unet, vae, text_encoder, tokenizer_dir, source, text_encoder_2, tokenizer_2_dir)
 
 
 # ---------------------------------------------------------------------------------------- public API
@@ -244,12 +255,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable JSON: {e}") from e
 
 
-def _text_config(d: dict[str, Any], where: Path) -> dict[str, Any]:
-    architectures = d.get("architectures") or ["CLIPTextModel"]
-    if architectures != ["CLIPTextModel"] or d.get("model_type", "clip_text_model") != "clip_text_model":
+def _text_config(d: dict[str, Any], where: Path, architecture: str = "CLIPTextModel") -> dict[str, Any]:
+    """The CLIPTextConfig keyword arguments of a text encoder's config.json, refused unless it is an
+    `architecture` (CLIPTextModel; SDXL's text_encoder_2: CLIPTextModelWithProjection)."""
+    architectures = d.get("architectures") or [architecture]
+    if architectures != [architecture] or d.get("model_type", "clip_text_model") != "clip_text_model":
         raise CheckpointError(
             f"{where}: unsupported text encoder {architectures} (model_type {d.get('model_type')!r}); "
-            "expected a CLIPTextModel (Stable Diffusion 1.x / 2.x)"
+            f"expected a {architecture}"
         )
     return {k: d[k] for k in _TEXT_CONFIG_KEYS if k in d}
 
@@ -295,29 +308,55 @@ def _load_diffusers(folder: Path, prediction_type: str | None) -> LoadedModel:
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{folder}: {e}") from e
     text_cfg = _text_config(_read_json(folder / "text_encoder" / "config.json"), folder / "text_encoder")
-    family = infer_family(unet_cfg)
+    try:
+        family = infer_family(unet_cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from e
     base = family_base(family)
 
     tokenizer_dir, pad = _folder_tokenizer(folder / "tokenizer", _PAD_TOKEN[base])
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else scheduler_config()
     scheduler.pop("_diffusers_version", None)
+    second, tokenizer_2_dir, weights_2 = _second_encoder(folder) if base == "sdxl" else ({}, None, None)
     spec = _make_spec(family, unet_cfg, vae_cfg, text_cfg, _with_prediction_type(scheduler, prediction_type), pad,
-                      folder)
-    weights = (
+                      folder, **second)
+    weights = [
         _read_weights(files["unet"]),
         _read_weights(files["vae"]),
         convert_ldm.clip_from_file(_read_weights(files["text_encoder"])),
-    )
+    ] + ([weights_2] if weights_2 is not None else [])
     source = {"kind": "diffusers", "path": str(folder), "sha256": tree_sha256(folder)}
-    return _build(spec, weights, tokenizer_dir, source)
+    return _build(spec, tuple(weights), tokenizer_dir, source, tokenizer_2_dir)
+
+
+def _second_encoder(folder: Path) -> tuple[dict[str, Any], Path, StateDict]:
+    """SDXL's text_encoder_2 (CLIPTextModelWithProjection) and tokenizer_2 of a diffusers folder, and
+    model_index.json's force_zeros_for_empty_prompt (diffusers StableDiffusionXLPipeline's default: True):
+    (ModelSpec keyword arguments, the tokenizer folder, the encoder's weights)."""
+    config = _text_config(_read_json(folder / "text_encoder_2" / "config.json"), folder / "text_encoder_2",
+                          "CLIPTextModelWithProjection")
+    weights = _read_weights(_component_weights(folder, "text_encoder_2", ("model", "pytorch_model")))
+    tokenizer_2_dir, pad_2 = _folder_tokenizer(folder / "tokenizer_2", "!")
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    second = {"text_encoder_2": config, "pad_token_2": pad_2,
+              "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+    # CLIPTextModelWithProjection keeps transformers' file keys (text_model.*, text_projection.weight); only
+    # the non-persistent position_ids buffer that old files carry goes
+    return second, tokenizer_2_dir, {k: v for k, v in weights.items() if not k.endswith("embeddings.position_ids")}
 
 
 # ---------------------------------------------------------------------------------------- single file
 
 
 def _load_single_file(path: Path, prediction_type: str | None) -> LoadedModel:
-    unet_sd, vae_sd, text_sd, kind = split_single_file(_read_weights(path), path)
+    state_dict = _read_weights(path)
+    if is_sdxl_file(state_dict):  # conditioner.embedders.*: export/loading/sdxl_file.py
+        weights = split_sdxl_file(state_dict, path)
+        spec = infer_sdxl_spec(*weights, prediction_type, path)
+        source = {"kind": "single_file", "path": str(path), "sha256": file_sha256(path)}
+        return _build(spec, weights, _tokenizer_dir(spec.pad_token), source)
+    unet_sd, vae_sd, text_sd, kind = split_single_file(state_dict, path)
     spec = infer_spec(unet_sd, vae_sd, text_sd, kind, prediction_type, path)
     source = {"kind": "single_file", "path": str(path), "sha256": file_sha256(path)}
     return _build(spec, (unet_sd, vae_sd, text_sd), _tokenizer_dir(spec.pad_token), source)

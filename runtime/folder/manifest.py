@@ -4,13 +4,16 @@ source checkpoint. Written by `build-engine` (export/build.py), read by the runt
 Schema (format version 1):
 {
   "format_version": 1,
-  "family": "sd1" | "sd2" | "sd1-inpaint" | "sd2-inpaint" | "sd1-lcm" | "sd2-lcm",
+  "family": "sd1" | "sd2" | "sd1-inpaint" | "sd2-inpaint" | "sd1-lcm" | "sd2-lcm" | "sdxl" | "sdxl-inpaint",
   "dims": {"latent_channels", "unet_in_channels", "vae_scale_factor", "text_hidden_size", "text_max_length",
-           "time_cond_proj_dim"},        # the last only in LCM folders (their U-Net takes timestep_cond)
+           "time_cond_proj_dim",         # only in LCM folders (their U-Net takes timestep_cond)
+           "text_hidden_size_2", "text_embeds_size", "time_ids"},   # only in SDXL folders
+  "pipeline": {"force_zeros_for_empty_prompt": true},   # SDXL folders only (model_index.json's)
   "scaling_factor": 0.18215,
   "prediction_type": "epsilon" | "v_prediction" | "sample",
   "scheduler": {...},                  # the diffusers scheduler_config.json dict
-  "tokenizer": {"dir": "tokenizer", "pad_token": "<|endoftext|>" | "!"},
+  "tokenizer": {"dir": "tokenizer", "pad_token": "<|endoftext|>" | "!",
+                "tokenizer_2": {"dir": "tokenizer_2", "pad_token": "!", "files": {...}}},  # SDXL only
   "default_size": [height, width],     # pixels: U-Net sample_size * vae_scale_factor
   "shapes": {"min_batch", "opt_batch", "max_batch", "min_image", "opt_image", "max_image"},
   "precision": "fp32" | "fp16" | "bf16",
@@ -57,7 +60,7 @@ __all__ = ["FAMILIES", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ManifestE
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Model families an engine folder can hold (export/configs.py builds them; the runtime reads them)
-FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd1-lcm", "sd2-lcm")
+FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd1-lcm", "sd2-lcm", "sdxl", "sdxl-inpaint")
 SHAPE_KEYS = ("min_batch", "opt_batch", "max_batch", "min_image", "opt_image", "max_image")
 # Sanity bounds on a manifest's numbers, far above any real folder (SD: 512-1024 px images, batches of a
 # few images, 4-9 channels, hidden sizes 768/1024): a stranger's huge value is refused at load instead
@@ -89,6 +92,9 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # runtime/folder/paths.py `file_records`
     # recommended steps / guidance_scale / sampler where the caller gives none (runtime/sampling/defaults.py)
     defaults: dict[str, Any] = field(default_factory=dict)
+    # pipeline settings of the source's model_index.json the runtime honours (SDXL:
+    # force_zeros_for_empty_prompt); empty, and not written, for other folders
+    pipeline: dict[str, Any] = field(default_factory=dict)
 
     @property
     def int8_unet(self) -> dict[str, Any] | None:
@@ -147,6 +153,7 @@ class Manifest:
             "created": self.created,
             "files": self.files,
             **({"defaults": self.defaults} if self.defaults else {}),  # other folders' manifests as they were
+            **({"pipeline": self.pipeline} if self.pipeline else {}),
         }
 
     @classmethod
@@ -169,7 +176,7 @@ class Manifest:
         for key, allowed in (("family", FAMILIES), ("prediction_type", PREDICTION_TYPES), ("precision", PRECISIONS)):
             if not isinstance(d[key], str) or d[key] not in allowed:
                 raise ManifestError(f"{where}: unknown {key} {_short(d[key])}; expected one of {', '.join(allowed)}")
-        extras = {k: _object(d.get(k, {}), k, where) for k in ("backends", "source", "tools", "files")}
+        extras = {k: _object(d.get(k, {}), k, where) for k in ("backends", "source", "tools", "files", "pipeline")}
         if not isinstance(d.get("created", ""), str):
             raise ManifestError(f"{where}: 'created' must be a string; got {_short(d['created'])}")
         manifest = cls(
@@ -184,6 +191,10 @@ class Manifest:
             raise ManifestError(f"{where}: family {manifest.family!r} with dims.time_cond_proj_dim "
                                 f"{manifest.dims.time_cond_proj_dim}: the LCM families' U-Nets, and only they, take "
                                 "a guidance embedding (time_cond_proj_dim > 0)")
+        if manifest.family.startswith("sdxl") != bool(manifest.dims.time_ids and manifest.dims.text_hidden_size_2):
+            raise ManifestError(f"{where}: family {manifest.family!r} with dims.time_ids {manifest.dims.time_ids} and "
+                                f"text_hidden_size_2 {manifest.dims.text_hidden_size_2}: the SDXL families' U-Nets, and "
+                                "only they, take two encoders' text and time_ids")
         opened_files(manifest)  # the entries that name files (backends' included) have the right types
         return manifest
 
@@ -222,11 +233,12 @@ def _object(value: Any, what: str, where: str) -> dict[str, Any]:
 
 
 def _dims_dict(dims: ModelDims) -> dict[str, Any]:
-    """The manifest's dims: time_cond_proj_dim only where the U-Net has a guidance embedding, so
-    other folders' manifests stay as they were."""
+    """The manifest's dims: time_cond_proj_dim only where the U-Net has a guidance embedding, SDXL's
+    second-encoder sizes and time_ids only in SDXL folders, so other folders' manifests stay as they were."""
     d = vars(dims).copy()
-    if not d["time_cond_proj_dim"]:
-        del d["time_cond_proj_dim"]
+    for key in ("time_cond_proj_dim", "text_hidden_size_2", "text_embeds_size", "time_ids"):
+        if not d[key]:
+            del d[key]
     if not d["block_out_channels"]:  # recorded only in folders with ControlNets
         del d["block_out_channels"], d["layers_per_block"]
     else:
@@ -246,7 +258,8 @@ def _dims(value: Any, where: str) -> ModelDims:
     except TypeError as e:
         raise ManifestError(f"{where}: bad 'dims' {_short(value)}: {e}") from None
     lows = {"cache_channels": 0, "cache_level": 0, "text_max_length": 3,  # 3: BOS + one token + EOS
-            "time_cond_proj_dim": 0, "layers_per_block": 0}
+            "time_cond_proj_dim": 0, "layers_per_block": 0, "text_hidden_size_2": 0, "text_embeds_size": 0,
+            "time_ids": 0}
     for name, v in vars(dims).items():
         if name != "block_out_channels":
             _int_in(v, lows.get(name, 1), MAX_DIM, f"dims.{name}", where)
@@ -304,6 +317,8 @@ def _defaults(value: Any, where: str) -> dict[str, Any]:
 
 def _tokenizer(value: Any, where: str) -> dict[str, Any]:
     tok = _object(value, "tokenizer", where)
+    if "tokenizer_2" in tok:  # SDXL's second tokenizer: an entry of the same kind
+        tok["tokenizer_2"] = _tokenizer(tok["tokenizer_2"], f"{where} tokenizer_2")
     if not _path_string(tok.get("dir", "tokenizer")) or not (tok.get("pad_token") is None or
                                                              isinstance(tok["pad_token"], str)):
         raise ManifestError(f"{where}: the tokenizer's dir must be a path string and pad_token a string or null; "

@@ -15,6 +15,13 @@ Symbolic axis names:
                  downsampler (ModelDims.cache_level > 0): the latent size halved cache_level times,
                  rounded up; at level 0 the feature uses latent_height, latent_width
 
+SDXL (two text encoders, `ModelDims.text_hidden_size_2` > 0): `text_encoder` (CLIP ViT-L) and
+`text_encoder_2` (OpenCLIP ViT-bigG with its projection) each give their penultimate layer's hidden
+states, `hidden_states` (diffusers StableDiffusionXLPipeline.encode_prompt: `hidden_states[-2]`), and
+`text_encoder_2` also its pooled, projected `text_embeds`; the U-Net takes both hidden states
+concatenated (`encoder_hidden_states`, text_hidden_size + text_hidden_size_2 channels), `text_embeds`
+and `time_ids` (the TensorRT demo's XL names: demo/Diffusion/models.py UNetXLModel).
+
 Optional networks (STEP_CACHE_NETWORKS) exist only in folders built with them: `unet_deep` (the
 U-Net that also outputs the feature DeepCache caches) and `unet_shallow` (the retrieval step that
 takes it); runtime/sampling/deepcache.py routes U-Net calls between them. `unet_tiled`,
@@ -44,7 +51,9 @@ CONTROLNET = "controlnet"
 CONTROL_UNET = "unet_control"
 # Optional: a tiny autoencoder (TAESD; export/tiny_vae.py) beside the folder's VAE (build-engine --tiny-vae)
 TINY_VAE_NETWORKS = ("vae_decoder_tiny", "vae_encoder_tiny")
-OPTIONAL_NETWORKS = STEP_CACHE_NETWORKS + TILING_NETWORKS + TINY_VAE_NETWORKS + (CONTROL_UNET,)
+# SDXL's second text encoder (in two-encoder folders only: ModelDims.text_hidden_size_2 > 0)
+TEXT_ENCODER_2 = "text_encoder_2"
+OPTIONAL_NETWORKS = STEP_CACHE_NETWORKS + TILING_NETWORKS + TINY_VAE_NETWORKS + (CONTROL_UNET, TEXT_ENCODER_2)
 # A request's `vae`: "full", the folder's own VAE (vae_decoder / vae_encoder); "tiny", a TAESD (the
 # folder's TINY_VAE_NETWORKS, or its own VAE where that is an AutoencoderTiny)
 VAE_CHOICES = ("full", "tiny")
@@ -83,6 +92,23 @@ class ModelDims:
     # give the residuals' channels and sizes (`control_residual_specs`); () and 0 elsewhere
     block_out_channels: tuple[int, ...] = ()
     layers_per_block: int = 0
+    # SDXL: the second text encoder's width (its penultimate hidden states follow the first's in
+    # encoder_hidden_states), its pooled projection's width (the U-Net's `text_embeds`) and the count
+    # of size/crop conditioning values (`time_ids`: 6 for the base model); 0 for one-encoder models
+    text_hidden_size_2: int = 0
+    text_embeds_size: int = 0
+    time_ids: int = 0
+
+    @property
+    def context_size(self) -> int:
+        """The channels of the U-Net's encoder_hidden_states: the text encoders' widths together."""
+        return self.text_hidden_size + self.text_hidden_size_2
+
+    @property
+    def hidden_output(self) -> str:
+        """The text encoders' hidden-state output: SDXL's encoders give the penultimate layer's
+        (`hidden_states`), the others the last layer's (`last_hidden_state`)."""
+        return "hidden_states" if self.text_hidden_size_2 else "last_hidden_state"
 
 
 @dataclass(frozen=True)
@@ -141,11 +167,14 @@ def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[
     network = base_network(network)
     f = float_dtype(precision)
     c, lat = dims.latent_channels, ("batch", dims.latent_channels, "latent_height", "latent_width")
-    if network == "text_encoder":
-        return (
-            (TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),),
-            (TensorSpec("last_hidden_state", f, ("batch", dims.text_max_length, dims.text_hidden_size)),),
-        )
+    if network in ("text_encoder", TEXT_ENCODER_2):
+        ids = (TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),)
+        if network == "text_encoder":
+            return ids, (TensorSpec(dims.hidden_output, f, ("batch", dims.text_max_length, dims.text_hidden_size)),)
+        if not dims.text_hidden_size_2:
+            raise ValueError("text_encoder_2 exists only in two-encoder (SDXL) folders: these dims have one encoder")
+        return ids, (TensorSpec("hidden_states", f, ("batch", dims.text_max_length, dims.text_hidden_size_2)),
+                     TensorSpec("text_embeds", f, ("batch", dims.text_embeds_size)))
     if network == CONTROLNET:
         residuals = control_residual_specs(dims, precision)
         return (
@@ -163,10 +192,13 @@ def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[
             # float32 in every graph, fp16 ones included: the Euler-family samplers feed fractional
             # timesteps (946.42...), which float16 would round to 946.5
             TensorSpec("timestep", "float32", ("batch",)),
-            TensorSpec("encoder_hidden_states", f, ("batch", "tokens", dims.text_hidden_size)),
+            TensorSpec("encoder_hidden_states", f, ("batch", "tokens", dims.context_size)),
         )
         if dims.time_cond_proj_dim:  # LCM: the guidance-scale embedding (runtime/families.py SD_LCM)
             unet_inputs += (TensorSpec("timestep_cond", f, ("batch", dims.time_cond_proj_dim)),)
+        if dims.time_ids:  # SDXL (runtime/families.py SDXL); time_ids float32 as timestep: sizes up to 16384 exact
+            unet_inputs += (TensorSpec("text_embeds", f, ("batch", dims.text_embeds_size)),
+                            TensorSpec("time_ids", "float32", ("batch", dims.time_ids)))
         noise = TensorSpec("noise_pred", f, lat)
         if network == "unet":
             return unet_inputs, (noise,)

@@ -127,6 +127,15 @@ def _writable_subdirs(engine_dir: Path) -> None:
             inside(engine_dir, rel, "the engine cache folder", kind="dir")
 
 
+def tokenizer_entries(tokenizer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's tokenizer entry, and SDXL's second tokenizer's (`tokenizer.tokenizer_2`) where
+    there is one: each {"dir", "pad_token", "files"}."""
+    second = tokenizer.get("tokenizer_2")
+    if second is not None and not isinstance(second, dict):
+        raise ManifestError(f"manifest: tokenizer.tokenizer_2 must be an object; got {_short(second)}")
+    return [tokenizer] + ([second] if second is not None else [])
+
+
 def _tokenizer_entries(engine_dir: Path, tokenizer: dict[str, Any]) -> Path:
     """The tokenizer folder, after checking that each of its entries (transformers reads whichever
     files it finds there) is a regular file inside the engine folder (or a plain subfolder)."""
@@ -176,9 +185,10 @@ def opened_files(manifest: Any, backends: Collection[str] | None = None, *, comm
             rel = _str_at(entry, key, f"networks.{name}")
             if rel:
                 files.setdefault(rel, f"network {name!r} names {key}")
-    tok_dir = _str_at(manifest.tokenizer, "dir", "tokenizer") or "tokenizer"
-    for name in manifest.tokenizer.get("files") or {}:
-        files.setdefault(f"{tok_dir}/{name}", "the tokenizer names file")
+    for tok in tokenizer_entries(manifest.tokenizer):
+        tok_dir = _str_at(tok, "dir", "tokenizer") or "tokenizer"
+        for name in tok.get("files") or {}:
+            files.setdefault(f"{tok_dir}/{name}", "the tokenizer names file")
     return files
 
 
@@ -353,7 +363,7 @@ def check_folder(engine_dir: str | os.PathLike, manifest: Any, *, verify: bool =
     engine_dir = Path(engine_dir)
     opened = opened_files(manifest, backends, common=common)
     paths = {rel: inside(engine_dir, rel, what) for rel, what in sorted(opened.items())}
-    tok_dir = _tokenizer_entries(engine_dir, manifest.tokenizer) if common else None
+    tok_dirs = [_tokenizer_entries(engine_dir, t) for t in tokenizer_entries(manifest.tokenizer)] if common else []
     _writable_subdirs(engine_dir)
     table = _records(manifest, opened, str(engine_dir))
     if table is None:
@@ -363,7 +373,8 @@ def check_folder(engine_dir: str | os.PathLike, manifest: Any, *, verify: bool =
         read = sum(_check_file(engine_dir, paths[rel], rel, table[rel], verify) for rel in paths)
     for entry in manifest.networks.values() if common else ():
         check_graph(engine_dir, paths[entry["file"]], entry["file"])
-    for name in ("tokenizer_config.json", "special_tokens_map.json") if common else ():
-        if (tok_dir / name).is_file():
-            _no_file_keys(tok_dir / name)
+    for tok_dir in tok_dirs:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (tok_dir / name).is_file():
+                _no_file_keys(tok_dir / name)
     return FolderCheck(mode, len(paths), read, time.perf_counter() - start)

@@ -73,13 +73,21 @@ def tokenize(tokenizer, prompts: Sequence[str], min_chunks: int = 1,
     return np.stack([chunk_ids(tokenizer, i, n, max_length) for i in ids])
 
 
-def encode(engine: Engine, ids: np.ndarray) -> np.ndarray:
+def encode(engine: Engine, ids: np.ndarray, output: str = "last_hidden_state") -> np.ndarray:
     """Run the text encoder on [batch, n_chunks, 77] ids, one chunk position at a time (the
     engine batch stays the prompt count), and concatenate: float32 [batch, n_chunks * 77, hidden]."""
+    return encode_outputs(engine, ids, output)[0]
+
+
+def encode_outputs(engine: Engine, ids: np.ndarray, output: str = "last_hidden_state",
+                   pooled: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`encode`, and the encoder's `pooled` output of the first chunk ([batch, width]; None without
+    `pooled`): A1111 modules/sd_hijack_clip.py takes the pooled output of chunk 0 (`zs[0].pooled`)."""
     if ids.ndim != 3:
         raise ValueError(f"expected ids of shape [batch, chunks, tokens]; got {ids.shape}")
-    hidden = [engine.run({"input_ids": ids[:, k, :]})["last_hidden_state"] for k in range(ids.shape[1])]
-    return np.concatenate(hidden, axis=1)
+    runs = [engine.run({"input_ids": ids[:, k, :]}) for k in range(ids.shape[1])]
+    hidden = np.concatenate([r[output] for r in runs], axis=1)
+    return hidden, None if pooled is None else runs[0][pooled]
 
 
 def expand_embeddings(prompt: str, embeddings: Mapping[str, Sequence[str]]) -> str:

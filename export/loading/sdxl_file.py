@@ -1,0 +1,115 @@
+"""Original single-file SDXL checkpoints (Stability-AI/generative-models, `sgm`): split into our four
+networks and their configs told from the tensor shapes.
+
+Layout (sgm/models/diffusion.py DiffusionEngine; sgm/modules/encoders/modules.py GeneralConditioner):
+  model.diffusion_model.*                 the U-Net in the LDM layout, plus `label_emb.0.{0,2}` (ours:
+                                          add_embedding.linear_1/2; export/convert_ldm.py)
+  first_stage_model.*                     the VAE, as SD 1.x/2.x's
+  conditioner.embedders.0.transformer.*   CLIP ViT-L/14 in Hugging Face keys (text_model.*)
+  conditioner.embedders.1.model.*         OpenCLIP ViT-bigG/14 text tower in OpenCLIP keys (in_proj
+                                          split into q/k/v, text_projection transposed:
+                                          convert_ldm.openclip_g_from_ldm)
+
+What the shapes cannot tell is SDXL's rule or preset: 64-channel attention heads (sgm
+configs/inference/sd_xl_base.yaml `num_head_channels: 64`; both CLIP towers too), 32 norm groups,
+CLIP-L's quick_gelu and bigG's gelu, the VAE's scaling factor 0.13025 (sd_xl_base.yaml
+`scale_factor`), the scheduler (stable-diffusion-xl-base-1.0's EulerDiscreteScheduler config), the
+padding of both tokenizers (<|endoftext|>, "!"). The time-id embedding width is what add_embedding's
+input leaves after the pooled projection, over 6 time ids (sd_xl_base.yaml `adm_in_channels: 2816` =
+1280 + 6 * 256).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from export import convert_ldm
+from export.configs import preset
+from export.convert_ldm import CheckpointError
+from export.loading.infer import StateDict, _count, _dim, _make_spec, infer_text_fields, infer_unet_fields, infer_vae_fields
+
+# SDXL's 6 time ids: original size, crop top-left, target size (Podell et al. arXiv:2307.01952 §2.2)
+TIME_IDS = 6
+HEAD_WIDTH = 64  # sd_xl_base.yaml num_head_channels; CLIP ViT-L/14 and ViT-bigG/14 heads are 64 wide too
+_IGNORED = ("model_ema.", "first_stage_model.loss.", "denoiser.", "conditioner.embedders.1.model.logit_scale")
+
+
+def is_sdxl_file(state_dict: StateDict) -> bool:
+    return any(k.startswith("conditioner.embedders.") for k in state_dict)
+
+
+def split_sdxl_file(state_dict: StateDict, path: Path | str = "checkpoint") -> tuple[StateDict, ...]:
+    """(U-Net, VAE, text encoder, text encoder 2) state dicts in our layout; unknown keys are an error
+    naming them."""
+    prefixes = {"unet": convert_ldm.UNET_PREFIX, "vae": convert_ldm.VAE_PREFIX,
+                "clip": convert_ldm.SDXL_CLIP_PREFIX, "openclip": convert_ldm.SDXL_OPENCLIP_PREFIX}
+    parts: dict[str, StateDict] = {name: {} for name in prefixes}
+    unknown = []
+    for key, value in state_dict.items():
+        if key.startswith(_IGNORED):
+            continue
+        part = next((name for name, p in prefixes.items() if key.startswith(p)), None)
+        if part is None:
+            unknown.append(key)
+        else:
+            parts[part][key[len(prefixes[part]):]] = value
+    empty = [prefixes[name] for name, sd in parts.items() if not sd]
+    if unknown or empty:
+        shown = ", ".join(sorted(unknown)[:5]) + (f", ... ({len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise CheckpointError(f"{path}: not an SDXL checkpoint of the sgm layout"
+                              + (f"; unexpected keys: {shown}" if unknown else "")
+                              + (f"; no {', '.join(empty)}* keys" if empty else ""))
+    try:  # the layout rules reshape, split and join tensors: shapes a checkpoint lies about fail here
+        return (convert_ldm.unet_from_ldm(parts["unet"]), convert_ldm.vae_from_ldm(parts["vae"]),
+                convert_ldm.clip_from_file(parts["clip"]), convert_ldm.openclip_g_from_ldm(parts["openclip"]))
+    except (RuntimeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{path}: tensors of unexpected shapes for the SDXL layout: {e}") from e
+
+
+def _text_config(sd: StateDict, act: str, pad_id: int, base: dict[str, Any]) -> dict[str, Any]:
+    fields = infer_text_fields({k.removeprefix("text_model."): v for k, v in sd.items()})
+    hidden = fields["hidden_size"]
+    if hidden % HEAD_WIDTH:
+        raise ValueError(f"text encoder width {hidden} is not a multiple of the CLIP head width {HEAD_WIDTH}")
+    projection = _dim(sd, "text_projection.weight", 0)
+    return {**base, **fields, "num_attention_heads": hidden // HEAD_WIDTH, "hidden_act": act, "pad_token_id": pad_id,
+            **({"projection_dim": projection} if projection else {})}
+
+
+def infer_sdxl_spec(unet_sd: StateDict, vae_sd: StateDict, text_sd: StateDict, text_2_sd: StateDict,
+                    prediction_type: str | None = None, where: Path | str = "checkpoint"):
+    """The `ModelSpec` of an SDXL single file (state dicts already in our layout): the shapes' fields
+    over the full-size `sdxl` preset, with SDXL's rules (module doc) for the rest."""
+    full = preset("sdxl")
+    try:
+        fields = infer_unet_fields(unet_sd)
+        channels = fields["block_out_channels"]
+        if any(c % HEAD_WIDTH for c in channels):
+            raise ValueError(f"block channels {channels} are not multiples of the SDXL head width {HEAD_WIDTH}")
+        n = len(channels)
+        depths = tuple(_count(unet_sd, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.") or 1
+                       for b in range(n))
+        text_2 = _text_config(text_2_sd, "gelu", 0, full.text_encoder_2)
+        pooled_in = _dim(unet_sd, "add_embedding.linear_1.weight", 1)
+        if pooled_in is None or (pooled_in - text_2["projection_dim"]) % TIME_IDS:
+            raise ValueError(f"add_embedding takes {pooled_in} channels, not the pooled projection "
+                             f"({text_2['projection_dim']}) and {TIME_IDS} time-id embeddings")
+        attention = fields.pop("transformer_layers_per_block", None)  # the mid block's depth
+        if attention is not None and attention != depths[-1]:
+            raise ValueError(f"the mid block's depth {attention} differs from the last down block's {depths[-1]}")
+        unet = replace(full.unet, **fields, transformer_layers_per_block=depths,
+                       attention_head_dim=tuple(c // HEAD_WIDTH for c in channels),
+                       addition_time_embed_dim=(pooled_in - text_2["projection_dim"]) // TIME_IDS,
+                       projection_class_embeddings_input_dim=pooled_in)
+        vae = replace(full.vae, **infer_vae_fields(vae_sd))
+        text = _text_config(text_sd, "quick_gelu", 49407, full.text_encoder)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: cannot infer a supported SDXL config: {e}") from e
+    scheduler = dict(full.scheduler) if prediction_type is None else {**full.scheduler,
+                                                                      "prediction_type": prediction_type}
+    family = "sdxl-inpaint" if unet.in_channels == 9 else "sdxl"
+    return _make_spec(family, unet, vae, text, scheduler, full.pad_token, Path(where), text_encoder_2=text_2,
+                      pad_token_2=full.pad_token_2)
+
