@@ -142,6 +142,7 @@ class Pipeline:
 
     # -- public API ------------------------------------------------------------------------------
 
+    # long: the public signature; the docstring documents every keyword
     def txt2img(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
                 guidance_rescale: float = 0.0, scheduler: str | None = None, karras: bool | None = None,

@@ -162,19 +162,24 @@ def tiled_network(network: str, tiling: bool) -> str:
     return f"{network}_tiled" if tiling else network
 
 
+def _text_encoder_io(network: str, dims: ModelDims, f: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """text_encoder: token ids -> hidden states; text_encoder_2 (SDXL): also the pooled `text_embeds`."""
+    ids = (TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),)
+    if network == "text_encoder":
+        return ids, (TensorSpec(dims.hidden_output, f, ("batch", dims.text_max_length, dims.text_hidden_size)),)
+    if not dims.text_hidden_size_2:
+        raise ValueError("text_encoder_2 exists only in two-encoder (SDXL) folders: these dims have one encoder")
+    return ids, (TensorSpec("hidden_states", f, ("batch", dims.text_max_length, dims.text_hidden_size_2)),
+                 TensorSpec("text_embeds", f, ("batch", dims.text_embeds_size)))
+
+
 def network_io(network: str, dims: ModelDims, precision: str = "fp32") -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """(inputs, outputs) of `network`, in order."""
     network = base_network(network)
     f = float_dtype(precision)
     c, lat = dims.latent_channels, ("batch", dims.latent_channels, "latent_height", "latent_width")
     if network in ("text_encoder", TEXT_ENCODER_2):
-        ids = (TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),)
-        if network == "text_encoder":
-            return ids, (TensorSpec(dims.hidden_output, f, ("batch", dims.text_max_length, dims.text_hidden_size)),)
-        if not dims.text_hidden_size_2:
-            raise ValueError("text_encoder_2 exists only in two-encoder (SDXL) folders: these dims have one encoder")
-        return ids, (TensorSpec("hidden_states", f, ("batch", dims.text_max_length, dims.text_hidden_size_2)),
-                     TensorSpec("text_embeds", f, ("batch", dims.text_embeds_size)))
+        return _text_encoder_io(network, dims, f)
     if network == CONTROLNET:
         residuals = control_residual_specs(dims, precision)
         return (
