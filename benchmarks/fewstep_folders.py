@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from benchmarks.protocol import link_tree
 
 # stabilityai/sd-turbo scheduler/scheduler_config.json (EulerDiscreteScheduler, trailing spacing)
 TURBO_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
@@ -46,20 +47,6 @@ FOLDERS = ("turbo-full", "turbo-tiny", "lcm-full", "lcm-tiny")
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _link_tree(src: Path, dst: Path, skip: tuple[str, ...]) -> None:
-    """Recreate `src` under `dst` with every file hard-linked (copied across file systems), except
-    the top-level entries named in `skip`."""
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if rel.parts[0] in skip or not path.is_file():
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, dst / rel)
-        except OSError:
-            shutil.copy2(path, dst / rel)
 
 
 def _in_place(final: Path, make) -> float:
@@ -98,7 +85,7 @@ def _lcm(stage: Path, turbo: Path, model_name: str, seed: int) -> None:
 
     from export.configs import preset
 
-    _link_tree(turbo, stage, skip=("unet", "scheduler", "model_index.json"))
+    link_tree(turbo, stage, skip=("unet", "scheduler", "model_index.json"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         unet = diffusers.UNet2DConditionModel.from_config({**preset(model_name).unet.to_dict(),
@@ -116,7 +103,7 @@ def _tiny(stage: Path, full: Path, seed: int) -> None:
     import diffusers
     import torch
 
-    _link_tree(full, stage, skip=("vae", "model_index.json"))
+    link_tree(full, stage, skip=("vae", "model_index.json"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 2)
         vae = diffusers.AutoencoderTiny()  # madebyollin/taesd's config: diffusers' defaults

@@ -24,6 +24,8 @@ venvs have NumPy and their own packages, not this project's (tests/test_benchmar
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -183,3 +185,17 @@ def time_runs(run: Callable[[], tuple[Any, dict[str, float]]], task: Task) -> tu
     stats["stages"] = {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
     stats["stage_runs"] = runs
     return out, stats
+
+
+def link_tree(src: Path, dst: Path, skip: tuple[str, ...]) -> None:
+    """Recreate `src` under `dst` with every file hard-linked (copied across file systems), except
+    the top-level entries named in `skip` (the few-step folders share a model's files, peers' too)."""
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if rel.parts[0] in skip or not path.is_file():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dst / rel)
+        except OSError:
+            shutil.copy2(path, dst / rel)

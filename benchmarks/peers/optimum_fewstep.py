@@ -21,7 +21,6 @@ fewstep  load one of those folders, static-reshape to the benchmarked size at ba
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,21 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.protocol import StageClock, per_call, save_image, time_runs
+from benchmarks.protocol import StageClock, link_tree, per_call, save_image, time_runs
 
 PIPELINES = {"turbo": "OVStableDiffusionPipeline", "lcm": "OVLatentConsistencyModelPipeline"}
-
-
-def _link_tree(src: Path, dst: Path, skip: tuple[str, ...]) -> None:
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if rel.parts[0] in skip or not path.is_file():
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, dst / rel)
-        except OSError:
-            shutil.copy2(path, dst / rel)
 
 
 def _tokenizer_ir(folder: Path) -> str:
@@ -105,7 +92,7 @@ def prepare(task: dict[str, Any]) -> dict[str, Any]:
     if not (tiny_dir / "model_index.json").is_file():
         partial = tiny_dir.with_name(tiny_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        _link_tree(ov_dir, partial, skip=("vae_decoder", "model_index.json"))
+        link_tree(ov_dir, partial, skip=("vae_decoder", "model_index.json"))
         _taesd_decoder(Path(task["tiny_vae_dir"]), partial / "vae_decoder")
         shutil.copy2(ov_dir / "model_index.json", partial / "model_index.json")
         partial.replace(tiny_dir)

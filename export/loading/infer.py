@@ -65,6 +65,23 @@ def _make_spec(family: str, unet: UNetConfig, vae: VAEConfig, text: dict[str, An
 # ---------------------------------------------------------------------------------------- single file
 
 
+def split_by_prefix(state_dict: StateDict, prefixes: dict[str, str], ignored: tuple[str, ...] = (),
+                    ignored_keys: frozenset[str] = frozenset()) -> tuple[dict[str, StateDict], list[str]]:
+    """({part: its tensors with the part's prefix removed}, the keys no prefix claims), skipping keys
+    that start with `ignored` or are in `ignored_keys`. Prefixes are tried in order."""
+    parts: dict[str, StateDict] = {name: {} for name in prefixes}
+    unknown = []
+    for key, value in state_dict.items():
+        if key.startswith(ignored) or key in ignored_keys:
+            continue
+        part = next((name for name, p in prefixes.items() if key.startswith(p)), None)
+        if part is None:
+            unknown.append(key)
+        else:
+            parts[part][key[len(prefixes[part]):]] = value
+    return parts, unknown
+
+
 def split_single_file(state_dict: StateDict,
                       path: Path | str = "checkpoint") -> tuple[StateDict, StateDict, StateDict, str]:
     """Split an LDM checkpoint into U-Net, VAE and text-encoder dicts in our layout; returns the
@@ -80,16 +97,7 @@ def split_single_file(state_dict: StateDict,
         "clip": convert_ldm.CLIP_PREFIX,
         "openclip": convert_ldm.OPENCLIP_PREFIX,
     }
-    parts: dict[str, StateDict] = {name: {} for name in prefixes}
-    unknown = []
-    for key, value in state_dict.items():
-        if key.startswith(_LDM_IGNORED_PREFIXES) or key in _LDM_SCHEDULE_BUFFERS:
-            continue
-        part = next((name for name, p in prefixes.items() if key.startswith(p)), None)
-        if part is None:
-            unknown.append(key)
-        else:
-            parts[part][key[len(prefixes[part]):]] = value
+    parts, unknown = split_by_prefix(state_dict, prefixes, _LDM_IGNORED_PREFIXES, _LDM_SCHEDULE_BUFFERS)
     if not parts["unet"]:
         found = sorted({".".join(k.split(".")[:2]) for k in state_dict})
         raise CheckpointError(

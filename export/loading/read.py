@@ -167,7 +167,8 @@ def _build(spec: ModelSpec, weights: tuple[StateDict, ...] | None, tokenizer_dir
             _load_strict(module, sd, what)
     for module, _ in modules:
         module.float().eval().requires_grad_(False)
-    return LoadedModel(spec, unet, vae, text_encoder, tokenizer_dir, source, text_encoder_2, tokenizer_2_dir)
+    return LoadedModel(spec, unet, vae, text_encoder, tokenizer_dir, source, text_encoder_2=text_encoder_2,
+                       tokenizer_2_dir=tokenizer_2_dir)
 
 
 # ---------------------------------------------------------------------------------------- public API

@@ -28,7 +28,8 @@ from typing import Any
 from export import convert_ldm
 from export.configs import preset
 from export.convert_ldm import CheckpointError
-from export.loading.infer import StateDict, _count, _dim, _make_spec, infer_text_fields, infer_unet_fields, infer_vae_fields
+from export.loading.infer import (StateDict, _count, _dim, _make_spec, infer_text_fields, infer_unet_fields,
+                                  infer_vae_fields, split_by_prefix)
 
 # SDXL's 6 time ids: original size, crop top-left, target size (Podell et al. arXiv:2307.01952 §2.2)
 TIME_IDS = 6
@@ -45,16 +46,7 @@ def split_sdxl_file(state_dict: StateDict, path: Path | str = "checkpoint") -> t
     naming them."""
     prefixes = {"unet": convert_ldm.UNET_PREFIX, "vae": convert_ldm.VAE_PREFIX,
                 "clip": convert_ldm.SDXL_CLIP_PREFIX, "openclip": convert_ldm.SDXL_OPENCLIP_PREFIX}
-    parts: dict[str, StateDict] = {name: {} for name in prefixes}
-    unknown = []
-    for key, value in state_dict.items():
-        if key.startswith(_IGNORED):
-            continue
-        part = next((name for name, p in prefixes.items() if key.startswith(p)), None)
-        if part is None:
-            unknown.append(key)
-        else:
-            parts[part][key[len(prefixes[part]):]] = value
+    parts, unknown = split_by_prefix(state_dict, prefixes, _IGNORED)
     empty = [prefixes[name] for name, sd in parts.items() if not sd]
     if unknown or empty:
         shown = ", ".join(sorted(unknown)[:5]) + (f", ... ({len(unknown) - 5} more)" if len(unknown) > 5 else "")
