@@ -44,6 +44,17 @@ def summarize(times: list[float], *, warmup: int = 0, cpu_times: list[float] | N
 
 
 def peak_rss_mb() -> float:
-    """This process's resident-set high-water mark in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's resident-set high-water mark in MiB: Linux's VmHWM (/proc/self/status, KiB),
+    which belongs to the process's own address space. Not ru_maxrss there: Linux carries it over
+    fork and exec, so a worker started by a parent that once held 13 GB (a benchmark that built the
+    full-size folder first) reported 13 GB whatever it used (measured: a child of a 2 GB parent read
+    ru_maxrss 2062 MiB, VmHWM 13.6 MiB). Elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

@@ -1,8 +1,8 @@
 """One benchmark target measured in its own process: `python -m benchmarks.worker TASK.json RESULT.json`.
 
-A fresh process per target keeps the peak-RSS figure that target's own (ru_maxrss is a per-process
-high-water mark) and stops thread pools, allocator caches and compiled kernels of one framework
-from slowing the next. The parent (`benchmarks/suite.py`) writes the task, reads the result; the
+A fresh process per target keeps the peak-RSS figure that target's own (VmHWM, benchmarks/timing.py
+peak_rss_mb, is the high-water mark of the process's own address space) and stops thread pools,
+allocator caches and compiled kernels of one framework from slowing the next. The parent (`benchmarks/suite.py`) writes the task, reads the result; the
 exchange and the timing loops every worker shares are `benchmarks/protocol.py`.
 
 Targets:

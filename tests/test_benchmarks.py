@@ -207,3 +207,19 @@ def test_ceiling_counts_the_unet_arithmetic():
     # batch and resolution scale it: twice the batch, twice the work
     assert unet_gflop("sd15", 256, 2)["convolution"] == pytest.approx(2 * flops["convolution"])
     assert gemm_tflops("f32", size=256, repeats=2) > 0
+
+
+def test_a_workers_peak_rss_is_its_own():
+    """A worker's peak RSS is its own address space's: Linux carries ru_maxrss over fork and exec, so
+    with it a worker of a parent that once held a large buffer reported the parent's peak."""
+    import subprocess
+    import sys
+
+    held = bytearray(512 * 1024 * 1024)
+    held[::4096] = b"\x01" * len(held[::4096])  # touched: resident in this (the parent) process
+    assert peak_rss_mb() > 512
+    code = "from benchmarks.timing import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                 timeout=120).stdout)
+    del held
+    assert 0 < child < 256  # an interpreter and one small module: tens of MiB
