@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import runtime
-from psnr_bounds import PARITY_PSNR_DB
+from psnr_bounds import assert_psnr
 from runtime.compare import psnr
 
 diffusers = pytest.importorskip("diffusers")
@@ -113,15 +112,6 @@ def _pipe(model: dict, cls: str, controlnet):
     pipe.scheduler = diffusers.DDIMScheduler.from_config(config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def assert_psnr(ours: np.ndarray, ref: np.ndarray, what: str) -> float:
-    assert ours.shape == ref.shape, f"{what}: shapes {ours.shape} vs {ref.shape}"
-    value = psnr(ours, ref)
-    log.info("PSNR %s: %.1f dB", what, value)
-    print(f"PSNR {what}: {value:.1f} dB")
-    assert value >= PARITY_PSNR_DB, f"{what}: PSNR {value:.1f} dB < {PARITY_PSNR_DB} dB"
-    return value
 
 
 def _latents(pipe: runtime.Pipeline, seed: int) -> np.ndarray:

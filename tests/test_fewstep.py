@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import runtime
-from psnr_bounds import PARITY_PSNR_DB
+from psnr_bounds import PARITY_PSNR_DB, assert_psnr
 from runtime.compare import psnr
 from runtime.families import SD_LCM, family_of, guidance_embedding
 from runtime.folder.manifest import load_manifest
@@ -34,14 +34,6 @@ PROMPT = "a watercolor painting of a lighthouse at dusk"
 NEGATIVE = "blurry, low quality"
 COND_DIM = 32  # the tiny LCM U-Net's time_cond_proj_dim (LCM-distilled SD 1.5: 256)
 BACKENDS = [("onnxruntime", {}), ("openvino", {"inference_precision": "f32"})]
-
-
-def assert_psnr(ours: np.ndarray, ref: np.ndarray, what: str) -> float:
-    assert ours.shape == ref.shape, f"{what}: shapes {ours.shape} vs {ref.shape}"
-    value = psnr(ours, ref)
-    log.info("PSNR %s: %.1f dB", what, value)
-    assert value >= PARITY_PSNR_DB, f"{what}: PSNR {value:.1f} dB < {PARITY_PSNR_DB} dB"
-    return value
 
 
 def _load(folder: Path, cls: str):

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 import runtime
-from psnr_bounds import PARITY_PSNR_DB
+from psnr_bounds import PARITY_PSNR_DB, assert_psnr
 from runtime import scheduler as sch
 from runtime.compare import psnr
 
@@ -39,13 +39,6 @@ BACKEND_STEPS = 3  # the PyTorch engine is the slow side of backend comparisons
 STEPS = 4
 PROMPT = "a watercolor painting of a lighthouse at dusk"
 NEGATIVE = "blurry, low quality"
-
-
-def assert_psnr(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    assert ours.shape == ref.shape, f"{what}: shapes {ours.shape} vs {ref.shape}"
-    value = psnr(ours, ref)
-    log.info("PSNR %s: %.1f dB", what, value)
-    assert value >= PARITY_PSNR_DB, f"{what}: PSNR {value:.1f} dB < {PARITY_PSNR_DB} dB"
 
 
 def make_image(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -61,8 +54,6 @@ def make_mask(h: int, w: int) -> Image.Image:
     m = np.zeros((h, w), np.uint8)
     m[h // 4: 3 * h // 4, w // 3: w - w // 8] = 255
     return Image.fromarray(m)
-
-
 
 
 # ---------------------------------------------------------------------------------------- backends

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 import runtime
-from psnr_bounds import PARITY_PSNR_DB
+from psnr_bounds import PARITY_PSNR_DB, assert_psnr
 from runtime.compare import psnr
 from runtime.errors import PipelineError
 from runtime.families import SDXL, SDXL_INPAINT, family_of
@@ -65,14 +65,6 @@ SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 
 SAMPLERS = {"euler": ("EulerDiscreteScheduler", {}), "ddim": ("DDIMScheduler", {}),
             "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
             "unipc": ("UniPCMultistepScheduler", {}), "heun": ("HeunDiscreteScheduler", {})}
-
-
-def assert_psnr(ours: np.ndarray, ref: np.ndarray, what: str) -> float:
-    assert ours.shape == ref.shape, f"{what}: shapes {ours.shape} vs {ref.shape}"
-    value = psnr(ours, ref)
-    log.info("PSNR %s: %.1f dB", what, value)
-    assert value >= PARITY_PSNR_DB, f"{what}: PSNR {value:.1f} dB < {PARITY_PSNR_DB} dB"
-    return value
 
 
 def _components(root: Path, in_channels: int = 4) -> dict:
