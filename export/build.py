@@ -515,7 +515,8 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
     parity_shapes = default_parity_shapes(spec, shapes["min_image"], shapes["opt_image"], shapes["max_image"],
                                           shapes["max_batch"])
     networks = {}
-    for network in NETWORKS + (("text_encoder_2",) if model.text_encoder_2 is not None else ()):
+
+    def export(network: str) -> None:
         graph_precision = network_precision(spec, network, precision)
         with _stage(progress, f"exporting {network} ({graph_precision})"):
             result = export_network(network, model, folder, precision=graph_precision, parity_shapes=parity_shapes)
@@ -528,15 +529,31 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         if result.external_data:
             entry["external_data_sha256"] = file_sha256(folder / result.external_data)
         networks[network] = entry
+
+    # One big network in memory at a time: each PyTorch module is released once the graphs made from it
+    # are exported and checked (the full-size SDXL U-Net alone is 10.3 GB in fp32, its second text
+    # encoder 2.8 GB). The first text encoder stays: its vocabulary size draws the parity inputs.
+    export("text_encoder")
+    if model.text_encoder_2 is not None:
+        export("text_encoder_2")
+        _release(model, "text_encoder_2")
+    export("unet")
     if cache_branch is not None:
         networks.update(_export_step_cache(model, folder, networks["unet"], precision, parity_shapes, cache_branch,
                                            progress))
-    if tiling:
+    if tiling:  # the circular variants of the U-Net and both VAE graphs, after those (and the step cache)
+        export("vae_decoder")
+        export("vae_encoder")
         networks.update(_export_tiling(model, folder, networks, precision, parity_shapes, progress))
-    if model.controlnets:
+    if model.controlnets:  # last of the graphs sharing unet.onnx.data (export/onnx_export.py `export_control`)
         dims = replace(dims, block_out_channels=tuple(spec.unet.block_out_channels),
                        layers_per_block=spec.unet.layers_per_block)
         networks.update(_export_control(model, folder, networks, identity, precision, parity_shapes, progress))
+        _release(model, "controlnets")
+    _release(model, "unet")
+    if not tiling:
+        export("vae_decoder")
+        export("vae_encoder")
     for name in (n for n in networks if n.startswith("vae_") and getattr(spec.vae, "kind", None)):
         networks[name]["vae"] = spec.vae.kind  # "tiny": an AutoencoderTiny (export/tiny_vae.py); absent: KL
     if tiny_vae is not None:
@@ -554,6 +571,13 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         source=identity, tools=tools, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         pipeline=pipeline,
     )
+
+
+def _release(model: Any, name: str) -> None:
+    """Drop the build's own `LoadedModel`'s network `name` (the caller holds no other reference: the
+    plan gave the model up) and return its memory before the next export."""
+    setattr(model, name, {} if name == "controlnets" else None)
+    gc.collect()
 
 
 def _export_tiny_vae(model: Any, tiny: Any, folder: Path, precision: str, parity_shapes: Any,

@@ -248,7 +248,7 @@ def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
                              f"`with_tiny_vae`); this one's is a {type(model.vae).__name__}")
         return wrap(base_network(network), model)
     if network == "text_encoder":
-        module = TextEncoderWrapper(model.text_encoder, penultimate=model.text_encoder_2 is not None)
+        module = TextEncoderWrapper(model.text_encoder, penultimate=model.spec.text_encoder_2 is not None)
     elif network == "text_encoder_2":
         module = TextEncoder2Wrapper(model.text_encoder_2)
     elif network == "unet":
