@@ -533,8 +533,9 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
     # One big network in memory at a time: each PyTorch module is released once the graphs made from it
     # are exported and checked (the full-size SDXL U-Net alone is 10.3 GB in fp32, its second text
     # encoder 2.8 GB). The first text encoder stays: its vocabulary size draws the parity inputs.
+    two_encoders = model.text_encoder_2 is not None  # SDXL; read before the release below
     export("text_encoder")
-    if model.text_encoder_2 is not None:
+    if two_encoders:
         export("text_encoder_2")
         _release(model, "text_encoder_2")
     export("unet")
@@ -560,7 +561,7 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         networks.update(_export_tiny_vae(model, tiny_vae, folder, precision, parity_shapes, progress))
     tokenizer = _copy_tokenizer(model.tokenizer_dir, folder, "tokenizer", spec.pad_token)
     pipeline = {}
-    if model.text_encoder_2 is not None:  # SDXL: the second tokenizer, and how an empty negative prompt encodes
+    if two_encoders:  # SDXL: the second tokenizer, and how an empty negative prompt encodes
         tokenizer["tokenizer_2"] = _copy_tokenizer(model.tokenizer_2_dir, folder, "tokenizer_2", spec.pad_token_2)
         pipeline["force_zeros_for_empty_prompt"] = spec.force_zeros_for_empty_prompt
     size = spec.unet.sample_size * spec.vae_scale_factor
