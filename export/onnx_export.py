@@ -156,30 +156,46 @@ class UNetXLWrapper(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, text_embeds=text_embeds, time_ids=time_ids)
 
 
+def _conditioning(unet: nn.Module, extra: Sequence[torch.Tensor]) -> tuple[Any, Any, Sequence[torch.Tensor]]:
+    """Split a U-Net graph's inputs after encoder_hidden_states, in the contract's order
+    (runtime/folder/networks.py `network_io`): timestep_cond (LCM-distilled U-Nets), then text_embeds
+    and time_ids (SDXL), then the graph's own; -> (timestep_cond, (text_embeds, time_ids), own)."""
+    i, cond, added = 0, None, None
+    if unet.config.time_cond_proj_dim is not None:
+        cond, i = extra[0], 1
+    if unet.config.addition_embed_type:
+        added, i = (extra[i], extra[i + 1]), i + 2
+    return cond, added, extra[i:]
+
+
 class UNetDeepWrapper(nn.Module):
-    """sample, timestep [batch], encoder_hidden_states -> (noise_pred, cache_feature): the full U-Net
-    that also returns the feature cached for `branch` (export/unet.py `cache_split`)."""
-
-    def __init__(self, unet: nn.Module, branch: int):
-        super().__init__()
-        self.unet, self.branch = unet, branch
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.unet.forward_deep(sample, timestep, encoder_hidden_states, self.branch)
-
-
-class UNetShallowWrapper(nn.Module):
-    """sample, timestep [batch], encoder_hidden_states, cache_feature -> noise_pred: the retrieval
-    step of `branch`, from the feature of the last full step."""
+    """The U-Net's inputs (timestep_cond for an LCM-distilled U-Net, text_embeds and time_ids for
+    SDXL) -> (noise_pred, cache_feature): the full U-Net that also returns the feature cached for
+    `branch` (export/unet.py `cache_split`)."""
 
     def __init__(self, unet: nn.Module, branch: int):
         super().__init__()
         self.unet, self.branch = unet, branch
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                cache_feature: torch.Tensor) -> torch.Tensor:
-        return self.unet.forward_shallow(sample, timestep, encoder_hidden_states, cache_feature, self.branch)
+                *extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, added, _ = _conditioning(self.unet, extra)
+        return self.unet.forward_deep(sample, timestep, encoder_hidden_states, self.branch, cond, added)
+
+
+class UNetShallowWrapper(nn.Module):
+    """The U-Net's inputs, then cache_feature -> noise_pred: the retrieval step of `branch`, from
+    the feature of the last full step."""
+
+    def __init__(self, unet: nn.Module, branch: int):
+        super().__init__()
+        self.unet, self.branch = unet, branch
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *extra: torch.Tensor) -> torch.Tensor:
+        cond, added, (cache_feature,) = _conditioning(self.unet, extra)
+        return self.unet.forward_shallow(sample, timestep, encoder_hidden_states, cache_feature, self.branch, cond,
+                                         added)
 
 
 class ControlNetWrapper(nn.Module):
@@ -273,9 +289,9 @@ def wrap(network: str, model: Any, *, branch: int | None = None) -> nn.Module:
 def step_cache_dims(spec: Any, branch: int) -> ModelDims:
     """The model dims of a folder with step-cache graphs for `branch`: the spec's, plus the cached
     feature's channels and level (runtime/folder/networks.py `cache_feature_spec`)."""
-    if spec.unet.time_cond_proj_dim or spec.unet.addition_embed_type:
-        raise ValueError("step caching (--step-cache) is not implemented for LCM-distilled (time_cond_proj_dim) or "
-                         "SDXL (addition_embed_type) U-Nets; build without it")
+    if spec.unet.time_cond_proj_dim:
+        raise ValueError("step caching (--step-cache) is not offered for LCM-distilled (time_cond_proj_dim) U-Nets: "
+                         "at their 1-8 steps a cached step is a large share of the schedule; build without it")
     split = cache_split(spec.unet, branch)
     return replace(spec.dims, cache_channels=split.channels, cache_level=split.level)
 

@@ -349,19 +349,24 @@ class UNet2DConditionModel(nn.Module):
         return self._full(sample, timestep, encoder_hidden_states, None, timestep_cond, added=added)[0]
 
     def forward_deep(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                     branch: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     branch: int, timestep_cond: torch.Tensor | None = None,
+                     added: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The full U-Net (the same operations as `forward`, so the same noise prediction) that also
         returns the feature DeepCache caches for `branch` (see `cache_split`):
-        (noise [b, out_channels, lh, lw], feature [b, channels, lh / 2**level, lw / 2**level])."""
-        return self._full(sample, timestep, encoder_hidden_states, cache_split(self.config, branch))
+        (noise [b, out_channels, lh, lw], feature [b, channels, lh / 2**level, lw / 2**level]).
+        `timestep_cond` (LCM) and `added` = (text_embeds, time_ids) (SDXL) as in `forward`."""
+        return self._full(sample, timestep, encoder_hidden_states, cache_split(self.config, branch), timestep_cond,
+                          added=added)
 
     def forward_shallow(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                        feature: torch.Tensor, branch: int) -> torch.Tensor:
+                        feature: torch.Tensor, branch: int, timestep_cond: torch.Tensor | None = None,
+                        added: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """DeepCache's retrieval step: conv_in, the down path up to skip `branch`, then the up path
         from the resnet that consumes it (entered with the cached `feature` of `forward_deep`), and
-        conv_out. The middle of the U-Net does not run."""
+        conv_out. The middle of the U-Net does not run; the time embedding (with the LCM and SDXL
+        conditioning) does, as every block takes it."""
         split = cache_split(self.config, branch)
-        temb = self._time_embedding(sample, timestep)
+        temb = self._time_embedding(sample, timestep, timestep_cond, added)
         skips = self._down(self.conv_in(sample), temb, encoder_hidden_states, limit=split.branch + 1)
         return self._up(feature, skips, temb, encoder_hidden_states, start=split)[0]
 

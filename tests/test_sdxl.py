@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 import runtime
-from psnr_bounds import PARITY_PSNR_DB, assert_psnr
+from psnr_bounds import MIN_PSNR_DB, PARITY_PSNR_DB, assert_psnr
 from runtime.compare import psnr
 from runtime.errors import PipelineError
 from runtime.families import SDXL, SDXL_INPAINT, family_of
@@ -533,3 +533,38 @@ def test_cli_takes_prompt_2(sdxl, tmp_path):
     main(["txt2img", str(engine), "a fox", "--prompt-2", "an oil painting", "--negative-prompt-2", "grainy",
           "--steps", "2", "--output", str(out), "--backend", "onnxruntime", "--no-progress"])
     assert out.is_file()
+
+
+# ----------------------------------------------------------------------------- step caching
+
+@pytest.mark.parametrize("backend,options", BACKENDS)
+def test_step_cache_matches_deepcache_helper(sdxl, tmp_path_factory, backend, options):
+    """`build-engine --step-cache` on SDXL (unet_deep / unet_shallow take text_embeds and time_ids, as
+    the unet does), then `txt2img(cache_interval=3)` against StableDiffusionXLPipeline with DeepCache's
+    own DeepCacheSDHelper (interval 3, branch 0) on the same weights and latents; the cached image
+    differs from the uncached one by far more than the bound, so the comparison can fail."""
+    from export.build import build_engine
+
+    helper_cls = pytest.importorskip("DeepCache", reason="pip install DeepCache==0.1.1 (its DeepCacheSDHelper "
+                                                         "is the independent reference)").DeepCacheSDHelper
+    folder, _ = sdxl
+    engine = tmp_path_factory.getbasetemp() / "sdxl-step-cache"
+    if not (engine / "manifest.json").is_file():
+        build_engine(str(folder), engine, step_cache=True, progress=lambda line: None)
+    ref = _reference(folder, "StableDiffusionXLPipeline", "ddim")
+    with runtime.load(engine, backend=backend, **options) as ours:
+        latents = np.random.default_rng(5).standard_normal(_latent_shape(ours), dtype=np.float32)
+        kw = dict(negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0, output_type="np")
+        helper = helper_cls(ref)
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.enable()
+        try:
+            want = ref(PROMPT, latents=torch.from_numpy(latents), **kw).images
+        finally:
+            helper.disable()
+        uncached = ref(PROMPT, latents=torch.from_numpy(latents), **kw).images
+        got = ours.txt2img(PROMPT, latents=latents, scheduler="ddim", cache_interval=3, progress=False, **kw).images
+    assert_psnr(got, want, f"sdxl txt2img ddim, cache interval 3, {backend}")
+    gap = psnr(uncached, want)
+    log.info("sdxl: DeepCache vs uncached %.1f dB", gap)
+    assert gap < MIN_PSNR_DB, gap  # caching changes this image: the comparison above can fail
