@@ -5,6 +5,7 @@ Set SDRT_SCREENSHOT_DIR to keep the screenshots (docs/serving-page.png is one)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from PIL import Image
 
 import runtime
 from runtime.serving.codec import decode_image
+from runtime.serving.models import Models
 from test_serve_support import QUICK_TIMEOUT_S, LiveServer, as_array, pixels
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the dev extra installs playwright")
@@ -30,21 +32,32 @@ GENERATION_TIMEOUT_S = 180.0
 
 
 @pytest.fixture(scope="module")
-def demo_pipe(tmp_path_factory):
+def demo_folder(tmp_path_factory) -> Path:
     from export.build import build_engine
 
-    folder = build_engine("tiny", tmp_path_factory.mktemp("engines") / "tiny", progress=lambda s: None)
-    with runtime.load(folder, backend="onnxruntime") as pipe:
+    return build_engine("tiny", tmp_path_factory.mktemp("engines") / "tiny", progress=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def demo_pipe(demo_folder):
+    with runtime.load(demo_folder, backend="onnxruntime") as pipe:
         yield pipe
 
 
 @pytest.fixture(scope="module")
-def browser_page(demo_pipe):
+def playwright():
+    """One Playwright driver for the module (its sync API refuses a second one while the first runs)."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium is missing at {CHROMIUM}: install Debian's chromium (.ci/run does)")
-    live = LiveServer(demo_pipe)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield p
+
+
+@contextlib.contextmanager
+def _browser(p, live: LiveServer):
+    """Headless Chromium on the live server's page, its sampler list loaded."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+    try:
         # bypass_csp: playwright's own wait_for_function evaluates strings, which the page's
         # Content-Security-Policy (no eval) forbids; the page itself runs under its CSP
         page = browser.new_page(viewport={"width": 1180, "height": 900}, bypass_csp=True)
@@ -52,8 +65,16 @@ def browser_page(demo_pipe):
         page.goto(live.url + "/")
         _wait_for(page, "document.getElementById('sampler').options.length > 0", "the sampler list to load",
                   QUICK_TIMEOUT_S)
-        yield live, page
+        yield page
+    finally:
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(playwright, demo_pipe):
+    live = LiveServer(demo_pipe)
+    with _browser(playwright, live) as page:
+        yield live, page
     live.stop()
 
 
@@ -145,3 +166,41 @@ def test_page_inpaints_with_a_painted_mask(browser_page, demo_pipe, tmp_path):
     np.testing.assert_array_equal(got, as_array(want))
     assert not np.array_equal(got, as_array(init))
     assert _shot(page, tmp_path, "serving-page.png").stat().st_size > 10_000
+
+
+def test_page_switches_to_an_sdxl_folder(playwright, demo_folder, tmp_path):
+    """Two folders served side by side (SD 1.x and SDXL): the page lists both with their families, takes
+    the picked one's sizes, and its request goes to that folder (override_settings.sd_model_checkpoint):
+    the image is the SDXL pipeline's, bit for bit."""
+    from export.build import build_engine
+
+    sdxl = build_engine("tiny-sdxl", tmp_path / "tiny-sdxl", progress=lambda s: None)
+    models = Models.from_folders([demo_folder, sdxl], lambda f: runtime.load(f, backend="onnxruntime"), max_resident=1)
+    live = LiveServer(models)
+    try:
+        with _browser(playwright, live) as page:
+            options = page.locator("#model-select option").all_text_contents()
+            assert len(options) == 2 and "(sd1)" in options[0] and "(sdxl)" in options[1], options
+            title = page.locator("#model-select option").nth(1).get_attribute("value")
+            page.select_option("#model-select", title)
+            assert "sdxl" in page.text_content("#model")
+            with runtime.load(sdxl, backend="onnxruntime") as pipe:
+                assert page.input_value("#width") == str(pipe.manifest.default_size[1])
+                page.fill("#prompt", PROMPT)
+                page.fill("#steps", "4")
+                page.fill("#cfg", "5")
+                page.fill("#seed", "3")
+                page.select_option("#sampler", "Euler")
+                page.fill("#width", "64")
+                page.fill("#height", "64")
+                with page.expect_request("**/sdapi/v1/txt2img") as sent:
+                    page.click("#generate")
+                _wait_done(page)
+                assert json.loads(sent.value.post_data)["override_settings"] == {"sd_model_checkpoint": title}
+                got = pixels(page.get_attribute("#result", "src").split(",", 1)[1])
+                want = pipe.txt2img(PROMPT, num_inference_steps=4, guidance_scale=5.0, seed=3, scheduler="euler",
+                                    karras=False, height=64, width=64, progress=False).images[0]
+            np.testing.assert_array_equal(got, as_array(want))
+            _shot(page, tmp_path, "serving-page-sdxl.png")
+    finally:
+        live.stop()

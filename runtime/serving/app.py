@@ -400,7 +400,16 @@ def _other_routes(app: FastAPI, svc: Service) -> None:
                 "min_image": lim.min_image, "max_image": lim.max_image, "step": lim.vae_scale_factor,
                 "max_batch": lim.max_batch, "default_size": list(lim.default_size), "max_steps": svc.config.max_steps,
                 "inpainting_unet": lim.inpainting_unet, "api_key_required": svc.config.api_key is not None,
-                "recommended": default.manifest.defaults, "tiny_vae": lim.tiny_vae is not None}
+                "recommended": default.manifest.defaults, "tiny_vae": lim.tiny_vae is not None,
+                "family": default.manifest.family, "model_details": [_details(m) for m in svc.models.models]}
+
+    def _details(model: Any) -> dict[str, Any]:
+        """What the page needs to switch to `model` (sent as override_settings.sd_model_checkpoint)."""
+        lim = model.limits
+        return {"title": model.title, "family": model.manifest.family, "default_size": list(lim.default_size),
+                "min_image": lim.min_image, "max_image": lim.max_image, "step": lim.vae_scale_factor,
+                "inpainting_unet": lim.inpainting_unet, "tiny_vae": lim.tiny_vae is not None,
+                "recommended": model.manifest.defaults}
 
     page = PAGE.read_text(encoding="utf-8")
 
