@@ -392,3 +392,23 @@ def test_taesd_for_the_wrong_family_is_refused(sdxl, tmp_path):
         shutil.copy(taesdxl / f"taesdxl_{half}.safetensors", tmp_path / f"taesd_{half}.safetensors")
     with pytest.raises(CheckpointError, match="taesd_\\* files decode SD 1.x / 2.x latents.*taesdxl"):
         with_tiny_vae(load_model(folder), load_tiny_vae(tmp_path))
+
+
+def test_sdxl_single_file_vae(sdxl, tmp_path):
+    """The fp16-fix-style VAE as an LDM single file on the SDXL model: the same weights, its sizes from
+    the tensors and scaling_factor / force_upcast from the source's SDXL VAE config (0.13025, true), so
+    an fp16 folder keeps it fp32; decoding equals diffusers' AutoencoderKL with those weights."""
+    from export.build import network_precision
+    from export.loading.read import load_model
+    from export.loading.vae_source import read_vae, with_vae
+
+    folder, fix, _, _ = sdxl
+    safetensors_torch.save_file({f"first_stage_model.{k}": v.contiguous() for k, v in _ldm_state(fix).items()},
+                                str(tmp_path / "sdxl.vae.safetensors"))
+    model = load_model(folder)
+    replaced = with_vae(model, read_vae(tmp_path / "sdxl.vae.safetensors"))
+    assert replaced.spec.vae == model.spec.vae and replaced.spec.vae.scaling_factor == pytest.approx(0.13025)
+    assert network_precision(replaced.spec, "vae_decoder", "fp16") == "fp32"
+    latent = torch.from_numpy(np.random.default_rng(4).standard_normal((1, 4, 8, 8), dtype=np.float32))
+    with torch.no_grad():
+        assert rel_err(replaced.vae.decode(latent).numpy(), fix.decode(latent).sample.numpy()) < 1e-5
