@@ -82,12 +82,14 @@ def adapters(loras: Iterable[Any] = (), embeddings: Iterable[Any] = ()) -> Adapt
 
 
 def comparable(identity: dict[str, Any]) -> dict[str, Any]:
-    """A source identity without paths (top level and per LoRA / embedding file): what two builds
-    must share to be the same."""
+    """A source identity without paths (top level, per LoRA / embedding / ControlNet file, the --vae
+    file): what two builds must share to be the same."""
     out = {k: v for k, v in identity.items() if k != "path"}
     for key in ("loras", "embeddings", "controlnets"):
         if key in out:
             out[key] = [{k: v for k, v in r.items() if k != "path"} for r in out[key]]
+    if "vae" in out:  # build-engine --vae (export/loading/vae_source.py)
+        out["vae"] = {k: v for k, v in out["vae"].items() if k != "path"}
     return out
 
 

@@ -12,6 +12,7 @@ U-Net for the OpenVINO engine (export/quantize.py); asked of an up-to-date folde
 place without exporting again, and a later build without `--quantize` removes it again.
 `--tiling` adds the circular-padded graphs (export/circular.py) beside the U-Net and the VAE.
 `--tiny-vae PATH` adds a tiny autoencoder (TAESD; export/loading/taesd.py) beside the folder's VAE.
+`--vae PATH` replaces the source's VAE with another AutoencoderKL (export/loading/vae_source.py).
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ class _Plan:
     adapters: Adapters = Adapters()  # LoRAs and embeddings to apply before export
     tiny_vae: Any = None  # export/loading/taesd.py TinyVAESource: --tiny-vae, exported beside the VAE
     defaults: dict[str, Any] | None = None  # --default-steps / --default-guidance / --default-sampler given
+    vae: Any = None  # export/loading/vae_source.py VAESource: --vae, exported in place of the source's VAE
 
 
 # long: the public entry point; most of its lines are the docstring naming every option
@@ -236,7 +238,8 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
                  loras: Sequence[Any] = (), embeddings: Sequence[Any] = (), step_cache: bool = STEP_CACHE_DEFAULT,
                  cache_branch: int = 0, tiling: bool = False, tiny_vae: str | os.PathLike | None = None,
                  default_steps: int | None = None, default_guidance: float | None = None,
-                 default_sampler: str | None = None, controlnets: Sequence[Any] = ()) -> Path:
+                 default_sampler: str | None = None, controlnets: Sequence[Any] = (),
+                 vae: str | os.PathLike | None = None) -> Path:
     """Build (or reuse) the engine folder `out_dir` for `source`; return its path.
 
     Every folder runs on every CPU backend (OpenVINO, ONNX Runtime, the PyTorch reference): the
@@ -258,7 +261,11 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     `controlnets` ("PATH[:NAME]" or (path, name); NAME defaults to the file's or folder's stem) adds one
     graph "controlnet.NAME" per ControlNet and `unet_control`, the U-Net taking their residuals, sharing
     the unet's weights file (export/controlnet.py; a ControlNet that does not fit the model is refused
-    before any export). Raises
+    before any export). `vae` (a diffusers AutoencoderKL folder or a single VAE file, LDM or diffusers
+    keys; export/loading/vae_source.py) replaces the source's VAE before export: its config.json's
+    scaling_factor and force_upcast where it has one, else the source's; the manifest's source records
+    it ("vae": path, sha256), and its sha256 joins the reuse key; one whose latents do not fit is
+    refused before any export. Raises
     `BuildError`, `CheckpointError` (source), `ParityError` (a graph differs from PyTorch),
     `QuantizeError` or the TensorRT builder's error; `out_dir` is then left as it was."""
     tensorrt = _deprecated_backend(backend, tensorrt, progress)
@@ -273,7 +280,7 @@ def build_engine(source: str | os.PathLike, out_dir: str | os.PathLike, *, tenso
     sizes = {"min_image": min_image, "opt_image": opt_image, "max_image": max_image, "min_batch": min_batch,
              "opt_batch": opt_batch, "max_batch": max_batch}
     plan = _plan(source, out_dir, seed, prediction_type, sizes, progress, parse_adapters(loras, embeddings), tiny_vae,
-                 parse_controlnets(controlnets))
+                 parse_controlnets(controlnets), vae)
     plan.defaults = _defaults(default_steps, default_guidance, default_sampler)
     if plan.defaults:
         plan.identity["defaults"] = plan.defaults  # joins the reuse key
@@ -415,7 +422,7 @@ def load_controlnets(model: Any, records: Sequence[dict[str, Any]], progress: Pr
 def _plan(source: str | os.PathLike, out_dir: Path, seed: int, prediction_type: str | None,
           sizes: dict[str, int | None], progress: Progress, adapters: Adapters = Adapters(),
           tiny_vae: str | os.PathLike | None = None,
-          controlnets: Sequence[tuple[Path, str]] = ()) -> _Plan:
+          controlnets: Sequence[tuple[Path, str]] = (), vae: str | os.PathLike | None = None) -> _Plan:
     """Hash the source, read the folder's manifest, and settle the shape range (loading the model
     only where its configs are needed for the default sizes)."""
     from export.configs import preset
@@ -429,6 +436,13 @@ def _plan(source: str | os.PathLike, out_dir: Path, seed: int, prediction_type: 
         with _stage(progress, f"reading the tiny VAE {tiny_vae}"):
             tiny = load_tiny_vae(tiny_vae)
         identity["tiny_vae"] = {k: v for k, v in tiny.identity.items() if k != "path"}  # paths may move
+    replacement = None
+    if vae is not None:
+        from export.loading.vae_source import read_vae
+
+        with _stage(progress, f"reading the VAE {vae}"):
+            replacement = read_vae(vae)
+        identity["vae"] = dict(replacement.identity)  # compared without its path (adapters.comparable)
     try:
         existing = load_manifest(out_dir) if (out_dir / MANIFEST_NAME).is_file() else None
     except ManifestError:
@@ -450,7 +464,7 @@ def _plan(source: str | os.PathLike, out_dir: Path, seed: int, prediction_type: 
               "max_image": sizes["max_image"] or max(opt, default * 2)}
     if spec is not None:
         _check_shapes(spec, shapes)
-    return _Plan(identity, existing, model, shapes, tool_versions(), adapters, tiny)
+    return _Plan(identity, existing, model, shapes, tool_versions(), adapters, tiny, vae=replacement)
 
 
 def _build_into(out_dir: Path, plan: _Plan, precision: str, quantize: str | None, tensorrt: bool,
@@ -465,6 +479,10 @@ def _build_into(out_dir: Path, plan: _Plan, precision: str, quantize: str | None
             with _stage(progress, "loading model"):
                 model = load_source(plan.identity, prediction_type)
         plan.model = None
+        if plan.vae is not None:  # --vae: in place of the source's, before anything reads the VAE config
+            from export.loading.vae_source import with_vae
+
+            model, plan.vae = with_vae(model, plan.vae), None
         model = load_controlnets(plan.adapters.apply(model, progress), plan.identity.get("controlnets", ()), progress)
         _check_shapes(model.spec, plan.shapes)
         manifest = plan.adapters.annotate(_export_all(model, plan.identity, tmp, precision, plan.shapes, plan.tools,

@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
                         help="add a tiny autoencoder (TAESD) beside the VAE: a diffusers AutoencoderTiny folder, or "
                              "madebyollin's taesd_encoder.safetensors / taesd_decoder.safetensors (a folder holding "
                              "them, or either file); runs with vae='tiny' / --vae tiny and decodes live previews")
+    parser.add_argument("--vae", default=None, metavar="PATH",
+                        help="replace the source's VAE with another AutoencoderKL before export: a diffusers "
+                             "AutoencoderKL folder (e.g. madebyollin/sdxl-vae-fp16-fix; its config.json's "
+                             "scaling_factor and force_upcast apply) or a single VAE file (*.vae.safetensors, "
+                             "*.vae.pt; LDM or diffusers keys; the source's VAE config completes it)")
     parser.add_argument("--default-steps", type=int, default=None, metavar="N",
                         help="recommended steps recorded in the folder (default: from its scheduler config: LCM 4, "
                              "trailing Euler (Turbo, Lightning, Hyper-SD) 1, others none)")
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:  # long: one argparse declaratio
                      cache_branch=args.cache_branch, tiling=args.tiling,
                      tiny_vae=args.tiny_vae, default_steps=args.default_steps,
                      default_guidance=args.default_guidance, default_sampler=args.default_sampler,
-                     controlnets=args.controlnet)
+                     controlnets=args.controlnet, vae=args.vae)
     except (BuildError, CheckpointError, ParityError, QuantizeError, ManifestError, OSError, ValueError,
             RuntimeError) as e:
         print(f"build-engine: error: {e}", file=sys.stderr)

@@ -62,8 +62,9 @@ def _reference_model(source_json: str, prediction_type: str) -> Any:
     model = load_source({**identity, "seed": source.get("seed", 0)}, prediction_type)
     from export.adapters import apply_recorded
     from export.build import load_controlnets
+    from export.loading.vae_source import apply_recorded_vae
 
-    model = apply_recorded(model, source)  # the folder's LoRAs and embeddings, as the build merged them
+    model = apply_recorded_vae(apply_recorded(model, source), source)  # LoRAs, embeddings, --vae as built
     return load_controlnets(model, source.get("controlnets", ()), progress=lambda line: None)  # its ControlNets
 
 

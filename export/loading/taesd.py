@@ -174,13 +174,22 @@ def _single_file_config(encoder: dict[str, Any], decoder: dict[str, Any], where:
 
 def with_tiny_vae(model: Any, tiny: TinyVAESource) -> Any:
     """A shallow copy of the `LoadedModel` `model` whose VAE is `tiny` (what the tiny VAE networks
-    are exported from); refused where its latents are not the model's (channels, downsampling)."""
+    are exported from); refused where its latents are not the model's (channels, downsampling), or
+    where madebyollin's single files are named for the other family (its README: taesd_* for SD 1.x /
+    2.x, taesdxl_* for SDXL)."""
     from dataclasses import replace
+
+    from export.configs import family_base
 
     have, want = model.spec.vae, tiny.config
     if (want.latent_channels, want.vae_scale_factor) != (have.latent_channels, have.vae_scale_factor):
         raise CheckpointError(f"the tiny VAE has {want.latent_channels} latent channels at 1/{want.vae_scale_factor} "
                               f"size; this model's latents have {have.latent_channels} at 1/{have.vae_scale_factor}")
+    prefix, sdxl = tiny.identity.get("prefix"), family_base(model.spec.family) == "sdxl"
+    if prefix is not None and (prefix == "taesdxl") != sdxl:  # same shapes, other latent spaces: by name
+        raise CheckpointError(f"{tiny.identity['path']}: madebyollin's {prefix}_* files decode "
+                              f"{'SDXL' if prefix == 'taesdxl' else 'SD 1.x / 2.x'} latents; this is an "
+                              f"{model.spec.family} model: use {'taesdxl' if sdxl else 'taesd'}_*")
     return replace(model, vae=tiny.vae, spec=replace(model.spec, vae=want))
 
 
