@@ -560,7 +560,7 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         networks.update(_export_tiny_vae(model, tiny_vae, folder, precision, parity_shapes, progress))
     tokenizer = _copy_tokenizer(model.tokenizer_dir, folder, "tokenizer", spec.pad_token)
     pipeline = {}
-    if model.text_encoder_2 is not None:  # SDXL: the second tokenizer, and how an empty negative prompt encodes
+    if spec.text_encoder_2 is not None:  # SDXL (the spec: the encoder itself was released after its export)
         tokenizer["tokenizer_2"] = _copy_tokenizer(model.tokenizer_2_dir, folder, "tokenizer_2", spec.pad_token_2)
         pipeline["force_zeros_for_empty_prompt"] = spec.force_zeros_for_empty_prompt
     size = spec.unet.sample_size * spec.vae_scale_factor
