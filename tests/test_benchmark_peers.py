@@ -182,12 +182,13 @@ _NEW_MODULES = ("import importlib, json, sys\n"
 # (a docstring, and benchmarks/peers/__init__.py's standard-library runner table) and the workers.
 PEER_SAFE = {"benchmarks", "benchmarks.protocol", "benchmarks.timing", "benchmarks.peers",
              "benchmarks.peers.optimum_worker", "benchmarks.peers.sdcpp_worker", "benchmarks.peers.genai_worker",
-             "benchmarks.peers.optimum_fewstep"}
+             "benchmarks.peers.optimum_fewstep", "benchmarks.peers.optimum_sdxl"}
 
 
 @pytest.mark.parametrize("modules", [("benchmarks.protocol",),
                                      ("benchmarks.peers.optimum_worker", "benchmarks.peers.sdcpp_worker"),
-                                     ("benchmarks.peers.genai_worker", "benchmarks.peers.optimum_fewstep")])
+                                     ("benchmarks.peers.genai_worker", "benchmarks.peers.optimum_fewstep"),
+                                     ("benchmarks.peers.optimum_sdxl",)])
 def test_worker_protocol_imports_only_stdlib_and_numpy(modules):
     """The peers' venvs have NumPy and the peer's own packages, not runtime/, export/, torch or this
     env's other packages: the protocol and the peer workers load nothing else at import time."""
