@@ -20,6 +20,7 @@ import pytest
 from benchmarks import sdxl
 from benchmarks.protocol import precision_name
 from psnr_bounds import PARITY_PSNR_DB
+from test_benchmark_peers import PIPE_METHODS, fake_venv
 
 TINY = dict(model="tiny-sdxl", resolutions=(64,), steps=2, turbo_steps=1, repeats=1, warmup=1, timeout_s=900)
 
@@ -313,15 +314,7 @@ class OVStableDiffusionXLPipeline:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_text("ir")
 
-    def reshape(self, **shape):
-        _log(self.path, call="reshape", **shape)
-
-    def compile(self):
-        _log(self.path, call="compile")
-
-    def set_progress_bar_config(self, **kwargs):
-        pass
-
+''' + PIPE_METHODS + '''
     def __call__(self, prompt, *, latents, height, width, **kwargs):
         _log(self.path, call="pipe", height=height, width=width, latents_shape=list(latents.shape),
              latents_sum=float(latents.double().sum()), scheduler=dict(self.scheduler.config), **kwargs)
@@ -397,8 +390,6 @@ def _calls(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def stub_peers(smoke, tmp_path_factory):
     """optimum and genai rows on stand-in venvs, over the smoke run's cached folders."""
-    from test_benchmark_peers import fake_venv
-
     tmp = tmp_path_factory.mktemp("sdxl-peers")
     optimum = fake_venv(tmp, "optimum", {"optimum": "", "optimum.intel": OPTIMUM_XL_STUB,
                                          "openvino_tokenizers": "", "openvino_genai": GENAI_STUB})
