@@ -319,13 +319,26 @@ def _s(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def machine_line(report: dict[str, Any]) -> str:
+    """The CPU, its flags, memory and the load average at start and end, as one sentence."""
     cpu = report["machine"]["cpu"]
     flags = ", ".join(k for k, v in cpu.get("flags", {}).items() if v)
-    lines = [f"# Few-step images on a CPU ({report['created']})", "",
-             f"CPU: {cpu.get('model')} ({cpu.get('usable_cpus')} usable of {cpu.get('logical_cpus')} logical CPUs), "
-             f"flags: {flags}; memory {report['machine'].get('memory_gib')} GiB; load average at start "
-             f"{report.get('load_average_start')}, at end {report.get('load_average_end')}.",
+    return (f"CPU: {cpu.get('model')} ({cpu.get('usable_cpus')} usable of {cpu.get('logical_cpus')} logical CPUs), "
+            f"flags: {flags}; memory {report['machine'].get('memory_gib')} GiB; load average at start "
+            f"{report.get('load_average_start')}, at end {report.get('load_average_end')}.")
+
+
+def goal_lines(title: str, goals: list[dict[str, Any]]) -> list[str]:
+    """A goals table (records of `_goal`) under `title`: value, bound, pass / FAIL / not measured."""
+    lines = [title, "", "| goal | value | bound | result | detail |", "|---|---|---|---|---|"]
+    for g in goals:
+        verdict = {True: "pass", False: "FAIL", None: "not measured"}[g["pass"]]
+        lines.append(f"| {g['goal']} | {_s(g['value'], 2)} | {g['bound']} | {verdict} | {g['detail']} |")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Few-step images on a CPU ({report['created']})", "", machine_line(report),
              f"Settings: {report['settings']['resolution']}x{report['settings']['resolution']}, batch 1, "
              f"{report['settings']['repeats']} timed runs after {report['settings']['warmup']} untimed; "
              "full-size SD 1.5 architecture, random weights.", ""]
@@ -347,11 +360,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                              f"| {_s(st.get('text_encoder'))} | {_s(st.get('unet'))} | {_s(st.get('vae_decode'))} "
                              f"| {_s(r.get('load_s'), 1)} | {r['peak_rss_mb']:.0f} | {_s(e.get('psnr_vs_ours_f32_db'), 1)} |")
             lines.append("")
-    lines += ["## Goals (issue 25), from this run's ratios", "", "| goal | value | bound | result | detail |",
-              "|---|---|---|---|---|"]
-    for g in report["goals"]:
-        verdict = {True: "pass", False: "FAIL", None: "not measured"}[g["pass"]]
-        lines.append(f"| {g['goal']} | {_s(g['value'], 2)} | {g['bound']} | {verdict} | {g['detail']} |")
+    lines += goal_lines("## Goals (issue 25), from this run's ratios", report["goals"])
     if report.get("skipped"):
         lines += ["", "Skipped targets: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items())]
     return "\n".join(lines) + "\n"
@@ -372,18 +381,13 @@ def parse_args(argv: list[str]) -> tuple[FewSettings, Path | None]:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1: compiles)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="folders built once and reused")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per target process")
-    for name in ("optimum", "genai"):
-        p.add_argument(f"--{name}-python", default=None, metavar="PATH",
-                       help=f"Python of the {name} peer's venv (default {peers.runner(name).venv}/bin/python)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (.md beside it); default "
-                   "benchmarks/results/fewstep-<res>-<date>.json")
+    add_peer_args(p, "fewstep-<res>-<date>")
     a = p.parse_args(argv)
     if a.repeats < 1 or a.warmup < 0 or a.resolution % 8:
         p.error("--repeats must be >= 1, --warmup >= 0, --resolution a multiple of 8")
     s = FewSettings(scenarios=tuple(a.scenarios), vaes=tuple(a.vaes), targets=tuple(a.targets),
                     model=a.model, resolution=a.resolution, repeats=a.repeats, warmup=a.warmup, cache_dir=a.cache_dir,
-                    timeout_s=a.timeout, peer_python={n: getattr(a, f"{n}_python") for n in ("optimum", "genai")
-                                                      if getattr(a, f"{n}_python")})
+                    timeout_s=a.timeout, peer_python=peer_python(a))
     return s, a.out
 
 
@@ -391,17 +395,41 @@ def run(s: FewSettings, out: Path | None = None, command: str | None = None, log
     log = log or (lambda msg: print(f"[fewstep] {msg}", file=sys.stderr, flush=True))
     started = datetime.now(timezone.utc)
     out = out or RESULTS_DIR / f"fewstep-{s.resolution}-{started:%Y%m%d-%H%M}.json"
-    report: dict[str, Any] = {"schema": SCHEMA, "command": command, "created": started.isoformat(timespec="seconds"),
-                              "machine": mach.machine(), "versions": mach.versions(), "git": mach.git_commit(ROOT),
-                              "settings": asdict(s), "load_average_start": mach.load_average()}
+    report = report_head(SCHEMA, command, started, s)
     with tempfile.TemporaryDirectory(prefix="sd-fewstep-") as tmp:
         report["prepare"], report["results"], report["skipped"] = run_all(s, Path(tmp), log)
     report["load_average_end"] = mach.load_average()
     report["goals"] = goals(report["results"], s)
     report["peak_rss_mb_max"] = max((r.get("peak_rss_mb", 0.0) for r in report["results"].values()), default=0.0)
+    return write_report(report, out, render_markdown, log)
+
+
+def add_peer_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    """The options every benchmark with the optimum and genai peers takes: their venvs' Pythons, --out."""
+    for name in ("optimum", "genai"):
+        p.add_argument(f"--{name}-python", default=None, metavar="PATH",
+                       help=f"Python of the {name} peer's venv (default {peers.runner(name).venv}/bin/python)")
+    p.add_argument("--out", type=Path, default=None, help=f"JSON path (.md beside it); default "
+                   f"benchmarks/results/{default_out}.json")
+
+
+def peer_python(a: argparse.Namespace) -> dict[str, str]:
+    """The --optimum-python / --genai-python given (add_peer_args), by peer."""
+    return {n: getattr(a, f"{n}_python") for n in ("optimum", "genai") if getattr(a, f"{n}_python")}
+
+
+def report_head(schema: str, command: str | None, started: datetime, settings: Any) -> dict[str, Any]:
+    """A report's first fields: what ran, where, with which versions and settings (a dataclass)."""
+    return {"schema": schema, "command": command, "created": started.isoformat(timespec="seconds"),
+            "machine": mach.machine(), "versions": mach.versions(), "git": mach.git_commit(ROOT),
+            "settings": asdict(settings), "load_average_start": mach.load_average()}
+
+
+def write_report(report: dict[str, Any], out: Path, render, log) -> dict[str, Any]:
+    """`report` as JSON at `out` and `render(report)` as markdown beside it; returns `report`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    out.with_suffix(".md").write_text(render_markdown(report))
+    out.with_suffix(".md").write_text(render(report))
     log(f"wrote {out} and {out.with_suffix('.md')}")
     return report
 

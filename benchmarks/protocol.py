@@ -15,7 +15,8 @@ written once:
   - `time_runs(run, task)` and `StageClock`: a few-step image end to end with its seconds per stage
     (benchmarks/fewstep.py);
   - `save_outputs` / `save_image`: the arrays the suite reads back for parity and image PSNR;
-  - `versions(packages)`: the installed versions a peer records.
+  - `versions(packages)`: the installed versions a peer records; `precision_name(value)`: the
+    precision a target ran at, named alike for every target ("bf16", "f32", "f16").
 
 Standard library and NumPy only (with `benchmarks.timing`, itself standard library only): the peers'
 venvs have NumPy and their own packages, not this project's (tests/test_benchmark_peers.py checks it).
@@ -116,6 +117,21 @@ def save_image(task: Task, images: Any, key: str = "image_path") -> None:
     """Images as a float32 array to `task[key]` when the task asks, for the suite's image PSNR."""
     if task.get(key):
         np.save(task[key], np.asarray(images, np.float32))
+
+
+# An inference precision as OpenVINO, our EngineInfo or torch spell it -> the report's name for it
+_PRECISIONS = {"bf16": "bf16", "bfloat16": "bf16", "f32": "f32", "fp32": "f32", "float32": "f32", "f16": "f16",
+               "fp16": "f16", "float16": "f16"}
+
+
+def precision_name(value: Any) -> str:
+    """"bf16", "f32" or "f16" for a precision however it is spelled (OpenVINO's `<Type: 'bfloat16'>`,
+    "bf16", "fp32", torch.float32 ...); anything else as its str()."""
+    text = str(value).lower().replace("torch.", "")
+    for word in text.replace("'", " ").replace("<", " ").replace(">", " ").replace(":", " ").split():
+        if word in _PRECISIONS:
+            return _PRECISIONS[word]
+    return str(value)
 
 
 def versions(packages: Iterable[str]) -> dict[str, str | None]:

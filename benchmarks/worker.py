@@ -225,23 +225,33 @@ def _peer_e2e(task: dict[str, Any], pipe, device) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- prepare
 
 
-def prepare(task: dict[str, Any]) -> dict[str, Any]:
-    """Make the diffusers folder (random preset weights) and the engine folder built from it."""
-    from export.build import build_engine
+def save_random(diffusers_dir: Path, model_name: str, seed: int) -> float:
+    """Write preset `model_name`'s random weights (seed `seed`) as the diffusers folder `diffusers_dir`
+    unless it is there; the seconds spent (0.0: reused). Assembled beside it, then renamed into place."""
     from export.loading.read import random_model
     from export.loading.save import save_diffusers
 
+    if (diffusers_dir / "model_index.json").is_file():
+        return 0.0
+    t0 = time.perf_counter()
+    tmp = diffusers_dir.with_name(diffusers_dir.name + ".partial")
+    model = random_model(model_name, seed=seed)
+    save_diffusers(model, tmp)
+    del model
+    gc.collect()
+    tmp.replace(diffusers_dir)
+    return time.perf_counter() - t0
+
+
+def prepare(task: dict[str, Any]) -> dict[str, Any]:
+    """Make the diffusers folder (random preset weights) and the engine folder built from it."""
+    from export.build import build_engine
+
     diffusers_dir, engine_dir = Path(task["diffusers_dir"]), Path(task["engine_dir"])
     info: dict[str, Any] = {}
-    if not (diffusers_dir / "model_index.json").is_file():
-        t0 = time.perf_counter()
-        tmp = diffusers_dir.with_name(diffusers_dir.name + ".partial")
-        model = random_model(task["model"], seed=task["weights_seed"])
-        save_diffusers(model, tmp)
-        del model
-        gc.collect()
-        tmp.replace(diffusers_dir)
-        info["diffusers_s"] = time.perf_counter() - t0
+    seconds = save_random(diffusers_dir, task["model"], task["weights_seed"])
+    if seconds:
+        info["diffusers_s"] = seconds
     t0 = time.perf_counter()
     build_engine(str(diffusers_dir), engine_dir, **task["build_options"])
     info["engine_s"] = time.perf_counter() - t0

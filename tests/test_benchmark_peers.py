@@ -24,6 +24,19 @@ from benchmarks.report import render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The stand-in optimum pipelines' static-reshape, compile and progress-bar methods (here and in
+# tests/test_benchmark_sdxl.py's OVStableDiffusionXLPipeline): each logs to `_log`.
+PIPE_METHODS = '''
+    def reshape(self, **shape):
+        _log(self.path, call="reshape", **shape)
+
+    def compile(self):
+        _log(self.path, call="compile")
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+'''
+
 OPTIMUM_STUB = '''
 """Stand-in for optimum.intel: records every call to ov_dir's parent / optimum-calls.jsonl."""
 import json
@@ -84,15 +97,7 @@ class OVStableDiffusionPipeline:
         Path(out).mkdir(parents=True)
         (Path(out) / "model_index.json").write_text("{}")
 
-    def reshape(self, **shape):
-        _log(self.path, call="reshape", **shape)
-
-    def compile(self):
-        _log(self.path, call="compile")
-
-    def set_progress_bar_config(self, **kwargs):
-        pass
-
+''' + PIPE_METHODS + '''
     def __call__(self, prompt, *, latents, height, width, **kwargs):
         _log(self.path, call="pipe", prompt=prompt, height=height, width=width, latents_shape=list(latents.shape),
              latents_sum=float(latents.double().sum()), **kwargs)
@@ -182,12 +187,13 @@ _NEW_MODULES = ("import importlib, json, sys\n"
 # (a docstring, and benchmarks/peers/__init__.py's standard-library runner table) and the workers.
 PEER_SAFE = {"benchmarks", "benchmarks.protocol", "benchmarks.timing", "benchmarks.peers",
              "benchmarks.peers.optimum_worker", "benchmarks.peers.sdcpp_worker", "benchmarks.peers.genai_worker",
-             "benchmarks.peers.optimum_fewstep"}
+             "benchmarks.peers.optimum_fewstep", "benchmarks.peers.optimum_sdxl"}
 
 
 @pytest.mark.parametrize("modules", [("benchmarks.protocol",),
                                      ("benchmarks.peers.optimum_worker", "benchmarks.peers.sdcpp_worker"),
-                                     ("benchmarks.peers.genai_worker", "benchmarks.peers.optimum_fewstep")])
+                                     ("benchmarks.peers.genai_worker", "benchmarks.peers.optimum_fewstep"),
+                                     ("benchmarks.peers.optimum_sdxl",)])
 def test_worker_protocol_imports_only_stdlib_and_numpy(modules):
     """The peers' venvs have NumPy and the peer's own packages, not runtime/, export/, torch or this
     env's other packages: the protocol and the peer workers load nothing else at import time."""

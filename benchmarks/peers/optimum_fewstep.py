@@ -30,19 +30,21 @@ import numpy as np
 
 from benchmarks.protocol import StageClock, link_tree, per_call, save_image, time_runs
 
-PIPELINES = {"turbo": "OVStableDiffusionPipeline", "lcm": "OVLatentConsistencyModelPipeline"}
+# optimum's pipeline class per scenario kind ("sdxl": benchmarks/peers/optimum_sdxl.py)
+PIPELINES = {"turbo": "OVStableDiffusionPipeline", "lcm": "OVLatentConsistencyModelPipeline",
+             "sdxl": "OVStableDiffusionXLPipeline"}
 
 
-def _tokenizer_ir(folder: Path) -> str:
-    """Write tokenizer/openvino_tokenizer.xml with openvino_tokenizers.convert_tokenizer when absent."""
+def _tokenizer_ir(folder: Path, name: str = "tokenizer") -> str:
+    """Write NAME/openvino_tokenizer.xml with openvino_tokenizers.convert_tokenizer when absent."""
+    target = folder / name / "openvino_tokenizer.xml"
+    if target.is_file():
+        return "present (written by optimum's export)"
     import openvino as ov
     from openvino_tokenizers import convert_tokenizer
     from transformers import AutoTokenizer
 
-    target = folder / "tokenizer" / "openvino_tokenizer.xml"
-    if target.is_file():
-        return "present (written by optimum's export)"
-    tokenizer = convert_tokenizer(AutoTokenizer.from_pretrained(str(folder / "tokenizer")), with_detokenizer=False)
+    tokenizer = convert_tokenizer(AutoTokenizer.from_pretrained(str(folder / name)), with_detokenizer=False)
     ov.save_model(tokenizer, str(target))
     return "openvino_tokenizers.convert_tokenizer"
 
@@ -120,12 +122,13 @@ def _sync_scheduler(source: Path, folders: tuple[Path, ...]) -> str:
 
 
 def _unet_batch_one(pipe) -> None:
-    """Reshape the U-Net's batch axis to 1 (guidance off: one batch per step)."""
+    """Reshape the U-Net's batch axis to 1 (guidance off: one batch per step): every input but the
+    timestep ([1] already) is batched (SDXL's text_embeds and time_ids too)."""
     model = pipe.unet.model
     shapes = {}
     for port in model.inputs:
         shape = port.get_partial_shape()
-        if port.get_any_name() in ("sample", "encoder_hidden_states", "timestep_cond"):
+        if port.get_any_name() != "timestep":
             shape[0] = 1
         shapes[port] = shape
     model.reshape(shapes)
@@ -143,7 +146,7 @@ def load(task: dict[str, Any], ov_config: dict[str, str]):
     config = json.loads((Path(task["ov_dir"]) / "scheduler" / "scheduler_config.json").read_text())
     pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     pipe.reshape(batch_size=1, height=res, width=res, num_images_per_prompt=1)
-    if task["guidance_scale"] <= 1 and task["scenario_kind"] == "turbo":
+    if task["guidance_scale"] <= 1:  # optimum's reshape doubled the batch for guidance (but for timestep_cond)
         _unet_batch_one(pipe)
     pipe.compile()
     pipe.set_progress_bar_config(disable=True)

@@ -8,6 +8,8 @@ Task kinds:
            on success). Done once per cache; its time and peak RSS are recorded, not benchmarked.
   fewstep_prepare, fewstep
            the few-step scenarios (benchmarks/peers/optimum_fewstep.py).
+  sdxl_prepare, sdxl
+           the SDXL benchmark (benchmarks/peers/optimum_sdxl.py).
   peer     load `ov_dir`, static-reshape to the benchmarked size (batch 1, one image per prompt),
            compile, then time per-network calls (`feeds_path`) and/or txt2img end to end.
 
@@ -162,6 +164,14 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
             result["prepare"] = optimum_fewstep.prepare(task)
         else:
             result.update(optimum_fewstep.run(task, ov_config(task["precision"])))
+            result["info"]["versions"] = versions(PACKAGES)
+    elif task["kind"] in ("sdxl_prepare", "sdxl"):  # benchmarks/sdxl.py (python -m benchmarks sdxl)
+        from benchmarks.peers import optimum_sdxl
+
+        if task["kind"] == "sdxl_prepare":
+            result["prepare"] = optimum_sdxl.prepare(task)
+        else:
+            result.update(optimum_sdxl.run(task, ov_config(task["precision"])))
             result["info"]["versions"] = versions(PACKAGES)
     elif task["kind"] == "peer":
         pipe, result["load_s"], result["info"] = load(task)

@@ -38,7 +38,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def save_diffusers(model: LoadedModel, out_dir: str | Path, fp16: bool = False) -> Path:
-    """Write `model` as a diffusers folder (`StableDiffusionPipeline.from_pretrained` reads it):
+    """Write `model` as a diffusers folder (`StableDiffusionPipeline.from_pretrained` reads it; SDXL:
+    `StableDiffusionXLPipeline`, with text_encoder_2/ and tokenizer_2/ too):
     model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/. `fp16` stores float16
     weights (loading upcasts them again). The folder is assembled next to `out_dir` and moved into
     place at the end; an existing `out_dir` must be empty or a diffusers folder, which is replaced."""
@@ -58,23 +59,45 @@ def save_diffusers(model: LoadedModel, out_dir: str | Path, fp16: bool = False) 
     return out
 
 
+def _model_index(spec: Any, scheduler: str) -> dict[str, Any]:
+    """model_index.json: StableDiffusion[Inpaint]Pipeline's components, or for SDXL those of
+    StableDiffusionXL[Inpaint]Pipeline (stabilityai/stable-diffusion-xl-base-1.0 model_index.json:
+    text_encoder_2 / tokenizer_2, force_zeros_for_empty_prompt, no safety checker)."""
+    inpaint = "Inpaint" if spec.family.endswith("-inpaint") else ""
+    index: dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION, "scheduler": ["diffusers", scheduler],
+                             "text_encoder": ["transformers", "CLIPTextModel"],
+                             "tokenizer": ["transformers", "CLIPTokenizer"],
+                             "unet": ["diffusers", "UNet2DConditionModel"],
+                             "vae": ["diffusers", spec.vae.to_dict()["_class_name"]]}
+    if spec.text_encoder_2 is None:
+        return {"_class_name": f"StableDiffusion{inpaint}Pipeline", **index, "feature_extractor": [None, None],
+                "requires_safety_checker": False, "safety_checker": [None, None]}
+    return {"_class_name": f"StableDiffusionXL{inpaint}Pipeline", **index,
+            "force_zeros_for_empty_prompt": spec.force_zeros_for_empty_prompt,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+
+
+def _write_text_encoder_2(model: LoadedModel, out: Path, fp16: bool, meta: dict[str, str]) -> None:
+    """SDXL's text_encoder_2 (transformers' CLIPTextModelWithProjection: its state dict keys are the
+    file's) and tokenizer_2."""
+    config = {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
+              **model.spec.text_encoder_2, "torch_dtype": "float16" if fp16 else "float32"}
+    _write_json(out / "text_encoder_2" / "config.json", config)
+    safetensors.torch.save_file(_tensors(model.text_encoder_2.state_dict(), fp16),
+                                str(out / "text_encoder_2" / "model.safetensors"), metadata=meta)
+    (out / "tokenizer_2").mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(Path(model.tokenizer_2_dir) / name, out / "tokenizer_2" / name)
+
+
 def _write_diffusers(model: LoadedModel, out: Path, fp16: bool) -> None:
     spec = model.spec
     scheduler = {"_class_name": "PNDMScheduler", **spec.scheduler, "_diffusers_version": DIFFUSERS_VERSION}
-    pipeline = "StableDiffusionInpaintPipeline" if spec.family.endswith("-inpaint") else "StableDiffusionPipeline"
-    _write_json(out / "model_index.json", {
-        "_class_name": pipeline,
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", scheduler["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", spec.vae.to_dict()["_class_name"]],
-    })
+    _write_json(out / "model_index.json", _model_index(spec, scheduler["_class_name"]))
     meta = {"format": "pt"}  # transformers refuses safetensors without it
+    if model.text_encoder_2 is not None:
+        _write_text_encoder_2(model, out, fp16, meta)
     for name, module, config in (("unet", model.unet, spec.unet), ("vae", model.vae, spec.vae)):
         _write_json(out / name / "config.json", {**config.to_dict(), "_diffusers_version": DIFFUSERS_VERSION})
         weights = out / name / "diffusion_pytorch_model.safetensors"
