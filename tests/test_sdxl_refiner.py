@@ -96,6 +96,9 @@ def test_refiner_folder(folders):
     m = load_manifest(engine)
     assert m.family == "sdxl-refiner" and family_of(m.family) is SDXL_REFINER
     assert set(m.networks) == {"text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    for name, entry in m.networks.items():  # build-engine's export check against our PyTorch reference
+        parity = entry["parity"]
+        assert len(parity["cases"]) >= 1 and parity["rel"] <= parity["threshold"], name
     assert (m.dims.text_hidden_size, m.dims.text_hidden_size_2, m.dims.text_embeds_size, m.dims.time_ids) == \
         (0, 32, 32, 5)
     assert m.tokenizer["dir"] == "tokenizer_2" and m.tokenizer["pad_token"] == "!" and "tokenizer_2" not in m.tokenizer
@@ -256,6 +259,31 @@ def test_refiner_img2img_matches_diffusers(folders, backend, options, negative):
                            guidance_scale=5.0, scheduler="euler", noise=noise, encode_noise=enc, output_type="np",
                            progress=False).images
     assert_psnr(got, want, f"sdxl refiner img2img euler 64x96, negative {negative!r}, {backend}")
+
+
+def test_img2img_hand_over_matches_diffusers(folders):
+    """The hand-over from an img2img run (what A1111's img2img with refiner_checkpoint runs):
+    StableDiffusionXLImg2ImgPipeline on the base's components with strength and denoising_end
+    (latents out), then the refiner from there; the base's draws are the VAE-encode noise, then the
+    added noise."""
+    base_ref = _reference(folders["base"][0], "StableDiffusionXLPipeline", "euler")
+    base_img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**base_ref.components)
+    base_img2img.set_progress_bar_config(disable=True)
+    refiner_ref = _reference(folders["refiner"][0], "StableDiffusionXLImg2ImgPipeline", "euler")
+    image, seed, strength = _image(64, 64), 13, 0.9
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0)
+    handed = base_img2img(PROMPT, image=image, strength=strength, denoising_end=SWITCH, output_type="latent",
+                          generator=torch.Generator().manual_seed(seed), **kw).images
+    want = refiner_ref(PROMPT, image=handed, denoising_start=SWITCH, output_type="np", **kw).images
+    enc, noise = _torch_draws(seed, (1, 4, 32, 32), 2)
+    with runtime.load(folders["base"][1], backend="onnxruntime") as base, \
+            runtime.load(folders["refiner"][1], backend="onnxruntime") as refiner:
+        latents = base.img2img(PROMPT, image, strength=strength, denoising_end=SWITCH, output_type="latent",
+                               scheduler="euler", noise=noise, encode_noise=enc, progress=False, **kw).images
+        assert rel_err(latents, handed.numpy()) < 1e-4
+        got = refiner.img2img(PROMPT, latents, denoising_start=SWITCH, output_type="np", scheduler="euler",
+                              progress=False, **kw).images
+    assert_psnr(got, want, f"sdxl base img2img (strength {strength}) -> refiner at {SWITCH}, euler")
 
 
 def test_request_refusals(folders):
