@@ -386,3 +386,18 @@ def test_single_file_refiner_loads_the_same_weights(tmp_path):
         got, want = getattr(model, name).state_dict(), parts[name].state_dict()
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
     assert all(torch.equal(theirs[k], v) for k, v in parts["text_encoder_2"].state_dict().items())
+
+
+def test_refiner_refuses_loras_and_embeddings():
+    """LoRAs and embeddings read the first text encoder, which the refiner lacks: a clear refusal
+    (not yet supported) instead of a failure inside them."""
+    from export.adapters import Adapters
+    from export.convert_ldm import CheckpointError
+    from export.loading import random_model
+
+    model = random_model("tiny-sdxl-refiner")
+    assert model.text_encoder is None and model.tokenizer_dir is None and model.text_encoder_2 is not None
+    assert Adapters().apply(model) is model
+    for adapters in (Adapters(loras=("x",)), Adapters(embeddings=("y",))):
+        with pytest.raises(CheckpointError, match="SDXL refiner"):
+            adapters.apply(model)
