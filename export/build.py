@@ -37,7 +37,7 @@ from export.adapters import Adapters, adapters as parse_adapters, comparable
 from export.hashing import file_sha256, tree_sha256
 from runtime.engines.ov_cache import pid_alive
 from runtime.folder.manifest import MANIFEST_NAME, PREDICTION_TYPES, Manifest, ManifestError, load_manifest, write_manifest
-from runtime.folder.networks import NETWORKS, PRECISIONS, TILING_NETWORKS
+from runtime.folder.networks import PRECISIONS, TILING_NETWORKS, required_networks
 from runtime.sampling.defaults import recommended
 from runtime.folder.paths import tokenizer_entries
 
@@ -150,8 +150,8 @@ def _reuse_problem(out_dir: Path, identity: dict[str, Any], precision: str, shap
                             ("tools", manifest.tools, tools)):
         if have != want:
             return f"{key}: the folder has {have!r}, the request {want!r}"
-    if not set(NETWORKS) <= set(manifest.networks):
-        return f"it lacks networks {sorted(set(NETWORKS) - set(manifest.networks))}"
+    if not set(required_networks(manifest.dims)) <= set(manifest.networks):
+        return f"it lacks networks {sorted(set(required_networks(manifest.dims)) - set(manifest.networks))}"
     have_branch = manifest.networks.get("unet_deep", {}).get("branch")
     if have_branch != cache_branch:
         return (f"step cache: the folder has {'none' if have_branch is None else f'branch {have_branch}'}, "
@@ -550,10 +550,10 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
 
     # One big network in memory at a time: each PyTorch module is released once the graphs made from it
     # are exported and checked (the full-size SDXL U-Net alone is 10.3 GB in fp32, its second text
-    # encoder 2.8 GB). The first text encoder stays: its vocabulary size draws the parity inputs.
-    two_encoders = model.text_encoder_2 is not None  # SDXL; read before the release below
-    export("text_encoder")
-    if two_encoders:
+    # encoder 2.8 GB). The first text encoder stays (the SDXL refiner has none).
+    if model.text_encoder is not None:
+        export("text_encoder")
+    if model.text_encoder_2 is not None:
         export("text_encoder_2")
         _release(model, "text_encoder_2")
     export("unet")
@@ -577,10 +577,8 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         networks[name]["vae"] = spec.vae.kind  # "tiny": an AutoencoderTiny (export/tiny_vae.py); absent: KL
     if tiny_vae is not None:
         networks.update(_export_tiny_vae(model, tiny_vae, folder, precision, parity_shapes, progress))
-    tokenizer = _copy_tokenizer(model.tokenizer_dir, folder, "tokenizer", spec.pad_token)
-    pipeline = {}
-    if two_encoders:  # SDXL: the second tokenizer, and how an empty negative prompt encodes
-        tokenizer["tokenizer_2"] = _copy_tokenizer(model.tokenizer_2_dir, folder, "tokenizer_2", spec.pad_token_2)
+    tokenizer, pipeline = _tokenizers(model, folder), {}
+    if spec.text_encoder_2 is not None:  # SDXL: how an empty negative prompt encodes
         pipeline["force_zeros_for_empty_prompt"] = spec.force_zeros_for_empty_prompt
     size = spec.unet.sample_size * spec.vae_scale_factor
     return Manifest(
@@ -590,6 +588,18 @@ def _export_all(model: Any, identity: dict[str, Any], folder: Path, precision: s
         source=identity, tools=tools, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         pipeline=pipeline,
     )
+
+
+def _tokenizers(model: Any, folder: Path) -> dict[str, Any]:
+    """The manifest's tokenizer entry, its files copied: the first tokenizer, with SDXL's second as
+    `tokenizer_2`; the SDXL refiner's only one (its tokenizer_2) as the entry itself."""
+    spec = model.spec
+    if spec.text_encoder is None:
+        return _copy_tokenizer(model.tokenizer_2_dir, folder, "tokenizer_2", spec.pad_token_2)
+    tokenizer = _copy_tokenizer(model.tokenizer_dir, folder, "tokenizer", spec.pad_token)
+    if spec.text_encoder_2 is not None:
+        tokenizer["tokenizer_2"] = _copy_tokenizer(model.tokenizer_2_dir, folder, "tokenizer_2", spec.pad_token_2)
+    return tokenizer
 
 
 def _release(model: Any, name: str) -> None:

@@ -70,7 +70,7 @@ def export_tiling(model: Any, out_dir: str | Path, *, precision_of: Any, parity_
     `<base>.onnx.data`, and check the variants again on those final files at the first shape.
     `precision_of(network)` is each graph's precision. On a failure `out_dir` is left
     half-rewritten: build into a scratch folder (build-engine does)."""
-    from export.onnx_export import check_parity, export_network, wrap
+    from export.onnx_export import check_parity, export_network, parity_vocab_size, wrap
 
     out_dir = Path(out_dir)
     results, sizes, data_files = {}, {}, {}
@@ -86,7 +86,7 @@ def export_tiling(model: Any, out_dir: str | Path, *, precision_of: Any, parity_
         by_file = share_weights(out_dir, [f"{n}.onnx" for n in family], data_files[base])
         sizes.update({n: by_file[f"{n}.onnx"] for n in family})
         final = check_parity(network, wrap(network, model), out_dir / result.file, model.spec.dims,
-                             precision_of(base), parity_shapes[:1], vocab_size=model.text_encoder.config.vocab_size,
+                             precision_of(base), parity_shapes[:1], vocab_size=parity_vocab_size(model),
                              threads=threads)
         results[network] = replace(result, external_data=data_files[base],
                                    parity={**result.parity, "final_file": final})

@@ -11,6 +11,8 @@ Sources for the full-size presets (pinned Hugging Face repositories):
   sd21          stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
   sdxl          stabilityai/stable-diffusion-xl-base-1.0 (unet/, vae/, text_encoder/, text_encoder_2/,
                 scheduler/ config.json; 1024 px)
+  sdxl-refiner  stabilityai/stable-diffusion-xl-refiner-1.0 (unet/, vae/, text_encoder_2/, scheduler/ config.json,
+                model_index.json; no text_encoder / tokenizer; 1024 px)
 """
 
 from __future__ import annotations
@@ -276,16 +278,25 @@ def scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
     }
 
 
-def infer_family(unet: UNetConfig) -> str:
+def infer_family(unet: UNetConfig, first_encoder: bool = True) -> str:
     """SDXL U-Nets add the pooled text and size conditioning (`addition_embed_type="text_time"`);
     SD 2.x U-Nets use linear projections in their transformers (SD 1.x: 1x1 convolutions);
     inpainting U-Nets take 9 input channels; LCM-distilled U-Nets embed the guidance scale
-    (`time_cond_proj_dim`)."""
+    (`time_cond_proj_dim`). `first_encoder` False: the model has only SDXL's second text encoder,
+    which is the SDXL refiner ("sdxl-refiner": diffusers' StableDiffusionXLImg2ImgPipeline with
+    text_encoder None and requires_aesthetics_score)."""
     base = "sd2" if unet.use_linear_projection else "sd1"
     if unet.addition_embed_type == "text_time":
         if unet.time_cond_proj_dim:
             raise ValueError("an SDXL U-Net with a guidance embedding (time_cond_proj_dim) is not supported")
         base = "sdxl"
+        if not first_encoder:
+            if unet.in_channels != 4:
+                raise ValueError("an SDXL refiner U-Net (one text encoder) takes 4 input channels")
+            return "sdxl-refiner"
+    if not first_encoder:
+        raise ValueError("a model without its first text encoder must be an SDXL refiner (addition_embed_type "
+                         "'text_time')")
     if unet.time_cond_proj_dim:
         if unet.in_channels == 9:
             raise ValueError("an inpainting U-Net with a guidance embedding (time_cond_proj_dim) is not supported")
@@ -303,7 +314,9 @@ class ModelSpec:
     family: str  # one of FAMILIES
     unet: UNetConfig
     vae: VAEConfig
-    text_encoder: dict[str, Any]  # transformers CLIPTextConfig keyword arguments
+    # transformers CLIPTextConfig keyword arguments; None for the SDXL refiner, whose only text encoder is
+    # text_encoder_2 (stabilityai/stable-diffusion-xl-refiner-1.0 model_index.json: text_encoder null)
+    text_encoder: dict[str, Any] | None
     scheduler: dict[str, Any] = field(default_factory=scheduler_config)  # diffusers scheduler config
     pad_token: str = "<|endoftext|>"  # tokenizer padding: "<|endoftext|>" (SD 1.x), "!" (SD 2.x)
     # SDXL: the second text encoder (transformers CLIPTextModelWithProjection keyword arguments), its
@@ -318,11 +331,14 @@ class ModelSpec:
             raise ValueError(f"unknown family {self.family!r}; expected one of {', '.join(FAMILIES)}")
         if (family_base(self.family) == "sdxl") != (self.text_encoder_2 is not None):
             raise ValueError(f"family {self.family!r}: SDXL models, and only they, have a second text encoder")
+        if (self.family == "sdxl-refiner") != (self.text_encoder is None):
+            raise ValueError(f"family {self.family!r}: the SDXL refiner, and only it, lacks the first text encoder")
         if self.text_encoder_2 is not None:
-            width = self.text_encoder["hidden_size"] + self.text_encoder_2["hidden_size"]
+            first = self.text_encoder["hidden_size"] if self.text_encoder is not None else 0
+            width = first + self.text_encoder_2["hidden_size"]
             pooled = self.unet.projection_class_embeddings_input_dim - self.text_encoder_2["projection_dim"]
             if width != self.unet.cross_attention_dim or pooled <= 0 or pooled % self.unet.addition_time_embed_dim:
-                raise ValueError(f"the text encoders (widths {self.text_encoder['hidden_size']} + "
+                raise ValueError(f"the text encoders (widths {first} + "
                                  f"{self.text_encoder_2['hidden_size']}, projection {self.text_encoder_2['projection_dim']}) "
                                  f"do not fit the U-Net (cross_attention_dim {self.unet.cross_attention_dim}, "
                                  f"projection_class_embeddings_input_dim {self.unet.projection_class_embeddings_input_dim})")
@@ -342,7 +358,7 @@ class ModelSpec:
             latent_channels=self.vae.latent_channels,
             unet_in_channels=self.unet.in_channels,
             vae_scale_factor=self.vae.vae_scale_factor,
-            text_hidden_size=self.text_encoder["hidden_size"],
+            text_hidden_size=self.text_encoder["hidden_size"] if self.text_encoder is not None else 0,
             time_cond_proj_dim=self.unet.time_cond_proj_dim or 0,
             text_hidden_size_2=two.get("hidden_size", 0),
             text_embeds_size=two.get("projection_dim", 0),
@@ -406,6 +422,21 @@ _SDXL_UNET = UNetConfig(block_out_channels=(320, 640, 1280),
                         use_linear_projection=True, sample_size=128, addition_embed_type="text_time",
                         addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
 _OPENCLIP_BIGG = _clip_text(1280, 32, 20, 5120, "gelu", 1280, 0)
+# stabilityai/stable-diffusion-xl-refiner-1.0 unet/config.json (sgm configs/inference/sd_xl_refiner.yaml:
+# model_channels 384, channel_mult (1, 2, 4, 4), attention at the middle two levels, 64-wide heads, depth 4,
+# context 1280 = text_encoder_2 alone, adm_in_channels 2560 = 1280 pooled + 5 time ids x 256)
+_SDXL_REFINER_UNET = UNetConfig(block_out_channels=(384, 768, 1536, 1536),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                  "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280,
+                                transformer_layers_per_block=4, use_linear_projection=True, sample_size=128,
+                                addition_embed_type="text_time", addition_time_embed_dim=256,
+                                projection_class_embeddings_input_dim=2560)
+# diffusers tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl_img2img.py, the refiner-only tests'
+# get_dummy_components (diffusers 0.42): the tiny SDXL U-Net with cross_attention_dim 32 (text_encoder_2 alone)
+# and add_embedding input 5 * 8 + 32 = 72
+_TINY_SDXL_REFINER_UNET = replace(_TINY_SDXL_UNET, cross_attention_dim=32, projection_class_embeddings_input_dim=72)
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (EulerDiscreteScheduler)
 _SDXL_SCHEDULER = {**scheduler_config(), "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
                    "use_karras_sigmas": False}
@@ -426,6 +457,14 @@ def _presets() -> dict[str, ModelSpec]:
                           dict(_SDXL_SCHEDULER), text_encoder_2=dict(_OPENCLIP_BIGG)),
         "tiny-sdxl": ModelSpec("sdxl", _TINY_SDXL_UNET, replace(_TINY_VAE, scaling_factor=0.13025),
                                dict(_TINY_TEXT_SDXL), dict(_SDXL_SCHEDULER), text_encoder_2=dict(_TINY_TEXT_SDXL_2)),
+        # the refiner's model_index.json: force_zeros_for_empty_prompt false; its scheduler is the base's
+        "sdxl-refiner": ModelSpec("sdxl-refiner", _SDXL_REFINER_UNET,
+                                  VAEConfig(scaling_factor=0.13025, sample_size=1024), None, dict(_SDXL_SCHEDULER),
+                                  text_encoder_2=dict(_OPENCLIP_BIGG), force_zeros_for_empty_prompt=False),
+        # diffusers' dummy refiner pipeline keeps StableDiffusionXLImg2ImgPipeline's default (True)
+        "tiny-sdxl-refiner": ModelSpec("sdxl-refiner", _TINY_SDXL_REFINER_UNET,
+                                       replace(_TINY_VAE, scaling_factor=0.13025), None, dict(_SDXL_SCHEDULER),
+                                       text_encoder_2=dict(_TINY_TEXT_SDXL_2)),
     }
 
 

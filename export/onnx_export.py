@@ -310,6 +310,17 @@ def network_dims(spec: Any, network: str, branch: int | None = None) -> ModelDim
     return control_dims(spec) if base_network(network) in (CONTROL_UNET, CONTROLNET) else spec.dims
 
 
+# transformers CLIPTextConfig's default vocab_size (the CLIP BPE's 49408 tokens), for a config that omits it
+CLIP_VOCAB_SIZE = 49408
+
+
+def parity_vocab_size(model: Any) -> int:
+    """The vocabulary the parity inputs' token ids are drawn from: the first text encoder's, or the SDXL
+    refiner's only one (text_encoder_2), read from the spec (the modules are released as they are exported)."""
+    text = model.spec.text_encoder if model.spec.text_encoder is not None else model.spec.text_encoder_2
+    return int(text.get("vocab_size", CLIP_VOCAB_SIZE))
+
+
 def size_multiple(spec: Any) -> int:
     """Image sizes must divide by this: the VAE's downsampling times the U-Net's."""
     return spec.vae.vae_scale_factor * 2 ** (len(spec.unet.block_out_channels) - 1)
@@ -397,7 +408,7 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
     # take ~400x their float32 time (measured: 19 s vs 0.04 s for one 128-channel 3x3 conv at
     # 64x96), so fp16 graphs are traced on a CUDA device where there is one.
     device = "cuda" if precision == "fp16" and torch.cuda.is_available() else "cpu"
-    vocab = model.text_encoder.config.vocab_size
+    vocab = parity_vocab_size(model)
     scratch = Path(tempfile.mkdtemp(prefix=f".export-{network}-", dir=out_dir))
     try:
         rng = np.random.default_rng(0)
@@ -481,7 +492,7 @@ def export_step_cache(model: Any, out_dir: str | Path, *, branch: int, precision
     by_file = share_weights(out_dir, list(files.values()), STEP_CACHE_DATA)
     # one shape: each graph met the PyTorch split at all of them already; this checks the final files
     consistency = check_step_cache(out_dir, step_cache_dims(model.spec, branch), precision, parity_shapes[:1],
-                                   vocab_size=model.text_encoder.config.vocab_size, threads=threads)
+                                   vocab_size=parity_vocab_size(model), threads=threads)
     return StepCacheExport({n: replace(r, external_data=STEP_CACHE_DATA) for n, r in results.items()},
                            {n: by_file[f] for n, f in files.items()}, STEP_CACHE_DATA, consistency)
 
@@ -563,7 +574,7 @@ def export_control(model: Any, out_dir: str | Path, *, precision: str = "fp32", 
     by_file = share_weights(out_dir, [f"{n}.onnx" for n in family + [CONTROL_UNET]], STEP_CACHE_DATA)
     final = check_parity(CONTROL_UNET, wrap(CONTROL_UNET, model), out_dir / f"{CONTROL_UNET}.onnx",
                          control_dims(model.spec), precision, parity_shapes[:1],
-                         vocab_size=model.text_encoder.config.vocab_size, threads=threads)
+                         vocab_size=parity_vocab_size(model), threads=threads)
     results[CONTROL_UNET] = replace(results[CONTROL_UNET], external_data=STEP_CACHE_DATA)
     for name in model.controlnets:
         network = f"{CONTROLNET}.{name}"

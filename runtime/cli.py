@@ -23,6 +23,7 @@ ENGINE_DIR and PROMPT may then be left out. Errors print one line on stderr and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -88,6 +89,11 @@ def build_parser(prog: str = "sd-generate") -> argparse.ArgumentParser:
                    help="tiled VAE decode/encode: automatic above the folder's VAE size (default), forced on "
                         "(default tile), off, or on with tiles of PIXELS")
     _hires_args(p)
+    p.add_argument("--refiner", default=None, metavar="DIR",
+                   help="txt2img: an engine folder (an SDXL refiner) that takes over at --refiner-switch-at "
+                        "(diffusers' denoising_end / denoising_start hand-over)")
+    p.add_argument("--refiner-switch-at", type=float, default=None, metavar="F",
+                   help="the fraction of the steps the engine folder runs before the refiner (default 0.8)")
     p.add_argument("--tiling", action="store_const", const=True, default=None,
                    help="seamless texture: circular padding in the U-Net and VAE (A1111's Tiling; the folder "
                         "needs build-engine --tiling)")
@@ -211,6 +217,8 @@ def metadata_for(params: dict[str, Any], seed: int, args: argparse.Namespace) ->
         cmd += ["--image", args.image]
     if args.mask:
         cmd += ["--mask", args.mask]
+    if params.get("refiner"):
+        cmd += ["--refiner", params["refiner"], "--refiner-switch-at", repr(params["refiner_switch_at"])]
     meta["command"] = shlex.join(cmd)
     return meta
 
@@ -302,6 +310,22 @@ def _infotext(params: dict[str, Any], seed: int, engine_dir: str, manifest: Any)
                                              model_name=name)
 
 
+def _refiner(args: argparse.Namespace, pipe: Any, kwargs: dict[str, Any]) -> Any:
+    """--refiner DIR opened with the same backend (None without it; `pipe` closed if it fails), and
+    txt2img's refiner / refiner_switch_at put in `kwargs` (runtime/handover.py)."""
+    if args.refiner is None:
+        return None
+    from runtime.pipeline import load
+
+    try:
+        refiner = load(args.refiner, backend=args.backend)
+    except BaseException:
+        pipe.close()
+        raise
+    kwargs.update(refiner=refiner, refiner_switch_at=args.refiner_switch_at)
+    return refiner
+
+
 def run(args: argparse.Namespace) -> int:
     from runtime.folder.manifest import load_manifest
     from runtime.pipeline import load
@@ -320,6 +344,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("img2img takes no --mask; use inpaint")
     if args.command == "txt2img" and args.strength is not None:
         raise ValueError("--strength applies to img2img and inpaint only")
+    if (args.refiner is not None or args.refiner_switch_at is not None) and (args.command != "txt2img" or
+                                                                            args.refiner is None):
+        raise ValueError("--refiner DIR (with --refiner-switch-at F) applies to txt2img")
 
     hires = hires_from_args(args)  # before load: a bad flag opens nothing
     pipe = load(args.engine_dir, backend=args.backend)
@@ -335,7 +362,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, arg) is not None:  # otherwise the pipeline's default
             kwargs[name] = getattr(args, arg)
     kwargs.update(control_from_args(getattr(args, "control_image", [])))
-    with pipe:
+    refiner = _refiner(args, pipe, kwargs)
+    with pipe, (refiner or contextlib.nullcontext()):
         if args.command == "txt2img":
             result = pipe.txt2img(args.prompt, **kwargs, **({"hires": hires} if hires is not None else {}))
         elif args.command == "img2img":

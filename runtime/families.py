@@ -15,6 +15,10 @@ contract and tests, never a branch in `Pipeline` or the denoise loop.
                    along the channels, are encoder_hidden_states; the second's pooled projection is
                    `text_embeds`; `time_ids` are the size conditioning (Podell et al. arXiv:2307.01952
                    §2.2: original size, crop top-left, target size)
+    SDXL refiner   text_encoder_2 alone: its penultimate hidden states are encoder_hidden_states, its
+                   pooled projection `text_embeds`; `time_ids` = original size, crop top-left and an
+                   aesthetic score (§2.5; diffusers' StableDiffusionXLImg2ImgPipeline with
+                   requires_aesthetics_score)
     LCM            an LCM-distilled U-Net (Luo et al. arXiv:2310.04378 §4.2; diffusers'
                    LatentConsistencyModelPipeline): no guidance batch and no negative prompt; the
                    guidance scale enters the U-Net as `timestep_cond`, an embedding of w = scale - 1
@@ -120,6 +124,12 @@ def _lcm_inputs(text: Conditioning, *, guidance_scale: float, dims: ModelDims,
 # SDXL base's size conditioning: original size, crop top-left, target size (6 values; the refiner's 5
 # carry an aesthetic score instead of the target size)
 SDXL_TIME_IDS = 6
+SDXL_REFINER_TIME_IDS = 5
+# The refiner's aesthetic scores, conditional and unconditional rows: diffusers 0.42
+# StableDiffusionXLImg2ImgPipeline.__call__ defaults aesthetic_score=6.0, negative_aesthetic_score=2.5
+# (Podell et al. arXiv:2307.01952 §2.5 conditions the refiner on the LAION aesthetic score)
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 def _sdxl_inputs(text: Conditioning, *, guidance_scale: float, dims: ModelDims,
@@ -129,17 +139,37 @@ def _sdxl_inputs(text: Conditioning, *, guidance_scale: float, dims: ModelDims,
     size for both, and the same for the unconditional rows (diffusers 0.42 StableDiffusionXLPipeline
     `_get_add_time_ids` with its defaults: original_size = target_size = (height, width),
     crops_coords_top_left = (0, 0); negative_original_size etc. default to the same)."""
-    if dims.time_ids != SDXL_TIME_IDS or text.pooled is None:
-        raise ManifestError(f"this SDXL U-Net takes {dims.time_ids} time ids (the base model's: {SDXL_TIME_IDS}) "
-                            "and a pooled text embedding; the refiner's aesthetic-score conditioning is not implemented")
     h, w = size
     ids = np.array([h, w, 0, 0, h, w], dtype=np.float32)
+    return _text_time(text, dims, ids, ids, SDXL_TIME_IDS, "the base model's (an SDXL refiner folder is family "
+                                                           "'sdxl-refiner')")
 
-    def inputs(hidden: np.ndarray, pooled: np.ndarray) -> UnetInputs:
+
+def _sdxl_refiner_inputs(text: Conditioning, *, guidance_scale: float, dims: ModelDims,
+                         size: tuple[int, int]) -> tuple[UnetInputs, UnetInputs | None]:
+    """The SDXL refiner: text_encoder_2's hidden states and pooled `text_embeds`, and `time_ids` =
+    original size (H, W), crop top-left (0, 0), aesthetic score: 6.0 on the conditional rows, 2.5 on
+    the unconditional ones (diffusers 0.42 StableDiffusionXLImg2ImgPipeline `_get_add_time_ids` with
+    requires_aesthetics_score and its defaults; original_size = the image's size)."""
+    h, w = size
+    cond = np.array([h, w, 0, 0, AESTHETIC_SCORE], dtype=np.float32)
+    uncond = np.array([h, w, 0, 0, NEGATIVE_AESTHETIC_SCORE], dtype=np.float32)
+    return _text_time(text, dims, cond, uncond, SDXL_REFINER_TIME_IDS, "the refiner's")
+
+
+def _text_time(text: Conditioning, dims: ModelDims, cond_ids: np.ndarray, uncond_ids: np.ndarray, n_ids: int,
+               whose: str) -> tuple[UnetInputs, UnetInputs | None]:
+    """SDXL's text_time inputs: hidden states, pooled text_embeds and one row of time ids per image."""
+    if dims.time_ids != n_ids or text.pooled is None:
+        raise ManifestError(f"this SDXL U-Net takes {dims.time_ids} time ids ({whose}: {n_ids}) and a pooled text "
+                            "embedding: the folder's family does not fit its U-Net")
+
+    def inputs(hidden: np.ndarray, pooled: np.ndarray, ids: np.ndarray) -> UnetInputs:
         return {"encoder_hidden_states": hidden, "text_embeds": pooled,
                 "time_ids": np.tile(ids, (hidden.shape[0], 1))}
 
-    return inputs(text.cond, text.pooled), None if text.uncond is None else inputs(text.uncond, text.uncond_pooled)
+    uncond = None if text.uncond is None else inputs(text.uncond, text.uncond_pooled, uncond_ids)
+    return inputs(text.cond, text.pooled, cond_ids), uncond
 
 
 SD = Family("sd", _clip_hidden_states)
@@ -150,8 +180,13 @@ SD_LCM = Family("sd-lcm", _lcm_inputs, guidance_batch=False, strength_in_schedul
 _SDXL_ENCODERS = (TextEncoding("text_encoder"), TextEncoding("text_encoder_2", second=True, pooled="text_embeds"))
 SDXL = Family("sdxl", _sdxl_inputs, text_encoders=_SDXL_ENCODERS)
 SDXL_INPAINT = Family("sdxl-inpaint", _sdxl_inputs, sample_extras=("mask", "masked"), text_encoders=_SDXL_ENCODERS)
+# diffusers StableDiffusionXLImg2ImgPipeline.encode_prompt without text_encoder: tokenizer_2 / text_encoder_2
+# read `prompt` (prompt_2 is zipped away), so the refiner folder's one tokenizer is its first
+SDXL_REFINER = Family("sdxl-refiner", _sdxl_refiner_inputs,
+                      text_encoders=(TextEncoding("text_encoder_2", pooled="text_embeds"),))
 FAMILIES: Mapping[str, Family] = {"sd1": SD, "sd2": SD, "sd1-inpaint": SD_INPAINT, "sd2-inpaint": SD_INPAINT,
-                                  "sd1-lcm": SD_LCM, "sd2-lcm": SD_LCM, "sdxl": SDXL, "sdxl-inpaint": SDXL_INPAINT}
+                                  "sd1-lcm": SD_LCM, "sd2-lcm": SD_LCM, "sdxl": SDXL, "sdxl-inpaint": SDXL_INPAINT,
+                                  "sdxl-refiner": SDXL_REFINER}
 
 
 def family_of(manifest_family: str) -> Family:

@@ -32,7 +32,7 @@ import numpy as np
 from runtime.imaging import images as imgs
 from runtime import hires as hires_fix
 from runtime import scheduler as sch
-from runtime import control, stages
+from runtime import control, handover, stages
 from runtime.imaging import inpainting, preview as live_preview
 from runtime.sampling import deepcache as caching
 from runtime.text import lora_tags
@@ -55,6 +55,7 @@ __all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "GenerationCancelled", "Generati
 log = logging.getLogger(__name__)
 default_sampler = sch.default_sampler  # the sampler a manifest's scheduler config names
 EAGER_NETWORKS = ("text_encoder", "unet", "vae_decoder")  # opened by load(); the others on first use
+# (a folder's first text encoder is its family's: text_encoder_2 for the SDXL refiner, `eager_networks`)
 Callback = Callable[[int, float, np.ndarray], None]
 
 
@@ -157,7 +158,8 @@ class Pipeline:
                 controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
                 control_guidance_end: Any = 1.0, guess_mode: bool = False,
                 control_resize_mode: Any = "just_resize", prompt_2=None,
-                negative_prompt_2=None) -> GenerationResult:
+                negative_prompt_2=None, denoising_end: float | None = None, refiner: "Pipeline | None" = None,
+                refiner_switch_at: float | None = None) -> GenerationResult:
         """Text to image. `latents` ([batch, 4, lh, lw], unscaled standard-normal noise, as diffusers'
         `latents`) replaces the seeded initial noise. `cache_interval` N > 1 (all three modes) runs the
         whole U-Net on every N-th network call and only its shallow part in between, reusing the deep
@@ -192,7 +194,15 @@ class Pipeline:
         `prompt_2` / `negative_prompt_2` (all three modes; SDXL folders):
         the second text encoder's prompts, as diffusers' (None: the same as prompt / negative_prompt);
         in a folder whose pipeline config sets force_zeros_for_empty_prompt, an empty negative prompt
-        (both of them) gives zero unconditional embeddings (A1111's rule; diffusers zeros only a None one)."""
+        (both of them) gives zero unconditional embeddings (A1111's rule; diffusers zeros only a None one).
+
+        The SDXL base -> refiner hand-over (runtime/handover.py): `denoising_end` F in (0, 1) stops at that
+        fraction of the schedule (diffusers' denoising_end; use output_type "latent" and hand the latents to
+        another folder's `img2img(image=latents, denoising_start=F)`); `refiner` (another Pipeline, e.g. an
+        SDXL refiner folder) with `refiner_switch_at` F does both in this call: this folder runs the first F
+        of the steps, the refiner the rest, on the same seeds, steps, sampler and guidance."""
+        if refiner is not None or refiner_switch_at is not None:
+            denoising_end = handover.switch_point(self, refiner, refiner_switch_at, denoising_end)
         request = self.request("txt2img", prompt, negative_prompt=negative_prompt, height=height, width=width,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, scheduler=scheduler, karras=karras, seed=seed,
@@ -205,7 +215,9 @@ class Pipeline:
                                controlnet_conditioning_scale=controlnet_conditioning_scale,
                                control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
                                guess_mode=guess_mode, control_resize_mode=control_resize_mode,
-                               prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
+                               prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, denoising_end=denoising_end)
+        if refiner is not None:
+            return handover.refine(self, refiner, request, callback=callback, progress=progress)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, height: int | None = None,
@@ -224,13 +236,17 @@ class Pipeline:
                 controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
                 control_guidance_end: Any = 1.0, guess_mode: bool = False,
                 control_resize_mode: Any = "just_resize", prompt_2=None,
-                negative_prompt_2=None) -> GenerationResult:
+                negative_prompt_2=None, denoising_start: float | None = None,
+                denoising_end: float | None = None) -> GenerationResult:
         """Image to image: the init image is encoded, noised to the level `strength` gives
         (1.0 = pure noise), and denoised over the remaining int(steps * strength) steps.
         `noise` replaces the seeded noise added to the init latents; `encode_noise` the seeded
         VAE-encode sample noise (each [batch, 4, lh, lw]). `initial_noise_multiplier` scales that
         noise (A1111's). `subseed`, `subseed_strength`, `seed_resize_from`: as txt2img's (the
-        VAE-encode noise stays the seed's)."""
+        VAE-encode noise stays the seed's). `image` may be latents instead ([batch or 1, 4, lh, lw], as
+        txt2img's output_type "latent" gives them): no VAE encode. `denoising_start` F in (0, 1) (diffusers'):
+        the hand-over's second half, from latents a run with `denoising_end` F left noisy, taken as they are
+        and denoised from that point of the schedule (strength is then ignored); `denoising_end` stops early."""
         request = self.request("img2img", prompt, image=image, strength=strength, negative_prompt=negative_prompt,
                                height=height, width=width, num_inference_steps=num_inference_steps,
                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, scheduler=scheduler,
@@ -245,7 +261,8 @@ class Pipeline:
                                controlnet_conditioning_scale=controlnet_conditioning_scale,
                                control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
                                guess_mode=guess_mode, control_resize_mode=control_resize_mode,
-                               prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
+                               prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                               denoising_start=denoising_start, denoising_end=denoising_end)
         return self.generate([request], callbacks=[callback], progress=progress)[0]
 
     def inpaint(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
@@ -345,7 +362,8 @@ class Pipeline:
                 **self.manifest.scheduler, "timestep_spacing": r.timestep_spacing}  # A1111's "SGM Uniform"
             schedule = sch.make_schedule(config, r.sampler, r.steps, strength=r.strength,
                                          strength_in_schedule=self.family.strength_in_schedule,
-                                         karras=r.karras, prediction_type=self.manifest.prediction_type)
+                                         karras=r.karras, prediction_type=self.manifest.prediction_type,
+                                         denoising_start=r.denoising_start, denoising_end=r.denoising_end)
         except sch.SchedulerError as e:
             raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e
         if tokens is not None:
@@ -454,7 +472,7 @@ class Pipeline:
                                          self.is_inpainting_unet)
             t0 = time.perf_counter()
             graph = m.vae_graph("vae_encoder", r.vae, r.tiling)  # the tiny or circular-padded one where asked
-            encoder = self.engine(graph) if r.mode != "txt2img" else None
+            encoder = self.engine(graph) if r.mode != "txt2img" and r.init_latents is None else None
             latents = stages.encode_images(encoder, r, draws, scaling_factor=m.vae_scaling_factor(graph), vae_scale_factor=s,
                                            inpainting_unet=self.is_inpainting_unet, tile=r.vae_tile)
             if r.mode != "txt2img":
@@ -626,7 +644,7 @@ def load(engine_dir: str | Path, backend: str | None = None, options: dict[str, 
     manifest = load_manifest(engine_dir)
     # the VAE encoder opens on first use (img2img, inpainting): a txt2img process never holds it
     name, why, engines = open_engines_why(engine_dir, manifest, backend, options, calibrate=calibrate, verify=verify,
-                                          networks=EAGER_NETWORKS, **engine_options)
+                                          networks=eager_networks(manifest), **engine_options)
     try:
         tokenizer, tokenizer_2 = (_tokenizer(engine_dir, t) for t in (manifest.tokenizer,
                                                                        manifest.tokenizer.get("tokenizer_2")))
@@ -644,6 +662,12 @@ def load(engine_dir: str | Path, backend: str | None = None, options: dict[str, 
              manifest.precision, name, why, unet.weights, unet.compute)
     return Pipeline(engine_dir, manifest, name, engines, tokenizer, options=per_network, backend_reason=why,
                     max_memory_gb=max_memory_gb, tokenizer_2=tokenizer_2)
+
+
+def eager_networks(manifest: Manifest) -> tuple[str, ...]:
+    """The networks `load` opens: EAGER_NETWORKS with the family's first text encoder for text_encoder."""
+    first = family_of(manifest.family).text_encoders[0].network
+    return tuple(first if n == "text_encoder" else n for n in EAGER_NETWORKS)
 
 
 def _tokenizer(engine_dir: str | Path, tok: dict[str, Any] | None) -> Any:

@@ -139,6 +139,13 @@ class Request:
     # prompts / negative_prompts
     prompts_2: tuple[str, ...] | None = None
     negative_prompts_2: tuple[str, ...] | None = None
+    # A hand-over between two runs (SDXL base -> refiner; diffusers' denoising_end / denoising_start, fractions
+    # of the training timesteps, runtime/scheduler.py make_schedule): this run stops at `denoising_end` (its
+    # latents still noisy) or starts at `denoising_start` from `init_latents` as they are (img2img of latents
+    # [batch, C, lh, lw], as the loop holds them: no VAE encode, and without denoising_start noised as usual)
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    init_latents: np.ndarray | None = field(default=None, repr=False)
     # Prepared once by Pipeline.request and carried to the stages: the prompts' token ids
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
@@ -166,7 +173,8 @@ class Request:
                 self.cache_schedule, self.prompt_syntax, self.vae_tile, self.prompt_chunks,
                 None if self.inpainting is None else self.inpainting.key(), self.initial_noise_multiplier,
                 None if self.hires is None else self.hires.key(), self.tiling, self.vae, self.timestep_spacing,
-                None if self.control is None else self.control.key())
+                None if self.control is None else self.control.key(), self.denoising_start, self.denoising_end,
+                self.init_latents is None)
 
     def parameters(self) -> dict[str, Any]:
         """What reproduces the request (the result's `parameters`, the PNG metadata)."""
@@ -178,8 +186,11 @@ class Request:
             "guidance_scale": self.guidance_scale, "guidance_rescale": self.guidance_rescale, "eta": self.eta,
             "height": self.height, "width": self.width, "seeds": list(self.seeds),
         }
-        if self.mode != "txt2img":
+        if self.mode != "txt2img" and self.denoising_start is None:
             params["strength"] = self.strength
+        for key in ("denoising_start", "denoising_end"):
+            if getattr(self, key) is not None:
+                params[key] = getattr(self, key)
         if self.cache_interval > 1:
             params["cache_interval"], params["cache_schedule"] = self.cache_interval, self.cache_schedule
         if self.prompt_syntax != "a1111":
@@ -217,12 +228,15 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
                  masked_content: Any = None, padding_mask_crop: Any = None, mask_blur: Any = 0, soft_mask: Any = False,
                  overlay: Any = None, initial_noise_multiplier: Any = 1.0, hires: Any = None, tiling: Any = False,
                  vae: Any = "full", timestep_spacing: Any = None, prompt_2: Any = None,
-                 negative_prompt_2: Any = None, **control: Any) -> Request:
+                 negative_prompt_2: Any = None, denoising_start: Any = None, denoising_end: Any = None,
+                 **control: Any) -> Request:
     """Validate a request against `limits`; raise PipelineError naming the first problem. `hires`
     (txt2img: a runtime/hires.py HiresFix) adds the hires fix's second pass. Steps, guidance and
     sampler left at None: the folder's recommended ones (`_recommended`), else the API's defaults.
     `prompt_2` / `negative_prompt_2`: SDXL's second text encoder's (None: the same as prompt /
-    negative_prompt). `control`: the ControlNet settings (runtime/control.py make_control: control_image, controlnet, ...)."""
+    negative_prompt). `control`: the ControlNet settings (runtime/control.py make_control: control_image, controlnet, ...).
+    `denoising_start` / `denoising_end`: a hand-over (`_hand_over`); an img2img `image` that is a 4-D array
+    [batch or 1, latent channels, lh, lw] is latents (`_init_latents`), the request's size then theirs."""
     if mode not in MODES:
         raise PipelineError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if limits.inpainting_unet and mode != "inpaint":
@@ -247,13 +261,21 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     plan = inpainting.settings(mode, masked_content=masked_content, padding_mask_crop=padding_mask_crop,
                                mask_blur=mask_blur, soft_mask=soft_mask, overlay=overlay)
     noise_mult = _noise_multiplier(mode, initial_noise_multiplier)
-    images, masks, (dh, dw) = _images(limits, mode, image, mask_image, len(prompts))
+    start, end = _hand_over(mode, denoising_start, denoising_end, hires)
+    latents = _init_latents(limits, mode, image, batch)
+    if latents is None:
+        images, masks, (dh, dw) = _images(limits, mode, image, mask_image, len(prompts))
+    else:
+        images, masks, (dh, dw) = None, None, tuple(d * limits.vae_scale_factor for d in latents.shape[-2:])
+        if (height or dh, width or dw) != (dh, dw):
+            raise PipelineError(f"img2img of latents runs at their size {dw}x{dh} (width x height); got "
+                                f"{width}x{height}", field="height")
     height, width = _size(limits, dh if height is None else height, dw if width is None else width)
     tile = _vae_tile(limits, vae_tiling, height, width)
     tiling = _tiling(limits, tiling, interval, tile)
     vae, timestep_spacing = _vae(limits, vae, tiling), _spacing(timestep_spacing)
     memory = check_memory(limits, batch, height, width, guided=_guided(limits, scale, rescale),
-                          encodes=mode != "txt2img")
+                          encodes=mode != "txt2img" and latents is None)
     images, masks, plan = _load_images(images, masks, plan, height, width)
     ctrl = _control(limits, control, height, width, interval, tiling, hires)
     shape = (batch, limits.latent_channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
@@ -269,9 +291,52 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
         cache_interval=interval, cache_schedule=cache_schedule, prompt_syntax=prompt_syntax, vae_tile=tile,
         memory=memory, variation=variation, inpainting=plan, initial_noise_multiplier=noise_mult, tiling=tiling,
         guidance_batch=limits.guidance_batch, vae=vae, timestep_spacing=timestep_spacing,
-        control=ctrl, prompts_2=second[0], negative_prompts_2=second[1],
+        control=ctrl, prompts_2=second[0], negative_prompts_2=second[1], denoising_start=start, denoising_end=end,
+        init_latents=latents,
     )
     return request if hires is None else replace(request, hires=hires_fix.make_pass(limits, request, hires, vae_tiling))
+
+
+def _hand_over(mode: str, start: Any, end: Any, hires: Any) -> tuple[float | None, float | None]:
+    """denoising_start (img2img) / denoising_end (txt2img, img2img): fractions in (0, 1), start below end
+    (diffusers 0.42 StableDiffusionXLImg2ImgPipeline.check_inputs); the sampler's support is checked where the
+    schedule is built (runtime/scheduler.py HAND_OVER_SAMPLERS)."""
+    out = []
+    for value, name, modes in ((start, "denoising_start", ("img2img",)),
+                               (end, "denoising_end", ("txt2img", "img2img"))):
+        if value is None:
+            out.append(None)
+            continue
+        if mode not in modes:
+            raise PipelineError(f"{name} applies to {' and '.join(modes)} only", field=name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
+            raise PipelineError(f"{name} must be a number in (0, 1): the fraction of the schedule where the "
+                                f"hand-over happens; got {value!r}", field=name)
+        out.append(float(value))
+    if out[0] is not None and out[1] is not None and out[0] >= out[1]:
+        raise PipelineError(f"denoising_start {out[0]} must be below denoising_end {out[1]}", field="denoising_start")
+    if out[1] is not None and hires is not None:
+        raise PipelineError("denoising_end stops with noisy latents; the hires fix needs finished ones: drop one",
+                            field="denoising_end")
+    return out[0], out[1]
+
+
+def _init_latents(limits: Limits, mode: str, image: Any, batch: int) -> np.ndarray | None:
+    """An img2img `image` given as latents ([batch or 1, latent channels, lh, lw], as the loop holds them:
+    a txt2img run's output_type "latent"), as a private read-only float32 copy of the batch; None for
+    images. diffusers' img2img pipelines take a 4-channel tensor `image` so (VaeImageProcessor.preprocess
+    passes it through; prepare_latents repeats a smaller batch that divides the batch)."""
+    if not (isinstance(image, np.ndarray) and image.ndim == 4):
+        return None
+    if mode != "img2img":
+        raise PipelineError(f"latents as the image apply to img2img only, not {mode}", field="image")
+    if image.shape[1] != limits.latent_channels or image.shape[0] not in (1, batch):
+        raise PipelineError(f"image latents must have shape [{batch} or 1, {limits.latent_channels}, latent height, "
+                            f"latent width]; got {list(image.shape)}", field="image")
+    latents = _explicit(np.tile(image, (batch // image.shape[0], 1, 1, 1)), (batch,) + image.shape[1:], "image")
+    if not np.isfinite(latents).all():
+        raise PipelineError("image latents hold NaN or infinite values", field="image")
+    return latents
 
 
 def _control(limits: Limits, settings: dict[str, Any], height: int, width: int, interval: int, tiling: bool,

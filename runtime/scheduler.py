@@ -30,7 +30,7 @@ import math
 import numbers
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable
 
@@ -44,9 +44,9 @@ from runtime.sampling.samplers import (PREDICTION_TYPES, Model, ab_to_sigma, mak
                                        sigma_alpha)
 from runtime.sampling.schedules import SchedulerError
 
-__all__ = ["REGISTRY", "SAMPLERS", "SCHEDULER_CLASSES", "Sampler", "Schedule", "SchedulerError", "default_sampler",
-           "eta_refusal", "guidance", "inpaint_unet_input", "make_denoiser", "make_schedule", "prepare_latents", "sample",
-           "stack_channels"]
+__all__ = ["HAND_OVER_SAMPLERS", "REGISTRY", "SAMPLERS", "SCHEDULER_CLASSES", "Sampler", "Schedule", "SchedulerError",
+           "default_sampler", "eta_refusal", "guidance", "inpaint_unet_input", "make_denoiser", "make_schedule",
+           "prepare_latents", "sample", "stack_channels", "timestep_cutoff"]
 
 BETA_SCHEDULES = S.BETA_SCHEDULES
 SPACINGS = S.SPACINGS
@@ -223,6 +223,9 @@ class Schedule:
     order: int
     clip: float | None = None
     plan: dict = field(default_factory=dict, repr=False)  # sampler-specific arrays, see make_schedule
+    # img2img init latents are noised to the first level (False: they arrive already noisy, handed over
+    # from another run at that level: diffusers' denoising_start, whose prepare_latents adds no noise)
+    noised_init: bool = True
 
     @property
     def start_sigma(self) -> float:
@@ -367,10 +370,54 @@ def _alphas_cumprod(cfg: dict) -> np.ndarray:
     return S.alphas_cumprod(cfg["beta_schedule"], cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"])
 
 
+# Samplers that run part of a schedule (denoising_start / denoising_end): those whose calls are the
+# steps of their timestep grid, one each. Not heun (two calls a step), pndm (its repeated second
+# timestep), lcm and tcd (skeleton timesteps)
+HAND_OVER_SAMPLERS = ("ddim", "ddpm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
+
+
+def timestep_cutoff(num_train_timesteps: int, fraction: float) -> int:
+    """The discrete timestep at which a hand-over splits a schedule: int(round(T - fraction * T))
+    (diffusers 0.42 StableDiffusionXLPipeline / Img2ImgPipeline `discrete_timestep_cutoff`)."""
+    return int(round(num_train_timesteps - fraction * num_train_timesteps))
+
+
+def _check_fraction(value: Any, what: str, sampler: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
+        raise SchedulerError(f"{what} must be a number in (0, 1); got {value!r}")
+    if sampler not in HAND_OVER_SAMPLERS:
+        raise SchedulerError(f"{what} runs part of a schedule, which the {sampler!r} sampler does not split; "
+                             f"use one of {', '.join(HAND_OVER_SAMPLERS)}")
+    return float(value)
+
+
+def _hand_over_start(record: Sampler, cfg: dict, n: int, ac: np.ndarray, train_sigmas: np.ndarray, karras: bool,
+                     start: float) -> int:
+    """The steps a run beginning at `start` skips: all but those of the whole schedule's timesteps
+    below the cutoff (diffusers 0.42 StableDiffusionXLImg2ImgPipeline.get_timesteps with denoising_start)."""
+    full = np.asarray(record.build(cfg, n, 0, ac, train_sigmas, karras)[0])
+    left = int((full < timestep_cutoff(int(cfg["num_train_timesteps"]), start)).sum())
+    if left == 0:
+        raise SchedulerError(f"denoising_start {start} with {n} steps leaves no step below the cutoff; lower it or "
+                             "raise the steps")
+    return len(full) - left
+
+
+def _hand_over_end(schedule: Schedule, T: int, end: float) -> Schedule:
+    """`schedule` cut before its first timestep below the cutoff (diffusers 0.42 StableDiffusionXLPipeline
+    with denoising_end: timesteps[:len(those >= cutoff)]); the final latents are then still noisy."""
+    keep = int((schedule.timesteps >= timestep_cutoff(T, end)).sum())
+    if keep == 0:
+        raise SchedulerError(f"denoising_end {end} leaves no step of this schedule (it starts below the cutoff); "
+                             "raise it")
+    return replace(schedule, timesteps=schedule.timesteps[:keep], sigmas=schedule.sigmas[:keep])
+
+
 # long: argument checks, then the builder (each step of it short)
 def make_schedule(config: dict | None, sampler: str, num_inference_steps: int, *, strength: float = 1.0,
                   karras: bool | None = None, prediction_type: str | None = None,
-                  strength_in_schedule: bool = False) -> Schedule:
+                  strength_in_schedule: bool = False, denoising_start: float | None = None,
+                  denoising_end: float | None = None) -> Schedule:
     """Build the schedule of ``sampler`` from a diffusers scheduler config dict.
 
     ``strength`` < 1 starts img2img part-way (diffusers ``StableDiffusionImg2ImgPipeline.get_timesteps``):
@@ -379,6 +426,12 @@ def make_schedule(config: dict | None, sampler: str, num_inference_steps: int, *
     pick all ``n`` timesteps from the first int(original_inference_steps * strength) of their skeleton
     (diffusers ``LCMScheduler.set_timesteps(n, strength=)``, as LatentConsistencyModelImg2ImgPipeline runs it). ``karras`` (None: the config's ``use_karras_sigmas``) selects Karras
     sigmas for the samplers in the sigma family. ``prediction_type`` overrides the config's.
+
+    A hand-over between two runs (SDXL base -> refiner; diffusers' ``denoising_end`` /
+    ``denoising_start``, each a fraction in (0, 1) of the training timesteps, HAND_OVER_SAMPLERS):
+    ``denoising_end`` keeps the calls down to the cutoff ``timestep_cutoff``; ``denoising_start``
+    (which replaces ``strength``) skips the steps above it and takes its init latents as they come
+    (``noised_init`` False).
 
     Keys the config omits take the default of the matching diffusers class (DDIM: clip_sample and
     set_alpha_to_one true, which Stable Diffusion's config turns off); unknown keys are ignored.
@@ -409,20 +462,27 @@ def make_schedule(config: dict | None, sampler: str, num_inference_steps: int, *
                              f"{sampler.removesuffix('_karras')!r} for karras=False")
     clip = float(cfg["clip_sample_range"]) if (record.clipping and cfg["clip_sample"]) else None
 
+    start, end = (None if v is None else _check_fraction(v, what, sampler)
+                  for v, what in ((denoising_start, "denoising_start"), (denoising_end, "denoising_end")))
+    if start is not None and end is not None and start >= end:
+        raise SchedulerError(f"denoising_start {start} must be below denoising_end {end}")
     init = min(int(n * strength), n)
     t_start = n - init
     if strength_in_schedule and sampler in SKELETON_SAMPLERS:
         cfg, init, t_start = {**cfg, "skeleton_strength": float(strength)}, n, 0
-    if init == 0:
+    if init == 0 and start is None:
         raise SchedulerError(f"strength {strength} with {n} steps leaves no denoising step; raise strength or steps")
 
     ac = _alphas_cumprod(cfg)
     train_sigmas = ab_to_sigma(ac)
+    if start is not None:
+        t_start = _hand_over_start(record, cfg, n, ac, train_sigmas, karras, start)
     ts, sig, plan, init_sigma, order = record.build(cfg, n, t_start, ac, train_sigmas, karras)
-    return Schedule(sampler=sampler, prediction_type=cfg["prediction_type"], num_inference_steps=n,
-                    timesteps=np.asarray(ts, dtype=np.float64), sigmas=np.asarray(sig, dtype=np.float64),
-                    init_noise_sigma=float(init_sigma), vp=not record.ve, order=order,
-                    clip=clip, plan=plan)
+    schedule = Schedule(sampler=sampler, prediction_type=cfg["prediction_type"], num_inference_steps=n,
+                        timesteps=np.asarray(ts, dtype=np.float64), sigmas=np.asarray(sig, dtype=np.float64),
+                        init_noise_sigma=float(init_sigma), vp=not record.ve, order=order,
+                        clip=clip, plan=plan, noised_init=start is None)
+    return schedule if end is None else _hand_over_end(schedule, int(cfg["num_train_timesteps"]), end)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,6 +507,8 @@ def prepare_latents(schedule: Schedule, noise: np.ndarray, init_latents: np.ndar
     init = np.asarray(init_latents, dtype=np.float64)
     if init.shape != noise64.shape:
         raise SchedulerError(f"init_latents shape {init.shape} differs from noise shape {noise64.shape}")
+    if not schedule.noised_init:  # handed over already noisy (denoising_start)
+        return init.astype(np.float32)
     return _add_noise(schedule, init, noise64, schedule.start_sigma).astype(np.float32)
 
 

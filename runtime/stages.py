@@ -261,6 +261,8 @@ def encode_images(vae_encoder: Engine | None, request: "Request", draws: Draws, 
     diffusers' img2img and inpainting pipelines do."""
     if request.mode == "txt2img":
         return ImageLatents()
+    if request.init_latents is not None:  # img2img of latents (a hand-over: runtime/request.py): no VAE encode
+        return ImageLatents(init=np.array(request.init_latents))
     if vae_encoder is None:
         raise PipelineError(f"{request.mode} needs the vae_encoder network, which this engine folder lacks")
     src = [i // request.images_per_prompt for i in range(request.batch)]  # image -> prompt index

@@ -81,9 +81,10 @@ def test_config_round_trip(name):
     spec = preset(name)
     assert UNetConfig.from_dict(json.loads(json.dumps(spec.unet.to_dict()))) == spec.unet
     assert VAEConfig.from_dict(json.loads(json.dumps(spec.vae.to_dict()))) == spec.vae
-    assert infer_family(spec.unet) == spec.family
+    assert infer_family(spec.unet, first_encoder=spec.text_encoder is not None) == spec.family
     assert spec.dims.unet_in_channels == spec.unet.in_channels
-    assert spec.text_encoder["pad_token_id"] == (0 if spec.pad_token == "!" else 49407)
+    if spec.text_encoder is not None:  # the SDXL refiner has only text_encoder_2
+        assert spec.text_encoder["pad_token_id"] == (0 if spec.pad_token == "!" else 49407)
 
 
 @pytest.mark.parametrize("name", ("tiny-sd2", "sd21"))
@@ -138,14 +139,17 @@ def test_vae_config_refuses_unsupported():
 
 def test_preset_errors_and_constants():
     with pytest.raises(ValueError, match="sd15, sd15-inpaint, sd21"):
-        preset("sdxl-refiner")
+        preset("sdxl-base")
     sd15, sd21 = preset("sd15"), preset("sd21")
     assert sd15.vae_scale_factor == 8 and preset("tiny-sd1").vae_scale_factor == 2
     assert sd15.vae.scaling_factor == 0.18215
     assert sd15.prediction_type == "epsilon" and sd21.prediction_type == "v_prediction"
     assert (sd15.pad_token, sd21.pad_token) == ("<|endoftext|>", "!")
     assert sd15.scheduler == scheduler_config("epsilon")
-    assert {preset(n).family for n in PRESETS} == {"sd1", "sd2", "sd1-inpaint", "sdxl"}
+    assert {preset(n).family for n in PRESETS} == {"sd1", "sd2", "sd1-inpaint", "sdxl", "sdxl-refiner"}
+    refiner = preset("sdxl-refiner")  # stabilityai/stable-diffusion-xl-refiner-1.0: text_encoder_2 only
+    assert refiner.text_encoder is None and refiner.text_encoder_2["hidden_size"] == 1280
+    assert (refiner.unet.cross_attention_dim, refiner.unet.depths, refiner.dims.time_ids) == (1280, (4,) * 4, 5)
     sd15.text_encoder["hidden_size"] = 1  # presets hand out fresh dicts
     assert preset("sd15").text_encoder["hidden_size"] == 768
 

@@ -67,8 +67,8 @@ class LoadedModel:
     spec: ModelSpec
     unet: UNet2DConditionModel
     vae: AutoencoderKL | AutoencoderTiny  # AutoencoderTiny for a folder whose vae/ is one (export/tiny_vae.py)
-    text_encoder: nn.Module  # transformers CLIPTextModel
-    tokenizer_dir: Path
+    text_encoder: nn.Module | None  # transformers CLIPTextModel; None for the SDXL refiner (text_encoder_2 only)
+    tokenizer_dir: Path | None  # None for the SDXL refiner (its one tokenizer is tokenizer_2_dir)
     source: dict[str, Any]
     # ControlNets to export beside the U-Net, by name (export/controlnet.py; build-engine --controlnet)
     controlnets: dict[str, nn.Module] = field(default_factory=dict)
@@ -155,8 +155,13 @@ def _build(spec: ModelSpec, weights: tuple[StateDict, ...] | None, tokenizer_dir
     the second text encoder), or random (None)."""
     unet = UNet2DConditionModel(spec.unet)
     vae = build_vae(spec.vae)
-    text_encoder = build_text_encoder(spec.text_encoder)
-    modules = [(unet, "U-Net"), (vae, "VAE"), (text_encoder, "text encoder")]
+    modules = [(unet, "U-Net"), (vae, "VAE")]
+    text_encoder = None
+    if spec.text_encoder is not None:  # the SDXL refiner has none
+        text_encoder = build_text_encoder(spec.text_encoder)
+        modules.append((text_encoder, "text encoder"))
+    else:
+        tokenizer_dir = None
     text_encoder_2 = None
     if spec.text_encoder_2 is not None:
         text_encoder_2 = build_text_encoder(spec.text_encoder_2, projection=True)
@@ -298,37 +303,46 @@ def _load_diffusers(folder: Path, prediction_type: str | None) -> LoadedModel:
     if not (folder / "model_index.json").is_file() and not (folder / "unet").is_dir():
         present = ", ".join(sorted(p.name for p in folder.iterdir())[:20]) or "nothing"
         raise CheckpointError(f"{folder}: not a diffusers folder (no model_index.json, no unet/); found: {present}")
+    first = _has_first_encoder(folder)
     files = {c: _component_weights(folder, c, stems) for c, stems in (
         ("unet", ("diffusion_pytorch_model",)),
         ("vae", ("diffusion_pytorch_model",)),
-        ("text_encoder", ("model", "pytorch_model")),
-    )}
+    ) + ((("text_encoder", ("model", "pytorch_model")),) if first else ())}
     try:
         unet_cfg = UNetConfig.from_dict(_read_json(folder / "unet" / "config.json"))
         vae_cfg = vae_config(_read_json(folder / "vae" / "config.json"))
+        family = infer_family(unet_cfg, first_encoder=first)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{folder}: {e}") from e
-    text_cfg = _text_config(_read_json(folder / "text_encoder" / "config.json"), folder / "text_encoder")
-    try:
-        family = infer_family(unet_cfg)
-    except ValueError as e:
-        raise CheckpointError(f"{folder}: {e}") from e
     base = family_base(family)
-
-    tokenizer_dir, pad = _folder_tokenizer(folder / "tokenizer", _PAD_TOKEN[base])
+    text_cfg, tokenizer_dir, pad = None, None, _PAD_TOKEN[base]
+    if first:
+        text_cfg = _text_config(_read_json(folder / "text_encoder" / "config.json"), folder / "text_encoder")
+        tokenizer_dir, pad = _folder_tokenizer(folder / "tokenizer", _PAD_TOKEN[base])
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else scheduler_config()
     scheduler.pop("_diffusers_version", None)
     second, tokenizer_2_dir, weights_2 = _second_encoder(folder) if base == "sdxl" else ({}, None, None)
     spec = _make_spec(family, unet_cfg, vae_cfg, text_cfg, _with_prediction_type(scheduler, prediction_type), pad,
                       folder, **second)
-    weights = [
-        _read_weights(files["unet"]),
-        _read_weights(files["vae"]),
-        convert_ldm.clip_from_file(_read_weights(files["text_encoder"])),
-    ] + ([weights_2] if weights_2 is not None else [])
+    weights = [_read_weights(files["unet"]), _read_weights(files["vae"])]
+    if first:
+        weights.append(convert_ldm.clip_from_file(_read_weights(files["text_encoder"])))
+    if weights_2 is not None:
+        weights.append(weights_2)
     source = {"kind": "diffusers", "path": str(folder), "sha256": tree_sha256(folder)}
     return _build(spec, tuple(weights), tokenizer_dir, source, tokenizer_2_dir)
+
+
+def _has_first_encoder(folder: Path) -> bool:
+    """Whether a diffusers folder has its first text encoder: not the SDXL refiner's, whose
+    model_index.json names none (`"text_encoder": [null, null]`, stabilityai/stable-diffusion-xl-refiner-1.0)
+    and which has no text_encoder/ component."""
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    named = index.get("text_encoder", ["transformers", "CLIPTextModel"])
+    if isinstance(named, list) and named and named[0] is None:
+        return False
+    return (folder / "text_encoder").is_dir() or not (folder / "text_encoder_2").is_dir()
 
 
 def _second_encoder(folder: Path) -> tuple[dict[str, Any], Path, StateDict]:
@@ -354,7 +368,7 @@ def _load_single_file(path: Path, prediction_type: str | None) -> LoadedModel:
     state_dict = _read_weights(path)
     if is_sdxl_file(state_dict):  # conditioner.embedders.*: export/loading/sdxl_file.py
         weights = split_sdxl_file(state_dict, path)
-        spec = infer_sdxl_spec(*weights, prediction_type, path)
+        spec = infer_sdxl_spec(*weights, prediction_type=prediction_type, where=path)
         source = {"kind": "single_file", "path": str(path), "sha256": file_sha256(path)}
         return _build(spec, weights, _tokenizer_dir(spec.pad_token), source)
     unet_sd, vae_sd, text_sd, kind = split_single_file(state_dict, path)

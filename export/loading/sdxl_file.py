@@ -9,6 +9,9 @@ Layout (sgm/models/diffusion.py DiffusionEngine; sgm/modules/encoders/modules.py
   conditioner.embedders.1.model.*         OpenCLIP ViT-bigG/14 text tower in OpenCLIP keys (in_proj
                                           split into q/k/v, text_projection transposed:
                                           convert_ldm.openclip_g_from_ldm)
+The refiner's file (sgm configs/inference/sd_xl_refiner.yaml) has one embedder, the OpenCLIP tower, as
+conditioner.embedders.0.model.*, and 5 time ids (original size, crop top-left, aesthetic score:
+`adm_in_channels: 2560` = 1280 + 5 * 256); it loads as family "sdxl-refiner" (text_encoder_2 only).
 
 What the shapes cannot tell is SDXL's rule or preset: 64-channel attention heads (sgm
 configs/inference/sd_xl_base.yaml `num_head_channels: 64`; both CLIP towers too), 32 norm groups,
@@ -31,21 +34,33 @@ from export.convert_ldm import CheckpointError
 from export.loading.infer import (StateDict, _count, _dim, _make_spec, infer_text_fields, infer_unet_fields,
                                   infer_vae_fields, split_by_prefix)
 
-# SDXL's 6 time ids: original size, crop top-left, target size (Podell et al. arXiv:2307.01952 §2.2)
+# SDXL's 6 time ids: original size, crop top-left, target size (Podell et al. arXiv:2307.01952 §2.2); the
+# refiner's 5: original size, crop top-left, aesthetic score (§2.5)
 TIME_IDS = 6
+REFINER_TIME_IDS = 5
+# The refiner's OpenCLIP tower: its only embedder (sd_xl_refiner.yaml conditioner emb_models[0])
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 HEAD_WIDTH = 64  # sd_xl_base.yaml num_head_channels; CLIP ViT-L/14 and ViT-bigG/14 heads are 64 wide too
-_IGNORED = ("model_ema.", "first_stage_model.loss.", "denoiser.", "conditioner.embedders.1.model.logit_scale")
+_IGNORED = ("model_ema.", "first_stage_model.loss.", "denoiser.", "conditioner.embedders.1.model.logit_scale",
+            "conditioner.embedders.0.model.logit_scale")
 
 
 def is_sdxl_file(state_dict: StateDict) -> bool:
     return any(k.startswith("conditioner.embedders.") for k in state_dict)
 
 
+def is_refiner_file(state_dict: StateDict) -> bool:
+    """An SDXL refiner's single file: its one embedder is the OpenCLIP tower (module doc)."""
+    return any(k.startswith(REFINER_OPENCLIP_PREFIX) for k in state_dict)
+
+
 def split_sdxl_file(state_dict: StateDict, path: Path | str = "checkpoint") -> tuple[StateDict, ...]:
-    """(U-Net, VAE, text encoder, text encoder 2) state dicts in our layout; unknown keys are an error
-    naming them."""
+    """(U-Net, VAE, text encoder, text encoder 2) state dicts in our layout, (U-Net, VAE, text encoder 2)
+    for the refiner's; unknown keys are an error naming them."""
     prefixes = {"unet": convert_ldm.UNET_PREFIX, "vae": convert_ldm.VAE_PREFIX,
                 "clip": convert_ldm.SDXL_CLIP_PREFIX, "openclip": convert_ldm.SDXL_OPENCLIP_PREFIX}
+    if is_refiner_file(state_dict):
+        prefixes = {"unet": convert_ldm.UNET_PREFIX, "vae": convert_ldm.VAE_PREFIX, "openclip": REFINER_OPENCLIP_PREFIX}
     parts, unknown = split_by_prefix(state_dict, prefixes, _IGNORED)
     empty = [prefixes[name] for name, sd in parts.items() if not sd]
     if unknown or empty:
@@ -54,8 +69,9 @@ def split_sdxl_file(state_dict: StateDict, path: Path | str = "checkpoint") -> t
                               + (f"; unexpected keys: {shown}" if unknown else "")
                               + (f"; no {', '.join(empty)}* keys" if empty else ""))
     try:  # the layout rules reshape, split and join tensors: shapes a checkpoint lies about fail here
-        return (convert_ldm.unet_from_ldm(parts["unet"]), convert_ldm.vae_from_ldm(parts["vae"]),
-                convert_ldm.clip_from_file(parts["clip"]), convert_ldm.openclip_g_from_ldm(parts["openclip"]))
+        text = (convert_ldm.clip_from_file(parts["clip"]),) if "clip" in parts else ()
+        return (convert_ldm.unet_from_ldm(parts["unet"]), convert_ldm.vae_from_ldm(parts["vae"]), *text,
+                convert_ldm.openclip_g_from_ldm(parts["openclip"]))
     except (RuntimeError, IndexError, ValueError) as e:
         raise CheckpointError(f"{path}: tensors of unexpected shapes for the SDXL layout: {e}") from e
 
@@ -70,38 +86,47 @@ def _text_config(sd: StateDict, act: str, pad_id: int, base: dict[str, Any]) -> 
             **({"projection_dim": projection} if projection else {})}
 
 
-def infer_sdxl_spec(unet_sd: StateDict, vae_sd: StateDict, text_sd: StateDict, text_2_sd: StateDict,
-                    prediction_type: str | None = None, where: Path | str = "checkpoint"):
-    """The `ModelSpec` of an SDXL single file (state dicts already in our layout): the shapes' fields
-    over the full-size `sdxl` preset, with SDXL's rules (module doc) for the rest."""
-    full = preset("sdxl")
+def infer_sdxl_spec(*weights: StateDict, prediction_type: str | None = None, where: Path | str = "checkpoint"):
+    """The `ModelSpec` of an SDXL single file from its state dicts in our layout (`split_sdxl_file`'s:
+    U-Net, VAE, [text encoder,] text encoder 2): the shapes' fields over the full-size `sdxl` (or
+    `sdxl-refiner`, without the first text encoder) preset, with SDXL's rules (module doc) for the rest."""
+    refiner = len(weights) == 3
+    unet_sd, vae_sd, text_2_sd = weights[0], weights[1], weights[-1]
+    full, n_ids = (preset("sdxl-refiner"), REFINER_TIME_IDS) if refiner else (preset("sdxl"), TIME_IDS)
     try:
-        fields = infer_unet_fields(unet_sd)
-        channels = fields["block_out_channels"]
-        if any(c % HEAD_WIDTH for c in channels):
-            raise ValueError(f"block channels {channels} are not multiples of the SDXL head width {HEAD_WIDTH}")
-        n = len(channels)
-        depths = tuple(_count(unet_sd, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.") or 1
-                       for b in range(n))
         text_2 = _text_config(text_2_sd, "gelu", 0, full.text_encoder_2)
-        pooled_in = _dim(unet_sd, "add_embedding.linear_1.weight", 1)
-        if pooled_in is None or (pooled_in - text_2["projection_dim"]) % TIME_IDS:
-            raise ValueError(f"add_embedding takes {pooled_in} channels, not the pooled projection "
-                             f"({text_2['projection_dim']}) and {TIME_IDS} time-id embeddings")
-        attention = fields.pop("transformer_layers_per_block", None)  # the mid block's depth
-        if attention is not None and attention != depths[-1]:
-            raise ValueError(f"the mid block's depth {attention} differs from the last down block's {depths[-1]}")
-        unet = replace(full.unet, **fields, transformer_layers_per_block=depths,
-                       attention_head_dim=tuple(c // HEAD_WIDTH for c in channels),
-                       addition_time_embed_dim=(pooled_in - text_2["projection_dim"]) // TIME_IDS,
-                       projection_class_embeddings_input_dim=pooled_in)
+        unet = _unet_config(unet_sd, full.unet, text_2["projection_dim"], n_ids)
         vae = replace(full.vae, **infer_vae_fields(vae_sd))
-        text = _text_config(text_sd, "quick_gelu", 49407, full.text_encoder)
+        text = None if refiner else _text_config(weights[2], "quick_gelu", 49407, full.text_encoder)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: cannot infer a supported SDXL config: {e}") from e
     scheduler = dict(full.scheduler) if prediction_type is None else {**full.scheduler,
                                                                       "prediction_type": prediction_type}
-    family = "sdxl-inpaint" if unet.in_channels == 9 else "sdxl"
+    family = "sdxl-refiner" if refiner else "sdxl-inpaint" if unet.in_channels == 9 else "sdxl"
     return _make_spec(family, unet, vae, text, scheduler, full.pad_token, Path(where), text_encoder_2=text_2,
-                      pad_token_2=full.pad_token_2)
+                      pad_token_2=full.pad_token_2, force_zeros_for_empty_prompt=full.force_zeros_for_empty_prompt)
+
+
+def _unet_config(unet_sd: StateDict, full: Any, projection: int, n_ids: int) -> Any:
+    """The U-Net config of an SDXL file: heads 64 wide, transformer depths counted per block (a block
+    without attention: 1, or the mid block's where it is the last, whose depth diffusers' mid block
+    reads: the refiner's), the time-id width from add_embedding's input after the pooled projection."""
+    fields = infer_unet_fields(unet_sd)
+    channels = fields["block_out_channels"]
+    if any(c % HEAD_WIDTH for c in channels):
+        raise ValueError(f"block channels {channels} are not multiples of the SDXL head width {HEAD_WIDTH}")
+    n = len(channels)
+    attention = fields.pop("transformer_layers_per_block", None)  # the mid block's depth
+    depths = tuple(_count(unet_sd, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")
+                   or (attention if b == n - 1 and attention else 1) for b in range(n))
+    pooled_in = _dim(unet_sd, "add_embedding.linear_1.weight", 1)
+    if pooled_in is None or (pooled_in - projection) % n_ids:
+        raise ValueError(f"add_embedding takes {pooled_in} channels, not the pooled projection "
+                         f"({projection}) and {n_ids} time-id embeddings")
+    if attention is not None and attention != depths[-1]:
+        raise ValueError(f"the mid block's depth {attention} differs from the last down block's {depths[-1]}")
+    return replace(full, **fields, transformer_layers_per_block=depths,
+                   attention_head_dim=tuple(c // HEAD_WIDTH for c in channels),
+                   addition_time_embed_dim=(pooled_in - projection) // n_ids,
+                   projection_class_embeddings_input_dim=pooled_in)
 

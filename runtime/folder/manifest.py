@@ -4,16 +4,19 @@ source checkpoint. Written by `build-engine` (export/build.py), read by the runt
 Schema (format version 1):
 {
   "format_version": 1,
-  "family": "sd1" | "sd2" | "sd1-inpaint" | "sd2-inpaint" | "sd1-lcm" | "sd2-lcm" | "sdxl" | "sdxl-inpaint",
+  "family": "sd1" | "sd2" | "sd1-inpaint" | "sd2-inpaint" | "sd1-lcm" | "sd2-lcm" | "sdxl" | "sdxl-inpaint"
+            | "sdxl-refiner",
   "dims": {"latent_channels", "unet_in_channels", "vae_scale_factor", "text_hidden_size", "text_max_length",
            "time_cond_proj_dim",         # only in LCM folders (their U-Net takes timestep_cond)
            "text_hidden_size_2", "text_embeds_size", "time_ids"},   # only in SDXL folders
+                                       # (the refiner: text_hidden_size 0, no text_encoder; time_ids 5)
   "pipeline": {"force_zeros_for_empty_prompt": true},   # SDXL folders only (model_index.json's)
   "scaling_factor": 0.18215,
   "prediction_type": "epsilon" | "v_prediction" | "sample",
   "scheduler": {...},                  # the diffusers scheduler_config.json dict
   "tokenizer": {"dir": "tokenizer", "pad_token": "<|endoftext|>" | "!",
                 "tokenizer_2": {"dir": "tokenizer_2", "pad_token": "!", "files": {...}}},  # SDXL only
+                                       # (the refiner's one tokenizer: {"dir": "tokenizer_2", ...} at the top)
   "default_size": [height, width],     # pixels: U-Net sample_size * vae_scale_factor
   "shapes": {"min_batch", "opt_batch", "max_batch", "min_image", "opt_image", "max_image"},
   "precision": "fp32" | "fp16" | "bf16",
@@ -60,7 +63,9 @@ __all__ = ["FAMILIES", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ManifestE
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Model families an engine folder can hold (export/configs.py builds them; the runtime reads them)
-FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd1-lcm", "sd2-lcm", "sdxl", "sdxl-inpaint")
+FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd1-lcm", "sd2-lcm", "sdxl", "sdxl-inpaint", "sdxl-refiner")
+# The family whose folder has no first text encoder (dims.text_hidden_size 0): the SDXL refiner
+REFINER_FAMILY = "sdxl-refiner"
 SHAPE_KEYS = ("min_batch", "opt_batch", "max_batch", "min_image", "opt_image", "max_image")
 # Sanity bounds on a manifest's numbers, far above any real folder (SD: 512-1024 px images, batches of a
 # few images, 4-9 channels, hidden sizes 768/1024): a stranger's huge value is refused at load instead
@@ -195,6 +200,10 @@ class Manifest:
             raise ManifestError(f"{where}: family {manifest.family!r} with dims.time_ids {manifest.dims.time_ids} and "
                                 f"text_hidden_size_2 {manifest.dims.text_hidden_size_2}: the SDXL families' U-Nets, and "
                                 "only they, take two encoders' text and time_ids")
+        if (manifest.family == REFINER_FAMILY) != (manifest.dims.text_hidden_size == 0):
+            raise ManifestError(f"{where}: family {manifest.family!r} with dims.text_hidden_size "
+                                f"{manifest.dims.text_hidden_size}: the SDXL refiner, and only it, has no first text "
+                                "encoder (text_hidden_size 0)")
         opened_files(manifest)  # the entries that name files (backends' included) have the right types
         return manifest
 
@@ -258,6 +267,7 @@ def _dims(value: Any, where: str) -> ModelDims:
     except TypeError as e:
         raise ManifestError(f"{where}: bad 'dims' {_short(value)}: {e}") from None
     lows = {"cache_channels": 0, "cache_level": 0, "text_max_length": 3,  # 3: BOS + one token + EOS
+            "text_hidden_size": 0,  # the SDXL refiner has no first text encoder (Manifest.from_dict checks the family)
             "time_cond_proj_dim": 0, "layers_per_block": 0, "text_hidden_size_2": 0, "text_embeds_size": 0,
             "time_ids": 0}
     for name, v in vars(dims).items():

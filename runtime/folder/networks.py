@@ -20,7 +20,9 @@ SDXL (two text encoders, `ModelDims.text_hidden_size_2` > 0): `text_encoder` (CL
 states, `hidden_states` (diffusers StableDiffusionXLPipeline.encode_prompt: `hidden_states[-2]`), and
 `text_encoder_2` also its pooled, projected `text_embeds`; the U-Net takes both hidden states
 concatenated (`encoder_hidden_states`, text_hidden_size + text_hidden_size_2 channels), `text_embeds`
-and `time_ids` (the TensorRT demo's XL names: demo/Diffusion/models.py UNetXLModel).
+and `time_ids` (the TensorRT demo's XL names: demo/Diffusion/models.py UNetXLModel). The SDXL refiner
+(`text_hidden_size` 0) has `text_encoder_2` alone: its hidden states are encoder_hidden_states, and its
+`time_ids` are 5 (original size, crop top-left, aesthetic score); `required_networks` says which a folder has.
 
 Optional networks (STEP_CACHE_NETWORKS) exist only in folders built with them: `unet_deep` (the
 U-Net that also outputs the feature DeepCache caches) and `unet_shallow` (the retrieval step that
@@ -162,10 +164,19 @@ def tiled_network(network: str, tiling: bool) -> str:
     return f"{network}_tiled" if tiling else network
 
 
+def required_networks(dims: ModelDims) -> tuple[str, ...]:
+    """The networks every folder of these dims has: NETWORKS, without text_encoder where the model has
+    no first text encoder (the SDXL refiner), with text_encoder_2 where it has a second."""
+    first = NETWORKS if dims.text_hidden_size else tuple(n for n in NETWORKS if n != "text_encoder")
+    return first + ((TEXT_ENCODER_2,) if dims.text_hidden_size_2 else ())
+
+
 def _text_encoder_io(network: str, dims: ModelDims, f: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """text_encoder: token ids -> hidden states; text_encoder_2 (SDXL): also the pooled `text_embeds`."""
     ids = (TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),)
     if network == "text_encoder":
+        if not dims.text_hidden_size:
+            raise ValueError("these dims have no first text encoder (text_hidden_size 0: the SDXL refiner)")
         return ids, (TensorSpec(dims.hidden_output, f, ("batch", dims.text_max_length, dims.text_hidden_size)),)
     if not dims.text_hidden_size_2:
         raise ValueError("text_encoder_2 exists only in two-encoder (SDXL) folders: these dims have one encoder")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from pathlib import PurePath
 from typing import Any
 
 from runtime.sampling import names as sampler_names
@@ -136,6 +137,10 @@ def infotext_from_parameters(params: Mapping[str, Any], *, seed: int | None = No
         "Denoising strength": params.get("strength") if params.get("mode", "txt2img") != "txt2img" else None,
         "Eta DDIM": params.get("eta") or None, "CFG Rescale": params.get("guidance_rescale") or None,
         "Tiling": "True" if params.get("tiling") else None,  # A1111 create_infotext's "Tiling"
+        # A1111 v1.10 modules/processing_scripts/refiner.py extra_generation_params: "Refiner" (the checkpoint's
+        # title; here the refiner folder's name) and "Refiner switch at" (runtime/handover.py)
+        "Refiner": PurePath(params["refiner"]).name if params.get("refiner") else None,
+        "Refiner switch at": params.get("refiner_switch_at"),
         "Version": VERSION,
     }
     if params.get("hires"):  # A1111's hires-fix fields (runtime/hires.py infotext_fields)

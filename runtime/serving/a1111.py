@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime import handover
 from runtime.errors import PipelineError
 from runtime.imaging.inpainting import MASKED_CONTENT  # A1111's inpainting_fill 0..3, by name
 from runtime.sampling import names as sampler_names
@@ -166,8 +167,6 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A11
         ("s_min_uncond", req.s_min_uncond in (None, 0), f"s_min_uncond {_NOT_IMPLEMENTED} (send 0)"),
         ("s_churn", req.s_churn in (None, 0), f"s_churn {_NOT_IMPLEMENTED} (send 0)"),
         ("s_noise", req.s_noise in (None, 1), f"s_noise {_NOT_IMPLEMENTED} (send 1)"),
-        ("refiner_checkpoint", req.refiner_checkpoint in (None, "", "None"),
-         f"a refiner {_NOT_IMPLEMENTED}; send null"),
         ("firstpass_image", not req.firstpass_image, f"firstpass_image {_NOT_IMPLEMENTED}; send null"),
         ("script_name", not req.script_name,
          f"scripts are not available on this server ({req.script_name!r}); send null"),
@@ -183,6 +182,37 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:  # long: one check per A11
     controlnet.script_units(req.alwayson_scripts)  # ControlNet's units: _controlnet; any other script refused
     if isinstance(req, Img2ImgRequest):
         _refuse_img2img(req)
+
+
+def refiner(req: Txt2ImgRequest) -> tuple[str, float] | None:
+    """(the refiner checkpoint's name, the switch point) when the request names a refiner (A1111 v1.10
+    modules/processing_scripts/refiner.py: none for null, "" and "None"), else None. The switch point
+    defaults to 0.8 (A1111's "Switch at" default; runtime/handover.py DEFAULT_SWITCH) and must lie in
+    (0, 1); the refiner folder must be served (runtime/serving/app.py refuses it otherwise, naming it).
+    The hand-over is diffusers' (denoising_end / denoising_start on the timesteps), not A1111's swap of
+    the model inside one sampler run: the same split of the steps, the sampler's history restarting."""
+    if req.refiner_checkpoint in (None, "", "None"):
+        return None
+    switch = handover.DEFAULT_SWITCH if req.refiner_switch_at is None else req.refiner_switch_at
+    if not 0.0 < switch < 1.0:
+        raise WireError("refiner_switch_at", f"must be in (0, 1) (the fraction of the steps the checkpoint runs "
+                                             f"before the refiner); got {req.refiner_switch_at}")
+    if req.enable_hr:
+        raise WireError("refiner_checkpoint", f"a refiner with the hires fix {_NOT_IMPLEMENTED}; send one of them")
+    if controlnet.script_units(req.alwayson_scripts)[1]:
+        raise WireError("refiner_checkpoint", f"a refiner with ControlNet units {_NOT_IMPLEMENTED}; send one of them")
+    return req.refiner_checkpoint, float(switch)
+
+
+def _refiner_settings(req: Txt2ImgRequest, mode: str) -> dict[str, Any]:
+    """The checkpoint's part of a refiner hand-over: it stops at the switch point with its latents
+    (runtime/serving/app.py runs the refiner on them); nothing without a refiner."""
+    wanted = refiner(req)
+    if wanted is None:
+        return {}
+    if mode == "inpaint":
+        raise WireError("refiner_checkpoint", f"a refiner with inpainting {_NOT_IMPLEMENTED}; send null")
+    return {"denoising_end": wanted[1], "output_type": "latent"}
 
 
 def _refuse_img2img(req: Img2ImgRequest) -> None:
@@ -338,6 +368,7 @@ def job_settings(req: Txt2ImgRequest, limits: Limits, *, max_steps: int, max_n_i
     elif req.enable_hr:
         base["hires"] = hires_wire.hires_fix(req)
     base.update(_controlnet(req, (width, height), controlnets, images))
+    base.update(_refiner_settings(req, mode))
     seed = secrets.randbits(32) if req.seed == -1 else req.seed
     n = per_prompt * (len(prompt) if isinstance(prompt, list) else 1)
     return mode, [dict(base, **images, prompt=prompt, num_images_per_prompt=per_prompt, **seeds)

@@ -25,6 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from runtime import handover
+from runtime.errors import PipelineError
 from runtime.imaging import png_info
 from runtime.sampling import names as sampler_names
 
@@ -241,13 +243,45 @@ def _a1111_prepare(svc: Service, body: a1111.Txt2ImgRequest) -> tuple[Model, str
 async def _generate_a1111(svc: Service, body: a1111.Txt2ImgRequest, request: Request, endpoint: str) -> dict:
     t0 = time.monotonic()
     model, mode, settings, tagged = await asyncio.to_thread(_a1111_prepare, svc, body)
+    refiner = _a1111_refiner(svc, body)  # the jobs then stop at the switch point (a1111.job_settings)
     async with svc.using(model) as pipe:
         requests = await asyncio.to_thread(svc.make_requests, pipe, mode, settings, a1111.FIELDS, 422, tagged)
         results, stopped = await svc.run(pipe, requests, request, task_id=body.force_task_id)
-        maps = await asyncio.to_thread(controlnet.detected_maps, body.alwayson_scripts, settings[0])
-        response = await asyncio.to_thread(_a1111_response, svc, model, pipe, body, results, stopped, maps)
+        if refiner is None or stopped:
+            maps = await asyncio.to_thread(controlnet.detected_maps, body.alwayson_scripts, settings[0])
+            response = await asyncio.to_thread(_a1111_response, svc, model, pipe, body, results, stopped, maps)
+    if refiner is not None and not stopped:  # the checkpoint's folder is released first: --max-resident 1 serves this
+        response, stopped = await _refine_a1111(svc, model, refiner, body, requests, results, request)
     svc.metrics.record(endpoint, stopped or "ok", time.monotonic() - t0)
     return response
+
+
+def _a1111_refiner(svc: Service, body: a1111.Txt2ImgRequest) -> Model | None:
+    """The served refiner folder A1111's `refiner_checkpoint` names (runtime/handover.py), or None
+    without one; a refiner that is not served is refused, 422 naming refiner_checkpoint."""
+    try:
+        wanted = a1111.refiner(body)
+    except WireError as e:
+        raise wire_error(e) from None
+    return None if wanted is None else svc.select(wanted[0], "refiner_checkpoint")
+
+
+async def _refine_a1111(svc: Service, model: Model, refiner: Model, body: a1111.Txt2ImgRequest, requests: list,
+                        results: list, request: Request) -> tuple[dict, str | None]:
+    """The refiner's part of a hand-over: one img2img request per base request, from its latents
+    (runtime/handover.py), run on the refiner folder; A1111's answer naming the base checkpoint."""
+    async with svc.using(refiner) as pipe:
+        def prepare() -> list:
+            try:
+                return [handover.continued(handover.refiner_request(pipe, r, "pil"), res)
+                        for r, res in zip(requests, results)]
+            except PipelineError as e:
+                raise ServeError(422, f"refiner_checkpoint: {e}", field="refiner_checkpoint") from None
+
+        second = await asyncio.to_thread(prepare)
+        refined, stopped = await svc.run(pipe, second, request, task_id=body.force_task_id)
+        refined = [handover.merged(a, b, pipe, r.denoising_end) for a, b, r in zip(results, refined, requests)]
+        return await asyncio.to_thread(_a1111_response, svc, model, pipe, body, refined, stopped, []), stopped
 
 
 def _a1111_response(svc: Service, model: Model, pipe: Any, body: a1111.Txt2ImgRequest, results: list,
