@@ -394,17 +394,14 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
                    branch: int | None = None, lean: bool | None = None) -> ExportResult:
     """Export `network` of a `LoadedModel` to `out_dir/<network>.onnx` (+ `.onnx.data` past 32 MiB),
     check it, and compare it with the PyTorch fp32 reference at `parity_shapes`.
-
-    `precision` is the graph's: "fp32" or "fp16" (bf16 engines run an fp32 graph). `threshold`
-    overrides `PARITY_THRESHOLDS[precision]` (and `DECODER_PARITY_THRESHOLDS`); `external_data` forces the weights into (True) or
-    out of (False) a `.onnx.data` file, by default past EXTERNAL_DATA_BYTES. `branch`: the cache branch of
-    the step-cache networks (unet_deep, unet_shallow). `lean` exports the graph without its weights and
-    streams them to the external file (by default past LEAN_EXPORT_BYTES of weights). Raises `ParityError` over the threshold; the
-    destination files exist only if everything passed."""
+    `precision` is the graph's: "fp32" or "fp16" (bf16 engines run an fp32 graph). `threshold` overrides
+    `PARITY_THRESHOLDS[precision]` (and `DECODER_PARITY_THRESHOLDS`); `external_data` forces the weights
+    into (True) or out of (False) a `.onnx.data` file, by default past EXTERNAL_DATA_BYTES. `branch`: the
+    cache branch of the step-cache networks (unet_deep, unet_shallow). `lean`: the graph without weights,
+    these streamed to the external file (default: past LEAN_EXPORT_BYTES). `ParityError` over the
+    threshold; the destination files exist only if everything passed."""
     if precision not in PARITY_THRESHOLDS:
         raise ValueError(f"ONNX graphs are fp32 or fp16, not {precision!r} (bf16 runs an fp32 graph)")
-    if threshold is None and getattr(model.spec.vae, "kind", None) is None:  # KL, not an AutoencoderTiny
-        threshold = DECODER_PARITY_THRESHOLDS.get((network, precision))
     start = time.perf_counter()
     out_dir = Path(out_dir)
     final = out_dir / f"{network}.onnx"
@@ -441,7 +438,8 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
             _finalize(raw, scratch / final.name, data_name if external else None)
             shutil.rmtree(raw.parent)
         parity = check_parity(network, reference, scratch / final.name, dims, precision, parity_shapes,
-                              vocab_size=vocab, threshold=threshold, threads=threads, lean=lean)
+                              vocab_size=vocab, threshold=_threshold(network, model, precision, threshold),
+                              threads=threads, lean=lean)
         for name in (final.name, data_name):
             if (scratch / name).exists():
                 (scratch / name).replace(out_dir / name)
@@ -657,6 +655,14 @@ def default_parity_shapes(spec: Any, min_image: int, opt_image: int, max_image: 
         width = opt_image
     tokens = 2 * spec.dims.text_max_length
     return [Shape(1, opt_image, opt_image), Shape(min(2, max_batch), opt_image, width, tokens)]
+
+
+def _threshold(network: str, model: Any, precision: str, given: float | None) -> float | None:
+    """`given`, else a KL decoder's own bound (`DECODER_PARITY_THRESHOLDS`; not an AutoencoderTiny's),
+    else None: `check_parity` takes `PARITY_THRESHOLDS[precision]`."""
+    if given is not None or getattr(model.spec.vae, "kind", None) is not None:
+        return given
+    return DECODER_PARITY_THRESHOLDS.get((network, precision))
 
 
 def check_parity(network: str, reference: nn.Module, onnx_path: str | Path, dims: ModelDims, precision: str,

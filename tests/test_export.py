@@ -12,6 +12,7 @@ import pytest
 from export.build import build_engine
 from export.loading.read import random_model
 from export.onnx_export import (
+    DECODER_PARITY_THRESHOLDS,
     PARITY_THRESHOLDS,
     ParityError,
     Shape,
@@ -35,7 +36,8 @@ def test_manifest_records_parity_at_two_shapes(tiny_sd1_engine):
     manifest = load_manifest(tiny_sd1_engine)
     for name in NETWORKS:
         parity = manifest.networks[name]["parity"]
-        assert parity["rel"] <= PARITY_THRESHOLDS["fp32"] == parity["threshold"]
+        bound = DECODER_PARITY_THRESHOLDS.get((name, "fp32"), PARITY_THRESHOLDS["fp32"])  # 5e-4 for vae_decoder
+        assert parity["rel"] <= bound == parity["threshold"], name
         shapes = [c["shape"] for c in parity["cases"]]
         assert shapes[0] == [1, 64, 64] and shapes[1][:3] == [2, 64, 66]  # batch 2, non-square
         assert shapes[1][3] == 154  # two prompt chunks of text for the U-Net
