@@ -76,12 +76,14 @@ from runtime.folder.networks import (
 OPSET = 17
 # Relative error max|ort - torch| / max|torch| allowed per precision of the graph's weights.
 PARITY_THRESHOLDS = {"fp32": 1e-4, "fp16": 1e-2}
-# The KL decoders' own fp32 bound. Measured: the full-size SDXL VAE decoder (random weights) at 1024 x
-# 1024 differs by 1.7e-4 (max abs 4.9e-4 on outputs up to 2.9; 2.2e-5 at 512): 32 convolutions over
-# a 128 x 128 latent, a 16384-token attention and transposed upsamplers (above) summing in other
-# orders. 5e-4 of the output's range is an eighth of one 8-bit level of the decoded image, and a
-# wrong operator is off by orders of magnitude more.
-DECODER_PARITY_THRESHOLDS = {("vae_decoder", "fp32"): 5e-4, ("vae_decoder_tiled", "fp32"): 5e-4}
+# The KL VAE graphs' own fp32 bound. Measured on the full-size SDXL VAE (random weights) at its
+# default 1024 px parity shapes: the decoder differs by 1.7e-4 (max abs 4.9e-4 on outputs up to 2.9;
+# 2.2e-5 at 512), the encoder by 1.2e-4 (at 1024 x 1032, batch 2): 30-odd convolutions over a
+# 128 x 128 latent, a 16384-token attention and the decoder's transposed upsamplers (above) summing
+# in other orders. 5e-4 of the output's range is an eighth of one 8-bit level of a decoded image, and
+# a wrong operator is off by orders of magnitude more.
+VAE_PARITY_THRESHOLDS = {(name, "fp32"): 5e-4 for name in ("vae_decoder", "vae_encoder", "vae_decoder_tiled",
+                                                          "vae_encoder_tiled")}
 # Graphs with more than this many bytes of weights keep them in one external `<name>.onnx.data` file
 # (protobuf caps a serialized model at 2 GiB in any case). Engines read an external file by mmap, and
 # OpenVINO's compile hands those pages back (runtime/engines/mapped_weights.py); weights inside the
@@ -395,7 +397,7 @@ def export_network(network: str, model: Any, out_dir: str | Path, *, precision: 
     """Export `network` of a `LoadedModel` to `out_dir/<network>.onnx` (+ `.onnx.data` past 32 MiB),
     check it, and compare it with the PyTorch fp32 reference at `parity_shapes`.
     `precision` is the graph's: "fp32" or "fp16" (bf16 engines run an fp32 graph). `threshold` overrides
-    `PARITY_THRESHOLDS[precision]` (and `DECODER_PARITY_THRESHOLDS`); `external_data` forces the weights
+    `PARITY_THRESHOLDS[precision]` (and `VAE_PARITY_THRESHOLDS`); `external_data` forces the weights
     into (True) or out of (False) a `.onnx.data` file, by default past EXTERNAL_DATA_BYTES. `branch`: the
     cache branch of the step-cache networks (unet_deep, unet_shallow). `lean`: the graph without weights,
     these streamed to the external file (default: past LEAN_EXPORT_BYTES). `ParityError` over the
@@ -658,11 +660,11 @@ def default_parity_shapes(spec: Any, min_image: int, opt_image: int, max_image: 
 
 
 def _threshold(network: str, model: Any, precision: str, given: float | None) -> float | None:
-    """`given`, else a KL decoder's own bound (`DECODER_PARITY_THRESHOLDS`; not an AutoencoderTiny's),
+    """`given`, else a KL VAE graph's own bound (`VAE_PARITY_THRESHOLDS`; not an AutoencoderTiny's),
     else None: `check_parity` takes `PARITY_THRESHOLDS[precision]`."""
     if given is not None or getattr(model.spec.vae, "kind", None) is not None:
         return given
-    return DECODER_PARITY_THRESHOLDS.get((network, precision))
+    return VAE_PARITY_THRESHOLDS.get((network, precision))
 
 
 def check_parity(network: str, reference: nn.Module, onnx_path: str | Path, dims: ModelDims, precision: str,
