@@ -1,14 +1,14 @@
 """What the engine-folder checks of issue 18 cost (docs/security.md), as JSON on stdout:
 
     python -m benchmarks.folder_checks verify DIR                    # default vs verify=True, cold and warm
-    python -m benchmarks.folder_checks memory DIR BACKEND SIZE BATCH [--network NAME]
+    python -m benchmarks.folder_checks memory DIR BACKEND SIZE BATCH [--network NAME] [--precision P]
 
 `verify` times `runtime.folder.paths.check_folder` in each mode: cold after `posix_fadvise(DONTNEED)` on
 every file of the folder (only this folder's pages leave the page cache), then twice warm. The folder
 must have a files table (`build-engine --verify DIR` records one). `memory` reports the peak resident
 memory (getrusage) of one fresh process: a one-step guided txt2img of BATCH images of SIZE px, or one
 run of NETWORK alone on random feeds (the figures runtime/memory.py is fitted to); run each in its own
-process.
+process. OpenVINO runs at `--precision` (default f32, the calibration's; bf16 where the CPU has it).
 """
 
 from __future__ import annotations
@@ -58,13 +58,14 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def memory_peak(folder: Path, backend: str, size: int, batch: int, network: str | None) -> dict[str, Any]:
+def memory_peak(folder: Path, backend: str, size: int, batch: int, network: str | None,
+                precision: str = "f32") -> dict[str, Any]:
     import runtime
     from runtime.engines import open_engines
     from runtime.folder.manifest import load_manifest
     from runtime.folder.networks import axis_values, concrete_shape
 
-    options = {"cache_dir": None, "inference_precision": "f32"} if backend == "openvino" else {}
+    options = {"cache_dir": None, "inference_precision": precision} if backend == "openvino" else {}
     if network is None:
         pipe = runtime.load(folder, backend=backend, calibrate=False, max_memory_gb=float("inf"), **options)
         after_load = _peak()
@@ -77,7 +78,7 @@ def memory_peak(folder: Path, backend: str, size: int, batch: int, network: str 
         axes = axis_values(load_manifest(folder).dims, batch, size, size)
         engine.run({t.name: rng.standard_normal(concrete_shape(t, axes)).astype(t.dtype) for t in engine.inputs})
     return {"backend": backend, "network": network, "size": size, "batch": batch, "peak_after_load": after_load,
-            "peak": _peak()}
+            "peak": _peak(), **({"inference_precision": precision} if backend == "openvino" else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("size", type=int)
     mem.add_argument("batch", type=int)
     mem.add_argument("--network", default=None)
+    mem.add_argument("--precision", default="f32", help="OpenVINO's inference precision (f32, bf16)")
     args = parser.parse_args(argv)
     if args.what == "verify":
         result: Any = verify_costs(args.folder)
     else:
-        result = memory_peak(args.folder, args.backend, args.size, args.batch, args.network)
+        result = memory_peak(args.folder, args.backend, args.size, args.batch, args.network, args.precision)
     json.dump({"machine": machine(), "result": result}, sys.stdout, indent=1, default=str)
     sys.stdout.write("\n")
     return 0

@@ -88,6 +88,10 @@ class Family:
     guidance_batch: bool = True
     strength_in_schedule: bool = False
     text_encoders: tuple[TextEncoding, ...] = (TextEncoding("text_encoder"),)
+    # The U-Net's first resolution level with self-attention (diffusers' down_block_types: the first
+    # CrossAttnDownBlock2D): 0 for SD 1.x/2.x, at the latent resolution; 1 for SDXL base and refiner, whose
+    # first level has none. runtime/memory.py sizes the attention score matrices from it.
+    unet_attention_level: int = 0
 
 
 def _clip_hidden_states(text: Conditioning, *, guidance_scale: float, dims: ModelDims,
@@ -178,12 +182,13 @@ SD_LCM = Family("sd-lcm", _lcm_inputs, guidance_batch=False, strength_in_schedul
 # diffusers StableDiffusionXLPipeline.encode_prompt: text_encoder on `prompt`, text_encoder_2 on `prompt_2`;
 # the pooled output is text_encoder_2's
 _SDXL_ENCODERS = (TextEncoding("text_encoder"), TextEncoding("text_encoder_2", second=True, pooled="text_embeds"))
-SDXL = Family("sdxl", _sdxl_inputs, text_encoders=_SDXL_ENCODERS)
-SDXL_INPAINT = Family("sdxl-inpaint", _sdxl_inputs, sample_extras=("mask", "masked"), text_encoders=_SDXL_ENCODERS)
+SDXL = Family("sdxl", _sdxl_inputs, text_encoders=_SDXL_ENCODERS, unet_attention_level=1)
+SDXL_INPAINT = Family("sdxl-inpaint", _sdxl_inputs, sample_extras=("mask", "masked"), text_encoders=_SDXL_ENCODERS,
+                      unet_attention_level=1)
 # diffusers StableDiffusionXLImg2ImgPipeline.encode_prompt without text_encoder: tokenizer_2 / text_encoder_2
 # read `prompt` (prompt_2 is zipped away), so the refiner folder's one tokenizer is its first
 SDXL_REFINER = Family("sdxl-refiner", _sdxl_refiner_inputs,
-                      text_encoders=(TextEncoding("text_encoder_2", pooled="text_embeds"),))
+                      text_encoders=(TextEncoding("text_encoder_2", pooled="text_embeds"),), unet_attention_level=1)
 FAMILIES: Mapping[str, Family] = {"sd1": SD, "sd2": SD, "sd1-inpaint": SD_INPAINT, "sd2-inpaint": SD_INPAINT,
                                   "sd1-lcm": SD_LCM, "sd2-lcm": SD_LCM, "sdxl": SDXL, "sdxl-inpaint": SDXL_INPAINT,
                                   "sdxl-refiner": SDXL_REFINER}

@@ -208,7 +208,7 @@ def make_pass(limits: "Limits", first: "Request", hires: Any, vae_tiling: Any) -
     """The hires pass of a validated txt2img request (called by runtime/request.py make_request):
     checked against the folder (target size in range, memory at the target size) and its second
     pass as an img2img Request sharing the first's seeds, guidance and output type."""
-    from runtime.request import _prompts, _vae_tile, check_memory  # request.py imports this module
+    from runtime.request import _fit_memory, _prompts, _vae_tile  # request.py imports this module
 
     if first.mode != "txt2img":
         raise PipelineError("hires applies to txt2img only; for img2img send the size you want", field="hires")
@@ -223,12 +223,14 @@ def make_pass(limits: "Limits", first: "Request", hires: Any, vae_tiling: Any) -
             raise PipelineError(f"hires prompt: {len(prompts)} prompts for the first pass's {len(first.prompts)}",
                                 field="hires.prompt")
     n, strength = hires_steps(steps, spec.strength)
-    memory = check_memory(limits, first.batch, h_out, w_out, guided=first.guided, encodes=True)
+    tile, memory = _fit_memory(limits, first.batch, h_out, w_out, guided=first.guided, encodes=True,
+                               tile=_vae_tile(limits, vae_tiling, h_out, w_out),
+                               auto=vae_tiling is None and not first.tiling)
     second = dataclasses.replace(
         first, mode="img2img", prompts=prompts, negative_prompts=negatives, height=h_out, width=w_out, steps=n,
         strength=strength, sampler=first.sampler if spec.scheduler is None else spec.scheduler,
         karras=first.karras if spec.scheduler is None and spec.karras is None else spec.karras,
-        noise=None, vae_tile=_vae_tile(limits, vae_tiling, h_out, w_out), memory=memory, tokens=None, schedule=None)
+        noise=None, vae_tile=tile, memory=memory, tokens=None, schedule=None)
     if second.sampler not in limits.samplers:
         raise PipelineError(f"unknown hires scheduler {second.sampler!r}; expected one of "
                             f"{', '.join(limits.samplers)}", field="hires.scheduler")

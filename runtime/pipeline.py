@@ -169,7 +169,7 @@ class Pipeline:
         prompt without them encodes exactly as before), "none" reads prompts literally. `vae_tiling`
         True (or a tile size in pixels) decodes and encodes in blended tiles, for big images in
         bounded memory (runtime/imaging/tiling.py); None tiles only where the folder's VAE cannot take
-        the size whole. Variation seeds (all three modes; A1111's, runtime/sampling/variation.py): `subseed_strength`
+        the size whole or the whole-image pass would exceed `max_memory_gb` and tiles would not. Variation seeds (all three modes; A1111's, runtime/sampling/variation.py): `subseed_strength`
         in [0, 1] mixes the noise of `subseed` (an int gives image i subseed + i; a list one per image;
         None a random one) into the seed's by A1111's slerp, and a single `seed` is then every image's
         seed; `seed_resize_from` (height, width) draws the seed's noise at that size and pastes it
@@ -457,7 +457,8 @@ class Pipeline:
                                 "schedule once)")
         if len(requests) > 1:  # each request was checked alone; together they must fit in memory too
             r = requests[0]
-            check_memory(self.limits, total, r.height, r.width, guided=r.guided, encodes=r.mode != "txt2img")
+            check_memory(self.limits, total, r.height, r.width, guided=r.guided, encodes=r.mode != "txt2img",
+                         vae_tile=r.vae_tile)
         if any(self.engines.get(n) is not None and self.engines[n].closed for n in self.engines):
             raise EngineClosedError(f"the pipeline over {self.engine_dir} is closed")
 

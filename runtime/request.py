@@ -274,8 +274,9 @@ def make_request(limits: Limits, mode: str, prompt: Any, *, negative_prompt: Any
     tile = _vae_tile(limits, vae_tiling, height, width)
     tiling = _tiling(limits, tiling, interval, tile)
     vae, timestep_spacing = _vae(limits, vae, tiling), _spacing(timestep_spacing)
-    memory = check_memory(limits, batch, height, width, guided=_guided(limits, scale, rescale),
-                          encodes=mode != "txt2img" and latents is None)
+    tile, memory = _fit_memory(limits, batch, height, width, guided=_guided(limits, scale, rescale),
+                               encodes=mode != "txt2img" and latents is None, tile=tile,
+                               auto=vae_tiling is None and not tiling)
     images, masks, plan = _load_images(images, masks, plan, height, width)
     ctrl = _control(limits, control, height, width, interval, tiling, hires)
     shape = (batch, limits.latent_channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
@@ -384,12 +385,34 @@ def _variation(limits: Limits, seed: Any, batch: int, subseed: Any, strength: An
     return seeds, variation
 
 
-def check_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool) -> int | None:
-    """The batch's memory estimate (runtime/memory.py; None without a memory model); refuse it when it
-    exceeds the limit, before it runs."""
+def _fit_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool,
+                tile: int | None, auto: bool) -> tuple[int | None, int | None]:
+    """(VAE tile, memory estimate) of a request. With `vae_tiling` left to the runtime (`auto`), an image
+    whose whole-image VAE pass would not fit in the limit but whose tiled one would decodes in tiles of
+    DEFAULT_TILE (as ComfyUI falls back to a tiled decode), instead of being refused."""
+    if limits.memory is None:
+        return tile, None
+    need = limits.memory.estimate(batch, height, width, guided=guided, encodes=encodes, vae_tile=tile)
+    over = limits.max_memory is not None and need > limits.max_memory
+    if over and auto and tile is None and max(height, width) > DEFAULT_TILE * limits.vae_scale_factor:
+        tiled = limits.memory.estimate(batch, height, width, guided=guided, encodes=encodes, vae_tile=DEFAULT_TILE)
+        if tiled <= limits.max_memory:
+            return DEFAULT_TILE, tiled
+    return tile, _within_limit(limits, need, batch, height, width, guided)
+
+
+def check_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool,
+                 vae_tile: int | None = None) -> int | None:
+    """The batch's memory estimate (runtime/memory.py; None without a memory model) with the VAE
+    whole or in tiles of `vae_tile` latent pixels; refuse it when it exceeds the limit, before it runs."""
     if limits.memory is None:
         return None
-    need = limits.memory.estimate(batch, height, width, guided=guided, encodes=encodes)
+    need = limits.memory.estimate(batch, height, width, guided=guided, encodes=encodes, vae_tile=vae_tile)
+    return _within_limit(limits, need, batch, height, width, guided)
+
+
+def _within_limit(limits: Limits, need: int, batch: int, height: int, width: int, guided: bool) -> int:
+    """`need`, or a PipelineError when it exceeds the limit."""
     if limits.max_memory is not None and need > limits.max_memory:
         raise PipelineError(
             f"{batch} image(s) of {width}x{height}{' with guidance' if guided else ''} need about {_gib(need)} "

@@ -70,3 +70,9 @@ def tiny_sd2_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_inpaint_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp32 engine folder of the tiny-inpaint preset (9-channel U-Net)."""
     return _build(tmp_path_factory, "tiny-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 engine folder of the tiny-sdxl preset (two text encoders, a text_time U-Net)."""
+    return _build(tmp_path_factory, "tiny-sdxl")

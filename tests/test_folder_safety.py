@@ -453,6 +453,58 @@ def test_requests_over_the_memory_limit_are_refused_before_running(tiny_sd1_engi
             runtime.load(tiny_sd1_engine, backend="onnxruntime", max_memory_gb=bad)
 
 
+def test_a_whole_image_vae_pass_over_the_limit_decodes_in_tiles(tiny_sd1_engine, monkeypatch):
+    """With vae_tiling left to the runtime, an image whose whole-image VAE pass would not fit the
+    memory limit but whose tiled pass would is decoded in tiles (the same pixels as asking for those
+    tiles), not refused; vae_tiling=False still refuses it."""
+    from runtime import request as request_module
+
+    monkeypatch.setattr(request_module, "DEFAULT_TILE", 8)  # tiles of 8 latent pixels: the tiny model's 128 px tiles
+    with runtime.load(tiny_sd1_engine, backend="onnxruntime", calibrate=False) as pipe:
+        whole = pipe.limits.memory.estimate(1, 128, 128, guided=True, encodes=False)
+        tiled = pipe.limits.memory.estimate(1, 128, 128, guided=True, encodes=False, vae_tile=8)
+        assert tiled < whole
+        asked = pipe.txt2img("a cat", height=128, width=128, num_inference_steps=2, seed=3, vae_tiling=True,
+                             output_type="np", progress=False).images
+        plain = pipe.txt2img("a cat", height=128, width=128, num_inference_steps=2, seed=3, output_type="np",
+                             progress=False).images
+    with runtime.load(tiny_sd1_engine, backend="onnxruntime", calibrate=False,
+                      max_memory_gb=(tiled + whole) / 2 / (1 << 30)) as pipe:
+        assert pipe.request("txt2img", "a cat", height=128, width=128, num_inference_steps=2).vae_tile == 8
+        auto = pipe.txt2img("a cat", height=128, width=128, num_inference_steps=2, seed=3, output_type="np",
+                            progress=False).images
+        with pytest.raises(PipelineError, match=r"1 image\(s\) of 128x128 with guidance need about .* max_memory_gb"):
+            pipe.txt2img("a cat", height=128, width=128, num_inference_steps=2, vae_tiling=False)
+        assert pipe.request("txt2img", "a cat", height=64, width=64, num_inference_steps=2).vae_tile is None
+    np.testing.assert_array_equal(auto, asked)
+    assert not np.array_equal(auto, plain)  # the tiles' seams blend: a tiled decode is not the whole one
+
+
+def test_the_estimate_follows_the_architecture(tiny_sd1_engine, tiny_sdxl_engine):
+    """SDXL's estimate counts both text encoders, puts U-Net attention at its first attention level
+    (a quarter of the latent positions) and scales the VAE term by the VAE's own size."""
+    from runtime.families import family_of
+    from runtime.folder.manifest import load_manifest
+    from runtime.memory import MemoryModel
+
+    for folder in (tiny_sd1_engine, tiny_sdxl_engine):
+        manifest = load_manifest(folder)
+        model = MemoryModel.from_folder(folder, manifest, "onnxruntime")
+        encoders = [e.network for e in family_of(manifest.family).text_encoders]
+        sizes = {n: sum((folder / f).stat().st_size for f in {e["file"], e.get("external_data")} - {None})
+                 for n, e in manifest.networks.items()}
+        assert model.weights == sum(sizes[n] for n in encoders + ["unet", "vae_decoder"])
+        assert model.vae_scale == pytest.approx((sizes["vae_decoder"] / 4 / 49_490_199) ** 0.5, rel=1e-6)
+    assert encoders == ["text_encoder", "text_encoder_2"] and model.attention_level == 1
+    # Full-size SDXL's weights with the formula: attention of 1024 x 1024 at 64 x 64 positions, not 128 x 128
+    sdxl = MemoryModel(weights=13_740_000_000, encoder_weights=136_700_000, scale=(2_567_463_684 / 859_520_964) ** 0.5,
+                       backend="openvino", attention_level=1)
+    sd15_like = MemoryModel(weights=13_740_000_000, encoder_weights=136_700_000, scale=sdxl.scale, backend="openvino")
+    unet_only = dict(guided=True, encodes=False, vae_tile=64)
+    gap = sd15_like.estimate(1, 1024, 1024, **unet_only) - sdxl.estimate(1, 1024, 1024, **unet_only)
+    assert gap == pytest.approx(1.15 * sdxl.scale * 2 * 70 * (16384 ** 2 - 4096 ** 2), rel=1e-6)
+
+
 def test_the_estimate_covers_measured_sd15_peaks():
     """The peaks measured on SD 1.5 (docs/security.md; one-step txt2img, the larger of ONNX Runtime
     and OpenVINO f32) lie below the estimate for SD 1.5's weights."""
@@ -465,6 +517,24 @@ def test_the_estimate_covers_measured_sd15_peaks():
                            encoder_weights=136_723_796, scale=1.0, backend=run["backend"])
         estimate = sd15.estimate(run["batch"], run["size"], run["size"], guided=True, encodes=False)
         assert run["peak"] < estimate < 1.6 * run["peak"], run
+
+
+def test_the_estimate_covers_measured_sdxl_peaks():
+    """Full-size SDXL's peaks (benchmarks/results/memory-sdxl.json: OpenVINO f32 and ONNX Runtime at 512
+    and 1024 px) lie below the estimate for its folder's weights, and its 1024 px image fits a 24 GB
+    machine's limit (the fit before the refit estimated 83 GiB). OpenVINO bf16 holds half the
+    weights, which the estimate (it does not know the precision) does not count."""
+    from runtime.memory import MemoryModel
+
+    measured = json.loads((ROOT / "benchmarks" / "results" / "memory-sdxl.json").read_text())
+    runs = [r for r in measured["runs"] if r.get("inference_precision", "f32") == "f32"]
+    assert {(r["backend"], r["size"]) for r in runs} == {(b, s) for b in ("onnxruntime", "openvino") for s in (512, 1024)}
+    for run in runs:
+        sdxl = MemoryModel(weights=measured["weights_bytes"], encoder_weights=136_727_881,
+                           scale=(2_567_463_684 / 859_520_964) ** 0.5, backend=run["backend"], attention_level=1)
+        estimate = sdxl.estimate(run["batch"], run["size"], run["size"], guided=True, encodes=False)
+        assert run["peak"] < estimate < 1.6 * run["peak"], run
+        assert estimate < 23 * (1 << 30)
 
 
 # --- atomic caches ---------------------------------------------------------------------------------------------
