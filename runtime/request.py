@@ -387,38 +387,30 @@ def _variation(limits: Limits, seed: Any, batch: int, subseed: Any, strength: An
 
 def _fit_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool,
                 tile: int | None, auto: bool) -> tuple[int | None, int | None]:
-    """(VAE tile, memory estimate) of a request. With `vae_tiling` left to the runtime (`auto`), an image
-    whose whole-image VAE pass would not fit in the limit but whose tiled one would decodes in tiles of
-    DEFAULT_TILE (as ComfyUI falls back to a tiled decode), instead of being refused."""
+    """(VAE tile, memory estimate) of a request; refused when the estimate exceeds the limit, before it
+    runs. With `vae_tiling` left to the runtime (`auto`), an image whose whole-image VAE pass would not
+    fit in the limit but whose tiled one would decodes in tiles of DEFAULT_TILE (as ComfyUI falls back
+    to a tiled decode), instead of being refused."""
     if limits.memory is None:
         return tile, None
     need = limits.memory.estimate(batch, height, width, guided=guided, encodes=encodes, vae_tile=tile)
-    over = limits.max_memory is not None and need > limits.max_memory
-    if over and auto and tile is None and max(height, width) > DEFAULT_TILE * limits.vae_scale_factor:
+    if limits.max_memory is None or need <= limits.max_memory:
+        return tile, need
+    if auto and tile is None and max(height, width) > DEFAULT_TILE * limits.vae_scale_factor:
         tiled = limits.memory.estimate(batch, height, width, guided=guided, encodes=encodes, vae_tile=DEFAULT_TILE)
         if tiled <= limits.max_memory:
             return DEFAULT_TILE, tiled
-    return tile, _within_limit(limits, need, batch, height, width, guided)
+    raise PipelineError(
+        f"{batch} image(s) of {width}x{height}{' with guidance' if guided else ''} need about {_gib(need)} "
+        f"(estimate: runtime/memory.py), more than the limit of {_gib(limits.max_memory)} (max_memory_gb; "
+        "default: this machine's memory). Ask for fewer images per call or a smaller size, or raise max_memory_gb")
 
 
 def check_memory(limits: Limits, batch: int, height: int, width: int, *, guided: bool, encodes: bool,
                  vae_tile: int | None = None) -> int | None:
     """The batch's memory estimate (runtime/memory.py; None without a memory model) with the VAE
     whole or in tiles of `vae_tile` latent pixels; refuse it when it exceeds the limit, before it runs."""
-    if limits.memory is None:
-        return None
-    need = limits.memory.estimate(batch, height, width, guided=guided, encodes=encodes, vae_tile=vae_tile)
-    return _within_limit(limits, need, batch, height, width, guided)
-
-
-def _within_limit(limits: Limits, need: int, batch: int, height: int, width: int, guided: bool) -> int:
-    """`need`, or a PipelineError when it exceeds the limit."""
-    if limits.max_memory is not None and need > limits.max_memory:
-        raise PipelineError(
-            f"{batch} image(s) of {width}x{height}{' with guidance' if guided else ''} need about {_gib(need)} "
-            f"(estimate: runtime/memory.py), more than the limit of {_gib(limits.max_memory)} (max_memory_gb; "
-            "default: this machine's memory). Ask for fewer images per call or a smaller size, or raise max_memory_gb")
-    return need
+    return _fit_memory(limits, batch, height, width, guided=guided, encodes=encodes, tile=vae_tile, auto=False)[1]
 
 
 def _gib(n: int) -> str:
