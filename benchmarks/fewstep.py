@@ -2,7 +2,8 @@
 
     python -m benchmarks --fewstep [--scenarios turbo-1 lcm-4] [--vaes full tiny] [--targets ...]
                                    [--resolution 512] [--repeats 3] [--warmup 1] [--cache-dir DIR]
-                                   [--optimum-python PATH] [--genai-python PATH] [--out PATH.json]
+                                   [--optimum-python PATH] [--genai-python PATH] [--timeout S]
+                                   [--prepare-timeout S] [--out PATH.json]
 
 Full-size SD 1.5 architecture, random weights (benchmarks/fewstep_folders.py), at 512x512, batch 1:
   turbo-1  1 step, guidance 0 (Turbo-style: EulerDiscreteScheduler, trailing timesteps)
@@ -106,6 +107,9 @@ class FewSettings:
     model: str = "sd15"
     cache_dir: str = str(DEFAULT_CACHE)
     timeout_s: float = 3600.0
+    # building the folders: four engine exports, then per tiny folder an int8 U-Net (calibration and
+    # nncf.quantize at 512 px: 19 min each on a 2-vCPU Xeon with AMX, 2026-12-07), so one hour was too short
+    prepare_timeout_s: float = 4 * 3600.0
     peer_python: dict[str, str] = field(default_factory=dict)
 
 
@@ -154,7 +158,7 @@ def prepare(s: FewSettings, workdir: Path, runnable: dict[str, FewTarget], log) 
     task = {"kind": "prepare", "target": "fewstep-prepare", "worker_module": WORKER, "model": s.model,
             "seed": s.weights_seed, "resolution": s.resolution, "diffusers_root": str(root / "diffusers"),
             "engine_root": str(root / "engine"), "folders": names, "int8_folders": int8}
-    out = {"project": _run_worker(task, workdir, s.timeout_s)}
+    out = {"project": _run_worker(task, workdir, s.prepare_timeout_s)}
     if out["project"]["status"] != "ok":
         raise RuntimeError(f"could not build the few-step folders: {out['project'].get('reason')}\n"
                            f"{out['project'].get('traceback', '')}")
@@ -168,7 +172,7 @@ def prepare(s: FewSettings, workdir: Path, runnable: dict[str, FewTarget], log) 
                 "tiny_vae_dir": str(root / "diffusers" / folder(scenario, "tiny") / "vae"),
                 "ov_dir": str(root / "optimum" / folder(scenario, "full")),
                 "ov_tiny_dir": str(root / "optimum" / folder(scenario, "tiny"))}
-        out[f"optimum/{scenario.kind}"] = _run_worker(task, workdir, s.timeout_s)
+        out[f"optimum/{scenario.kind}"] = _run_worker(task, workdir, s.prepare_timeout_s)
     return out
 
 
@@ -381,13 +385,15 @@ def parse_args(argv: list[str]) -> tuple[FewSettings, Path | None]:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1: compiles)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="folders built once and reused")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per target process")
+    p.add_argument("--prepare-timeout", type=float, default=4 * 3600.0,
+                   help="seconds allowed per folder-building process (default 4 h: exports and int8 U-Nets)")
     add_peer_args(p, "fewstep-<res>-<date>")
     a = p.parse_args(argv)
     if a.repeats < 1 or a.warmup < 0 or a.resolution % 8:
         p.error("--repeats must be >= 1, --warmup >= 0, --resolution a multiple of 8")
     s = FewSettings(scenarios=tuple(a.scenarios), vaes=tuple(a.vaes), targets=tuple(a.targets),
                     model=a.model, resolution=a.resolution, repeats=a.repeats, warmup=a.warmup, cache_dir=a.cache_dir,
-                    timeout_s=a.timeout, peer_python=peer_python(a))
+                    timeout_s=a.timeout, prepare_timeout_s=a.prepare_timeout, peer_python=peer_python(a))
     return s, a.out
 
 

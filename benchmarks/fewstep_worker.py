@@ -46,8 +46,12 @@ def prepare(task: dict[str, Any]) -> dict[str, Any]:
                      progress=lambda line: print(line, file=sys.stderr, flush=True))
         info[f"engine_s/{name}{'+' + quantize if quantize else ''}"] = time.perf_counter() - t0
 
-    for name in task["folders"]:
-        build(name, None)
+    for name in task["folders"]:  # a folder's int8 U-Net is kept: a build without --quantize removes it
+        keep = kept_quantization(Path(task["engine_root"]) / name)  # (build-engine's rule), and it took 19 min
+        try:
+            build(name, keep)
+        except QuantizeError:  # a stale folder is rebuilt, and its int8 U-Net with it: failed, it is left out
+            build(name, None)
     for name in task["int8_folders"]:  # a failed int8 build fails the int8 target only, and is not retried
         marker = Path(task["engine_root"]) / f"{name}.int8-error.json"  # while the folder stays as it was
         manifest = file_sha256(Path(task["engine_root"]) / name / "manifest.json")
@@ -60,6 +64,13 @@ def prepare(task: dict[str, Any]) -> dict[str, Any]:
             info["int8_errors"][name] = f"QuantizeError: {e}"
             marker.write_text(json.dumps({"manifest_sha256": manifest, "error": info["int8_errors"][name]}))
     return info
+
+
+def kept_quantization(engine_dir: Path) -> str | None:
+    """The quantization scheme an existing engine folder has ("int8", ...), or None (none, or no folder)."""
+    from runtime.folder.manifest import MANIFEST_NAME, load_manifest
+
+    return load_manifest(engine_dir).quantization if (engine_dir / MANIFEST_NAME).is_file() else None
 
 
 def engine(task: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ by the benchmark (docs/benchmarks.md), never here."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -99,6 +100,50 @@ def test_parse_args():
     assert task["ov_dir"].endswith("fewstep-sd15-seed0/optimum/lcm-tiny")
     assert task["worker_module"] == "benchmarks.peers.genai_worker"
     json.dumps(task)  # the task file is JSON
+
+
+def test_folder_building_has_its_own_timeout(monkeypatch, tmp_path):
+    """Building the folders (exports, then an int8 U-Net per tiny folder: 19 min each at 512 px on 2
+    vCPUs) runs under --prepare-timeout, not the per-target --timeout (one hour killed it)."""
+    seen = []
+    monkeypatch.setattr(fewstep, "_run_worker", lambda task, workdir, timeout: seen.append(timeout) or {"status": "ok"})
+    s, _ = fewstep.parse_args(["--timeout", "60", "--prepare-timeout", "9000"])
+    assert (s.timeout_s, s.prepare_timeout_s) == (60.0, 9000.0)
+    fewstep.prepare(s, tmp_path, {"ours-int8": fewstep.TARGETS["ours-int8"]}, lambda msg: None)
+    assert seen == [9000.0]
+    assert fewstep.parse_args([])[0].prepare_timeout_s == 4 * 3600.0
+
+
+def test_a_plain_build_keeps_the_folders_int8_unet(monkeypatch, tmp_path):
+    """A run without ours-int8 builds its folders without --quantize, which removes a folder's int8
+    U-Net (build-engine's rule); the worker passes the folder's own scheme so it stays (a run on
+    2026-12-07 lost one that way and spent 19 min quantizing it again)."""
+    import benchmarks.fewstep_folders
+    import export.build
+    from benchmarks import fewstep_worker
+
+    calls = []
+    monkeypatch.setattr(benchmarks.fewstep_folders, "make_folders", lambda *a: {})
+    monkeypatch.setattr(export.build, "build_engine", lambda src, out, **kw: calls.append((out.name, kw["quantize"])))
+    monkeypatch.setattr(fewstep_worker, "kept_quantization", lambda d: "int8" if d.name == "lcm-tiny" else None)
+    task = {"diffusers_root": str(tmp_path / "d"), "engine_root": str(tmp_path / "e"), "model": "sd15", "seed": 0,
+            "resolution": 512, "folders": ["lcm-full", "lcm-tiny"], "int8_folders": []}
+    fewstep_worker.prepare(task)
+    assert calls == [("lcm-full", None), ("lcm-tiny", "int8")]
+
+
+def test_kept_quantization_reads_the_manifest(tiny_sd1_engine, tmp_path):
+    from benchmarks.fewstep_worker import kept_quantization
+
+    assert kept_quantization(tmp_path / "missing") is None
+    assert kept_quantization(tiny_sd1_engine) is None  # a plain build: no int8 U-Net
+    folder = tmp_path / "int8"
+    shutil.copytree(tiny_sd1_engine, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data.setdefault("backends", {}).setdefault("openvino", {})["unet_int8"] = {
+        "scheme": "int8", "file": "openvino/unet-int8.xml", "weights": "openvino/unet-int8.bin"}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    assert kept_quantization(folder) == "int8"
 
 
 def test_stage_clock_and_time_runs():
