@@ -67,10 +67,15 @@ def prepare(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def kept_quantization(engine_dir: Path) -> str | None:
-    """The quantization scheme an existing engine folder has ("int8", ...), or None (none, or no folder)."""
+    """The quantization scheme an existing engine folder has ("int8", ...), or None (none, no folder,
+    or a manifest that does not load: build-engine rebuilds that folder anyway)."""
+    from runtime.errors import ManifestError
     from runtime.folder.manifest import MANIFEST_NAME, load_manifest
 
-    return load_manifest(engine_dir).quantization if (engine_dir / MANIFEST_NAME).is_file() else None
+    try:
+        return load_manifest(engine_dir).quantization if (engine_dir / MANIFEST_NAME).is_file() else None
+    except ManifestError:
+        return None
 
 
 def engine(task: dict[str, Any]) -> dict[str, Any]:

@@ -144,6 +144,8 @@ def test_kept_quantization_reads_the_manifest(tiny_sd1_engine, tmp_path):
         "scheme": "int8", "file": "openvino/unet-int8.xml", "weights": "openvino/unet-int8.bin"}
     (folder / "manifest.json").write_text(json.dumps(data))
     assert kept_quantization(folder) == "int8"
+    (folder / "manifest.json").write_text("{not json")
+    assert kept_quantization(folder) is None  # a broken folder: build-engine rebuilds it
 
 
 def test_stage_clock_and_time_runs():
