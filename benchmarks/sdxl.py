@@ -30,7 +30,10 @@ protocol.py time_e2e); every target starts from the same latents (the noise our 
 the seed) and its image's PSNR against diffusers fp32's is reported.
 
 Targets: ours (runtime.load(..., backend="openvino"), OpenVINO's default precision: bf16 where the
-CPU has it, f32 elsewhere; the row names it), ours-f32; diffusers-fp32 (StableDiffusionXLPipeline,
+CPU has it, f32 elsewhere; the row names it), ours-f32, ours-int8w (the same folder with
+`build-engine --quantize int8-weights` added in place by a "quantize" worker, timed and measured like
+the build: the U-Net's and text encoders' weights in int8, activations at the default precision; its
+rows' precision reads "<precision>+int8w", so no peer is its like); diffusers-fp32 (StableDiffusionXLPipeline,
 PyTorch fp32 eager); optimum (optimum-intel OVStableDiffusionXLPipeline, static reshape) and genai
 (openvino.genai Text2ImagePipeline on optimum's IR), both at OpenVINO's default precision, and their
 -f32 variants. A target that cannot run here (no venv, not enough disk, killed for memory) is a row
@@ -91,11 +94,14 @@ class SdxlTarget:
     kind: str  # "ours" | "diffusers" | "optimum" | "genai"
     label: str
     precision: str  # "default" (OpenVINO's CPU choice: bf16 where the CPU has it, else f32) | "f32"
+    quantization: str | None = None  # ours: the folder's build-engine --quantize scheme it runs (None: the graphs)
 
 
 TARGETS = {
     "ours": SdxlTarget("ours", "ours", "ours, OpenVINO, default precision", "default"),
     "ours-f32": SdxlTarget("ours-f32", "ours", "ours, OpenVINO f32", "f32"),
+    "ours-int8w": SdxlTarget("ours-int8w", "ours", "ours, OpenVINO, default precision, int8 weights (U-Net and text "
+                             "encoders: build-engine --quantize int8-weights)", "default", "int8-weights"),
     "diffusers-fp32": SdxlTarget("diffusers-fp32", "diffusers", "diffusers StableDiffusionXLPipeline, PyTorch fp32 eager",
                                  "f32"),
     "optimum": SdxlTarget("optimum", "optimum", "optimum-intel OVStableDiffusionXLPipeline, static reshape, "
@@ -162,7 +168,8 @@ def cache_root(s: SdxlSettings) -> Path:
 def paths(s: SdxlSettings) -> dict[str, Path]:
     root = cache_root(s)
     return {"diffusers": root / "diffusers", "engine": root / "engine", "optimum": root / "optimum",
-            "optimum_turbo": root / "optimum-turbo", "build_record": root / "build-record.json"}
+            "optimum_turbo": root / "optimum-turbo", "build_record": root / "build-record.json",
+            "quantize_record": root / "quantize-record.json"}
 
 
 def folder_bytes(path: Path) -> int:
@@ -222,6 +229,12 @@ def availability(t: SdxlTarget, s: SdxlSettings) -> tuple[bool, str]:
     return (False, f"{', '.join(missing)} not installed") if missing else (True, "")
 
 
+def quantization(s: SdxlSettings) -> str | None:
+    """The --quantize scheme a chosen target runs (the build adds it to the engine folder), or None."""
+    schemes = {TARGETS[n].quantization for n in s.targets} - {None}
+    return schemes.pop() if schemes else None
+
+
 def build_options(s: SdxlSettings) -> dict[str, Any]:
     """build_engine keywords: an fp32 graph covering the benchmarked sizes at batch 1 (guidance doubles
     the U-Net's batch inside), the export's parity check at the smallest size."""
@@ -249,6 +262,12 @@ def prepare(s: SdxlSettings, workdir: Path, optimum: bool, log) -> dict[str, Any
         out[kind] = _run_worker(task, workdir, s.timeout_s)
         if out[kind]["status"] != "ok":
             raise RuntimeError(f"{kind} failed: {out[kind].get('reason')}\n{out[kind].get('traceback', '')}")
+    scheme = quantization(s)
+    if scheme:  # its own process, so its time and peak RSS are its own; a failure fails its rows only
+        log(f"adding --quantize {scheme} to {p['engine']} (once)")
+        task = {**common, "kind": "build", "target": f"sdxl-{scheme}", "build_options": build_options(s),
+                "quantize": scheme, "record_path": str(p["quantize_record"])}
+        out["quantize"] = _run_worker(task, workdir, s.timeout_s)
     if optimum:
         out["optimum"] = prepare_optimum(s, workdir, needs, free, log)
     return out
@@ -296,7 +315,8 @@ def target_task(t: SdxlTarget, sc: Scenario, s: SdxlSettings, workdir: Path) -> 
             "latents_path": str(workdir / f"latents-{sc.resolution}.npy"),
             "feeds_path": str(workdir / f"feeds-{sc.resolution}.npz"),
             "image_path": str(workdir / f"{key}.image.npy") if sc.kind == "e2e" else None,
-            "engine_dir": str(p["engine"]), "diffusers_dir": str(p["diffusers"]), "worker_module": WORKER}
+            "engine_dir": str(p["engine"]), "diffusers_dir": str(p["diffusers"]), "worker_module": WORKER,
+            "quantized": t.quantization is not None}
     if t.kind in ("optimum", "genai"):
         turbo = sc.spacing == "trailing"
         task.update(kind="sdxl", scenario_kind="sdxl", ov_dir=str(p["optimum_turbo" if turbo else "optimum"]),
@@ -329,6 +349,9 @@ def run_all(s: SdxlSettings, workdir: Path, log) -> tuple[dict[str, Any], dict[s
 
 
 def _prepare_failure(prepared: dict[str, Any], t: SdxlTarget) -> str | None:
+    if t.quantization is not None:
+        r = prepared.get("quantize", {})
+        return None if r.get("status") == "ok" else f"--quantize {t.quantization}: {r.get('reason')}"
     if t.kind not in ("optimum", "genai"):
         return None
     r = prepared.get("optimum", {})
@@ -458,6 +481,14 @@ def _build_lines(report: dict[str, Any]) -> list[str]:
              f"| build-engine (fp32 graphs) | {_s(rec.get('build_s'), 1)} | {_s(rec.get('peak_rss_mb'), 0)} "
              f"| {'reused; figures recorded at ' + str(rec.get('created')) if build.get('reused') and rec else ''}"
              f"{'reused; ' + str(build.get('note')) if build.get('reused') and not rec else ''} |"]
+    quant = prep.get("quantize")
+    if quant is not None:
+        q = quant.get("build", {})
+        qrec = q.get("record") or {}
+        lines.append(f"| build-engine --quantize {qrec.get('options', {}).get('quantize', '')} (in place) "
+                     f"| {_s(qrec.get('build_s'), 1)} | {_s(qrec.get('peak_rss_mb'), 0)} | {quant.get('status')}"
+                     f"{'; reused, figures recorded at ' + str(qrec.get('created')) if q.get('reused') and qrec else ''}"
+                     f"{': ' + _text(quant.get('reason'), 300) if quant.get('status') != 'ok' else ''} |")
     if opt is not None:
         info = opt.get("prepare", {})
         lines.append(f"| optimum export (fp32 IR) | {_s(info.get('export_s'), 1)} | {_s(opt.get('peak_rss_mb'), 0)} "

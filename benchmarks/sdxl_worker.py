@@ -6,7 +6,9 @@ Task kinds:
              unless it is there
   build      the engine folder (export.build.build_engine: reused when up to date). This process is
              the build: its wall time and peak RSS (VmHWM) are the build's, written to `record_path`
-             when the folder is (re)built and read back from there when it is reused
+             when the folder is (re)built and read back from there when it is reused. With `quantize`
+             (a --quantize scheme) it adds that scheme in place and records apart; without, it keeps
+             the scheme the folder has (a plain build-engine would remove it)
   ours       our pipeline on the engine folder with OpenVINO (`options`: default precision, or f32):
              scenario "unet" opens the U-Net alone and times one call at batch 2 on the suite's feeds;
              "e2e" times txt2img from the suite's latents (benchmarks/protocol.py time_e2e)
@@ -37,26 +39,41 @@ def prepare(task: dict[str, Any]) -> dict[str, Any]:
     return {"diffusers_s": save_random(Path(task["diffusers_dir"]), task["model"], task["weights_seed"])}
 
 
+def folder_identity(manifest: Path, quantize: str | None) -> str:
+    """What a build record vouches for: the graphs (the manifest's networks and source) for the build,
+    the whole manifest for a --quantize step, so adding a scheme in place keeps the build's record."""
+    import hashlib
+
+    from export.hashing import file_sha256
+
+    if quantize:
+        return file_sha256(manifest)
+    m = json.loads(manifest.read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps({k: m.get(k) for k in ("networks", "source")}, sort_keys=True).encode()).hexdigest()
+
+
 def build(task: dict[str, Any]) -> dict[str, Any]:
     """build_engine, and the record of the build that made the folder now there."""
     from export.build import build_engine
-    from export.hashing import file_sha256
 
-    engine, record_path = Path(task["engine_dir"]), Path(task["record_path"])
+    from benchmarks.fewstep_worker import kept_quantization
+
+    engine, record_path, scheme = Path(task["engine_dir"]), Path(task["record_path"]), task.get("quantize")
     manifest = engine / "manifest.json"
-    before = file_sha256(manifest) if manifest.is_file() else None
+    before = folder_identity(manifest, scheme) if manifest.is_file() else None
+    kept = scheme or kept_quantization(engine)
+    options = {**task["build_options"], **({"quantize": kept} if kept else {})}
     t0 = time.perf_counter()
-    build_engine(task["diffusers_dir"], engine, **task["build_options"],
-                 progress=lambda line: print(line, file=sys.stderr, flush=True))
-    build_s, after = time.perf_counter() - t0, file_sha256(manifest)
+    build_engine(task["diffusers_dir"], engine, **options, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    build_s, after = time.perf_counter() - t0, folder_identity(manifest, scheme)
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     if before == after:
-        if record is not None and record.get("manifest_sha256") == after:
+        if record is not None and record.get("folder_identity") == after:
             return {"reused": True, "record": record, "check_s": build_s}
         return {"reused": True, "record": None, "check_s": build_s,
                 "note": "the folder predates this benchmark's build record (delete it to measure its build)"}
-    record = {"build_s": build_s, "peak_rss_mb": peak_rss_mb(), "manifest_sha256": after,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "options": task["build_options"]}
+    record = {"build_s": build_s, "peak_rss_mb": peak_rss_mb(), "folder_identity": after,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "options": options}
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return {"reused": False, "record": record}
 
@@ -66,8 +83,14 @@ def _feeds(task: dict[str, Any]) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def _precision(info: Any, quantized: bool) -> str:
+    """The row's precision: the compute precision, "+int8w" where the weights are int8."""
+    return precision_name(info.compute) + ("+int8w" if quantized else "")
+
+
 def ours(task: dict[str, Any]) -> dict[str, Any]:
-    options = OURS_OPTIONS[task["precision"]]
+    quantized = bool(task.get("quantized"))
+    options = {**OURS_OPTIONS[task["precision"]], "quantized": quantized}  # False: the graphs, even beside int8 IRs
     if task["scenario"]["kind"] == "unet":
         from runtime.engines import open_engines
 
@@ -76,7 +99,7 @@ def ours(task: dict[str, Any]) -> dict[str, Any]:
         engine, feeds = engines["unet"], _feeds(task)
         try:
             _, stats = time_network(lambda: engine.run(feeds), feeds, task, batch=2, load_s=time.perf_counter() - t0)
-            return {"unet": stats, "precision": precision_name(engine.info.compute), "info": {"engine": str(engine.info)}}
+            return {"unet": stats, "precision": _precision(engine.info, quantized), "info": {"engine": str(engine.info)}}
         finally:
             engine.close()
     import runtime
@@ -95,7 +118,7 @@ def ours(task: dict[str, Any]) -> dict[str, Any]:
         save_image(task, out.images)
         stats.update(stage_timings=dict(out.timings), sampler=out.parameters.get("scheduler"))
         info = pipe.engines["unet"].info
-    return {"e2e": stats, "load_s": load_s, "precision": precision_name(info.compute), "info": {"engine": str(info)}}
+    return {"e2e": stats, "load_s": load_s, "precision": _precision(info, quantized), "info": {"engine": str(info)}}
 
 
 def diffusers_peer(task: dict[str, Any]) -> dict[str, Any]:

@@ -45,13 +45,8 @@ class Adapters:
 
     def apply(self, model: Any, progress: Progress = None) -> Any:
         """`model` with the embeddings added and the LoRAs merged (see export/lora.py and
-        export/embeddings.py for what changes in place). Refused for the SDXL refiner: both read the
-        first text encoder, which it lacks (docs/architecture.md "SDXL", not yet)."""
-        if (self.embeddings or self.loras) and getattr(model, "text_encoder", True) is None:
-            from export.convert_ldm import CheckpointError
-
-            raise CheckpointError("LoRAs and embeddings for the SDXL refiner (text_encoder_2 only) are not "
-                                  "supported yet; build it without --lora / --embedding")
+        export/embeddings.py for what changes in place; the SDXL refiner's take its one text encoder,
+        text_encoder_2)."""
         if self.embeddings:
             from export.embeddings import apply_embeddings
 

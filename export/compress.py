@@ -1,13 +1,14 @@
-"""Opt-in int8 weight-only compression of the U-Net and the text encoder for the OpenVINO CPU engine
+"""Opt-in int8 weight-only compression of the U-Net and the text encoders for the OpenVINO CPU engine
 (`build-engine --quantize int8-weights`), for machines short of memory.
 
 What: NNCF `compress_weights` (mode INT8_ASYM: per output channel, asymmetric, as NNCF's default)
 over the fp32 graphs: weights are stored as int8 with scales and decompressed inside the kernels;
 activations stay in the engine's precision. About 4x smaller weights (SD 1.5: U-Net 3.4 GB ->
-0.86 GB in the IR), no calibration data needed. Checked like the int8 U-Net (export/quantize.py):
-each network against its fp32 graph on the U-Net feeds of a held-out denoising run (the text
-encoder on its prompt), and the held-out image's PSNR with both compressed networks; the build
-fails above `MAX_RMS_ERROR`.
+0.86 GB in the IR), no calibration data needed. The networks: the U-Net and each text encoder the
+folder has (SD 1.x / 2.x: text_encoder; SDXL: text_encoder and text_encoder_2, the 2.8 GB OpenCLIP
+bigG; the SDXL refiner: text_encoder_2). Checked like the int8 U-Net (export/quantize.py): each
+network against its fp32 graph on the feeds it was given in a held-out denoising run, and the
+held-out image's PSNR with all of them compressed; the build fails above `MAX_RMS_ERROR`.
 
 Output: `openvino/<network>-int8w.{xml,bin}` and the manifest entry
 `backends["openvino"]["weights_int8"] = {"scheme", "networks": {network: {file, weights, sha256,
@@ -25,23 +26,24 @@ from typing import Any
 import numpy as np
 
 from export.hashing import file_sha256
-from export.quantize import HELD_OUT_PROMPT, SUBDIR, QuantizeError, Progress, _Runs, _txt2img, record_unet_feeds
+from export.quantize import HELD_OUT_PROMPT, SUBDIR, QuantizeError, Progress, _Runs, _txt2img, record_feeds
 from runtime import cpu
-from runtime.text import tokens as text
 from runtime.folder.manifest import Manifest
 from runtime.compare import psnr
 
 SCHEME = "int8-weights"
-NETWORKS = ("unet", "text_encoder")  # the two with most weights (SD 1.5: 3.4 GB and 0.49 GB in fp32)
+# the networks with most weights, where the folder has them (SD 1.5: U-Net 3.4 GB, text encoder 0.49 GB in
+# fp32; SDXL: U-Net 10.3 GB, text_encoder_2 2.8 GB, text_encoder 0.49 GB); the VAE's are small and sensitive
+NETWORKS = ("unet", "text_encoder", "text_encoder_2")
 MAX_RMS_ERROR = 0.05  # per network, rms(int8w - fp32) / rms(fp32) on the held-out run's feeds
 STEPS = 10
 
 
 def compress_weights(engine_dir: str | os.PathLike, manifest: Manifest, *, seed: int = 0, size: int | None = None,
                      max_rms_error: float = MAX_RMS_ERROR, progress: Progress = print) -> dict[str, Any]:
-    """Compress the U-Net's and text encoder's weights to int8, check them, write the IRs into the
-    folder and return the manifest entry (`{"weights_int8": ...}`). Raises QuantizeError; nothing is
-    left behind then."""
+    """Compress the weights of the U-Net and the folder's text encoders (`NETWORKS`) to int8, check
+    them, write the IRs into the folder and return the manifest entry (`{"weights_int8": ...}`).
+    Raises QuantizeError; nothing is left behind then."""
     import nncf
     import openvino as ov
 
@@ -49,20 +51,21 @@ def compress_weights(engine_dir: str | os.PathLike, manifest: Manifest, *, seed:
     size = size or manifest.shapes["opt_image"]
     start = time.perf_counter()
     run = _Runs(engine_dir, size, STEPS, seed, progress)
-    with run.pipeline() as pipe:
-        feeds = {"unet": record_unet_feeds(pipe, (HELD_OUT_PROMPT,), STEPS, size, seed, progress, what="held-out")[0],
-                 "text_encoder": [{"input_ids": text.tokenize(pipe.tokenizer, [HELD_OUT_PROMPT])[:, 0, :]}]}
-        reference = _txt2img(pipe, HELD_OUT_PROMPT, size, STEPS, seed, "np")
+    networks = tuple(n for n in NETWORKS if n in manifest.networks)
+    with run.pipeline() as pipe:  # the held-out run: each network's feeds, and the fp32 image
+        feeds, (reference,) = record_feeds(pipe, networks, (HELD_OUT_PROMPT,), STEPS, size, seed, progress,
+                                           what="held-out", output_type="np")
     out_dir = engine_dir / SUBDIR
     out_dir.mkdir(exist_ok=True)
     written: list[Path] = []
     try:
         entries = {}
-        for network in NETWORKS:
+        for network in networks:
             graph = engine_dir / manifest.networks[network]["file"]
             model = nncf.compress_weights(ov.Core().read_model(str(graph)), mode=nncf.CompressWeightsMode.INT8_ASYM)
             xml = out_dir / f".{network}-int8w.{os.getpid()}.tmp.xml"
             ov.save_model(model, str(xml), compress_to_fp16=False)
+            del model  # its int8 weights are on disk; the check below holds the fp32 graph compiled
             written += [xml, xml.with_suffix(".bin")]
             rms = _rms_error(xml, graph, feeds[network])
             progress(f"  {network} with int8 weights vs its fp32 graph: rms relative error {rms:.3g} "
@@ -86,7 +89,7 @@ def compress_weights(engine_dir: str | os.PathLike, manifest: Manifest, *, seed:
 
 
 def _rms_error(xml: Path, graph: Path, feeds: list[dict[str, np.ndarray]]) -> float:
-    """rms(int8w - fp32) / rms(fp32) over the feeds, both at f32 inference precision."""
+    """rms(int8w - fp32) / rms(fp32) over the feeds and every output, both at f32 inference precision."""
     import openvino as ov
 
     core = ov.Core()
@@ -94,8 +97,9 @@ def _rms_error(xml: Path, graph: Path, feeds: list[dict[str, np.ndarray]]) -> fl
     ref = core.compile_model(core.read_model(str(graph)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     se = sr = 0.0
     for f in feeds:
-        a, b = np.asarray(test(f)[0], np.float64), np.asarray(ref(f)[0], np.float64)
-        se, sr = se + float(((a - b) ** 2).sum()), sr + float((b ** 2).sum())
+        for a, b in zip(test(f).values(), ref(f).values()):  # every output (SDXL's text_encoder_2: two)
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            se, sr = se + float(((a - b) ** 2).sum()), sr + float((b ** 2).sum())
     return (se / max(sr, 1e-30)) ** 0.5
 
 
@@ -105,7 +109,7 @@ def _image_with(run: _Runs, irs: dict[str, Path], seed: int) -> np.ndarray:
 
     with run.pipeline() as pipe:
         for network, xml in irs.items():
-            old = pipe.engines[network]
+            old = pipe.engine(network)
             pipe.engines[network] = OpenVinoEngine(xml, network, old.inputs, old.outputs, quantized=True)
             old.close()
         return _txt2img(pipe, HELD_OUT_PROMPT, run.size, run.steps, seed, "np")

@@ -12,7 +12,9 @@ File formats read:
   stem (as A1111 names embeddings) unless given, `--embedding FILE:TOKEN`.
 - SDXL (`.safetensors`, as A1111 and diffusers' SDXL docs read them): `clip_l` [n, 768] for the first
   text encoder and `clip_g` [n, 1280] for the second; their tokens go into both tokenizers. SDXL models
-  take only these, other models never.
+  take only these, other models never. The SDXL refiner, whose one text encoder is the second, takes
+  the `clip_g` vectors into it and the tokens into its one tokenizer (diffusers:
+  `load_textual_inversion(clip_g, text_encoder=text_encoder_2, tokenizer=tokenizer_2)`).
 Vectors of another width than the text encoder's (an embedding for another family: SD 1.x 768,
 SD 2.x 1024) are refused.
 
@@ -274,14 +276,15 @@ def apply_embeddings(model: Any, specs: Sequence[EmbeddingSpec], progress: Any =
     itself is updated in place; the returned model carries the new tokenizer folder and spec)."""
     if not specs:
         return model
-    encoders = {"text_encoder": model.text_encoder}
-    if getattr(model, "text_encoder_2", None) is not None:  # SDXL: clip_l and clip_g vectors
-        encoders["text_encoder_2"] = model.text_encoder_2
-    vocab = _load_tokenizer(Path(model.tokenizer_dir)).get_vocab()
+    # SDXL: clip_l and clip_g vectors, the refiner (no text_encoder) clip_g alone
+    encoders = {n: getattr(model, n) for n in ("text_encoder", "text_encoder_2") if getattr(model, n, None) is not None}
+    sdxl = "text_encoder_2" in encoders
+    vocab = _load_tokenizer(Path(model.tokenizer_dir or model.tokenizer_2_dir)).get_vocab()
     tokens, vectors = [], {network: [] for network in encoders}
     for spec in specs:
-        parts = read_embedding_parts(spec.path, sdxl=len(encoders) > 1)
-        for network, v in parts.items():
+        parts = read_embedding_parts(spec.path, sdxl=sdxl)
+        for network in encoders:
+            v = parts[network]
             hidden = encoders[network].get_input_embeddings().weight.shape[1]
             if v.shape[1] != hidden:
                 what = "text encoder" if network == "text_encoder" else "second text encoder"
@@ -289,7 +292,7 @@ def apply_embeddings(model: Any, specs: Sequence[EmbeddingSpec], progress: Any =
                                      f"{what}'s width is {hidden}: the embedding is for another model family "
                                      "(SD 1.x 768, SD 2.x 1024, SDXL 768 and 1280)")
             vectors[network].append(v)
-        n = parts["text_encoder"].shape[0]
+        n = v.shape[0]  # the same for clip_l and clip_g (read_embedding_parts)
         _check_names(embedding_tokens(spec.token, n), vocab, spec.path)
         tokens += embedding_tokens(spec.token, n)
         if progress is not None:

@@ -8,7 +8,9 @@ multiplier (`--lora FILE:SCALE`, diffusers' `fuse_lora(lora_scale=...)`). Only `
 are read: a pickle can run code when loaded, so it is refused.
 
 Layouts, for the U-Net and the text encoder of SD 1.x and 2.x, and SDXL's second text encoder
-(`text_encoder_2.` in diffusers / PEFT files, `lora_te2_` in kohya's; `lora_te1_` is its first) and
+(`text_encoder_2.` in diffusers / PEFT files, `lora_te2_` in kohya's; `lora_te1_` is its first, which
+the SDXL refiner lacks: its U-Net and text_encoder_2 take a LoRA, as diffusers' refiner pipeline
+loads one) and
 kohya's SDXL U-Net names, which follow the original (LDM) layout (`lora_unet_input_blocks_4_1_...`,
 resolved through export/convert_ldm.py's U-Net rules):
 - kohya / A1111 (kohya-ss/sd-scripts `networks/lora.py`): `lora_unet_<module>.lora_down.weight`,
@@ -395,9 +397,8 @@ def merge_layers(networks: Mapping[str, nn.Module], layers: Iterable[LoraLayer],
 def apply_loras(model: Any, specs: Sequence[LoraSpec], progress: Any = None) -> Any:
     """Merge each LoRA of `specs` into `model` (an export.loading.read.LoadedModel), in order; every file
     is parsed and checked before any weight changes. Returns the model (its weights updated in place)."""
-    networks = {"unet": model.unet, "text_encoder": model.text_encoder}
-    if getattr(model, "text_encoder_2", None) is not None:  # SDXL
-        networks["text_encoder_2"] = model.text_encoder_2
+    # SDXL adds text_encoder_2; its refiner has no text_encoder
+    networks = {c: getattr(model, c) for c in COMPONENTS if getattr(model, c, None) is not None}
     parsed = []
     for spec in specs:
         tensors, metadata = read_lora(spec.path)
@@ -405,8 +406,7 @@ def apply_loras(model: Any, specs: Sequence[LoraSpec], progress: Any = None) -> 
     for spec, layout, layers in parsed:
         n = merge_layers(networks, layers, spec.scale)
         if progress is not None:
-            counts = {c: sum(layer.component == c for layer in layers) for c in COMPONENTS}
-            second = f", second text encoder {counts['text_encoder_2']}" if "text_encoder_2" in networks else ""
-            progress(f"  merged LoRA {spec.path.name} ({layout} layout, scale {spec.scale:g}): {n} layers "
-                     f"(U-Net {counts['unet']}, text encoder {counts['text_encoder']}{second})")
+            counts = ", ".join(f"{_NETWORK_NAMES[c]} {sum(layer.component == c for layer in layers)}"
+                               for c in networks)
+            progress(f"  merged LoRA {spec.path.name} ({layout} layout, scale {spec.scale:g}): {n} layers ({counts})")
     return model

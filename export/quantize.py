@@ -104,13 +104,14 @@ def _txt2img(pipe: Any, prompt: str, size: int, steps: int, seed: int, output_ty
                         seed=seed, output_type=output_type, progress=False).images
 
 
-def record_unet_feeds(pipe: Any, prompts: tuple[str, ...], steps: int, size: int, seed: int, progress: Progress,
-                      what: str = "calibration", output_type: str = "latent") -> tuple[list[dict[str, np.ndarray]], list]:
-    """The U-Net feeds of `pipe`'s txt2img runs (one image per prompt, seeds seed, seed + 1, ...),
-    and the runs' outputs."""
-    inner = pipe.engines["unet"]
-    recorder = RecordingEngine(inner)
-    pipe.engines["unet"] = recorder
+def record_feeds(pipe: Any, networks: tuple[str, ...], prompts: tuple[str, ...], steps: int, size: int, seed: int,
+                 progress: Progress, what: str = "calibration",
+                 output_type: str = "latent") -> tuple[dict[str, list[dict[str, np.ndarray]]], list]:
+    """The feeds each of `networks` is given in `pipe`'s txt2img runs (one image per prompt, seeds
+    seed, seed + 1, ...), {network: [feeds, ...]}, and the runs' outputs."""
+    inner = {network: pipe.engine(network) for network in networks}
+    recorders = {network: RecordingEngine(engine) for network, engine in inner.items()}
+    pipe.engines.update(recorders)
     outputs = []
     try:
         for i, prompt in enumerate(prompts):
@@ -118,8 +119,15 @@ def record_unet_feeds(pipe: Any, prompts: tuple[str, ...], steps: int, size: int
             outputs.append(_txt2img(pipe, prompt, size, steps, seed + i, output_type))
             progress(f"  {what} run {i + 1}/{len(prompts)} ({prompt!r}): {time.perf_counter() - start:.1f} s")
     finally:
-        pipe.engines["unet"] = inner
-    return recorder.feeds, outputs
+        pipe.engines.update(inner)
+    return {network: r.feeds for network, r in recorders.items()}, outputs
+
+
+def record_unet_feeds(pipe: Any, prompts: tuple[str, ...], steps: int, size: int, seed: int, progress: Progress,
+                      what: str = "calibration", output_type: str = "latent") -> tuple[list[dict[str, np.ndarray]], list]:
+    """`record_feeds` of the U-Net alone: its feeds and the runs' outputs."""
+    feeds, outputs = record_feeds(pipe, ("unet",), prompts, steps, size, seed, progress, what, output_type)
+    return feeds["unet"], outputs
 
 
 def quantize_unet(engine_dir: str | os.PathLike, manifest: Manifest, *, scheme: str = "int8",

@@ -14,7 +14,9 @@ latents still noisy; the refiner folder runs img2img of those latents from the s
 prompts, seeds, steps, sampler, guidance and eta. Both requests are prepared (validated, tokenized,
 scheduled) before either runs; the refiner's init latents are filled in once the base has made them,
 as the hires fix fills in its images (runtime/hires.py). The refiner reads `prompt` and
-`negative_prompt` (diffusers' refiner zips prompt_2 away with its missing first encoder).
+`negative_prompt` (diffusers' refiner zips prompt_2 away with its missing first encoder); a
+textual-inversion name they use (`Request.embeddings_used`) must be one of the refiner folder's too, or
+the hand-over is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def refiner_request(refiner: "Pipeline", first: "Request", output_type: str | No
     def per_image(texts: tuple[str, ...]) -> list[str]:
         return [t for t in texts for _ in range(n)]
 
+    ours = refiner.manifest.tokenizer.get("embeddings") or {}
+    missing = [name for name in first.embeddings_used if name.lower() not in {n.lower() for n in ours}]
+    if missing:
+        raise PipelineError(f"refiner {refiner.engine_dir.name}: the prompts use the embedding(s) {', '.join(missing)}, "
+                            "which the refiner folder lacks, so it would read them as words; build it with "
+                            "--embedding FILE:NAME (an SDXL embedding's clip_g vectors)", field="refiner")
     s = refiner.vae_scale_factor
     placeholder = np.zeros((first.batch, refiner.manifest.dims.latent_channels, first.height // s, first.width // s),
                            dtype=np.float32)

@@ -37,6 +37,7 @@ from runtime.imaging import inpainting, preview as live_preview
 from runtime.sampling import deepcache as caching
 from runtime.text import lora_tags
 from runtime.text import tokens as text
+from runtime.text.tokens import embeddings_used
 from runtime.engines.registry import backend_module, close_all, network_options, open_engines_why, open_network
 from runtime.engines.base import Engine
 from runtime.families import family_of
@@ -366,8 +367,9 @@ class Pipeline:
                                          denoising_start=r.denoising_start, denoising_end=r.denoising_end)
         except sch.SchedulerError as e:
             raise PipelineError(f"scheduler {r.sampler!r}: {e}", field="scheduler") from e
+        used = embeddings_used([*(r.prompts if text is None else text), *r.negative_prompts], self._embeddings)
         if tokens is not None:
-            return dataclasses.replace(r, tokens=tokens, schedule=schedule)
+            return dataclasses.replace(r, tokens=tokens, schedule=schedule, embeddings_used=used)
         second = None if self.tokenizer_2 is None else (self.tokenizer_2, r.prompts_2 or r.prompts,
                                                          r.negative_prompts_2 or r.negative_prompts)
         with self._tokenizer_lock:
@@ -376,7 +378,7 @@ class Pipeline:
                                              syntax=r.prompt_syntax, embeddings=self._embeddings, second=second,
                                              zero_empty_negative=self.manifest.pipeline.get(
                                                  "force_zeros_for_empty_prompt", False))
-        return dataclasses.replace(r, tokens=tokens, schedule=schedule)
+        return dataclasses.replace(r, tokens=tokens, schedule=schedule, embeddings_used=used)
 
     def encode_prompt(self, tokens: stages.PromptTokens, images_per_prompt: int) -> stages.Conditioning:
         """The text stage over the family's text encoders (runtime/families.py `text_encoders`)."""

@@ -150,6 +150,9 @@ class Request:
     # (runtime/stages.py PromptTokens) and the sampler's built schedule (runtime/scheduler.py Schedule)
     tokens: PromptTokens | None = field(default=None, repr=False)
     schedule: Schedule | None = field(default=None, repr=False)
+    # and the folder's textual-inversion names its prompts and negative prompts use (a refiner taking
+    # over must have them too: runtime/handover.py)
+    embeddings_used: tuple[str, ...] = ()
 
     @property
     def prompt_chunks(self) -> int | None:

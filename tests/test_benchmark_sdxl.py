@@ -109,6 +109,36 @@ def test_smoke_build_record_disk_and_report(smoke, tmp_path):
     assert "guided-2-64: ours peak RSS <= diffusers fp32's" in goals
 
 
+def test_int8_weights_rows_beside_the_graphs(smoke, tmp_path):
+    """ours-int8w: a "quantize" worker adds --quantize int8-weights to the smoke run's folder in place
+    (its own time and peak RSS); its rows run the int8-weight IRs and say so in their precision, while
+    ours keeps running the fp32 graphs of the same folder; the build's record stays valid, and a second
+    prepare reuses both steps (the plain build keeps the scheme)."""
+    pytest.importorskip("nncf", reason="int8 weights need sd-runtime[quantize] (nncf)")
+    _, _, plain = smoke
+    s = sdxl.SdxlSettings(**{**TINY, "warmup": 0}, targets=("ours", "ours-int8w"), scenarios=("unet-64", "turbo-1-64"),
+                          cache_dir=plain.cache_dir)
+    report = sdxl.run(s, tmp_path / "int8w.json", command="pytest", log=lambda msg: None)
+    quant = report["prepare"]["quantize"]
+    assert quant["status"] == "ok", (quant.get("reason"), quant.get("traceback"))
+    record = quant["build"]["record"]
+    assert record["options"]["quantize"] == "int8-weights" and record["build_s"] > 0 and record["peak_rss_mb"] > 0
+    assert report["prepare"]["build"]["build"]["reused"] is True and report["prepare"]["build"]["build"]["record"]
+    rows = report["results"]
+    for sc in ("unet-64", "turbo-1-64"):
+        assert rows[f"{sc}/ours-int8w"]["status"] == "ok", rows[f"{sc}/ours-int8w"].get("traceback")
+        assert rows[f"{sc}/ours-int8w"]["precision"] == rows[f"{sc}/ours"]["precision"] + "+int8w"
+        assert "int8" in rows[f"{sc}/ours-int8w"]["info"]["engine"] and "int8" not in rows[f"{sc}/ours"]["info"]["engine"]
+    md = (tmp_path / "int8w.md").read_text()
+    assert f"| build-engine --quantize int8-weights (in place) | {record['build_s']:.1f} |" in md
+    again = sdxl.prepare(s, tmp_path, False, lambda msg: None)
+    assert again["build"]["build"]["reused"] is True and again["quantize"]["build"]["reused"] is True
+    assert again["quantize"]["build"]["record"] == record
+    from runtime.folder.manifest import load_manifest
+
+    assert load_manifest(sdxl.paths(s)["engine"]).quantization == "int8-weights"
+
+
 # ------------------------------------------------------------------------------- result shaping
 
 

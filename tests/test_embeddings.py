@@ -223,6 +223,18 @@ def test_expand_embeddings_rules():
     assert expand_embeddings("plain", {"one": ["one"]}) == "plain"
 
 
+def test_embeddings_used_finds_names_as_expansion_does():
+    """The names a prompt uses (what a refiner taking over must have too): case-insensitive, a
+    multi-vector name's own tokens count as the name, none in a prompt without them."""
+    from runtime.text.tokens import embeddings_used
+
+    table = {"<s>": ["<s>", "<s>_1", "<s>_2"], "one": ["one"], "Mixed": ["Mixed", "Mixed_1"]}
+    assert embeddings_used(["a <S> cat", "MIXED_1 x"], table) == ("<s>", "Mixed")
+    assert embeddings_used(["a literal <s>_2"], table) == ("<s>",)
+    assert embeddings_used(["someone", "plain"], table) == ("one",)  # matched anywhere, as CLIP's added tokens
+    assert embeddings_used(["plain", ""], table) == () and embeddings_used(["a <s>"], {}) == ()
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 import runtime
-from psnr_bounds import assert_psnr
-from runtime.compare import rel_err
+from psnr_bounds import PARITY_PSNR_DB, assert_psnr
+from runtime.compare import psnr, rel_err
 from runtime.errors import PipelineError
 from runtime.families import SDXL_REFINER, family_of
 from runtime.folder.manifest import load_manifest
@@ -243,6 +243,50 @@ def test_hand_over_samplers_match_diffusers(folders, sampler):
     assert_psnr(got, want, f"sdxl base -> refiner at 0.7, {sampler}")
 
 
+class _TorchDraws:
+    """A stand-in for an image's np.random.Generator that gives the draws of diffusers'
+    `torch.Generator().manual_seed(seed)` (each `randn_tensor` one `torch.randn`)."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def standard_normal(self, shape, dtype=np.float32):
+        return torch.randn(tuple(shape), generator=self.g, dtype=torch.float32).numpy().astype(dtype)
+
+
+def test_ancestral_hand_over_matches_diffusers(folders, monkeypatch):
+    """Euler a across the hand-over, image against image: diffusers' base draws its step noise from
+    its generator (latents given), its refiner from a fresh generator of the same seed (denoising_start
+    adds no noise); each of our requests samples from its seed's generator, here made to give those
+    torch draws (runtime/stages.py `initial_noise`, whose own draws the given latents replace). The
+    sigma_up / sigma_down of the last base step and the first refiner step are what this checks."""
+    from runtime import stages
+
+    seed, latents = 29, np.random.default_rng(6).standard_normal((1, 4, 32, 32), dtype=np.float32)
+    base = _reference(folders["base"][0], "StableDiffusionXLPipeline", "euler_a")
+    refiner = _reference(folders["refiner"][0], "StableDiffusionXLImg2ImgPipeline", "euler_a")
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0)
+    handed = base(PROMPT, latents=torch.from_numpy(latents), denoising_end=SWITCH, output_type="latent",
+                  generator=torch.Generator().manual_seed(seed), **kw).images
+    want = refiner(PROMPT, image=handed, denoising_start=SWITCH, output_type="np",
+                   generator=torch.Generator().manual_seed(seed), **kw).images
+    original = stages.initial_noise
+
+    def torch_draws(request, latent_shape, inpainting_unet):
+        draws = original(request, latent_shape, inpainting_unet)
+        return dataclasses.replace(draws, rngs=tuple(_TorchDraws(s) for s in request.seeds))
+
+    monkeypatch.setattr(stages, "initial_noise", torch_draws)
+    with runtime.load(folders["base"][1], backend="onnxruntime") as ours, \
+            runtime.load(folders["refiner"][1], backend="onnxruntime") as ours_refiner:
+        got = ours.txt2img(PROMPT, latents=latents, seed=seed, scheduler="euler_a", refiner=ours_refiner,
+                           refiner_switch_at=SWITCH, output_type="np", progress=False, **kw).images
+        other = ours.txt2img(PROMPT, latents=latents, seed=seed + 1, scheduler="euler_a", refiner=ours_refiner,
+                             refiner_switch_at=SWITCH, output_type="np", progress=False, **kw).images
+    assert_psnr(got, want, f"sdxl base -> refiner at {SWITCH}, euler_a, torch's step noise")
+    assert psnr(other, want) < PARITY_PSNR_DB - 20  # the step noise matters: another seed's is far off
+
+
 @pytest.mark.parametrize("negative", [None, NEGATIVE])
 @pytest.mark.parametrize("backend,options", BACKENDS)
 def test_refiner_img2img_matches_diffusers(folders, backend, options, negative):
@@ -388,16 +432,147 @@ def test_single_file_refiner_loads_the_same_weights(tmp_path):
     assert all(torch.equal(theirs[k], v) for k, v in parts["text_encoder_2"].state_dict().items())
 
 
-def test_refiner_refuses_loras_and_embeddings():
-    """LoRAs and embeddings read the first text encoder, which the refiner lacks: a clear refusal
-    (not yet supported) instead of a failure inside them."""
-    from export.adapters import Adapters
-    from export.convert_ldm import CheckpointError
-    from export.loading import random_model
+# ------------------------------------------------------------------------------- LoRAs, embeddings
 
-    model = random_model("tiny-sdxl-refiner")
-    assert model.text_encoder is None and model.tokenizer_dir is None and model.text_encoder_2 is not None
-    assert Adapters().apply(model) is model
-    for adapters in (Adapters(loras=("x",)), Adapters(embeddings=("y",))):
-        with pytest.raises(CheckpointError, match="SDXL refiner"):
-            adapters.apply(model)
+def _refiner_lora(folder: Path, path: Path) -> Path:
+    """A LoRA on the refiner's U-Net and its one text encoder (text_encoder_2), made with PEFT and saved
+    by diffusers' own StableDiffusionXLImg2ImgPipeline.save_lora_weights (as tests/test_sdxl.py's)."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    ref = _reference(folder, "StableDiffusionXLImg2ImgPipeline", "euler")
+    layers, metadata = {}, {}
+    for seed, (name, targets) in enumerate((("unet", ["to_q", "to_v", "to_out.0", "proj_in", "conv1"]),
+                                            ("text_encoder_2", ["k_proj", "out_proj", "fc2"]))):
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian")
+        model = peft.inject_adapter_in_model(config, copy.deepcopy(getattr(ref, name)))
+        g = torch.Generator().manual_seed(seed + 30)
+        with torch.no_grad():  # PEFT starts lora_B at zero, a no-op
+            for key, p in model.named_parameters():
+                if "lora_B" in key:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        layers[name], metadata[name] = peft.get_peft_model_state_dict(model), config.to_dict()
+    diffusers.StableDiffusionXLImg2ImgPipeline.save_lora_weights(
+        path.parent, unet_lora_layers=layers["unet"], text_encoder_2_lora_layers=layers["text_encoder_2"],
+        unet_lora_adapter_metadata=metadata["unet"], text_encoder_2_lora_adapter_metadata=metadata["text_encoder_2"],
+        weight_name=path.name)
+    return path
+
+
+def test_refiner_lora_matches_diffusers_load_lora_weights(folders, tmp_path):
+    """A refiner LoRA (U-Net and text_encoder_2, alpha 8 at rank 4 in diffusers' adapter metadata) fused
+    at build, against StableDiffusionXLImg2ImgPipeline.load_lora_weights of the same file on refiner
+    img2img; the LoRA moves the image well below the bound. A LoRA for the first text encoder, which
+    the refiner lacks, is refused naming its keys."""
+    import safetensors.torch
+
+    from export.build import build_engine
+    from export.lora import LoraError
+
+    folder, engine = folders["refiner"]
+    lora = _refiner_lora(folder, tmp_path / "refiner-lora.safetensors")
+    lora_engine = build_engine(str(folder), tmp_path / "engine", loras=[str(lora)], progress=lambda line: None)
+    ref = _reference(folder, "StableDiffusionXLImg2ImgPipeline", "euler")
+    ref.load_lora_weights(str(lora))
+    image, seed, strength = _image(64, 64), 17, 0.7
+    kw = dict(strength=strength, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0,
+              output_type="np")
+    want = ref(PROMPT, image=image, generator=torch.Generator().manual_seed(seed), **kw).images
+    enc, noise = _torch_draws(seed, (1, 4, 32, 32), 2)
+    with runtime.load(lora_engine, backend="onnxruntime") as ours, runtime.load(engine, backend="onnxruntime") as plain:
+        got, without = (p.img2img(PROMPT, image, scheduler="euler", noise=noise, encode_noise=enc, progress=False,
+                                  **kw).images for p in (ours, plain))
+    assert_psnr(got, want, "sdxl refiner PEFT LoRA (U-Net, text_encoder_2) vs diffusers load_lora_weights")
+    assert psnr(without, want) < PARITY_PSNR_DB - 20
+    assert [r["file"] for r in load_manifest(lora_engine).source["loras"]] == ["refiner-lora.safetensors"]
+    first = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4)}
+    safetensors.torch.save_file(first, str(tmp_path / "te1.safetensors"))
+    with pytest.raises(LoraError, match=r"match no layer of this model's U-Net or second text encoder"):
+        build_engine(str(folder), tmp_path / "engine-te1", loras=[str(tmp_path / "te1.safetensors")],
+                     progress=lambda line: None)
+    assert not (tmp_path / "engine-te1").exists()
+
+
+def test_embedding_through_the_hand_over_matches_diffusers(folders, tmp_path):
+    """An SDXL embedding (clip_l, clip_g; two vectors) in the base folder and in the refiner folder
+    (which takes the clip_g vectors into text_encoder_2), against diffusers' base with
+    load_textual_inversion into both encoders handing over to its refiner with the clip_g vectors in
+    text_encoder_2. A refiner folder without the embedding is refused before anything runs (it would
+    read the name as words); a prompt without the name hands over to it as before."""
+    import safetensors.torch
+
+    from export.build import build_engine
+
+    g = torch.Generator().manual_seed(19)
+    vectors = {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 32, generator=g)}
+    safetensors.torch.save_file(vectors, str(tmp_path / "xl-style.safetensors"))
+    token = "<xl-style>"
+    embedding = [(str(tmp_path / "xl-style.safetensors"), token)]
+    engines = {name: build_engine(str(folders[name][0]), tmp_path / name, embeddings=embedding,
+                                  progress=lambda line: None) for name in ("base", "refiner")}
+    assert load_manifest(engines["refiner"]).tokenizer["embeddings"] == {token: [token, f"{token}_1"]}
+    base = _reference(folders["base"][0], "StableDiffusionXLPipeline", "euler")
+    base.load_textual_inversion(vectors["clip_g"], token=token, text_encoder=base.text_encoder_2,
+                                tokenizer=base.tokenizer_2)
+    base.load_textual_inversion(vectors["clip_l"], token=token, text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+    refiner = _reference(folders["refiner"][0], "StableDiffusionXLImg2ImgPipeline", "euler")
+    refiner.load_textual_inversion(vectors["clip_g"], token=token, text_encoder=refiner.text_encoder_2,
+                                   tokenizer=refiner.tokenizer_2)
+    prompt = f"a lighthouse in the style of {token}"
+    latents = np.random.default_rng(23).standard_normal((1, 4, 32, 32), dtype=np.float32)
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0)
+    handed = base(prompt, latents=torch.from_numpy(latents), denoising_end=SWITCH, output_type="latent", **kw).images
+    want = refiner(prompt, image=handed, denoising_start=SWITCH, output_type="np", **kw).images
+    ours_kw = dict(latents=latents, scheduler="euler", refiner_switch_at=SWITCH, output_type="np", progress=False, **kw)
+    with runtime.load(engines["base"], backend="onnxruntime") as ours, \
+            runtime.load(engines["refiner"], backend="onnxruntime") as ours_refiner, \
+            runtime.load(folders["base"][1], backend="onnxruntime") as plain, \
+            runtime.load(folders["refiner"][1], backend="onnxruntime") as plain_refiner:
+        got = ours.txt2img(prompt, refiner=ours_refiner, **ours_kw).images
+        words = plain.txt2img(prompt, refiner=plain_refiner, **ours_kw).images  # the name read as words
+        with pytest.raises(PipelineError, match=f"embedding.*{token}.*refiner folder lacks") as e:
+            ours.txt2img(prompt.upper(), refiner=plain_refiner, **ours_kw)
+        assert e.value.field == "refiner"
+        assert ours.txt2img(PROMPT, refiner=plain_refiner, **ours_kw).images.shape == got.shape
+    assert_psnr(got, want, "sdxl base -> refiner with an SDXL embedding in both vs diffusers")
+    assert psnr(words, want) < PARITY_PSNR_DB - 20
+
+
+# ---------------------------------------------------------------------------------- int8 weights
+
+@pytest.mark.parametrize("name,networks", [("base", {"unet", "text_encoder", "text_encoder_2"}),
+                                           ("refiner", {"unet", "text_encoder_2"})])
+def test_int8_weights_compress_every_text_encoder(folders, tmp_path, name, networks):
+    """`build-engine --quantize int8-weights` in place on the SDXL folders: the U-Net and each text
+    encoder the folder has (the base's two, the refiner's text_encoder_2) get int8-weight IRs, each
+    checked against its fp32 graph on the feeds a held-out run gave it; the OpenVINO engine runs
+    them, and the image stays close to the fp32 graphs' (close, not equal: the weights really are int8)."""
+    import shutil
+
+    pytest.importorskip("nncf", reason="int8 weights need sd-runtime[quantize] (nncf)")
+    from export.build import build_engine
+    from export.hashing import file_sha256
+
+    source, engine = folders[name]
+    folder = shutil.copytree(engine, tmp_path / "engine")
+    assert build_engine(str(source), folder, quantize="int8-weights", progress=lambda line: None) == folder
+    manifest = load_manifest(folder)
+    entry = manifest.weights_int8
+    assert set(entry["networks"]) == networks and manifest.quantization == "int8-weights"
+    for network, net in entry["networks"].items():
+        assert file_sha256(folder / net["weights"]) == net["weights_sha256"]
+        assert 0 < net["rms_rel"] <= 0.05, (network, net["rms_rel"])
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0, output_type="np", progress=False)
+    latents = np.random.default_rng(2).standard_normal((1, 4, 32, 32), dtype=np.float32)
+    images = []
+    for quantized in (None, False):
+        with runtime.load(folder, backend="openvino", inference_precision="f32", quantized=quantized) as pipe:
+            assert {n: pipe.engine(n).info.weights for n in networks} == \
+                {n: "fp32" if quantized is False else "int8" for n in networks}
+            if name == "base":
+                images.append(pipe.txt2img(PROMPT, latents=latents, **kw).images)
+            else:
+                images.append(pipe.img2img(PROMPT, _image(64, 64), strength=0.6, seed=4, **kw).images)
+    value = psnr(images[0], images[1])
+    assert 30 < value < 100, value

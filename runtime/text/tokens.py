@@ -13,7 +13,7 @@ gives.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -103,5 +103,19 @@ def expand_embeddings(prompt: str, embeddings: Mapping[str, Sequence[str]]) -> s
         return prompt
     expansion = {token.lower(): token for tokens in embeddings.values() for token in tokens}
     expansion.update({name.lower(): " ".join(tokens) for name, tokens in embeddings.items()})
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(expansion, key=len, reverse=True)), re.IGNORECASE)
-    return pattern.sub(lambda m: expansion[m.group(0).lower()], prompt)
+    return _token_pattern(expansion).sub(lambda m: expansion[m.group(0).lower()], prompt)
+
+
+def embeddings_used(prompts: Sequence[str], embeddings: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    """The names of `embeddings` (a manifest tokenizer["embeddings"] table) whose tokens `prompts`
+    hold, found as `expand_embeddings` finds them; sorted."""
+    if not embeddings:
+        return ()
+    owner = {token.lower(): name for name, tokens in embeddings.items() for token in [name, *tokens]}
+    pattern = _token_pattern(owner)
+    return tuple(sorted({owner[m.group(0).lower()] for p in prompts for m in pattern.finditer(p)}))
+
+
+def _token_pattern(tokens: Iterable[str]) -> re.Pattern:
+    """Any of `tokens`, case-insensitively, the longest first (so "<style>_1" is not "<style>" + "_1")."""
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)), re.IGNORECASE)
