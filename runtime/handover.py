@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from runtime.pipeline import GenerationResult, Pipeline
     from runtime.request import Request
 
-__all__ = ["DEFAULT_SWITCH", "continued", "merged", "refine", "refiner_request", "switch_point"]
+__all__ = ["DEFAULT_SWITCH", "check_embeddings", "continued", "merged", "refine", "refiner_request", "switch_point"]
 
 # diffusers' SDXL documentation runs the hand-over at high_noise_frac = 0.8 (docs/source/en/using-diffusers/sdxl.md,
 # "Base to refiner model"); A1111's refiner_switch_at defaults to 0.8 too (modules/processing.py)
@@ -71,12 +71,7 @@ def refiner_request(refiner: "Pipeline", first: "Request", output_type: str | No
     def per_image(texts: tuple[str, ...]) -> list[str]:
         return [t for t in texts for _ in range(n)]
 
-    ours = refiner.manifest.tokenizer.get("embeddings") or {}
-    missing = [name for name in first.embeddings_used if name.lower() not in {n.lower() for n in ours}]
-    if missing:
-        raise PipelineError(f"refiner {refiner.engine_dir.name}: the prompts use the embedding(s) {', '.join(missing)}, "
-                            "which the refiner folder lacks, so it would read them as words; build it with "
-                            "--embedding FILE:NAME (an SDXL embedding's clip_g vectors)", field="refiner")
+    check_embeddings(refiner.manifest, refiner.engine_dir.name, first)
     s = refiner.vae_scale_factor
     placeholder = np.zeros((first.batch, refiner.manifest.dims.latent_channels, first.height // s, first.width // s),
                            dtype=np.float32)
@@ -91,6 +86,18 @@ def refiner_request(refiner: "Pipeline", first: "Request", output_type: str | No
             vae_tiling=tile, timestep_spacing=first.timestep_spacing, denoising_start=first.denoising_end)
     except PipelineError as e:
         raise PipelineError(f"refiner {refiner.engine_dir.name}: {e}", field=e.field) from e
+
+
+def check_embeddings(manifest: Any, name: str, first: "Request") -> None:
+    """Refuse a hand-over to the refiner folder `name` (its `manifest`) whose prompts use a
+    textual-inversion name of the base folder (`first.embeddings_used`) that the refiner lacks: it
+    would read the name as words. A server checks this from the manifest before the base runs."""
+    ours = {n.lower() for n in manifest.tokenizer.get("embeddings") or {}}
+    missing = [e for e in first.embeddings_used if e.lower() not in ours]
+    if missing:
+        raise PipelineError(f"refiner {name}: the prompts use the embedding(s) {', '.join(missing)}, which the refiner "
+                            "folder lacks, so it would read them as words; build it with --embedding FILE:NAME (an "
+                            "SDXL embedding's clip_g vectors)", field="refiner")
 
 
 def refine(base: "Pipeline", refiner: "Pipeline", first: "Request", *, callback: Any = None,

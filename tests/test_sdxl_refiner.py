@@ -537,32 +537,62 @@ def test_embedding_through_the_hand_over_matches_diffusers(folders, tmp_path):
         assert ours.txt2img(PROMPT, refiner=plain_refiner, **ours_kw).images.shape == got.shape
     assert_psnr(got, want, "sdxl base -> refiner with an SDXL embedding in both vs diffusers")
     assert psnr(words, want) < PARITY_PSNR_DB - 20
+    from runtime.serving.models import Models
+    from test_serve_support import LiveServer
+
+    # A1111's refiner_checkpoint: refused from the refiner's manifest before the checkpoint runs
+    server = LiveServer(Models.from_folders([engines["base"], folders["refiner"][1]],
+                                            lambda f: runtime.load(f, backend="onnxruntime"), max_resident=1))
+    try:
+        body = dict(prompt=prompt, seed=7, steps=STEPS, cfg_scale=5.0, width=64, height=64, sampler_name="Euler",
+                    refiner_checkpoint="refiner-engine", refiner_switch_at=SWITCH)
+        bad = server.post("/sdapi/v1/txt2img", body)
+        assert bad.status_code == 422 and bad.json()["detail"].startswith(
+            f"refiner_checkpoint: refiner refiner-engine: the prompts use the embedding(s) {token}"), bad.text
+        assert server.post("/sdapi/v1/txt2img", {**body, "prompt": PROMPT}).status_code == 200
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------- int8 weights
 
 @pytest.mark.parametrize("name,networks", [("base", {"unet", "text_encoder", "text_encoder_2"}),
-                                           ("refiner", {"unet", "text_encoder_2"})])
-def test_int8_weights_compress_every_text_encoder(folders, tmp_path, name, networks):
-    """`build-engine --quantize int8-weights` in place on the SDXL folders: the U-Net and each text
-    encoder the folder has (the base's two, the refiner's text_encoder_2) get int8-weight IRs, each
-    checked against its fp32 graph on the feeds a held-out run gave it; the OpenVINO engine runs
-    them, and the image stays close to the fp32 graphs' (close, not equal: the weights really are int8)."""
+                                           ("refiner", {"unet", "text_encoder_2"}),
+                                           ("base-lean", {"unet", "text_encoder", "text_encoder_2"})])
+def test_int8_weights_compress_every_text_encoder(folders, tmp_path, monkeypatch, name, networks):
+    """`build-engine --quantize int8-weights` on the SDXL folders: the U-Net and each text encoder the
+    folder has (the base's two, the refiner's text_encoder_2) get int8-weight IRs of about a quarter
+    of their fp32 weights, each checked against its fp32 graph on the feeds a held-out run gave it;
+    the OpenVINO engine runs them, and the image stays close to the fp32 graphs' (close, not equal:
+    the weights really are int8). "base-lean": every graph exported lean, as the full-size SDXL U-Net
+    is (export/onnx_export.py LEAN_EXPORT_BYTES: each Linear's weight reaches its MatMul through a
+    Transpose), built with --quantize in one go."""
     import shutil
 
     pytest.importorskip("nncf", reason="int8 weights need sd-runtime[quantize] (nncf)")
+    from export import onnx_export
     from export.build import build_engine
     from export.hashing import file_sha256
 
-    source, engine = folders[name]
-    folder = shutil.copytree(engine, tmp_path / "engine")
-    assert build_engine(str(source), folder, quantize="int8-weights", progress=lambda line: None) == folder
+    source, engine = folders[name.removesuffix("-lean")]
+    if name.endswith("-lean"):
+        monkeypatch.setattr(onnx_export, "LEAN_EXPORT_BYTES", 0)
+        folder = build_engine(str(source), tmp_path / "engine", quantize="int8-weights", progress=lambda line: None)
+    else:
+        folder = shutil.copytree(engine, tmp_path / "engine")
+        assert build_engine(str(source), folder, quantize="int8-weights", progress=lambda line: None) == folder
     manifest = load_manifest(folder)
     entry = manifest.weights_int8
     assert set(entry["networks"]) == networks and manifest.quantization == "int8-weights"
     for network, net in entry["networks"].items():
         assert file_sha256(folder / net["weights"]) == net["weights_sha256"]
         assert 0 < net["rms_rel"] <= 0.05, (network, net["rms_rel"])
+        graph = manifest.networks[network]
+        fp32 = sum((folder / f).stat().st_size for f in (graph["file"], graph.get("external_data")) if f)
+        # int8 weights plus per-channel scales and zero points: a bit over a quarter of fp32
+        assert (folder / net["weights"]).stat().st_size < 0.4 * fp32, (network, fp32)
+    if name.endswith("-lean"):
+        assert manifest.networks["unet"]["external_data"] == "unet.onnx.data"
     kw = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0, output_type="np", progress=False)
     latents = np.random.default_rng(2).standard_normal((1, 4, 32, 32), dtype=np.float32)
     images = []

@@ -246,6 +246,12 @@ async def _generate_a1111(svc: Service, body: a1111.Txt2ImgRequest, request: Req
     refiner = _a1111_refiner(svc, body)  # the jobs then stop at the switch point (a1111.job_settings)
     async with svc.using(model) as pipe:
         requests = await asyncio.to_thread(svc.make_requests, pipe, mode, settings, a1111.FIELDS, 422, tagged)
+        if refiner is not None:  # what the refiner's manifest alone can refuse, before the checkpoint runs
+            try:
+                for r in requests:
+                    handover.check_embeddings(refiner.manifest, refiner.name, r)
+            except PipelineError as e:
+                raise ServeError(422, f"refiner_checkpoint: {e}", field="refiner_checkpoint") from None
         results, stopped = await svc.run(pipe, requests, request, task_id=body.force_task_id)
         if refiner is None or stopped:
             maps = await asyncio.to_thread(controlnet.detected_maps, body.alwayson_scripts, settings[0])
