@@ -243,17 +243,6 @@ def test_hand_over_samplers_match_diffusers(folders, sampler):
     assert_psnr(got, want, f"sdxl base -> refiner at 0.7, {sampler}")
 
 
-class _TorchDraws:
-    """A stand-in for an image's np.random.Generator that gives the draws of diffusers'
-    `torch.Generator().manual_seed(seed)` (each `randn_tensor` one `torch.randn`)."""
-
-    def __init__(self, seed: int):
-        self.g = torch.Generator().manual_seed(seed)
-
-    def standard_normal(self, shape, dtype=np.float32):
-        return torch.randn(tuple(shape), generator=self.g, dtype=torch.float32).numpy().astype(dtype)
-
-
 def test_ancestral_hand_over_matches_diffusers(folders, monkeypatch):
     """Euler a across the hand-over, image against image: diffusers' base draws its step noise from
     its generator (latents given), its refiner from a fresh generator of the same seed (denoising_start
@@ -261,6 +250,7 @@ def test_ancestral_hand_over_matches_diffusers(folders, monkeypatch):
     torch draws (runtime/stages.py `initial_noise`, whose own draws the given latents replace). The
     sigma_up / sigma_down of the last base step and the first refiner step are what this checks."""
     from runtime import stages
+    from test_scheduler import TorchNoise  # the draws of diffusers' randn_tensor from a seeded torch.Generator
 
     seed, latents = 29, np.random.default_rng(6).standard_normal((1, 4, 32, 32), dtype=np.float32)
     base = _reference(folders["base"][0], "StableDiffusionXLPipeline", "euler_a")
@@ -274,7 +264,7 @@ def test_ancestral_hand_over_matches_diffusers(folders, monkeypatch):
 
     def torch_draws(request, latent_shape, inpainting_unet):
         draws = original(request, latent_shape, inpainting_unet)
-        return dataclasses.replace(draws, rngs=tuple(_TorchDraws(s) for s in request.seeds))
+        return dataclasses.replace(draws, rngs=tuple(TorchNoise(s) for s in request.seeds))
 
     monkeypatch.setattr(stages, "initial_noise", torch_draws)
     with runtime.load(folders["base"][1], backend="onnxruntime") as ours, \
